@@ -1,0 +1,216 @@
+//! The agent's configuration: built once from the command line (and the matching environment
+//! variables a DaemonSet sets), then shared read-only and dumped by the admin endpoint.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use clap::Parser;
+use serde::Serialize;
+
+/// nodemesh node agent: loads the eBPF capture programs and runs the node proxy.
+#[derive(Debug, Parser)]
+#[command(name = "nodemesh-agent", version)]
+struct Args {
+    /// Name of this node; the agent serves the workloads assigned to it.
+    #[arg(long, env = "NODE_NAME")]
+    node: String,
+
+    /// Local mode: a YAML file or directory of Namespace and Workload objects. Watched for
+    /// changes.
+    #[arg(long, env = "NODEMESH_CONFIG")]
+    config: PathBuf,
+
+    /// The compiled eBPF object. Defaults to `nodemesh-ebpf.o` next to this binary.
+    #[arg(long, env = "NODEMESH_EBPF_OBJECT")]
+    ebpf_object: Option<PathBuf>,
+
+    /// The cgroup2 directory to attach the connect hooks to. Defaults to the cgroup2 root:
+    /// /sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts.
+    #[arg(long)]
+    cgroup_root: Option<PathBuf>,
+
+    /// SO_MARK set on every proxy socket, so that the capture hooks leave them alone.
+    #[arg(long, default_value_t = DEFAULT_PROXY_MARK, value_parser = parse_u32)]
+    proxy_mark: u32,
+
+    /// Admin endpoint (config dump, workloads, connections). Keep it on the node.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin_addr: SocketAddr,
+
+    /// Prometheus metrics endpoint.
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    metrics_addr: SocketAddr,
+
+    /// Readiness endpoint (`/healthz/ready`).
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    readiness_addr: SocketAddr,
+
+    /// How often to look for configuration changes, in milliseconds.
+    #[arg(long, default_value_t = 250)]
+    config_poll_ms: u64,
+
+    /// Proxy worker threads. Defaults to the number of CPUs.
+    #[arg(long)]
+    worker_threads: Option<usize>,
+
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+/// The mark nodemesh puts on its proxy sockets by default ("NM").
+pub const DEFAULT_PROXY_MARK: u32 = 0x4e4d;
+
+fn parse_u32(value: &str) -> Result<u32, String> {
+    let parsed = match value.strip_prefix("0x") {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => value.parse(),
+    };
+    parsed.map_err(|e| format!("{value:?} is not a 32-bit number (decimal or 0x hex): {e}"))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Ports of the proxy inside every enrolled pod's network namespace (Istio's numbering).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct InPodPorts {
+    pub outbound: u16,
+    pub inbound: u16,
+    pub hbone: u16,
+    pub dns: u16,
+}
+
+impl Default for InPodPorts {
+    fn default() -> Self {
+        Self {
+            outbound: 15001,
+            inbound: 15006,
+            hbone: 15008,
+            dns: 15053,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    pub node: String,
+    pub config_source: PathBuf,
+    pub ebpf_object: PathBuf,
+    pub cgroup_root: Option<PathBuf>,
+    pub proxy_mark: u32,
+    pub ports: InPodPorts,
+    pub admin_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub readiness_addr: SocketAddr,
+    #[serde(with = "millis")]
+    pub config_poll_interval: Duration,
+    pub worker_threads: usize,
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// Parses the command line; exits with clap's message on bad input.
+    pub fn from_args() -> Result<Self, String> {
+        Self::from_parsed(Args::parse())
+    }
+
+    fn from_parsed(args: Args) -> Result<Self, String> {
+        if args.node.is_empty() {
+            return Err("--node is empty; give this node's name".to_owned());
+        }
+        if args.proxy_mark == 0 {
+            return Err(
+                "--proxy-mark must not be 0: unmarked sockets would count as the proxy's".into(),
+            );
+        }
+        let ebpf_object = match args.ebpf_object {
+            Some(path) => path,
+            None => default_ebpf_object()?,
+        };
+        let worker_threads = args
+            .worker_threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
+        Ok(Self {
+            node: args.node,
+            config_source: args.config,
+            ebpf_object,
+            cgroup_root: args.cgroup_root,
+            proxy_mark: args.proxy_mark,
+            ports: InPodPorts::default(),
+            admin_addr: args.admin_addr,
+            metrics_addr: args.metrics_addr,
+            readiness_addr: args.readiness_addr,
+            config_poll_interval: Duration::from_millis(args.config_poll_ms.max(10)),
+            worker_threads: worker_threads.max(1),
+            log_format: args.log_format,
+        })
+    }
+}
+
+fn default_ebpf_object() -> Result<PathBuf, String> {
+    let exe = std::env::current_exe()
+        .map_err(|e| format!("cannot find this binary's path to locate the eBPF object: {e}"))?;
+    Ok(exe
+        .parent()
+        .unwrap_or(Path::new("/"))
+        .join("nodemesh-ebpf.o"))
+}
+
+mod millis {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let args = Args::try_parse_from(
+            [
+                "nodemesh-agent",
+                "--node",
+                "n1",
+                "--config",
+                "/etc/nodemesh",
+            ]
+            .iter()
+            .chain(args),
+        )
+        .map_err(|e| e.to_string())?;
+        Config::from_parsed(args)
+    }
+
+    #[test]
+    fn defaults_follow_istio_port_numbers() {
+        let config = parse(&["--ebpf-object", "/x.o"]).expect("valid");
+        assert_eq!(config.ports.outbound, 15001);
+        assert_eq!(config.ports.inbound, 15006);
+        assert_eq!(config.ports.hbone, 15008);
+        assert_eq!(config.admin_addr.port(), 15000);
+        assert_eq!(config.metrics_addr.port(), 15020);
+        assert_eq!(config.readiness_addr.port(), 15021);
+        assert_eq!(config.proxy_mark, DEFAULT_PROXY_MARK);
+    }
+
+    #[test]
+    fn mark_accepts_hex_and_refuses_zero() {
+        assert_eq!(
+            parse(&["--proxy-mark", "0x539"]).expect("hex").proxy_mark,
+            0x539
+        );
+        assert!(parse(&["--proxy-mark", "0"]).is_err());
+        assert!(parse(&["--proxy-mark", "zz"]).is_err());
+    }
+}

@@ -1,0 +1,144 @@
+//! nodemesh-agent: one per node. Loads the eBPF capture programs, enrolls the node's
+//! workloads and runs the shared node proxy.
+//!
+//! Exit status: 0 after a clean stop (SIGTERM or SIGINT), 1 with a one-line reason when the
+//! agent cannot start (not root, no cgroup2, kernel feature missing, eBPF object not built).
+
+mod admin;
+mod config;
+mod datapath;
+mod inpod;
+mod local_source;
+mod metrics;
+mod netns;
+mod proxy;
+mod state;
+mod workloads;
+
+use std::{process::ExitCode, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    admin::Endpoint,
+    config::{Config, LogFormat},
+    datapath::Datapath,
+    local_source::LocalSource,
+    proxy::ProxyShared,
+    state::{AgentState, DatapathView},
+    workloads::WorkloadRegistry,
+};
+
+/// How often workloads that failed to enroll are tried again.
+const RETRY_INTERVAL: Duration = Duration::from_secs(2);
+
+fn main() -> ExitCode {
+    let config = match Config::from_args() {
+        Ok(config) => Arc::new(config),
+        Err(reason) => {
+            eprintln!("nodemesh-agent: {reason}");
+            return ExitCode::FAILURE;
+        }
+    };
+    init_tracing(config.log_format);
+    match start(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("nodemesh-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn start(config: Arc<Config>) -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        anyhow::bail!(
+            "must run as root: loading eBPF programs and entering pods' network namespaces need \
+             CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN"
+        );
+    }
+    netns::init().context("cannot open this process's network namespace")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.worker_threads)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(run(config))
+}
+
+async fn run(config: Arc<Config>) -> anyhow::Result<()> {
+    let datapath = Datapath::load(&config)?;
+    tracing::info!(
+        node = %config.node,
+        cgroup = %datapath.cgroup().display(),
+        programs = ?datapath.program_ids(),
+        "eBPF capture attached"
+    );
+    let state = Arc::new(AgentState::new(
+        config.clone(),
+        DatapathView {
+            stats: datapath.stats(),
+            program_ids: datapath.program_ids().to_vec(),
+            cgroup: datapath.cgroup().display().to_string(),
+        },
+    ));
+    let stop = CancellationToken::new();
+    for (endpoint, addr) in [
+        (Endpoint::Admin, config.admin_addr),
+        (Endpoint::Metrics, config.metrics_addr),
+        (Endpoint::Readiness, config.readiness_addr),
+    ] {
+        admin::spawn(endpoint, addr, state.clone(), stop.clone()).await?;
+    }
+    let shared = Arc::new(ProxyShared {
+        original_dst: datapath.original_dst_table(),
+        mark: config.proxy_mark,
+        state: state.clone(),
+    });
+    let mut registry = WorkloadRegistry::new(config.clone(), datapath, shared);
+    let mut source = LocalSource::new(config.config_source.clone(), config.config_poll_interval);
+    let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    let mut retry = tokio::time::interval(RETRY_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+            loaded = source.changed() => match loaded {
+                Ok(mesh) => {
+                    registry.apply(&mesh);
+                    state.config_applied(Arc::new(mesh), registry.status());
+                    tracing::info!(workloads = registry.status().len(), "configuration applied");
+                }
+                Err(errors) => {
+                    tracing::error!(
+                        "configuration refused, the last good one stays in force: {errors}"
+                    );
+                    state.config_refused(errors.to_string());
+                }
+            },
+            _ = retry.tick(), if registry.has_failures() => registry.retry_failed(),
+        }
+        state.set_workloads(registry.status());
+    }
+    tracing::info!("stopping: releasing workloads and detaching eBPF programs");
+    registry.release_all();
+    stop.cancel();
+    drop(registry);
+    Ok(())
+}

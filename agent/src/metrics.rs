@@ -1,0 +1,118 @@
+//! The agent's Prometheus metrics.
+
+use std::sync::Mutex;
+
+use prometheus::{Encoder, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+
+use crate::datapath::DatapathStats;
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub workloads_enrolled: IntGauge,
+    pub workloads_failed: IntGauge,
+    pub connections_opened: IntCounterVec,
+    pub connections_active: IntGaugeVec,
+    pub connection_failures: IntCounterVec,
+    pub config_loads: IntCounterVec,
+    ebpf_events: IntCounterVec,
+    ebpf_seen: Mutex<Vec<u64>>,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let metrics = Self {
+            workloads_enrolled: IntGauge::new(
+                "nodemesh_workloads_enrolled",
+                "Workloads whose traffic this agent captures",
+            )
+            .expect("valid metric"),
+            workloads_failed: IntGauge::new(
+                "nodemesh_workloads_enrollment_failed",
+                "Workloads assigned to this node that could not be enrolled",
+            )
+            .expect("valid metric"),
+            connections_opened: IntCounterVec::new(
+                Opts::new(
+                    "nodemesh_proxy_connections_opened_total",
+                    "Connections accepted by the node proxy",
+                ),
+                &["direction"],
+            )
+            .expect("valid metric"),
+            connections_active: IntGaugeVec::new(
+                Opts::new(
+                    "nodemesh_proxy_connections_active",
+                    "Connections the node proxy is carrying now",
+                ),
+                &["direction"],
+            )
+            .expect("valid metric"),
+            connection_failures: IntCounterVec::new(
+                Opts::new(
+                    "nodemesh_proxy_connection_failures_total",
+                    "Connections the node proxy could not carry, by reason",
+                ),
+                &["direction", "reason"],
+            )
+            .expect("valid metric"),
+            config_loads: IntCounterVec::new(
+                Opts::new(
+                    "nodemesh_config_loads_total",
+                    "Configuration loads, by result (applied or refused)",
+                ),
+                &["result"],
+            )
+            .expect("valid metric"),
+            ebpf_events: IntCounterVec::new(
+                Opts::new(
+                    "nodemesh_ebpf_events_total",
+                    "Decisions and failures of the eBPF capture programs",
+                ),
+                &["event", "error"],
+            )
+            .expect("valid metric"),
+            ebpf_seen: Mutex::new(Vec::new()),
+            registry,
+        };
+        for collector in [
+            Box::new(metrics.workloads_enrolled.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(metrics.workloads_failed.clone()),
+            Box::new(metrics.connections_opened.clone()),
+            Box::new(metrics.connections_active.clone()),
+            Box::new(metrics.connection_failures.clone()),
+            Box::new(metrics.config_loads.clone()),
+            Box::new(metrics.ebpf_events.clone()),
+        ] {
+            metrics
+                .registry
+                .register(collector)
+                .expect("metric registered once");
+        }
+        metrics
+    }
+
+    /// Renders the text exposition format, reading the eBPF counters first.
+    pub fn render(&self, datapath: &DatapathStats) -> String {
+        self.refresh_ebpf(datapath);
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::warn!(error = %e, "encoding metrics failed");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    fn refresh_ebpf(&self, datapath: &DatapathStats) {
+        let current = datapath.read();
+        let mut seen = self.ebpf_seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.resize(current.len(), 0);
+        for ((stat, value), last) in current.into_iter().zip(seen.iter_mut()) {
+            let error = if stat.is_error() { "true" } else { "false" };
+            self.ebpf_events
+                .with_label_values(&[stat.name(), error])
+                .inc_by(value.saturating_sub(*last));
+            *last = value;
+        }
+    }
+}

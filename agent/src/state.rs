@@ -1,0 +1,236 @@
+//! What the agent knows about itself, shared with the admin endpoints.
+
+use std::{
+    collections::VecDeque,
+    net::{Ipv4Addr, SocketAddr},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use nodemesh_config::MeshConfig;
+use serde::Serialize;
+
+use crate::{config::Config, datapath::DatapathStats, metrics::Metrics};
+
+/// How many finished connections `/connections` remembers.
+const CONNECTION_LOG_LEN: usize = 256;
+
+#[derive(Debug)]
+pub struct AgentState {
+    pub config: Arc<Config>,
+    pub metrics: Metrics,
+    pub connections: ConnectionLog,
+    pub datapath: DatapathView,
+    inner: RwLock<Inner>,
+}
+
+/// The datapath as the admin endpoints show it.
+#[derive(Clone)]
+pub struct DatapathView {
+    pub stats: DatapathStats,
+    pub program_ids: Vec<u32>,
+    pub cgroup: String,
+}
+
+impl std::fmt::Debug for DatapathView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatapathView")
+            .field("program_ids", &self.program_ids)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    mesh: Option<Arc<MeshConfig>>,
+    generation: u64,
+    loaded_at: Option<u64>,
+    config_error: Option<String>,
+    workloads: Vec<WorkloadStatus>,
+}
+
+/// One workload assigned to this node, as `/workloads` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkloadStatus {
+    pub name: String,
+    pub namespace: String,
+    pub ip: Ipv4Addr,
+    pub netns: String,
+    pub service_account: String,
+    pub identity: String,
+    /// `enrolled`, or `failed` with `error` saying why.
+    pub state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub netns_cookie: Option<u64>,
+    pub outbound_connections: u64,
+    pub inbound_connections: u64,
+}
+
+impl AgentState {
+    pub fn new(config: Arc<Config>, datapath: DatapathView) -> Self {
+        Self {
+            config,
+            metrics: Metrics::new(),
+            connections: ConnectionLog::default(),
+            datapath,
+            inner: RwLock::default(),
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a configuration that was applied.
+    pub fn config_applied(&self, mesh: Arc<MeshConfig>, workloads: Vec<WorkloadStatus>) {
+        let mut inner = self.write();
+        inner.mesh = Some(mesh);
+        inner.generation += 1;
+        inner.loaded_at = Some(unix_millis(SystemTime::now()));
+        inner.config_error = None;
+        inner.workloads = workloads;
+        self.metrics
+            .config_loads
+            .with_label_values(&["applied"])
+            .inc();
+    }
+
+    /// Records a configuration that was refused; the last good one stays in force.
+    pub fn config_refused(&self, error: String) {
+        self.write().config_error = Some(error);
+        self.metrics
+            .config_loads
+            .with_label_values(&["refused"])
+            .inc();
+    }
+
+    pub fn set_workloads(&self, workloads: Vec<WorkloadStatus>) {
+        let failed = workloads.iter().filter(|w| w.state != "enrolled").count();
+        self.metrics
+            .workloads_enrolled
+            .set((workloads.len() - failed) as i64);
+        self.metrics.workloads_failed.set(failed as i64);
+        self.write().workloads = workloads;
+    }
+
+    pub fn workloads(&self) -> Vec<WorkloadStatus> {
+        self.read().workloads.clone()
+    }
+
+    /// Ready once a configuration is in force and every workload of this node is enrolled.
+    /// The reason says what is missing.
+    pub fn readiness(&self) -> Result<(), String> {
+        let inner = self.read();
+        if inner.mesh.is_none() {
+            return Err(match &inner.config_error {
+                Some(e) => format!("no valid configuration yet: {e}"),
+                None => "no configuration loaded yet".to_owned(),
+            });
+        }
+        let failed: Vec<String> = inner
+            .workloads
+            .iter()
+            .filter(|w| w.state != "enrolled")
+            .map(|w| {
+                format!(
+                    "{}/{}: {}",
+                    w.namespace,
+                    w.name,
+                    w.error.as_deref().unwrap_or("")
+                )
+            })
+            .collect();
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("workloads not enrolled: {}", failed.join("; ")))
+        }
+    }
+
+    /// The `/config_dump` document.
+    pub fn config_dump(&self) -> serde_json::Value {
+        let inner = self.read();
+        serde_json::json!({
+            "agent": &*self.config,
+            "mesh": {
+                "generation": inner.generation,
+                "loaded_at_unix_ms": inner.loaded_at,
+                "last_error": inner.config_error,
+                "config": inner.mesh.as_deref(),
+            },
+            "datapath": {
+                "cgroup": self.datapath.cgroup,
+                "program_ids": self.datapath.program_ids,
+            },
+        })
+    }
+}
+
+/// Counters kept per enrolled workload.
+#[derive(Debug, Default)]
+pub struct WorkloadCounters {
+    pub outbound: AtomicU64,
+    pub inbound: AtomicU64,
+}
+
+/// A finished proxied connection, as `/connections` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnectionRecord {
+    pub id: u64,
+    pub direction: &'static str,
+    /// `namespace/name` of the enrolled workload the connection was captured for.
+    pub workload: String,
+    /// The client as the proxy saw it.
+    pub client: SocketAddr,
+    /// Where the client was connecting to.
+    pub original_dst: SocketAddr,
+    /// The address the proxy connected from (inside the workload's namespace).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_local: Option<SocketAddr>,
+    pub bytes_from_client: u64,
+    pub bytes_to_client: u64,
+    pub started_unix_ms: u64,
+    pub duration_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The last finished connections, newest last.
+#[derive(Debug, Default)]
+pub struct ConnectionLog {
+    next_id: AtomicU64,
+    recent: Mutex<VecDeque<ConnectionRecord>>,
+}
+
+impl ConnectionLog {
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    pub fn push(&self, record: ConnectionRecord) {
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        if recent.len() == CONNECTION_LOG_LEN {
+            recent.pop_front();
+        }
+        recent.push_back(record);
+    }
+
+    pub fn recent(&self) -> Vec<ConnectionRecord> {
+        let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        recent.iter().cloned().collect()
+    }
+}
+
+pub fn unix_millis(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

@@ -1,0 +1,345 @@
+//! Reading a configuration directory: files, documents, objects, then whole-config checks.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::{Path, PathBuf},
+    time::SystemTime,
+};
+
+use serde::de::DeserializeOwned;
+use serde_yaml::Value;
+
+use crate::{
+    API_VERSION, ConfigError, ConfigErrors, MeshConfig, Namespace, Workload, meta::check_dns_label,
+};
+
+/// Loads a configuration from a directory of YAML files (or from one file).
+pub fn load_path(path: &Path) -> Result<MeshConfig, ConfigErrors> {
+    if path.is_dir() {
+        load_dir(path)
+    } else {
+        let text = read(path)?;
+        let objects = parse_documents(path, &text).map_err(|e| ConfigErrors(vec![e]))?;
+        build(objects)
+    }
+}
+
+/// Loads every `*.yaml` and `*.yml` file of a directory, in name order. Hidden files and other
+/// extensions are ignored, so editors' swap files do not count.
+pub fn load_dir(dir: &Path) -> Result<MeshConfig, ConfigErrors> {
+    let files = config_files(dir).map_err(|e| ConfigErrors(vec![e]))?;
+    let mut objects = Vec::new();
+    let mut errors = Vec::new();
+    for file in files {
+        match read(&file)
+            .and_then(|text| parse_documents(&file, &text).map_err(|e| ConfigErrors(vec![e])))
+        {
+            Ok(mut parsed) => objects.append(&mut parsed),
+            Err(ConfigErrors(mut e)) => errors.append(&mut e),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(ConfigErrors(errors));
+    }
+    build(objects)
+}
+
+fn read(file: &Path) -> Result<String, ConfigErrors> {
+    fs::read_to_string(file).map_err(|e| {
+        ConfigErrors(vec![ConfigError::file(
+            file,
+            format!("cannot read the file: {e}"),
+        )])
+    })
+}
+
+fn config_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
+    let entries = fs::read_dir(dir).map_err(|e| {
+        ConfigError::file(dir, format!("cannot read the configuration directory: {e}"))
+    })?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|path| is_config_file(path))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+fn is_config_file(path: &Path) -> bool {
+    let hidden = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_none_or(|n| n.starts_with('.'));
+    let yaml = matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("yaml" | "yml")
+    );
+    !hidden && yaml && path.is_file()
+}
+
+/// One object read from a file, not yet checked against the others.
+#[derive(Debug, Clone)]
+enum Object {
+    Namespace(Namespace),
+    Workload(Workload),
+}
+
+/// An object and the file it came from.
+#[derive(Debug, Clone)]
+struct Located {
+    file: PathBuf,
+    object: Object,
+}
+
+/// What one object was, for error messages: `Kind namespace/name`.
+fn describe(kind: &str, value: &Value) -> String {
+    let meta = value.get("metadata");
+    let name = meta
+        .and_then(|m| m.get("name"))
+        .and_then(Value::as_str)
+        .unwrap_or("<no name>");
+    match meta
+        .and_then(|m| m.get("namespace"))
+        .and_then(Value::as_str)
+    {
+        Some(ns) => format!("{kind} {ns}/{name}"),
+        None if kind == "Namespace" => format!("{kind} {name}"),
+        None => format!("{kind} default/{name}"),
+    }
+}
+
+/// Parses the YAML documents of one file into objects. Empty documents are skipped.
+fn parse_documents(file: &Path, text: &str) -> Result<Vec<Located>, ConfigError> {
+    let mut objects = Vec::new();
+    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let value = serde::Deserialize::deserialize(document).map_err(|e| {
+            ConfigError::file(
+                file,
+                format!("document {} is not valid YAML: {e}", index + 1),
+            )
+        })?;
+        if let Value::Null = value {
+            continue;
+        }
+        objects.push(Located {
+            file: file.to_owned(),
+            object: parse_object(file, value)?,
+        });
+    }
+    Ok(objects)
+}
+
+fn parse_object(file: &Path, value: Value) -> Result<Object, ConfigError> {
+    let error = |object: Option<String>, field: &str, message: String| ConfigError {
+        file: file.to_owned(),
+        object,
+        field: Some(field.to_owned()),
+        message,
+    };
+    if !value.is_mapping() {
+        return Err(ConfigError::file(
+            file,
+            "a document must be a Kubernetes-style object with apiVersion, kind, metadata",
+        ));
+    }
+    let Some(kind) = value.get("kind").and_then(Value::as_str).map(str::to_owned) else {
+        return Err(error(
+            None,
+            "kind",
+            "is missing; say which kind of object this is".into(),
+        ));
+    };
+    let object = describe(&kind, &value);
+    let api_version = value
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let expected = match kind.as_str() {
+        "Namespace" => "v1",
+        "Workload" => API_VERSION,
+        other => {
+            return Err(error(
+                Some(object),
+                "kind",
+                format!("{other:?} is not a kind nodemesh reads; use Namespace or Workload"),
+            ));
+        }
+    };
+    if api_version != expected {
+        return Err(error(
+            Some(object),
+            "apiVersion",
+            format!("{api_version:?} is not supported for {kind}; use {expected:?}"),
+        ));
+    }
+    let parsed = match kind.as_str() {
+        "Namespace" => Object::Namespace(typed(file, &object, value)?),
+        _ => Object::Workload(typed(file, &object, value)?),
+    };
+    check_object(&parsed).map_err(|(field, message)| error(Some(object), field, message))?;
+    Ok(parsed)
+}
+
+fn typed<T: DeserializeOwned>(file: &Path, object: &str, value: Value) -> Result<T, ConfigError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        ConfigError {
+            file: file.to_owned(),
+            object: Some(object.to_owned()),
+            field: (path != ".").then_some(path),
+            message: e.into_inner().to_string(),
+        }
+    })
+}
+
+/// Checks one object on its own. Returns the field and what is wrong with it.
+fn check_object(object: &Object) -> Result<(), (&'static str, String)> {
+    match object {
+        Object::Namespace(ns) => {
+            check_dns_label(&ns.metadata.name).map_err(|e| ("metadata.name", e))?;
+            if ns.metadata.namespace.is_some() {
+                return Err((
+                    "metadata.namespace",
+                    "a Namespace is not itself namespaced; remove the field".into(),
+                ));
+            }
+        }
+        Object::Workload(w) => {
+            check_dns_label(&w.metadata.name).map_err(|e| ("metadata.name", e))?;
+            check_dns_label(w.namespace()).map_err(|e| ("metadata.namespace", e))?;
+            check_dns_label(&w.spec.service_account).map_err(|e| ("spec.serviceAccount", e))?;
+            if w.spec.node.is_empty() {
+                return Err((
+                    "spec.node",
+                    "is empty; name the node that runs this workload".into(),
+                ));
+            }
+            if !w.spec.netns.is_absolute() {
+                return Err((
+                    "spec.netns",
+                    format!(
+                        "{:?} is not an absolute path; give the network namespace's path, \
+                         such as /run/netns/<name>",
+                        w.spec.netns
+                    ),
+                ));
+            }
+            let ip = w.spec.ip;
+            if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || ip.is_broadcast() {
+                return Err(("spec.ip", format!("{ip} cannot be a workload address")));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks the objects against each other and builds the configuration.
+fn build(objects: Vec<Located>) -> Result<MeshConfig, ConfigErrors> {
+    let mut config = MeshConfig::default();
+    let mut errors = Vec::new();
+    let mut origin: BTreeMap<String, PathBuf> = BTreeMap::new();
+    let mut by_ip: BTreeMap<std::net::Ipv4Addr, (String, PathBuf)> = BTreeMap::new();
+    let mut workloads = Vec::new();
+    for Located { file, object } in objects {
+        match object {
+            Object::Namespace(ns) => {
+                let key = format!("Namespace {}", ns.name());
+                if let Some(first) = origin.get(&key) {
+                    errors.push(duplicate(&file, &key, first));
+                    continue;
+                }
+                origin.insert(key, file);
+                config.namespaces.insert(ns.name().to_owned(), ns);
+            }
+            Object::Workload(w) => workloads.push((file, w)),
+        }
+    }
+    for (file, w) in workloads {
+        let key = format!("Workload {}", w.key());
+        let at = |field: &str, message: String| ConfigError {
+            file: file.clone(),
+            object: Some(key.clone()),
+            field: Some(field.to_owned()),
+            message,
+        };
+        if let Some(first) = origin.get(&key) {
+            errors.push(duplicate(&file, &key, first));
+            continue;
+        }
+        if !config.namespaces.contains_key(w.namespace()) {
+            errors.push(at(
+                "metadata.namespace",
+                format!(
+                    "no Namespace object named {:?} exists; add one (labelled {}: \"true\" to \
+                     enroll its workloads)",
+                    w.namespace(),
+                    crate::ENROLLED_LABEL
+                ),
+            ));
+            continue;
+        }
+        if let Some((other, other_file)) = by_ip.get(&w.spec.ip) {
+            errors.push(at(
+                "spec.ip",
+                format!(
+                    "{} is already the address of Workload {other} in {}; each workload needs \
+                     its own address",
+                    w.spec.ip,
+                    other_file.display()
+                ),
+            ));
+            continue;
+        }
+        by_ip.insert(w.spec.ip, (w.key(), file.clone()));
+        origin.insert(key, file.clone());
+        config.workloads.insert(w.key(), w);
+    }
+    if errors.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+fn duplicate(file: &Path, key: &str, first: &Path) -> ConfigError {
+    ConfigError {
+        file: file.to_owned(),
+        object: Some(key.to_owned()),
+        field: Some("metadata.name".to_owned()),
+        message: format!(
+            "is defined again; it is already defined in {}. Keep one definition",
+            first.display()
+        ),
+    }
+}
+
+/// A cheap summary of a configuration path (names, sizes and modification times of its
+/// files), to notice changes without reparsing.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SourceFingerprint(Vec<(PathBuf, u64, Option<SystemTime>)>);
+
+impl SourceFingerprint {
+    pub fn of(path: &Path) -> Self {
+        let files = if path.is_dir() {
+            config_files(path).unwrap_or_default()
+        } else {
+            vec![path.to_owned()]
+        };
+        Self(
+            files
+                .into_iter()
+                .map(|file| {
+                    let meta = fs::metadata(&file).ok();
+                    let len = meta.as_ref().map_or(0, fs::Metadata::len);
+                    let modified = meta.and_then(|m| m.modified().ok());
+                    (file, len, modified)
+                })
+                .collect(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests;

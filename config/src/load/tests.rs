@@ -1,0 +1,198 @@
+use std::fs;
+
+use super::*;
+
+const NAMESPACES: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: shop
+  labels:
+    nodemesh.dev/enabled: "true"
+---
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: legacy
+"#;
+
+fn workload(name: &str, namespace: &str, ip: &str, extra_labels: &str) -> String {
+    format!(
+        r#"
+apiVersion: nodemesh.dev/v1alpha1
+kind: Workload
+metadata:
+  name: {name}
+  namespace: {namespace}
+  labels:
+    app: {name}
+    {extra_labels}
+spec:
+  node: n1
+  netns: /run/netns/{name}
+  ip: {ip}
+  serviceAccount: {name}-sa
+"#
+    )
+}
+
+struct ConfigDir(tempfile::TempDir);
+
+impl ConfigDir {
+    fn new() -> Self {
+        let dir = Self(tempfile::tempdir().expect("temp dir"));
+        dir.write("00-namespaces.yaml", NAMESPACES);
+        dir
+    }
+
+    fn write(&self, name: &str, text: &str) -> &Self {
+        fs::write(self.0.path().join(name), text).expect("write config file");
+        self
+    }
+
+    fn load(&self) -> Result<MeshConfig, ConfigErrors> {
+        load_dir(self.0.path())
+    }
+
+    fn errors(&self) -> Vec<ConfigError> {
+        self.load().expect_err("configuration should be refused").0
+    }
+}
+
+#[test]
+fn enrollment_follows_namespace_and_workload_labels() {
+    let dir = ConfigDir::new();
+    dir.write("web.yaml", &workload("web", "shop", "10.0.0.2", ""))
+        .write(
+            "opted-out.yaml",
+            &workload(
+                "batch",
+                "shop",
+                "10.0.0.3",
+                "nodemesh.dev/enabled: \"false\"",
+            ),
+        )
+        .write("old.yml", &workload("old", "legacy", "10.0.0.4", ""))
+        .write(".web.yaml.swp", "not yaml: [")
+        .write("README.md", "ignored");
+    let config = dir.load().expect("valid configuration");
+    let enrolled: Vec<_> = config.enrolled_on("n1").map(Workload::key).collect();
+    assert_eq!(enrolled, ["shop/web"]);
+    assert_eq!(config.workloads.len(), 3);
+    assert_eq!(
+        config.workloads["shop/web"].identity("cluster.local"),
+        "spiffe://cluster.local/ns/shop/sa/web-sa"
+    );
+    assert_eq!(config.enrolled_on("n2").count(), 0);
+}
+
+#[test]
+fn several_objects_in_one_file() {
+    let dir = ConfigDir::new();
+    let both = format!(
+        "{}---\n{}",
+        workload("a", "shop", "10.0.0.2", ""),
+        workload("b", "shop", "10.0.0.3", "")
+    );
+    dir.write("pods.yaml", &both);
+    assert_eq!(dir.load().expect("valid").workloads.len(), 2);
+}
+
+#[test]
+fn a_typo_names_file_object_and_field() {
+    let dir = ConfigDir::new();
+    let typo = workload("web", "shop", "10.0.0.2", "").replace("serviceAccount", "serviceAcount");
+    dir.write("web.yaml", &typo);
+    let errors = dir.errors();
+    assert_eq!(errors.len(), 1);
+    let message = errors[0].to_string();
+    assert!(message.contains("web.yaml"), "{message}");
+    assert!(message.contains("Workload shop/web"), "{message}");
+    assert!(message.contains("spec"), "{message}");
+    assert!(message.contains("serviceAcount"), "{message}");
+    assert!(
+        message.contains("serviceAccount"),
+        "the allowed names are listed: {message}"
+    );
+}
+
+#[test]
+fn bad_values_are_refused_with_their_field() {
+    let cases = [
+        (workload("web", "shop", "10.0.0", ""), "spec.ip"),
+        (workload("web", "shop", "127.0.0.1", ""), "spec.ip"),
+        (workload("Web", "shop", "10.0.0.2", ""), "metadata.name"),
+        (
+            workload("web", "shop", "10.0.0.2", "").replace("/run/netns/web", "netns/web"),
+            "spec.netns",
+        ),
+        (
+            workload("web", "nowhere", "10.0.0.2", ""),
+            "metadata.namespace",
+        ),
+        (
+            workload("web", "shop", "10.0.0.2", "").replace("nodemesh.dev/v1alpha1", "v1"),
+            "apiVersion",
+        ),
+        (
+            workload("web", "shop", "10.0.0.2", "").replace("Workload", "Pod"),
+            "kind",
+        ),
+    ];
+    for (text, field) in cases {
+        let dir = ConfigDir::new();
+        dir.write("web.yaml", &text);
+        let errors = dir.errors();
+        assert_eq!(errors[0].field.as_deref(), Some(field), "{}", errors[0]);
+    }
+}
+
+#[test]
+fn duplicates_are_refused_naming_both_files() {
+    let dir = ConfigDir::new();
+    dir.write("a.yaml", &workload("web", "shop", "10.0.0.2", ""))
+        .write("b.yaml", &workload("web", "shop", "10.0.0.3", ""))
+        .write("c.yaml", &workload("api", "shop", "10.0.0.2", ""));
+    let errors = dir.errors();
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    let text = ConfigErrors(errors).to_string();
+    assert!(
+        text.contains("b.yaml") && text.contains("already defined in"),
+        "{text}"
+    );
+    assert!(
+        text.contains("c.yaml") && text.contains("10.0.0.2 is already"),
+        "{text}"
+    );
+}
+
+#[test]
+fn broken_yaml_is_refused_and_every_file_reported() {
+    let dir = ConfigDir::new();
+    dir.write("a.yaml", "kind: [")
+        .write("b.yaml", "- just\n- a list\n");
+    let errors = dir.errors();
+    assert_eq!(errors.len(), 2);
+    assert!(
+        errors[0].to_string().contains("not valid YAML"),
+        "{}",
+        errors[0]
+    );
+    assert!(
+        errors[1].to_string().contains("Kubernetes-style object"),
+        "{}",
+        errors[1]
+    );
+}
+
+#[test]
+fn fingerprint_notices_edits_additions_and_removals() {
+    let dir = ConfigDir::new();
+    let before = SourceFingerprint::of(dir.0.path());
+    assert_eq!(before, SourceFingerprint::of(dir.0.path()));
+    dir.write("web.yaml", &workload("web", "shop", "10.0.0.2", ""));
+    let added = SourceFingerprint::of(dir.0.path());
+    assert_ne!(before, added);
+    fs::remove_file(dir.0.path().join("web.yaml")).expect("remove");
+    assert_eq!(before, SourceFingerprint::of(dir.0.path()));
+}

@@ -1,0 +1,40 @@
+//! Read-only settings the agent writes into the object before loading it
+//! (`EbpfLoader::set_global`). The verifier sees them as constants, so reading them is free.
+
+/// SO_MARK carried by every proxy socket; connects from such sockets are never captured.
+#[unsafe(no_mangle)]
+static PROXY_MARK: u32 = 0;
+#[unsafe(no_mangle)]
+static OUTBOUND_PORT: u16 = 15001;
+#[unsafe(no_mangle)]
+static INBOUND_PORT: u16 = 15006;
+#[unsafe(no_mangle)]
+static HBONE_PORT: u16 = 15008;
+#[unsafe(no_mangle)]
+static DNS_PORT: u16 = 15053;
+
+#[inline(always)]
+fn read<T: Copy>(value: &'static T) -> T {
+    // SAFETY: a volatile read of a static keeps the compiler from folding in the placeholder
+    // value; the loader has replaced it by then.
+    unsafe { core::ptr::read_volatile(value) }
+}
+
+#[inline(always)]
+pub fn proxy_mark() -> u32 {
+    read(&PROXY_MARK)
+}
+
+#[inline(always)]
+pub fn outbound_port() -> u16 {
+    read(&OUTBOUND_PORT)
+}
+
+/// Ports of the proxy itself inside a pod: never captured, never steered.
+#[inline(always)]
+pub fn is_proxy_port(port: u16) -> bool {
+    port == read(&OUTBOUND_PORT)
+        || port == read(&INBOUND_PORT)
+        || port == read(&HBONE_PORT)
+        || port == read(&DNS_PORT)
+}
