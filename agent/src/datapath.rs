@@ -40,7 +40,7 @@ pub enum DatapathError {
     #[error("cannot load eBPF object {path}: {source}")]
     Load {
         path: PathBuf,
-        source: aya::EbpfError,
+        source: Box<aya::EbpfError>,
     },
     #[error("eBPF object has no {kind} named {name}; rebuild it with `cargo xtask build`")]
     Missing {
@@ -55,7 +55,7 @@ pub enum DatapathError {
     #[error("eBPF map {name}: {source}")]
     Map {
         name: &'static str,
-        source: aya::maps::MapError,
+        source: Box<aya::maps::MapError>,
     },
 }
 
@@ -103,7 +103,7 @@ impl Datapath {
             .load_file(object)
             .map_err(|source| DatapathError::Load {
                 path: object.clone(),
-                source,
+                source: Box::new(source),
             })?;
 
         // aya attaches through bpf_link on this kernel, and a cgroup bpf_link always runs
@@ -186,7 +186,7 @@ impl Datapath {
             .insert(key, inbound_listener.as_raw_fd(), 0)
             .map_err(|source| DatapathError::Map {
                 name: names::INBOUND,
-                source,
+                source: Box::new(source),
             })?;
         let link = match self
             .sk_lookup()
@@ -204,7 +204,7 @@ impl Datapath {
             let _ = self.inbound.remove(&key);
             return Err(DatapathError::Map {
                 name: names::ENROLLED,
-                source,
+                source: Box::new(source),
             });
         }
         Ok(CaptureHandle {
@@ -218,12 +218,11 @@ impl Datapath {
     /// the application directly. Idempotent.
     pub fn release(&mut self, handle: &mut CaptureHandle) {
         let _ = self.enrolled.remove(&handle.netns_cookie);
-        if let Some(link) = handle.link.take() {
-            if let Ok(program) = self.sk_lookup() {
-                if let Err(e) = program.detach(link) {
-                    tracing::warn!(error = %e, "detaching sk_lookup failed");
-                }
-            }
+        if let Some(link) = handle.link.take()
+            && let Ok(program) = self.sk_lookup()
+            && let Err(e) = program.detach(link)
+        {
+            tracing::warn!(error = %e, "detaching sk_lookup failed");
         }
         let _ = self.inbound.remove(&handle.ip_key);
     }
@@ -260,7 +259,10 @@ where
     let map = bpf
         .take_map(name)
         .ok_or(DatapathError::Missing { kind: "map", name })?;
-    T::try_from(map).map_err(|source| DatapathError::Map { name, source })
+    T::try_from(map).map_err(|source| DatapathError::Map {
+        name,
+        source: Box::new(source),
+    })
 }
 
 fn refused(name: &'static str, error: aya::programs::ProgramError) -> DatapathError {

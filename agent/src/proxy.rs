@@ -51,7 +51,7 @@ pub struct PodContext {
     /// `namespace/name`.
     pub key: String,
     pub netns: PodNetns,
-    pub counters: WorkloadCounters,
+    pub counters: Arc<WorkloadCounters>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -69,6 +69,9 @@ pub struct WorkloadStatus {
     pub netns_cookie: Option<u64>,
     pub outbound_connections: u64,
     pub inbound_connections: u64,
+    /// Live counters of an enrolled workload, read when the status is shown.
+    #[serde(skip)]
+    pub counters: Option<Arc<WorkloadCounters>>,
 }
 
 impl AgentState {
@@ -123,7 +126,14 @@ impl AgentState {
     }
 
     pub fn workloads(&self) -> Vec<WorkloadStatus> {
-        self.read().workloads.clone()
+        let mut workloads = self.read().workloads.clone();
+        for w in &mut workloads {
+            if let Some(counters) = &w.counters {
+                w.outbound_connections = counters.outbound.load(Ordering::Relaxed);
+                w.inbound_connections = counters.inbound.load(Ordering::Relaxed);
+            }
+        }
+        workloads
     }
 
     /// Ready once a configuration is in force and every workload of this node is enrolled.

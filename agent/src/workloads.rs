@@ -4,7 +4,7 @@
 use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr},
-    sync::{Arc, atomic::Ordering},
+    sync::Arc,
 };
 
 use nodemesh_config::{DEFAULT_TRUST_DOMAIN, MeshConfig, Workload};
@@ -191,8 +191,7 @@ impl WorkloadRegistry {
         let enrolled = self.enrolled.values().map(|e| {
             let mut status = describe(&e.workload, "enrolled", None);
             status.netns_cookie = Some(e.pod.netns.cookie());
-            status.outbound_connections = e.pod.counters.outbound.load(Ordering::Relaxed);
-            status.inbound_connections = e.pod.counters.inbound.load(Ordering::Relaxed);
+            status.counters = Some(e.pod.counters.clone());
             status
         });
         let failed = self
@@ -218,5 +217,6 @@ fn describe(w: &Workload, state: &'static str, error: Option<String>) -> Workloa
         netns_cookie: None,
         outbound_connections: 0,
         inbound_connections: 0,
+        counters: None,
     }
 }

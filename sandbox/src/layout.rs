@@ -1,0 +1,166 @@
+//! Names and addresses of everything in a sandbox, derived from its name and shape alone.
+//!
+//! Addresses (each sandbox is its own set of namespaces, so they repeat between sandboxes):
+//! - fabric bridge `br0` in namespace `<name>-fabric`, 10.88.0.254/24;
+//! - node `n<i>`: namespace `<name>-n<i>`, uplink `eth0` 10.88.0.<i>/24, pods in 10.88.<i>.0/24
+//!   behind gateway 10.88.<i>.1;
+//! - enrolled pod `n<i>-p<j>` (namespace `default`): 10.88.<i>.<1+j>, in `<name>-n<i>-p<j>`;
+//! - legacy pod `n<i>-legacy` (namespace `legacy`, not enrolled): 10.88.<i>.250.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+};
+
+use crate::{STATE_ROOT, Spec, Status};
+
+pub const ADMIN_PORT: u16 = 15000;
+pub const METRICS_PORT: u16 = 15020;
+pub const READINESS_PORT: u16 = 15021;
+pub const HTTP_PORT: u16 = 8080;
+pub const ECHO_PORT: u16 = 9000;
+/// The Kubernetes namespace of the enrolled pods, labelled for the mesh.
+pub const MESH_NAMESPACE: &str = "default";
+/// The Kubernetes namespace of the pods left out of the mesh.
+pub const LEGACY_NAMESPACE: &str = "legacy";
+
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub name: String,
+    pub nodes: usize,
+    pub pods: usize,
+    pub bin_dir: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct NodePlan {
+    pub name: String,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    pub gateway: Ipv4Addr,
+    pub index: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct PodPlan {
+    pub name: String,
+    pub namespace: &'static str,
+    pub service_account: String,
+    pub node: String,
+    pub node_netns: String,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    pub gateway: Ipv4Addr,
+    /// The pod's veth as seen in the node's namespace.
+    pub host_if: String,
+    pub enrolled: bool,
+}
+
+impl Layout {
+    pub fn new(spec: &Spec) -> Self {
+        Self {
+            name: spec.name.clone(),
+            nodes: spec.nodes,
+            pods: spec.pods,
+            bin_dir: spec.bin_dir.clone(),
+        }
+    }
+
+    pub fn from_status(status: &Status) -> Self {
+        Self {
+            name: status.name.clone(),
+            nodes: status.nodes.len(),
+            pods: status.pods.iter().filter(|p| p.enrolled).count() / status.nodes.len().max(1),
+            bin_dir: status.bin_dir.clone(),
+        }
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        PathBuf::from(STATE_ROOT).join(&self.name)
+    }
+
+    pub fn config_dir(&self) -> PathBuf {
+        self.state_dir().join("config")
+    }
+
+    pub fn logs_dir(&self) -> PathBuf {
+        self.state_dir().join("logs")
+    }
+
+    pub fn fabric_netns(&self) -> String {
+        format!("{}-fabric", self.name)
+    }
+
+    pub fn fabric_ip(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 88, 0, 254)
+    }
+
+    pub fn node(&self, index: usize) -> NodePlan {
+        let n = index + 1;
+        NodePlan {
+            name: format!("n{n}"),
+            netns: format!("{}-n{n}", self.name),
+            ip: Ipv4Addr::new(10, 88, 0, n as u8),
+            gateway: Ipv4Addr::new(10, 88, n as u8, 1),
+            index,
+        }
+    }
+
+    pub fn all_nodes(&self) -> Vec<NodePlan> {
+        (0..self.nodes).map(|i| self.node(i)).collect()
+    }
+
+    /// The pods of one node: the enrolled ones, then the legacy one.
+    pub fn pods_of(&self, node: &NodePlan) -> Vec<PodPlan> {
+        let n = node.index + 1;
+        let enrolled = (1..=self.pods).map(|j| PodPlan {
+            name: format!("n{n}-p{j}"),
+            namespace: MESH_NAMESPACE,
+            service_account: format!("n{n}-p{j}"),
+            node: node.name.clone(),
+            node_netns: node.netns.clone(),
+            netns: format!("{}-n{n}-p{j}", self.name),
+            ip: Ipv4Addr::new(10, 88, n as u8, (1 + j) as u8),
+            gateway: node.gateway,
+            host_if: format!("p{j}"),
+            enrolled: true,
+        });
+        let legacy = PodPlan {
+            name: format!("n{n}-legacy"),
+            namespace: LEGACY_NAMESPACE,
+            service_account: "default".to_owned(),
+            node: node.name.clone(),
+            node_netns: node.netns.clone(),
+            netns: format!("{}-n{n}-legacy", self.name),
+            ip: Ipv4Addr::new(10, 88, n as u8, 250),
+            gateway: node.gateway,
+            host_if: "legacy".to_owned(),
+            enrolled: false,
+        };
+        enrolled.chain(std::iter::once(legacy)).collect()
+    }
+
+    pub fn all_pods(&self) -> Vec<PodPlan> {
+        self.all_nodes()
+            .iter()
+            .flat_map(|n| self.pods_of(n))
+            .collect()
+    }
+
+    pub fn admin_addr(&self, node: &NodePlan) -> SocketAddr {
+        SocketAddr::from((node.ip, ADMIN_PORT))
+    }
+
+    pub fn metrics_addr(&self, node: &NodePlan) -> SocketAddr {
+        SocketAddr::from((node.ip, METRICS_PORT))
+    }
+
+    pub fn readiness_addr(&self, node: &NodePlan) -> SocketAddr {
+        SocketAddr::from((node.ip, READINESS_PORT))
+    }
+}
+
+/// The path of a named network namespace.
+pub fn netns_path(name: &str) -> PathBuf {
+    PathBuf::from("/run/netns").join(name)
+}

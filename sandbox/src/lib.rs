@@ -1,0 +1,270 @@
+//! The local sandbox: network namespaces as nodes and pods on this one machine, one agent per
+//! node, a test server in every pod. Users (`cargo xtask sandbox`), the namespaced tests and
+//! the benchmark all use it.
+//!
+//! Only addresses inside namespaces the sandbox created are used; nothing reaches the host's
+//! own network. Everything the sandbox makes is named after it, so [`down`] finds and removes
+//! all of it even when the state file is gone.
+#![forbid(unsafe_code)]
+
+mod http;
+mod layout;
+mod mesh_config;
+mod process;
+mod status;
+mod topology;
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+pub use crate::{
+    http::{HttpResponse, http_get},
+    layout::Layout,
+    process::run_in_netns,
+    status::{AgentStatus, NodeStatus, PodStatus, ServerStatus, Status},
+    topology::in_netns,
+};
+
+/// Where sandboxes keep their state, configuration and logs.
+pub const STATE_ROOT: &str = "/run/nodemesh/sandbox";
+
+/// The name `cargo xtask sandbox` uses when none is given.
+pub const DEFAULT_NAME: &str = "nm";
+
+/// What to bring up.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    /// Short name; prefixes every namespace. 1 to 8 lower-case letters and digits.
+    pub name: String,
+    pub nodes: usize,
+    /// Enrolled pods per node; each node also gets one pod in namespace `legacy`.
+    pub pods: usize,
+    /// Directory holding nodemesh-agent, nodemesh-testserver and nodemesh-ebpf.o.
+    pub bin_dir: PathBuf,
+}
+
+impl Spec {
+    pub fn new(name: &str, bin_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            name: name.to_owned(),
+            nodes: 2,
+            pods: 2,
+            bin_dir: bin_dir.into(),
+        }
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        let name_ok = !self.name.is_empty()
+            && self.name.len() <= 8
+            && self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+        if !name_ok {
+            bail!(
+                "sandbox name {:?} is not valid: use 1 to 8 lower-case letters and digits",
+                self.name
+            );
+        }
+        if !(1..=200).contains(&self.nodes) {
+            bail!("--nodes must be between 1 and 200, not {}", self.nodes);
+        }
+        if !(1..=150).contains(&self.pods) {
+            bail!("--pods must be between 1 and 150, not {}", self.pods);
+        }
+        for binary in ["nodemesh-agent", "nodemesh-testserver", "nodemesh-ebpf.o"] {
+            let path = self.bin_dir.join(binary);
+            if !path.is_file() {
+                bail!(
+                    "{} is missing; build it first with `cargo xtask build`",
+                    path.display()
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A running sandbox.
+#[derive(Debug)]
+pub struct Sandbox {
+    status: Status,
+}
+
+impl Sandbox {
+    /// Brings the sandbox up and returns when every agent is ready and every test server
+    /// answers. If it is already up with the same shape, it is reused; a partial or different
+    /// one is removed first. On failure everything made so far is removed again.
+    pub fn up(spec: &Spec) -> anyhow::Result<Self> {
+        spec.check()?;
+        if let Some(status) = Status::load(&spec.name)? {
+            if status.is_shape(spec) && status.is_running() {
+                return Ok(Self { status });
+            }
+            down(&spec.name)?;
+        } else {
+            // Leftovers of a run whose state file is gone.
+            down(&spec.name)?;
+        }
+        let layout = Layout::new(spec);
+        match bring_up(&layout) {
+            Ok(status) => Ok(Self { status }),
+            Err(e) => {
+                let logs = layout.logs_dir();
+                let _ = down(&spec.name);
+                Err(e.context(format!(
+                    "sandbox {} did not come up (logs were in {})",
+                    spec.name,
+                    logs.display()
+                )))
+            }
+        }
+    }
+
+    /// The sandbox called `name`, if it is up.
+    pub fn find(name: &str) -> anyhow::Result<Option<Self>> {
+        Ok(Status::load(name)?.map(|status| Self { status }))
+    }
+
+    pub fn status(&self) -> &Status {
+        &self.status
+    }
+
+    pub fn config_dir(&self) -> &Path {
+        &self.status.config_dir
+    }
+
+    pub fn pod(&self, name: &str) -> &PodStatus {
+        self.status
+            .pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("sandbox {} has no pod {name}", self.status.name))
+    }
+
+    pub fn node(&self, name: &str) -> &NodeStatus {
+        self.status
+            .nodes
+            .iter()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("sandbox {} has no node {name}", self.status.name))
+    }
+
+    /// GETs `path` from a node's agent admin endpoint, from inside the node's namespace.
+    pub fn agent_admin(&self, node: &str, path: &str) -> anyhow::Result<serde_json::Value> {
+        let node = self.node(node);
+        let url = format!("http://{}{path}", node.agent.admin);
+        let response = http_get(&node.netns, &url, Duration::from_secs(5))?;
+        response.json()
+    }
+
+    /// Stops a node's agent (SIGTERM) and waits for it to exit.
+    pub fn stop_agent(&mut self, node: &str) -> anyhow::Result<()> {
+        let pid = self.node(node).agent.pid;
+        process::terminate(&[pid], Duration::from_secs(10));
+        Ok(())
+    }
+
+    /// Starts a node's agent again and waits until it is ready.
+    pub fn start_agent(&mut self, node: &str) -> anyhow::Result<()> {
+        let layout = Layout::from_status(&self.status);
+        let index = self
+            .status
+            .nodes
+            .iter()
+            .position(|n| n.name == node)
+            .with_context(|| format!("no node {node}"))?;
+        let pid = process::start_agent(&layout, index)?;
+        self.status.nodes[index].agent.pid = pid;
+        process::wait_agent_ready(&self.status.nodes[index], Duration::from_secs(30))?;
+        self.status.save()?;
+        Ok(())
+    }
+
+    /// Removes everything; the same as [`down`].
+    pub fn down(self) -> anyhow::Result<()> {
+        down(&self.status.name)
+    }
+}
+
+fn bring_up(layout: &Layout) -> anyhow::Result<Status> {
+    let started = Instant::now();
+    fs::create_dir_all(layout.logs_dir())
+        .with_context(|| format!("cannot create {}", layout.logs_dir().display()))?;
+    topology::create(layout)?;
+    mesh_config::write(layout)?;
+    let mut status = Status::planned(layout);
+    status.save()?;
+    for pod in &mut status.pods {
+        pod.server.pid = process::start_test_server(layout, pod)?;
+    }
+    status.save()?;
+    for (index, node) in status.nodes.iter_mut().enumerate() {
+        node.agent.pid = process::start_agent(layout, index)?;
+    }
+    status.save()?;
+    let deadline = Duration::from_secs(30);
+    for pod in &status.pods {
+        process::wait_server_ready(pod, deadline)?;
+    }
+    for node in &status.nodes {
+        process::wait_agent_ready(node, deadline)?;
+    }
+    status.up_seconds = started.elapsed().as_secs_f64();
+    status.save()?;
+    Ok(status)
+}
+
+/// Removes every namespace, link, process and file of the sandbox `name`. Safe to call when
+/// nothing is there.
+pub fn down(name: &str) -> anyhow::Result<()> {
+    let namespaces = topology::sandbox_namespaces(name)?;
+    let mut pids: Vec<i32> = Status::load(name)
+        .ok()
+        .flatten()
+        .map(|s| s.pids())
+        .unwrap_or_default();
+    for ns in &namespaces {
+        pids.extend(topology::netns_pids(ns));
+    }
+    pids.sort_unstable();
+    pids.dedup();
+    process::terminate(&pids, Duration::from_secs(10));
+    for ns in &namespaces {
+        topology::delete_netns(ns)?;
+    }
+    let dir = Path::new(STATE_ROOT).join(name);
+    if dir.exists() {
+        fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+    }
+    let left = topology::sandbox_namespaces(name)?;
+    if !left.is_empty() {
+        bail!(
+            "network namespaces still present after down: {}",
+            left.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Polls `check` until it succeeds or `timeout` passes; the error is the last failure.
+pub fn poll_until<T>(
+    timeout: Duration,
+    mut check: impl FnMut() -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check() {
+            Ok(value) => return Ok(value),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(e.context(format!("still failing after {timeout:?}")));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}

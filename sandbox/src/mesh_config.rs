@@ -1,0 +1,53 @@
+//! The sandbox's mesh configuration: the directory the agents watch. One file per workload,
+//! so that removing a pod from the mesh is removing a file.
+
+use std::fs;
+
+use anyhow::Context as _;
+
+use crate::layout::{LEGACY_NAMESPACE, Layout, MESH_NAMESPACE, PodPlan, netns_path};
+
+pub fn write(layout: &Layout) -> anyhow::Result<()> {
+    let dir = layout.config_dir();
+    fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let namespaces = format!(
+        "# Namespaces of the sandbox. Workloads in a namespace labelled\n\
+         # nodemesh.dev/enabled: \"true\" are in the mesh.\n\
+         apiVersion: v1\n\
+         kind: Namespace\n\
+         metadata:\n  name: {MESH_NAMESPACE}\n  labels:\n    nodemesh.dev/enabled: \"true\"\n\
+         ---\n\
+         apiVersion: v1\n\
+         kind: Namespace\n\
+         metadata:\n  name: {LEGACY_NAMESPACE}\n"
+    );
+    write_file(layout, "00-namespaces.yaml", &namespaces)?;
+    for pod in layout.all_pods() {
+        write_file(
+            layout,
+            &format!("workload-{}.yaml", pod.name),
+            &workload_yaml(&pod),
+        )?;
+    }
+    Ok(())
+}
+
+fn write_file(layout: &Layout, name: &str, text: &str) -> anyhow::Result<()> {
+    let path = layout.config_dir().join(name);
+    fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))
+}
+
+pub fn workload_yaml(pod: &PodPlan) -> String {
+    format!(
+        "apiVersion: nodemesh.dev/v1alpha1\n\
+         kind: Workload\n\
+         metadata:\n  name: {name}\n  namespace: {namespace}\n  labels:\n    app: {name}\n\
+         spec:\n  node: {node}\n  netns: {netns}\n  ip: {ip}\n  serviceAccount: {sa}\n",
+        name = pod.name,
+        namespace = pod.namespace,
+        node = pod.node,
+        netns = netns_path(&pod.netns).display(),
+        ip = pod.ip,
+        sa = pod.service_account,
+    )
+}

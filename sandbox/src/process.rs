@@ -1,0 +1,178 @@
+//! The sandbox's processes: an agent in every node namespace, a test server in every pod.
+//! Each is started with `nsenter --net`, which leaves the mount namespace alone (the agent
+//! needs the host's cgroup2 and bpffs mounts), in its own process group so a Ctrl-C in the
+//! terminal that ran `sandbox up` does not reach it.
+
+use std::{
+    fs::{File, OpenOptions},
+    os::unix::process::CommandExt as _,
+    path::Path,
+    process::{Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use nix::{
+    sys::{
+        signal::{Signal, kill},
+        wait::{WaitPidFlag, waitpid},
+    },
+    unistd::Pid,
+};
+
+use crate::{
+    NodeStatus, PodStatus,
+    http::http_get,
+    layout::{Layout, netns_path},
+    poll_until,
+    topology::in_netns,
+};
+
+fn log_file(path: &Path) -> anyhow::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("cannot open log {}", path.display()))
+}
+
+fn spawn_in_netns(netns: &str, program: &Path, args: &[String], log: &Path) -> anyhow::Result<i32> {
+    let out = log_file(log)?;
+    let err = out.try_clone()?;
+    let child = Command::new("nsenter")
+        .arg(format!("--net={}", netns_path(netns).display()))
+        .arg("--")
+        .arg(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("cannot start {} in {netns}", program.display()))?;
+    Ok(child.id() as i32)
+}
+
+pub fn start_test_server(layout: &Layout, pod: &PodStatus) -> anyhow::Result<i32> {
+    spawn_in_netns(
+        &pod.netns,
+        &layout.bin_dir.join("nodemesh-testserver"),
+        &["--pod".to_owned(), pod.name.clone()],
+        &pod.server.log,
+    )
+}
+
+pub fn start_agent(layout: &Layout, index: usize) -> anyhow::Result<i32> {
+    let node = layout.node(index);
+    let log = layout.logs_dir().join(format!("agent-{}.log", node.name));
+    let args = [
+        "--node".to_owned(),
+        node.name.clone(),
+        "--config".to_owned(),
+        layout.config_dir().display().to_string(),
+        "--ebpf-object".to_owned(),
+        layout.bin_dir.join("nodemesh-ebpf.o").display().to_string(),
+        "--admin-addr".to_owned(),
+        layout.admin_addr(&node).to_string(),
+        "--metrics-addr".to_owned(),
+        layout.metrics_addr(&node).to_string(),
+        "--readiness-addr".to_owned(),
+        layout.readiness_addr(&node).to_string(),
+    ];
+    spawn_in_netns(
+        &node.netns,
+        &layout.bin_dir.join("nodemesh-agent"),
+        &args,
+        &log,
+    )
+}
+
+/// Whether `pid` is a live process (not a zombie). Reaps it if it is our exited child.
+pub fn is_alive(pid: i32) -> bool {
+    let _ = waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG));
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name in parentheses: "Z" is a zombie, "X" dead.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// SIGTERM, then SIGKILL for whatever is still alive after `grace`.
+pub fn terminate(pids: &[i32], grace: Duration) {
+    for &pid in pids {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+    }
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline && pids.iter().any(|&p| is_alive(p)) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for &pid in pids.iter().filter(|&&p| is_alive(p)) {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline && pids.iter().any(|&p| is_alive(p)) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(5)..].join("\n")
+}
+
+/// Waits until a pod's test server accepts connections on both ports.
+pub fn wait_server_ready(pod: &PodStatus, timeout: Duration) -> anyhow::Result<()> {
+    let (http, echo) = (pod.server.http, pod.server.echo);
+    poll_until(timeout, || {
+        if !is_alive(pod.server.pid) {
+            bail!(
+                "test server of pod {} exited:\n{}",
+                pod.name,
+                log_tail(&pod.server.log)
+            );
+        }
+        in_netns(&pod.netns, move || {
+            for addr in [http, echo] {
+                std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1))
+                    .with_context(|| format!("test server not answering on {addr}"))?;
+            }
+            Ok(())
+        })
+    })
+}
+
+/// Waits until a node's agent says it is ready.
+pub fn wait_agent_ready(node: &NodeStatus, timeout: Duration) -> anyhow::Result<()> {
+    let url = format!("http://{}/healthz/ready", node.agent.readiness);
+    poll_until(timeout, || {
+        if !is_alive(node.agent.pid) {
+            bail!(
+                "agent of node {} exited:\n{}",
+                node.name,
+                log_tail(&node.agent.log)
+            );
+        }
+        let response = http_get(&node.netns, &url, Duration::from_secs(1))?;
+        if response.status != 200 {
+            bail!("agent of node {}: {}", node.name, response.body.trim());
+        }
+        Ok(())
+    })
+}
+
+/// Runs a program inside a network namespace and returns its output, for tests and the demo
+/// (`curl`, `ss`).
+pub fn run_in_netns(netns: &str, program: &str, args: &[&str]) -> anyhow::Result<Output> {
+    Command::new("nsenter")
+        .arg(format!("--net={}", netns_path(netns).display()))
+        .arg("--")
+        .arg(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run {program} in {netns}"))
+}

@@ -1,0 +1,205 @@
+//! The sandbox's test server, run in every pod.
+//!
+//! Port 8080 speaks HTTP/1.1 and h2c (prior knowledge):
+//! - `/` echoes method, path, the client address it saw and the pod name (JSON; the pod name
+//!   also in header `x-pod`);
+//! - `/headers` returns the request headers as JSON;
+//! - `/delay/<ms>` answers like `/` after that many milliseconds (at most 60 000);
+//! - `/status/<code>` answers with that status code;
+//! - `/bytes/<n>` returns n bytes.
+//!
+//! Port 9000 echoes TCP.
+#![forbid(unsafe_code)]
+
+mod body;
+
+use std::{
+    convert::Infallible,
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use clap::Parser;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
+use tokio::{
+    io::AsyncWriteExt as _,
+    net::{TcpListener, TcpStream},
+};
+
+use crate::body::{ResponseBody, full};
+
+const MAX_DELAY: Duration = Duration::from_secs(60);
+
+/// Test server for the nodemesh sandbox: HTTP/1.1 + h2c and a TCP echo.
+#[derive(Debug, Parser)]
+#[command(name = "nodemesh-testserver", version)]
+struct Args {
+    /// The pod name to report.
+    #[arg(long)]
+    pod: String,
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0")]
+    listen: IpAddr,
+    #[arg(long, default_value_t = 8080)]
+    http_port: u16,
+    #[arg(long, default_value_t = 9000)]
+    echo_port: u16,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    runtime.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let http_addr = SocketAddr::new(args.listen, args.http_port);
+    let echo_addr = SocketAddr::new(args.listen, args.echo_port);
+    let http = TcpListener::bind(http_addr)
+        .await
+        .with_context(|| format!("cannot listen on {http_addr}"))?;
+    let echo = TcpListener::bind(echo_addr)
+        .await
+        .with_context(|| format!("cannot listen on {echo_addr}"))?;
+    let pod: &'static str = Box::leak(args.pod.into_boxed_str());
+    tokio::spawn(serve_echo(echo));
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => return Ok(()),
+            accepted = http.accept() => {
+                let Ok((stream, client)) = accepted else { continue };
+                tokio::spawn(serve_http(stream, client, pod));
+            }
+        }
+    }
+}
+
+async fn serve_http(stream: TcpStream, client: SocketAddr, pod: &'static str) {
+    let _ = stream.set_nodelay(true);
+    let service = hyper::service::service_fn(move |req| async move {
+        Ok::<_, Infallible>(respond(req, client, pod).await)
+    });
+    let _ = auto::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+}
+
+async fn respond(req: Request<Incoming>, client: SocketAddr, pod: &str) -> Response<ResponseBody> {
+    let path = req.uri().path().to_owned();
+    let mut segments = path.trim_start_matches('/').splitn(2, '/');
+    let response = match (segments.next().unwrap_or(""), segments.next()) {
+        ("", None) => echo(&req, client, pod),
+        ("headers", None) => {
+            let headers: serde_json::Map<String, serde_json::Value> = req
+                .headers()
+                .keys()
+                .map(|name| {
+                    let values: Vec<&str> = req
+                        .headers()
+                        .get_all(name)
+                        .iter()
+                        .filter_map(|v| v.to_str().ok())
+                        .collect();
+                    (name.to_string(), values.join(", ").into())
+                })
+                .collect();
+            json(StatusCode::OK, &serde_json::Value::Object(headers))
+        }
+        ("delay", Some(ms)) => match ms.parse::<u64>() {
+            Ok(ms) => {
+                tokio::time::sleep(Duration::from_millis(ms).min(MAX_DELAY)).await;
+                echo(&req, client, pod)
+            }
+            Err(_) => bad_request("use /delay/<milliseconds>"),
+        },
+        ("status", Some(code)) => match code
+            .parse::<u16>()
+            .ok()
+            .and_then(|c| StatusCode::from_u16(c).ok())
+        {
+            Some(status) => Response::builder()
+                .status(status)
+                .body(full(format!("status {}\n", status.as_u16())))
+                .unwrap_or_default(),
+            None => bad_request("use /status/<code> with a code from 100 to 999"),
+        },
+        ("bytes", Some(n)) => match n.parse::<u64>() {
+            Ok(n) => Response::builder()
+                .header(header::CONTENT_TYPE, "application/octet-stream")
+                .header(header::CONTENT_LENGTH, n)
+                .body(ResponseBody::repeat(n))
+                .unwrap_or_default(),
+            Err(_) => bad_request("use /bytes/<count>"),
+        },
+        _ => Response::builder()
+            .status(StatusCode::NOT_FOUND)
+            .body(full(format!(
+                "no route {path}; try /, /headers, /delay/<ms>, /status/<code>, /bytes/<n>\n"
+            )))
+            .unwrap_or_default(),
+    };
+    with_pod(response, pod)
+}
+
+fn echo(req: &Request<Incoming>, client: SocketAddr, pod: &str) -> Response<ResponseBody> {
+    json(
+        StatusCode::OK,
+        &serde_json::json!({
+            "method": req.method().as_str(),
+            "path": req.uri().path_and_query().map_or("/", |p| p.as_str()),
+            "protocol": format!("{:?}", req.version()),
+            "client": client.to_string(),
+            "pod": pod,
+        }),
+    )
+}
+
+fn json(status: StatusCode, value: &serde_json::Value) -> Response<ResponseBody> {
+    let mut body = serde_json::to_vec(value).unwrap_or_default();
+    body.push(b'\n');
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(full(Bytes::from(body)))
+        .unwrap_or_default()
+}
+
+fn bad_request(hint: &str) -> Response<ResponseBody> {
+    Response::builder()
+        .status(StatusCode::BAD_REQUEST)
+        .body(full(format!("{hint}\n")))
+        .unwrap_or_default()
+}
+
+fn with_pod(mut response: Response<ResponseBody>, pod: &str) -> Response<ResponseBody> {
+    if let Ok(value) = HeaderValue::from_str(pod) {
+        response.headers_mut().insert("x-pod", value);
+    }
+    response
+}
+
+async fn serve_echo(listener: TcpListener) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        tokio::spawn(async move {
+            let _ = stream.set_nodelay(true);
+            let (mut reader, mut writer) = stream.split();
+            if tokio::io::copy(&mut reader, &mut writer).await.is_ok() {
+                let _ = writer.shutdown().await;
+            }
+        });
+    }
+}

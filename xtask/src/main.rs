@@ -1,0 +1,155 @@
+//! Project tasks. `cargo xtask demo` and `cargo xtask test` are all a newcomer needs; both
+//! install what is missing first (`cargo xtask setup`).
+#![forbid(unsafe_code)]
+
+mod build;
+mod demo;
+mod sandbox_cmd;
+mod setup;
+mod test;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "nodemesh project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install what is missing: LLVM 22 dev packages, bpf-linker, the nightly's rust-src,
+    /// and the tools tests use. Fast when nothing is missing.
+    Setup,
+    /// Build the eBPF object and every binary.
+    Build {
+        /// Optimised build (what benchmarks use).
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build everything, bring up the local sandbox, show the mesh working, tear it down.
+    Demo,
+    /// Formatting, clippy with warnings denied, and every test.
+    Test,
+    /// The local sandbox: network namespaces as nodes and pods, one agent per node.
+    Sandbox {
+        #[command(subcommand)]
+        command: sandbox_cmd::SandboxCommand,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Setup => setup::run(),
+        Task::Build { release } => build::run(profile(release)).map(drop),
+        Task::Demo => demo::run(),
+        Task::Test => test::run(),
+        Task::Sandbox { command } => sandbox_cmd::run(command),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A cargo build profile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    Dev,
+    Release,
+}
+
+fn profile(release: bool) -> Profile {
+    if release {
+        Profile::Release
+    } else {
+        Profile::Dev
+    }
+}
+
+impl Profile {
+    /// The directory under `target/` the profile builds into.
+    pub fn dir_name(self) -> &'static str {
+        match self {
+            Profile::Dev => "debug",
+            Profile::Release => "release",
+        }
+    }
+}
+
+/// The workspace root.
+pub fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+}
+
+/// The cargo target directory.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
+}
+
+/// The directory with the binaries and eBPF object of `profile`.
+pub fn bin_dir(profile: Profile) -> PathBuf {
+    target_dir().join(profile.dir_name())
+}
+
+/// The cargo that runs this xtask.
+pub fn cargo() -> Command {
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    command.current_dir(root());
+    command
+}
+
+/// Runs a command, echoing it; fails with the command line when it fails.
+pub fn run_step(command: &mut Command) -> anyhow::Result<()> {
+    let line = describe(command);
+    eprintln!("$ {line}");
+    let status = command
+        .status()
+        .with_context(|| format!("cannot run `{line}`"))?;
+    if !status.success() {
+        bail!("`{line}` failed ({status})");
+    }
+    Ok(())
+}
+
+pub fn describe(command: &Command) -> String {
+    std::iter::once(command.get_program())
+        .chain(command.get_args())
+        .map(|s| s.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+pub fn require_root(what: &str) -> anyhow::Result<()> {
+    if !nix_is_root() {
+        bail!("{what} needs root (eBPF programs and network namespaces); run it as root");
+    }
+    Ok(())
+}
+
+fn nix_is_root() -> bool {
+    // Effective uid from /proc avoids another dependency for one number.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|uid| uid == "0"))
+        })
+        .unwrap_or(false)
+}

@@ -1,0 +1,100 @@
+//! `cargo xtask setup`: installs whatever a fresh machine of this kind lacks. Each step first
+//! checks, so a second run takes well under a second.
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+
+use crate::{describe, require_root, run_step};
+
+/// Debian packages the build, the sandbox and the tests use.
+/// - llvm-22-dev, libpolly-22-dev: bpf-linker links against LLVM 22 (rustc's LLVM);
+/// - iproute2, util-linux (nsenter), procps (sysctl): the sandbox;
+/// - curl: the demo and tests use a real HTTP client.
+const PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "iproute2",
+    "util-linux",
+    "procps",
+    "curl",
+];
+
+const BPF_LINKER_VERSION: &str = "0.13";
+
+pub fn run() -> anyhow::Result<()> {
+    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    if !missing.is_empty() {
+        require_root("installing Debian packages")?;
+        eprintln!("setup: installing {}", missing.join(" "));
+        run_step(Command::new("apt-get").args(["update", "-q"]))?;
+        run_step(
+            Command::new("apt-get")
+                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+    if !has_bpf_linker() {
+        eprintln!("setup: installing bpf-linker {BPF_LINKER_VERSION} (takes a few minutes)");
+        let path = format!(
+            "/usr/lib/llvm-22/bin:{}",
+            std::env::var("PATH").unwrap_or_default()
+        );
+        run_step(
+            Command::new("cargo")
+                .args(["install", "bpf-linker", "--version"])
+                .arg(format!("~{BPF_LINKER_VERSION}"))
+                .args(["--no-default-features", "--features", "llvm-22"])
+                .env("PATH", path)
+                .env_remove("RUSTUP_TOOLCHAIN")
+                .env_remove("CARGO_TARGET_DIR"),
+        )?;
+    }
+    if !has_nightly_rust_src()? {
+        eprintln!("setup: adding rust-src to the nightly toolchain");
+        run_step(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+    Ok(())
+}
+
+fn installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f", "${db:Status-Status}", package])
+        .output()
+        .is_ok_and(|out| out.status.success() && out.stdout == b"installed")
+}
+
+fn has_bpf_linker() -> bool {
+    Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|out| {
+            out.status.success()
+                && String::from_utf8_lossy(&out.stdout)
+                    .contains(&format!("bpf-linker {BPF_LINKER_VERSION}."))
+        })
+}
+
+fn has_nightly_rust_src() -> anyhow::Result<bool> {
+    let mut command = Command::new("rustup");
+    command.args(["component", "list", "--installed", "--toolchain", "nightly"]);
+    let out = command
+        .output()
+        .with_context(|| format!("cannot run `{}`", describe(&command)))?;
+    if !out.status.success() {
+        bail!(
+            "the nightly toolchain is missing (`{}` failed); the eBPF programs need it",
+            describe(&command)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.starts_with("rust-src")))
+}

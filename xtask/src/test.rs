@@ -1,0 +1,37 @@
+//! `cargo xtask test`: what CI runs. Formatting, clippy with warnings denied (host workspace
+//! and eBPF programs), then every test, the namespaced ones included (they need root and the
+//! built binaries, which this builds first).
+
+use crate::{Profile, build, cargo, require_root, root, run_step, setup};
+
+pub fn run() -> anyhow::Result<()> {
+    require_root("`cargo xtask test` (the namespaced tests)")?;
+    setup::run()?;
+    run_step(cargo().args(["fmt", "--all", "--check"]))?;
+    run_step(
+        build::nightly_cargo()
+            .current_dir(root().join("ebpf/programs"))
+            .args(["fmt", "--check"]),
+    )?;
+    run_step(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    run_step(
+        build::nightly_cargo()
+            .current_dir(root().join("ebpf/programs"))
+            .env("CARGO_TARGET_DIR", crate::target_dir().join("bpf"))
+            .args(["clippy", "--release", "--", "-D", "warnings"]),
+    )?;
+    build::run(Profile::Dev)?;
+    run_step(
+        cargo()
+            .args(["test", "--workspace", "--", "--test-threads", "2"])
+            .env("NODEMESH_REQUIRE_NAMESPACED_TESTS", "1"),
+    )?;
+    Ok(())
+}
