@@ -25,7 +25,7 @@ use anyhow::{Context as _, bail};
 pub use crate::{
     http::{HttpResponse, http_get},
     layout::Layout,
-    process::run_in_netns,
+    process::{is_alive, run_in_netns},
     status::{AgentStatus, NodeStatus, PodStatus, ServerStatus, Status},
     topology::in_netns,
 };

@@ -1,0 +1,194 @@
+//! Helpers for the namespaced integration tests in `tests/`.
+//!
+//! Each test brings up its own sandbox, named after the test, and removes it when the test
+//! ends, passed or failed. Without root or without the built binaries a test skips with a
+//! loud message; under `cargo xtask test` (`NODEMESH_REQUIRE_NAMESPACED_TESTS=1`) those are
+//! failures instead, so CI can never pass by skipping. A kernel without the eBPF features
+//! the agent needs is always a loud skip.
+#![forbid(unsafe_code)]
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Shutdown, SocketAddr, TcpStream},
+    ops::{Deref, DerefMut},
+    path::PathBuf,
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use nodemesh_sandbox::{Sandbox, Spec, in_netns};
+
+/// The directory of the built binaries: the test executable lives in `target/<profile>/deps`.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent()
+        .and_then(|deps| deps.parent())
+        .expect("test executable under target/<profile>/deps")
+        .to_owned()
+}
+
+fn required() -> bool {
+    std::env::var_os("NODEMESH_REQUIRE_NAMESPACED_TESTS").is_some_and(|v| v == "1")
+}
+
+fn skip(test: &str, reason: &str) -> Option<TestSandbox> {
+    assert!(!required(), "{test}: {reason}");
+    eprintln!("\n!!! SKIPPED {test}: {reason}\n");
+    None
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let uid = s.lines().find(|l| l.starts_with("Uid:"))?;
+            Some(uid.split_whitespace().nth(2)? == "0")
+        })
+        .unwrap_or(false)
+}
+
+/// Checks what namespaced tests need; `None` means the test was skipped (loudly).
+pub fn preflight(test: &str) -> Option<()> {
+    if !is_root() {
+        skip(test, "needs root for eBPF and network namespaces")?;
+    }
+    for binary in ["nodemesh-agent", "nodemesh-testserver", "nodemesh-ebpf.o"] {
+        if !bin_dir().join(binary).is_file() {
+            skip(
+                test,
+                &format!(
+                    "{} is not built; run `cargo xtask build` first",
+                    bin_dir().join(binary).display()
+                ),
+            )?;
+        }
+    }
+    Some(())
+}
+
+/// A sandbox that is removed when the test ends.
+#[derive(Debug)]
+pub struct TestSandbox(Option<Sandbox>);
+
+/// Brings up a sandbox named `name` (at most 8 letters and digits, unique per test) with the
+/// default shape: 2 nodes, 2 enrolled pods and a legacy pod on each.
+pub fn sandbox(name: &str) -> Option<TestSandbox> {
+    sandbox_with(name, |_| {})
+}
+
+pub fn sandbox_with(name: &str, shape: impl FnOnce(&mut Spec)) -> Option<TestSandbox> {
+    preflight(name)?;
+    let mut spec = Spec::new(name, bin_dir());
+    shape(&mut spec);
+    match Sandbox::up(&spec) {
+        Ok(sandbox) => Some(TestSandbox(Some(sandbox))),
+        Err(e) => {
+            let text = format!("{e:#}");
+            if text.contains("the kernel refused eBPF program") {
+                return skip(
+                    name,
+                    &format!("this kernel cannot run the capture programs: {text}"),
+                );
+            }
+            panic!("sandbox {name} did not come up: {text}");
+        }
+    }
+}
+
+impl Deref for TestSandbox {
+    type Target = Sandbox;
+
+    fn deref(&self) -> &Sandbox {
+        self.0.as_ref().expect("sandbox present until drop")
+    }
+}
+
+impl DerefMut for TestSandbox {
+    fn deref_mut(&mut self) -> &mut Sandbox {
+        self.0.as_mut().expect("sandbox present until drop")
+    }
+}
+
+impl Drop for TestSandbox {
+    fn drop(&mut self) {
+        if let Some(sandbox) = self.0.take() {
+            let name = sandbox.status().name.clone();
+            if let Err(e) = sandbox.down() {
+                eprintln!("cleaning up sandbox {name} failed: {e:#}");
+                if !std::thread::panicking() {
+                    panic!("sandbox {name} was not removed: {e:#}");
+                }
+            }
+        }
+    }
+}
+
+/// What a TCP client in a pod saw.
+#[derive(Debug, Clone)]
+pub struct EchoResult {
+    /// The address the client's socket is connected to: the proxy's in-pod listener when
+    /// the connection was captured, the server otherwise.
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    /// What came back after the client sent its message and half-closed.
+    pub reply: Vec<u8>,
+}
+
+/// From inside `netns`, connects to `dst`, sends `message`, half-closes and reads the echo
+/// until the server closes. Proves that data and half-close both cross the path.
+pub fn echo_from(netns: &str, dst: SocketAddr, message: &[u8]) -> anyhow::Result<EchoResult> {
+    let message = message.to_vec();
+    in_netns(netns, move || {
+        let mut stream = TcpStream::connect_timeout(&dst, Duration::from_secs(5))
+            .with_context(|| format!("connect to {dst}"))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let peer = stream.peer_addr()?;
+        let local = stream.local_addr()?;
+        stream.write_all(&message)?;
+        stream.shutdown(Shutdown::Write)?;
+        let mut reply = Vec::new();
+        stream.read_to_end(&mut reply).context("reading the echo")?;
+        Ok(EchoResult { peer, local, reply })
+    })
+}
+
+/// Runs curl in a pod's namespace and returns (HTTP status, body).
+pub fn curl(netns: &str, url: &str, extra: &[&str]) -> anyhow::Result<(u16, String)> {
+    let mut args = vec!["-sS", "--max-time", "10", "-w", "\n%{http_code}"];
+    args.extend_from_slice(extra);
+    args.push(url);
+    let out = nodemesh_sandbox::run_in_netns(netns, "curl", &args)?;
+    anyhow::ensure!(
+        out.status.success(),
+        "curl {url} in {netns} failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let text = String::from_utf8(out.stdout)?;
+    let (body, code) = text.rsplit_once('\n').context("no status code from curl")?;
+    Ok((code.trim().parse()?, body.to_owned()))
+}
+
+/// The connections an agent recorded, newest last.
+pub fn connections(sandbox: &Sandbox, node: &str) -> Vec<serde_json::Value> {
+    sandbox
+        .agent_admin(node, "/connections")
+        .expect("agent /connections")
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Whether an agent recorded a connection of `direction` for `workload` to `dst`.
+pub fn recorded(
+    sandbox: &Sandbox,
+    node: &str,
+    direction: &str,
+    workload: &str,
+    dst: SocketAddr,
+) -> bool {
+    connections(sandbox, node).iter().any(|c| {
+        c["direction"] == direction
+            && c["workload"] == workload
+            && c["original_dst"] == dst.to_string()
+    })
+}
