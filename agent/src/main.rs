@@ -8,7 +8,6 @@ mod admin;
 mod config;
 mod datapath;
 mod inpod;
-mod local_source;
 mod metrics;
 mod netns;
 mod proxy;
@@ -18,14 +17,13 @@ mod workloads;
 use std::{process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
+use nodemesh_config::LocalSource;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    admin::Endpoint,
     config::{Config, LogFormat},
     datapath::Datapath,
-    local_source::LocalSource,
     proxy::ProxyShared,
     state::{AgentState, DatapathView},
     workloads::WorkloadRegistry,
@@ -98,12 +96,20 @@ async fn run(config: Arc<Config>) -> anyhow::Result<()> {
         },
     ));
     let stop = CancellationToken::new();
-    for (endpoint, addr) in [
-        (Endpoint::Admin, config.admin_addr),
-        (Endpoint::Metrics, config.metrics_addr),
-        (Endpoint::Readiness, config.readiness_addr),
+    for (what, addr, router) in [
+        ("admin", config.admin_addr, admin::admin(state.clone())),
+        (
+            "metrics",
+            config.metrics_addr,
+            admin::metrics(state.clone()),
+        ),
+        (
+            "readiness",
+            config.readiness_addr,
+            admin::ready(state.clone()),
+        ),
     ] {
-        admin::spawn(endpoint, addr, state.clone(), stop.clone()).await?;
+        nodemesh_admin::spawn(what, addr, router, stop.clone()).await?;
     }
     let shared = Arc::new(ProxyShared {
         original_dst: datapath.original_dst_table(),

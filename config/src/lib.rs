@@ -11,6 +11,8 @@ mod load;
 mod mesh;
 mod meta;
 mod namespace;
+#[cfg(feature = "watch")]
+mod watch;
 mod workload;
 
 pub use error::{ConfigError, ConfigErrors};
@@ -18,6 +20,8 @@ pub use load::{SourceFingerprint, load_dir, load_path};
 pub use mesh::MeshConfig;
 pub use meta::ObjectMeta;
 pub use namespace::Namespace;
+#[cfg(feature = "watch")]
+pub use watch::LocalSource;
 pub use workload::{Workload, WorkloadSpec};
 
 /// Label on a Namespace that enrolls its workloads (`"true"`), and on a workload that opts it

@@ -1,7 +1,8 @@
 //! Names and addresses of everything in a sandbox, derived from its name and shape alone.
 //!
 //! Addresses (each sandbox is its own set of namespaces, so they repeat between sandboxes):
-//! - fabric bridge `br0` in namespace `<name>-fabric`, 10.88.0.254/24;
+//! - fabric bridge `br0` in namespace `<name>-fabric`, 10.88.0.254/24, where the controller
+//!   runs;
 //! - node `n<i>`: namespace `<name>-n<i>`, uplink `eth0` 10.88.0.<i>/24, pods in 10.88.<i>.0/24
 //!   behind gateway 10.88.<i>.1;
 //! - enrolled pod `n<i>-p<j>` (namespace `default`): 10.88.<i>.<1+j>, in `<name>-n<i>-p<j>`;
@@ -15,6 +16,7 @@ use std::{
 use crate::{STATE_ROOT, Spec, Status};
 
 pub const ADMIN_PORT: u16 = 15000;
+pub const CONTROLLER_MONITORING_PORT: u16 = 15014;
 pub const METRICS_PORT: u16 = 15020;
 pub const READINESS_PORT: u16 = 15021;
 pub const HTTP_PORT: u16 = 8080;
@@ -93,6 +95,10 @@ impl Layout {
 
     pub fn fabric_ip(&self) -> Ipv4Addr {
         Ipv4Addr::new(10, 88, 0, 254)
+    }
+
+    pub fn controller_addr(&self) -> SocketAddr {
+        SocketAddr::from((self.fabric_ip(), CONTROLLER_MONITORING_PORT))
     }
 
     pub fn node(&self, index: usize) -> NodePlan {

@@ -26,12 +26,20 @@ pub use crate::{
     http::{HttpResponse, http_get},
     layout::Layout,
     process::{is_alive, run_in_netns},
-    status::{AgentStatus, NodeStatus, PodStatus, ServerStatus, Status},
+    status::{AgentStatus, ControllerStatus, NodeStatus, PodStatus, ServerStatus, Status},
     topology::in_netns,
 };
 
 /// Where sandboxes keep their state, configuration and logs.
 pub const STATE_ROOT: &str = "/run/nodemesh/sandbox";
+
+/// What the sandbox runs, all from one directory.
+pub const BINARIES: [&str; 4] = [
+    "nodemesh-agent",
+    "nodemesh-controller",
+    "nodemesh-testserver",
+    "nodemesh-ebpf.o",
+];
 
 /// The name `cargo xtask sandbox` uses when none is given.
 pub const DEFAULT_NAME: &str = "nm";
@@ -77,7 +85,7 @@ impl Spec {
         if !(1..=150).contains(&self.pods) {
             bail!("--pods must be between 1 and 150, not {}", self.pods);
         }
-        for binary in ["nodemesh-agent", "nodemesh-testserver", "nodemesh-ebpf.o"] {
+        for binary in BINARIES {
             let path = self.bin_dir.join(binary);
             if !path.is_file() {
                 bail!(
@@ -102,15 +110,15 @@ impl Sandbox {
     /// one is removed first. On failure everything made so far is removed again.
     pub fn up(spec: &Spec) -> anyhow::Result<Self> {
         spec.check()?;
-        if let Some(status) = Status::load(&spec.name)? {
-            if status.is_shape(spec) && status.is_running() {
-                return Ok(Self { status });
-            }
-            down(&spec.name)?;
-        } else {
-            // Leftovers of a run whose state file is gone.
-            down(&spec.name)?;
+        // A state file from another version reads as no state: down cleans up by name.
+        if let Ok(Some(status)) = Status::load(&spec.name)
+            && status.is_shape(spec)
+            && status.is_running()
+        {
+            return Ok(Self { status });
         }
+        // Leftovers of a partial or different sandbox, or of one whose state file is gone.
+        down(&spec.name)?;
         let layout = Layout::new(spec);
         match bring_up(&layout) {
             Ok(status) => Ok(Self { status }),
@@ -203,6 +211,7 @@ fn bring_up(layout: &Layout) -> anyhow::Result<Status> {
     for pod in &mut status.pods {
         pod.server.pid = process::start_test_server(layout, pod)?;
     }
+    status.controller.pid = process::start_controller(layout)?;
     status.save()?;
     for (index, node) in status.nodes.iter_mut().enumerate() {
         node.agent.pid = process::start_agent(layout, index)?;
@@ -212,6 +221,7 @@ fn bring_up(layout: &Layout) -> anyhow::Result<Status> {
     for pod in &status.pods {
         process::wait_server_ready(pod, deadline)?;
     }
+    process::wait_controller_ready(&status.controller, deadline)?;
     for node in &status.nodes {
         process::wait_agent_ready(node, deadline)?;
     }

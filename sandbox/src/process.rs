@@ -25,6 +25,7 @@ use crate::{
     http::http_get,
     layout::{Layout, netns_path},
     poll_until,
+    status::ControllerStatus,
     topology::in_netns,
 };
 
@@ -60,6 +61,39 @@ pub fn start_test_server(layout: &Layout, pod: &PodStatus) -> anyhow::Result<i32
         &["--pod".to_owned(), pod.name.clone()],
         &pod.server.log,
     )
+}
+
+pub fn start_controller(layout: &Layout) -> anyhow::Result<i32> {
+    let args = [
+        "--config".to_owned(),
+        layout.config_dir().display().to_string(),
+        "--monitoring-addr".to_owned(),
+        layout.controller_addr().to_string(),
+    ];
+    spawn_in_netns(
+        &layout.fabric_netns(),
+        &layout.bin_dir.join("nodemesh-controller"),
+        &args,
+        &layout.logs_dir().join("controller.log"),
+    )
+}
+
+/// Waits until the controller has a valid configuration in force.
+pub fn wait_controller_ready(
+    controller: &ControllerStatus,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let url = format!("http://{}/readyz", controller.monitoring);
+    poll_until(timeout, || {
+        if !is_alive(controller.pid) {
+            bail!("the controller exited:\n{}", log_tail(&controller.log));
+        }
+        let response = http_get(&controller.netns, &url, Duration::from_secs(1))?;
+        if response.status != 200 {
+            bail!("controller: {}", response.body.trim());
+        }
+        Ok(())
+    })
 }
 
 pub fn start_agent(layout: &Layout, index: usize) -> anyhow::Result<i32> {

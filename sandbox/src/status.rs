@@ -23,6 +23,7 @@ pub struct Status {
     pub state_dir: PathBuf,
     pub bin_dir: PathBuf,
     pub fabric: FabricStatus,
+    pub controller: ControllerStatus,
     pub nodes: Vec<NodeStatus>,
     pub pods: Vec<PodStatus>,
     /// How long `up` took.
@@ -34,6 +35,16 @@ pub struct FabricStatus {
     pub netns: String,
     pub bridge: String,
     pub ip: Ipv4Addr,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ControllerStatus {
+    pub pid: i32,
+    /// The controller runs in the fabric namespace, reachable from every node.
+    pub netns: String,
+    /// /healthz, /readyz, /config_dump, /metrics; reachable from inside `netns`.
+    pub monitoring: SocketAddr,
+    pub log: PathBuf,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -137,6 +148,12 @@ impl Status {
                 bridge: "br0".to_owned(),
                 ip: layout.fabric_ip(),
             },
+            controller: ControllerStatus {
+                pid: 0,
+                netns: layout.fabric_netns(),
+                monitoring: layout.controller_addr(),
+                log: layout.logs_dir().join("controller.log"),
+            },
             nodes,
             pods,
             up_seconds: 0.0,
@@ -185,9 +202,8 @@ impl Status {
     }
 
     pub fn pids(&self) -> Vec<i32> {
-        self.nodes
-            .iter()
-            .map(|n| n.agent.pid)
+        std::iter::once(self.controller.pid)
+            .chain(self.nodes.iter().map(|n| n.agent.pid))
             .chain(self.pods.iter().map(|p| p.server.pid))
             .filter(|&pid| pid > 0)
             .collect()

@@ -52,7 +52,7 @@ pub fn preflight(test: &str) -> Option<()> {
     if !is_root() {
         skip(test, "needs root for eBPF and network namespaces")?;
     }
-    for binary in ["nodemesh-agent", "nodemesh-testserver", "nodemesh-ebpf.o"] {
+    for binary in nodemesh_sandbox::BINARIES {
         if !bin_dir().join(binary).is_file() {
             skip(
                 test,

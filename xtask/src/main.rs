@@ -4,6 +4,7 @@
 
 mod build;
 mod demo;
+mod manifests;
 mod sandbox_cmd;
 mod setup;
 mod test;
@@ -38,6 +39,8 @@ enum Task {
     Demo,
     /// Formatting, clippy with warnings denied, and every test.
     Test,
+    /// Regenerate manifests/nodemesh.yaml from code.
+    Manifests,
     /// The local sandbox: network namespaces as nodes and pods, one agent per node.
     Sandbox {
         #[command(subcommand)]
@@ -52,6 +55,7 @@ fn main() -> ExitCode {
         Task::Build { release } => build::run(profile(release)).map(drop),
         Task::Demo => demo::run(),
         Task::Test => test::run(),
+        Task::Manifests => manifests::write(),
         Task::Sandbox { command } => sandbox_cmd::run(command),
     };
     match result {

@@ -94,6 +94,10 @@ pub fn print_summary(status: &Status) {
         status.name,
         status.config_dir.display()
     );
+    println!(
+        "  controller     netns {:<12} pid {:<7} monitoring http://{}",
+        status.controller.netns, status.controller.pid, status.controller.monitoring
+    );
     for node in &status.nodes {
         println!(
             "  node {:<4} netns {:<12} ip {:<11} agent pid {:<7} admin http://{}",

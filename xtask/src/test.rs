@@ -8,6 +8,7 @@ pub fn run() -> anyhow::Result<()> {
     require_root("`cargo xtask test` (the namespaced tests)")?;
     setup::run()?;
     run_step(cargo().args(["fmt", "--all", "--check"]))?;
+    crate::manifests::check()?;
     run_step(
         build::nightly_cargo()
             .current_dir(root().join("ebpf/programs"))

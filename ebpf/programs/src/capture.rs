@@ -40,13 +40,13 @@ pub fn nodemesh_connect4(ctx: SockAddrContext) -> i32 {
     let addr = ctx.sock_addr;
     // SAFETY: `addr` is the context the kernel passed to this connect4 program.
     let dst_ip4 = unsafe { (*addr).user_ip4 };
-    if let Some(pod) = enrolled_tcp_connect(&ctx) {
-        if let Some(rewrite) = capture(&ctx, &pod, dst_ip4, 0) {
-            // SAFETY: connect4 may write user_ip4 and user_port with 4-byte stores.
-            unsafe {
-                (*addr).user_ip4 = rewrite.ip4;
-                (*addr).user_port = rewrite.port_be;
-            }
+    if let Some(pod) = enrolled_tcp_connect(&ctx)
+        && let Some(rewrite) = capture(&ctx, &pod, dst_ip4, 0)
+    {
+        // SAFETY: connect4 may write user_ip4 and user_port with 4-byte stores.
+        unsafe {
+            (*addr).user_ip4 = rewrite.ip4;
+            (*addr).user_port = rewrite.port_be;
         }
     }
     1
@@ -94,7 +94,7 @@ fn enrolled_tcp_connect(ctx: &SockAddrContext) -> Option<EnrolledPod> {
     // SAFETY: the helper only reads the network namespace of the context's socket.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: the value is copied out at once; the agent never updates an entry in place.
-    let pod = *unsafe { ENROLLED.get(&netns) }?;
+    let pod = *unsafe { ENROLLED.get(netns) }?;
     let addr: *mut bpf_sock_addr = ctx.sock_addr;
     // SAFETY: reading fields of the kernel-provided context; `sk` is never null in connect
     // hooks (PTR_TO_SOCKET) and `mark` is a readable bpf_sock field.
@@ -137,7 +137,7 @@ fn capture(
         port: dst_port,
         via_ipv6,
     };
-    if COOKIE_DST.insert(&cookie, &dst, 0).is_err() {
+    if COOKIE_DST.insert(cookie, dst, 0).is_err() {
         count(Stat::CookieInsertFailed);
         return None;
     }
@@ -153,7 +153,7 @@ pub fn nodemesh_sock_ops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx),
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
-            let _ = TUPLE_DST.remove(&tuple(&ctx));
+            let _ = TUPLE_DST.remove(tuple(&ctx));
         }
         _ => {}
     }
@@ -166,11 +166,11 @@ fn on_connect(ctx: &SockOpsContext) {
     // SAFETY: the helper only reads the cookie of the context's socket.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: copied out at once; entries are written once by connect4/6 and then removed.
-    let Some(dst) = (unsafe { COOKIE_DST.get(&cookie) }).copied() else {
+    let Some(dst) = (unsafe { COOKIE_DST.get(cookie) }).copied() else {
         return;
     };
-    let _ = COOKIE_DST.remove(&cookie);
-    if TUPLE_DST.insert(&tuple(ctx), &dst, 0).is_err() {
+    let _ = COOKIE_DST.remove(cookie);
+    if TUPLE_DST.insert(tuple(ctx), dst, 0).is_err() {
         count(Stat::TupleInsertFailed);
         return;
     }

@@ -2,7 +2,10 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use nodemesh_config::{ConfigErrors, MeshConfig, SourceFingerprint, load_path};
+use crate::{ConfigErrors, MeshConfig, SourceFingerprint, load_path};
+
+/// Watches a configuration file or directory by polling: cheap (a `stat` per file) and
+/// indifferent to how editors and tools replace files.
 
 #[derive(Debug)]
 pub struct LocalSource {
