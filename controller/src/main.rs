@@ -1,87 +1,101 @@
 //! nodemesh-controller: one per cluster. In local mode it watches a directory of
 //! Kubernetes-style YAML, validates every change and keeps the last good configuration in
-//! force, serving it on its monitoring endpoint (:15014, Istio's control-plane monitoring
-//! port). Certificate issuing and per-node snapshots build on this.
+//! force; it runs the mesh CA and its certificate API (:15012), and serves its state on the
+//! monitoring endpoint (:15014, Istio's control-plane monitoring port).
 #![forbid(unsafe_code)]
 
+mod ca_server;
+mod config;
+mod node_tokens;
 mod state;
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+use std::{os::unix::fs::PermissionsExt as _, process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
-use clap::Parser;
 use nodemesh_admin::{json, not_found, prometheus, readiness, text};
 use nodemesh_config::LocalSource;
-use serde::Serialize;
+use nodemesh_identity::CertificateAuthority;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
-use crate::state::ControllerState;
-
-/// nodemesh controller: validates the mesh configuration and serves it.
-#[derive(Debug, Parser)]
-#[command(name = "nodemesh-controller", version)]
-struct Args {
-    /// Local mode: a YAML file or directory of mesh objects, watched for changes.
-    #[arg(long, env = "NODEMESH_CONFIG")]
-    config: PathBuf,
-    /// Monitoring endpoint: /healthz, /readyz, /config_dump, /metrics.
-    #[arg(long, default_value = "0.0.0.0:15014")]
-    monitoring_addr: SocketAddr,
-    /// How often to look for configuration changes, in milliseconds.
-    #[arg(long, default_value_t = 250)]
-    config_poll_ms: u64,
-    /// Log as JSON lines instead of text.
-    #[arg(long)]
-    log_json: bool,
-}
-
-/// The controller's configuration, dumped by `/config_dump`.
-#[derive(Debug, Clone, Serialize)]
-pub struct Config {
-    pub config_source: PathBuf,
-    pub monitoring_addr: SocketAddr,
-    pub config_poll_ms: u64,
-}
+use crate::{
+    ca_server::CaServer,
+    config::{CaSource, Config},
+    node_tokens::NodeTokens,
+    state::ControllerState,
+};
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let config = match Config::from_args() {
+        Ok(config) => config,
+        Err(reason) => {
+            eprintln!("nodemesh-controller: {reason}");
+            return ExitCode::FAILURE;
+        }
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    if args.log_json {
+    if config.log_json {
         logs.json().init();
     } else {
         logs.init();
     }
-    let config = Config {
-        config_source: args.config,
-        monitoring_addr: args.monitoring_addr,
-        config_poll_ms: args.config_poll_ms.max(10),
-    };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    let result = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("nodemesh-controller: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(config)) {
+        .context("cannot start the async runtime")
+        .and_then(|runtime| runtime.block_on(run(config)));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            tracing::error!("{e:#}");
             eprintln!("nodemesh-controller: {e:#}");
             ExitCode::FAILURE
         }
     }
 }
 
+fn load_ca(config: &Config) -> anyhow::Result<CertificateAuthority> {
+    let (ca, key) = match &config.ca {
+        CaSource::Directory(dir) => (
+            CertificateAuthority::load_or_create(dir, &config.trust_domain)?,
+            dir.join("ca-key.pem"),
+        ),
+        CaSource::Files { cert, key, bundle } => (
+            CertificateAuthority::from_files(cert, key, bundle.as_deref())?,
+            key.clone(),
+        ),
+    };
+    if let Ok(meta) = std::fs::metadata(&key)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(
+            key = %key.display(),
+            "the CA private key is readable by other users; chmod 600 it"
+        );
+    }
+    Ok(ca)
+}
+
 async fn run(config: Config) -> anyhow::Result<()> {
+    let ca = Arc::new(load_ca(&config)?);
+    let tokens = match &config.node_tokens {
+        Some(path) => NodeTokens::load(path).map_err(anyhow::Error::msg)?,
+        None => {
+            tracing::warn!("no --node-tokens: the certificate API will refuse every agent");
+            NodeTokens::default()
+        }
+    };
+    tracing::info!(
+        trust_domain = %config.trust_domain,
+        roots = ca.bundle().roots().len(),
+        nodes = tokens.len(),
+        "mesh CA ready"
+    );
     let state = Arc::new(ControllerState::new(config.clone()));
     let stop = CancellationToken::new();
     let router_state = state.clone();
@@ -92,11 +106,20 @@ async fn run(config: Config) -> anyhow::Result<()> {
             "/healthz" => text(http::StatusCode::OK, "ok\n"),
             "/readyz" => readiness(router_state.readiness()),
             "/config_dump" => json(&router_state.config_dump()),
-            "/metrics" => prometheus(router_state.metrics()),
+            "/metrics" => prometheus(router_state.render_metrics()),
             other => not_found(other),
         }),
         stop.clone(),
     )
+    .await?;
+    CaServer {
+        ca,
+        tokens,
+        state: state.clone(),
+        workload_ttl: config.workload_cert_ttl,
+        server_names: config.ca_server_names.clone(),
+    }
+    .spawn(config.ca_addr, stop.clone())
     .await?;
     let mut source = LocalSource::new(
         config.config_source.clone(),
