@@ -5,10 +5,31 @@ use std::sync::Arc;
 
 use nodemesh_admin::{Body, Router, json, not_found, prometheus, readiness, text};
 
-use crate::state::AgentState;
+use crate::{identity::IdentityManager, state::AgentState};
 
-pub fn admin(state: Arc<AgentState>) -> Router {
-    Arc::new(move |path| route_admin(path, &state))
+pub fn admin(state: Arc<AgentState>, identities: Arc<IdentityManager>) -> Router {
+    Arc::new(move |path| match path {
+        "/certs" => json(&identities.status()),
+        "/readyz" => readiness(ready_state(&state, &identities)),
+        other => route_admin(other, &state),
+    })
+}
+
+/// Ready once a configuration is in force, every workload is enrolled and every identity
+/// has a valid certificate.
+fn ready_state(state: &AgentState, identities: &IdentityManager) -> Result<(), String> {
+    state.readiness()?;
+    let missing: Vec<String> = identities
+        .status()
+        .into_iter()
+        .filter(|c| c.state != "valid")
+        .map(|c| format!("{} ({})", c.identity, c.state))
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("no valid certificate for {}", missing.join(", ")))
+    }
 }
 
 pub fn metrics(state: Arc<AgentState>) -> Router {
@@ -18,9 +39,9 @@ pub fn metrics(state: Arc<AgentState>) -> Router {
     })
 }
 
-pub fn ready(state: Arc<AgentState>) -> Router {
+pub fn ready(state: Arc<AgentState>, identities: Arc<IdentityManager>) -> Router {
     Arc::new(move |path| match path {
-        "/healthz/ready" => readiness(state.readiness()),
+        "/healthz/ready" => readiness(ready_state(&state, &identities)),
         other => not_found(other),
     })
 }
@@ -29,10 +50,9 @@ fn route_admin(path: &str, state: &AgentState) -> http::Response<Body> {
     match path {
         "/" => text(
             http::StatusCode::OK,
-            "nodemesh agent admin: /healthz /readyz /config_dump /workloads /connections /stats\n",
+            "nodemesh agent admin: /healthz /readyz /config_dump /workloads /connections /certs /stats\n",
         ),
         "/healthz" => text(http::StatusCode::OK, "ok\n"),
-        "/readyz" => readiness(state.readiness()),
         "/config_dump" => json(&state.config_dump()),
         "/workloads" => json(&state.workloads()),
         "/connections" => json(&state.connections.recent()),

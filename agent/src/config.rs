@@ -36,6 +36,27 @@ struct Args {
     #[arg(long, default_value_t = DEFAULT_PROXY_MARK, value_parser = parse_u32)]
     proxy_mark: u32,
 
+    /// SO_MARK of the proxy's connections to applications that carry the client's address;
+    /// a routing rule in each pod sends the replies back to the proxy by this mark.
+    #[arg(long, default_value_t = DEFAULT_TRANSPARENT_MARK, value_parser = parse_u32)]
+    transparent_mark: u32,
+
+    /// The controller's certificate API, https://host:port.
+    #[arg(long, env = "NODEMESH_CONTROLLER")]
+    controller: String,
+
+    /// The roots (PEM) the controller's serving certificate chains to.
+    #[arg(long, env = "NODEMESH_CONTROLLER_CA")]
+    controller_ca: PathBuf,
+
+    /// File holding this node's bootstrap token for the certificate API.
+    #[arg(long, env = "NODEMESH_TOKEN_FILE")]
+    token_file: PathBuf,
+
+    /// The SPIFFE trust domain of the mesh.
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+
     /// Admin endpoint (config dump, workloads, connections). Keep it on the node.
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin_addr: SocketAddr,
@@ -63,6 +84,8 @@ struct Args {
 
 /// The mark nodemesh puts on its proxy sockets by default ("NM").
 pub const DEFAULT_PROXY_MARK: u32 = 0x4e4d;
+/// The mark of the proxy's transparent connections to applications by default.
+pub const DEFAULT_TRANSPARENT_MARK: u32 = 0x4e4e;
 
 fn parse_u32(value: &str) -> Result<u32, String> {
     let parsed = match value.strip_prefix("0x") {
@@ -106,6 +129,11 @@ pub struct Config {
     pub ebpf_object: PathBuf,
     pub cgroup_root: Option<PathBuf>,
     pub proxy_mark: u32,
+    pub transparent_mark: u32,
+    pub controller: String,
+    pub controller_ca: PathBuf,
+    pub token_file: PathBuf,
+    pub trust_domain: String,
     pub ports: InPodPorts,
     pub admin_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
@@ -144,6 +172,11 @@ impl Config {
             ebpf_object,
             cgroup_root: args.cgroup_root,
             proxy_mark: args.proxy_mark,
+            transparent_mark: args.transparent_mark,
+            controller: args.controller,
+            controller_ca: args.controller_ca,
+            token_file: args.token_file,
+            trust_domain: args.trust_domain,
             ports: InPodPorts::default(),
             admin_addr: args.admin_addr,
             metrics_addr: args.metrics_addr,
@@ -211,6 +244,10 @@ mod tests {
             0x539
         );
         assert!(parse(&["--proxy-mark", "0"]).is_err());
+        assert!(
+            parse(&["--proxy-mark", "0x4e4e"]).is_err(),
+            "must differ from the transparent mark"
+        );
         assert!(parse(&["--proxy-mark", "zz"]).is_err());
     }
 }

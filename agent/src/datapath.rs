@@ -66,6 +66,7 @@ pub struct Datapath {
     enrolled: HashMap<MapData, u64, EnrolledPod>,
     inbound: SockHash<MapData, u32>,
     original_dst: OriginalDstTable,
+    transparent: TransparentConnects,
     stats: DatapathStats,
     program_ids: Vec<u32>,
     cgroup: PathBuf,
@@ -96,6 +97,7 @@ impl Datapath {
         let ports = config.ports;
         let mut bpf = EbpfLoader::new()
             .override_global(names::PROXY_MARK, &config.proxy_mark, true)
+            .override_global(names::TRANSPARENT_MARK, &config.transparent_mark, true)
             .override_global(names::OUTBOUND_PORT, &ports.outbound, true)
             .override_global(names::INBOUND_PORT, &ports.inbound, true)
             .override_global(names::HBONE_PORT, &ports.hbone, true)
@@ -143,12 +145,17 @@ impl Datapath {
         let enrolled = take_map(&mut bpf, names::ENROLLED)?;
         let inbound = take_map(&mut bpf, names::INBOUND)?;
         let original_dst = OriginalDstTable(Arc::new(take_map(&mut bpf, names::TUPLE_DST)?));
+        let transparent = TransparentConnects(Arc::new(std::sync::Mutex::new(take_map(
+            &mut bpf,
+            names::TRANSPARENT,
+        )?)));
         let stats = DatapathStats(Arc::new(take_map(&mut bpf, names::STATS)?));
         Ok(Self {
             bpf,
             enrolled,
             inbound,
             original_dst,
+            transparent,
             stats,
             program_ids,
             cgroup,
@@ -157,6 +164,10 @@ impl Datapath {
 
     pub fn original_dst_table(&self) -> OriginalDstTable {
         self.original_dst.clone()
+    }
+
+    pub fn transparent_connects(&self) -> TransparentConnects {
+        self.transparent.clone()
     }
 
     pub fn stats(&self) -> DatapathStats {
@@ -316,6 +327,53 @@ impl OriginalDstTable {
             Ipv4Addr::from(dst.ip4.to_ne_bytes()),
             dst.port,
         ))
+    }
+}
+
+/// The proxy's transparent connects in flight, which sk_lookup lets through to the
+/// application instead of steering them back to the proxy.
+#[derive(Clone)]
+pub struct TransparentConnects(Arc<std::sync::Mutex<HashMap<MapData, ConnTuple, u32>>>);
+
+impl TransparentConnects {
+    /// Lets the connection from `local` (the client's address, already bound) to `dst` reach
+    /// the application until the returned guard is dropped.
+    pub fn allow(
+        &self,
+        local: SocketAddrV4,
+        dst: SocketAddrV4,
+    ) -> Result<TransparentGuard, aya::maps::MapError> {
+        let key = ConnTuple {
+            src_ip4: u32::from_ne_bytes(local.ip().octets()),
+            dst_ip4: u32::from_ne_bytes(dst.ip().octets()),
+            src_port: local.port(),
+            dst_port: dst.port(),
+        };
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, 1, 0)?;
+        Ok(TransparentGuard {
+            map: self.clone(),
+            key,
+        })
+    }
+}
+
+/// Removes its TRANSPARENT entry when dropped: once connected, or when the connect failed.
+pub struct TransparentGuard {
+    map: TransparentConnects,
+    key: ConnTuple,
+}
+
+impl Drop for TransparentGuard {
+    fn drop(&mut self) {
+        let _ = self
+            .map
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.key);
     }
 }
 

@@ -1,10 +1,18 @@
-//! The proxy's sockets inside a pod: listeners on the in-pod ports, and the upstream sockets
-//! the proxy connects from, all carrying the proxy mark so capture leaves them alone.
+//! The proxy's sockets inside a pod: listeners on the in-pod ports, the upstream sockets the
+//! proxy connects from, and the transparent sockets that reach the application with the
+//! client's address as source. All carry one of the proxy's marks, so capture leaves them
+//! alone.
 
-use std::{io, net::SocketAddr};
+mod routing;
+
+use std::{
+    io,
+    net::{IpAddr, SocketAddr},
+};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
+pub use self::routing::{RoutingError, install_routing, remove_routing};
 use crate::netns::PodNetns;
 
 /// How many connections may wait in a listener's accept queue.
@@ -37,10 +45,28 @@ pub fn tcp_socket(
     Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
 }
 
+/// Creates a socket inside the pod's namespace bound to `source`, an address that belongs to
+/// another pod (IP_TRANSPARENT), to connect to the application in this pod. The pod's routing
+/// rule for `mark` brings the application's replies back to it.
+pub fn transparent_socket(
+    netns: &PodNetns,
+    source: IpAddr,
+    mark: u32,
+) -> io::Result<tokio::net::TcpSocket> {
+    let local = SocketAddr::new(source, 0);
+    let socket = netns.run(|| {
+        let socket = new_socket(local, mark)?;
+        socket.set_ip_transparent_v4(true)?;
+        socket.bind(&local.into())?;
+        Ok(socket)
+    })?;
+    socket.set_tcp_nodelay(true)?;
+    Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
+}
+
 fn new_socket(addr: SocketAddr, mark: u32) -> io::Result<Socket> {
-    let domain = Domain::for_address(addr);
     let socket = Socket::new(
-        domain,
+        Domain::for_address(addr),
         Type::STREAM.nonblocking().cloexec(),
         Some(Protocol::TCP),
     )?;

@@ -7,7 +7,9 @@
 mod admin;
 mod config;
 mod datapath;
+mod identity;
 mod inpod;
+mod mesh;
 mod metrics;
 mod netns;
 mod proxy;
@@ -24,7 +26,8 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     config::{Config, LogFormat},
     datapath::Datapath,
-    proxy::ProxyShared,
+    identity::{CaClient, IdentityManager},
+    proxy::{HbonePool, ProxyShared},
     state::{AgentState, DatapathView},
     workloads::WorkloadRegistry,
 };
@@ -81,6 +84,16 @@ fn start(config: Arc<Config>) -> anyhow::Result<()> {
 
 async fn run(config: Arc<Config>) -> anyhow::Result<()> {
     let datapath = Datapath::load(&config)?;
+    let ca_client = CaClient::new(
+        &config.controller,
+        &config.controller_ca,
+        &config.token_file,
+    )?;
+    tracing::info!(
+        controller = ca_client.authority(),
+        "certificates come from the controller"
+    );
+    let identities = Arc::new(IdentityManager::new(ca_client));
     tracing::info!(
         node = %config.node,
         cgroup = %datapath.cgroup().display(),
@@ -97,7 +110,11 @@ async fn run(config: Arc<Config>) -> anyhow::Result<()> {
     ));
     let stop = CancellationToken::new();
     for (what, addr, router) in [
-        ("admin", config.admin_addr, admin::admin(state.clone())),
+        (
+            "admin",
+            config.admin_addr,
+            admin::admin(state.clone(), identities.clone()),
+        ),
         (
             "metrics",
             config.metrics_addr,
@@ -106,15 +123,21 @@ async fn run(config: Arc<Config>) -> anyhow::Result<()> {
         (
             "readiness",
             config.readiness_addr,
-            admin::ready(state.clone()),
+            admin::ready(state.clone(), identities.clone()),
         ),
     ] {
         nodemesh_admin::spawn(what, addr, router, stop.clone()).await?;
     }
     let shared = Arc::new(ProxyShared {
         original_dst: datapath.original_dst_table(),
+        transparent: datapath.transparent_connects(),
         mark: config.proxy_mark,
+        transparent_mark: config.transparent_mark,
+        hbone_port: config.ports.hbone,
         state: state.clone(),
+        identities,
+        mesh: Default::default(),
+        pool: HbonePool::default(),
     });
     let mut registry = WorkloadRegistry::new(config.clone(), datapath, shared);
     let mut source = LocalSource::new(config.config_source.clone(), config.config_poll_interval);
@@ -127,8 +150,9 @@ async fn run(config: Arc<Config>) -> anyhow::Result<()> {
             _ = interrupt.recv() => break,
             loaded = source.changed() => match loaded {
                 Ok(mesh) => {
-                    registry.apply(&mesh);
-                    state.config_applied(Arc::new(mesh), registry.status());
+                    let mesh = Arc::new(mesh);
+                    registry.apply(mesh.clone()).await;
+                    state.config_applied(mesh, registry.status());
                     tracing::info!(workloads = registry.status().len(), "configuration applied");
                 }
                 Err(errors) => {
@@ -138,12 +162,12 @@ async fn run(config: Arc<Config>) -> anyhow::Result<()> {
                     state.config_refused(errors.to_string());
                 }
             },
-            _ = retry.tick(), if registry.has_failures() => registry.retry_failed(),
+            _ = retry.tick(), if registry.has_failures() => registry.retry_failed().await,
         }
         state.set_workloads(registry.status());
     }
     tracing::info!("stopping: releasing workloads and detaching eBPF programs");
-    registry.release_all();
+    registry.release_all().await;
     stop.cancel();
     drop(registry);
     Ok(())

@@ -1,29 +1,44 @@
 //! The node proxy: one accept loop per in-pod listener, one task per connection.
 //!
-//! - `outbound`: connections the capture redirected to a pod's outbound listener, carried to
-//!   their original destination.
-//! - `inbound`: connections sk_lookup steered to a pod's inbound listener, carried to the
-//!   application inside the pod.
+//! - `outbound`: a connection the capture redirected to a pod's :15001 goes to an enrolled
+//!   destination through an HBONE tunnel (mTLS, both identities checked), or as plain TCP to a
+//!   destination outside the mesh (unless egress is denied).
+//! - `hbone_inbound`: :15008 terminates HBONE for the pod, learns the client's identity and
+//!   hands each tunnel to the application.
+//! - `inbound`: :15006 takes plaintext that sk_lookup steered to the pod, if the pod's
+//!   PeerAuthentication allows plaintext.
 //!
-//! Plain TCP is a byte copy with half-close carried through; nothing is parsed.
+//! Towards the application the proxy connects from the client's own address, so the
+//! application sees who is calling. Plain TCP is a byte copy with half-close carried through.
 
+mod hbone_inbound;
 mod inbound;
 mod listener;
 mod outbound;
+mod pool;
 
 use std::{
     io,
     net::SocketAddr,
-    sync::Arc,
+    sync::{Arc, RwLock},
     time::{Duration, Instant, SystemTime},
 };
 
-use tokio::net::TcpStream;
+use nodemesh_config::{EffectiveMtls, MtlsMode};
+use nodemesh_identity::SpiffeId;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+};
 
-pub use self::{inbound::serve_inbound, outbound::serve_outbound};
+pub use self::{
+    hbone_inbound::serve_hbone, inbound::serve_inbound, outbound::serve_outbound, pool::HbonePool,
+};
 use crate::{
-    datapath::OriginalDstTable,
+    datapath::{OriginalDstTable, TransparentConnects},
+    identity::{IdentityError, IdentityManager},
     inpod,
+    mesh::SharedMesh,
     netns::PodNetns,
     state::{AgentState, ConnectionRecord, WorkloadCounters, unix_millis},
 };
@@ -35,8 +50,14 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub struct ProxyShared {
     pub original_dst: OriginalDstTable,
+    pub transparent: TransparentConnects,
     pub mark: u32,
+    pub transparent_mark: u32,
+    pub hbone_port: u16,
     pub state: Arc<AgentState>,
+    pub identities: Arc<IdentityManager>,
+    pub mesh: SharedMesh,
+    pub pool: HbonePool,
 }
 
 impl std::fmt::Debug for OriginalDstTable {
@@ -45,13 +66,31 @@ impl std::fmt::Debug for OriginalDstTable {
     }
 }
 
+impl std::fmt::Debug for TransparentConnects {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TransparentConnects")
+    }
+}
+
 /// An enrolled pod as its connection tasks need it.
 #[derive(Debug)]
 pub struct PodContext {
     /// `namespace/name`.
     pub key: String,
+    pub ip: std::net::Ipv4Addr,
+    pub identity: SpiffeId,
     pub netns: PodNetns,
     pub counters: Arc<WorkloadCounters>,
+    /// Whether plaintext is accepted, and which policy says so; follows the configuration.
+    pub mtls: RwLock<EffectiveMtls>,
+    /// Cancelled when the workload is released: ends its listeners and connections.
+    pub cancel: tokio_util::sync::CancellationToken,
+}
+
+impl PodContext {
+    pub fn mtls(&self) -> EffectiveMtls {
+        self.mtls.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,6 +122,23 @@ pub enum ProxyError {
     Connect { dst: SocketAddr, source: io::Error },
     #[error("connect to {dst} timed out after {timeout:?}; maybe a firewall drops the traffic")]
     ConnectTimeout { dst: SocketAddr, timeout: Duration },
+    #[error(
+        "HBONE connection to {dst} timed out after {timeout:?}; maybe a NetworkPolicy blocks \
+         port 15008"
+    )]
+    HboneTimeout { dst: SocketAddr, timeout: Duration },
+    #[error("mTLS with {peer} failed: {source}")]
+    Tls { peer: SocketAddr, source: io::Error },
+    #[error("{0}")]
+    Identity(#[from] IdentityError),
+    #[error("HBONE: {0}")]
+    Hbone(#[from] nodemesh_hbone::HboneError),
+    #[error(
+        "egress to {dst} is denied: it is not a workload in the mesh (MeshSettings egress policy Deny)"
+    )]
+    EgressDenied { dst: SocketAddr },
+    #[error("plaintext refused: the workload's mTLS mode is STRICT ({policy})")]
+    PlaintextRefused { policy: String },
     #[error("{0}")]
     Io(#[from] io::Error),
 }
@@ -94,7 +150,14 @@ impl ProxyError {
             ProxyError::NoOriginalDst { .. } => "no_original_dst",
             ProxyError::Socket { .. } => "socket",
             ProxyError::Connect { .. } => "connect",
-            ProxyError::ConnectTimeout { .. } => "connect_timeout",
+            ProxyError::ConnectTimeout { .. } | ProxyError::HboneTimeout { .. } => {
+                "connect_timeout"
+            }
+            ProxyError::Tls { .. } => "tls",
+            ProxyError::Identity(_) => "identity",
+            ProxyError::Hbone(_) => "hbone",
+            ProxyError::EgressDenied { .. } => "egress_denied",
+            ProxyError::PlaintextRefused { .. } => "plaintext_refused",
             ProxyError::Io(_) => "io",
         }
     }
@@ -110,6 +173,41 @@ async fn connect_from_pod(
         netns: pod.netns.path().display().to_string(),
         source,
     })?;
+    connect_with_timeout(socket, dst).await
+}
+
+/// Connects to the application in the pod at `dst` from `client`'s address.
+async fn connect_to_app(
+    pod: &PodContext,
+    shared: &ProxyShared,
+    client: SocketAddr,
+    dst: SocketAddr,
+) -> Result<TcpStream, ProxyError> {
+    let socket_error = |source| ProxyError::Socket {
+        netns: pod.netns.path().display().to_string(),
+        source,
+    };
+    let socket = inpod::transparent_socket(&pod.netns, client.ip(), shared.transparent_mark)
+        .map_err(socket_error)?;
+    let (SocketAddr::V4(local), SocketAddr::V4(dst4)) =
+        (socket.local_addr().map_err(socket_error)?, dst)
+    else {
+        return Err(socket_error(io::Error::other(
+            "only IPv4 applications are supported",
+        )));
+    };
+    // Until connected, sk_lookup must let this SYN through to the application.
+    let _pass = shared
+        .transparent
+        .allow(local, dst4)
+        .map_err(|e| socket_error(io::Error::other(format!("TRANSPARENT map: {e}"))))?;
+    connect_with_timeout(socket, dst).await
+}
+
+async fn connect_with_timeout(
+    socket: tokio::net::TcpSocket,
+    dst: SocketAddr,
+) -> Result<TcpStream, ProxyError> {
     match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst)).await {
         Ok(Ok(stream)) => Ok(stream),
         Ok(Err(source)) => Err(ProxyError::Connect { dst, source }),
@@ -120,17 +218,27 @@ async fn connect_from_pod(
     }
 }
 
+/// Copies both ways until both sides are done; a FIN from one side is passed on as a
+/// half-close to the other. Returns (bytes from the client, bytes to the client).
+async fn splice<A, B>(client: &mut A, upstream: &mut B) -> Result<(u64, u64), ProxyError>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    Ok(tokio::io::copy_bidirectional(client, upstream).await?)
+}
+
 /// Bookkeeping of one proxied connection: metrics while it runs, a record when it ends.
-struct ConnectionTracker<'a> {
-    shared: &'a ProxyShared,
+struct ConnectionTracker {
+    shared: Arc<ProxyShared>,
     direction: Direction,
     record: ConnectionRecord,
     started: Instant,
 }
 
-impl<'a> ConnectionTracker<'a> {
+impl ConnectionTracker {
     fn start(
-        shared: &'a ProxyShared,
+        shared: &Arc<ProxyShared>,
         pod: &PodContext,
         direction: Direction,
         client: SocketAddr,
@@ -145,8 +253,13 @@ impl<'a> ConnectionTracker<'a> {
             .connections_active
             .with_label_values(&[direction.as_str()])
             .inc();
+        let local = Some(pod.identity.to_string());
+        let (source_identity, destination_identity) = match direction {
+            Direction::Outbound => (local, None),
+            Direction::Inbound => (None, local),
+        };
         Self {
-            shared,
+            shared: shared.clone(),
             direction,
             record: ConnectionRecord {
                 id: shared.state.connections.next_id(),
@@ -154,7 +267,12 @@ impl<'a> ConnectionTracker<'a> {
                 workload: pod.key.clone(),
                 client,
                 original_dst,
+                destination_workload: (direction == Direction::Inbound).then(|| pod.key.clone()),
                 upstream_local: None,
+                hbone: None,
+                security: "plaintext",
+                source_identity,
+                destination_identity,
                 bytes_from_client: 0,
                 bytes_to_client: 0,
                 started_unix_ms: unix_millis(SystemTime::now()),
@@ -195,7 +313,7 @@ impl<'a> ConnectionTracker<'a> {
     }
 }
 
-impl Drop for ConnectionTracker<'_> {
+impl Drop for ConnectionTracker {
     fn drop(&mut self) {
         self.shared
             .state
@@ -206,22 +324,10 @@ impl Drop for ConnectionTracker<'_> {
     }
 }
 
-/// Carries one accepted connection to `dst`, connecting from inside the pod, then copies both
-/// ways until both sides are done. A FIN from one side is passed on as a half-close.
-async fn carry(
-    mut client: TcpStream,
-    peer: SocketAddr,
-    dst: SocketAddr,
-    direction: Direction,
-    pod: &PodContext,
-    shared: &ProxyShared,
-) {
-    let mut tracker = ConnectionTracker::start(shared, pod, direction, peer, dst);
-    let result = async {
-        let mut upstream = connect_from_pod(pod, shared.mark, dst).await?;
-        tracker.record.upstream_local = upstream.local_addr().ok();
-        Ok(tokio::io::copy_bidirectional(&mut client, &mut upstream).await?)
+/// The mode a freshly enrolled pod starts with until the configuration says otherwise.
+pub fn default_mtls() -> EffectiveMtls {
+    EffectiveMtls {
+        mode: MtlsMode::Permissive,
+        policy: None,
     }
-    .await;
-    tracker.finish(result);
 }

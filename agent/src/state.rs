@@ -67,6 +67,9 @@ pub struct WorkloadStatus {
     pub error: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub netns_cookie: Option<u64>,
+    /// STRICT or PERMISSIVE: whether the workload accepts plaintext.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mtls_mode: Option<String>,
     pub outbound_connections: u64,
     pub inbound_connections: u64,
     /// Live counters of an enrolled workload, read when the status is shown.
@@ -203,9 +206,22 @@ pub struct ConnectionRecord {
     pub client: SocketAddr,
     /// Where the client was connecting to.
     pub original_dst: SocketAddr,
-    /// The address the proxy connected from (inside the workload's namespace).
+    /// `namespace/name` of the workload at `original_dst`, when the mesh knows it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destination_workload: Option<String>,
+    /// The address the proxy connected from, for a connection it made itself (plain TCP out,
+    /// or to the application in).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upstream_local: Option<SocketAddr>,
+    /// The destination pod's HBONE address, for a connection carried in a tunnel.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hbone: Option<SocketAddr>,
+    /// `mtls` when the connection crossed between proxies in an HBONE tunnel.
+    pub security: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_identity: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destination_identity: Option<String>,
     pub bytes_from_client: u64,
     pub bytes_to_client: u64,
     pub started_unix_ms: u64,

@@ -1,21 +1,24 @@
-//! The workloads this agent serves: enrolling them (listeners in their namespace, capture
-//! switched on) and releasing them when the configuration no longer assigns them here.
+//! The workloads this agent serves: enrolling them (listeners and routing in their namespace,
+//! a certificate for their identity, capture switched on) and releasing them when the
+//! configuration no longer assigns them here.
 
 use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr},
-    sync::Arc,
+    sync::{Arc, RwLock},
 };
 
-use nodemesh_config::{DEFAULT_TRUST_DOMAIN, MeshConfig, Workload};
+use nodemesh_config::{MeshConfig, Workload};
+use nodemesh_identity::SpiffeId;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::Config,
     datapath::{CaptureHandle, Datapath, DatapathError},
-    inpod,
+    inpod::{self, RoutingError},
+    mesh::MeshView,
     netns::{NetnsError, PodNetns},
-    proxy::{PodContext, ProxyShared, serve_inbound, serve_outbound},
+    proxy::{PodContext, ProxyShared, default_mtls, serve_hbone, serve_inbound, serve_outbound},
     state::WorkloadStatus,
 };
 
@@ -34,6 +37,10 @@ enum EnrollError {
         source: std::io::Error,
     },
     #[error(transparent)]
+    Routing(#[from] RoutingError),
+    #[error("{0}")]
+    Identity(String),
+    #[error(transparent)]
     Datapath(#[from] DatapathError),
 }
 
@@ -43,8 +50,6 @@ struct Enrolled {
     workload: Workload,
     pod: Arc<PodContext>,
     capture: CaptureHandle,
-    /// Ends the listeners and every connection of this workload.
-    token: CancellationToken,
 }
 
 #[derive(Debug)]
@@ -54,6 +59,7 @@ pub struct WorkloadRegistry {
     shared: Arc<ProxyShared>,
     enrolled: BTreeMap<String, Enrolled>,
     failed: BTreeMap<String, (Workload, String)>,
+    mesh: Option<Arc<MeshConfig>>,
 }
 
 impl WorkloadRegistry {
@@ -64,13 +70,18 @@ impl WorkloadRegistry {
             shared,
             enrolled: BTreeMap::new(),
             failed: BTreeMap::new(),
+            mesh: None,
         }
     }
 
-    /// Makes the enrolled set match what `mesh` assigns to this node: releases workloads that
-    /// left or changed, enrolls new ones. A workload that cannot be enrolled is reported and
-    /// retried by [`retry_failed`](Self::retry_failed); the others are unaffected.
-    pub fn apply(&mut self, mesh: &MeshConfig) {
+    /// Makes the node match `mesh`: the proxy's view of the mesh, then the enrolled set
+    /// (release what left or changed, enroll what is new), then each pod's mTLS mode. A
+    /// workload that cannot be enrolled is reported and retried by
+    /// [`retry_failed`](Self::retry_failed); the others are unaffected.
+    pub async fn apply(&mut self, mesh: Arc<MeshConfig>) {
+        self.shared
+            .mesh
+            .store(MeshView::new(&mesh, &self.config.trust_domain));
         let config = self.config.clone();
         let desired: BTreeMap<String, &Workload> = mesh
             .enrolled_on(&config.node)
@@ -83,20 +94,29 @@ impl WorkloadRegistry {
             .map(|(key, _)| key.clone())
             .collect();
         for key in stale {
-            self.release(&key);
+            self.release(&key).await;
         }
         self.failed.clear();
         for (key, workload) in desired {
             if !self.enrolled.contains_key(&key) {
-                self.enroll(key, workload.clone());
+                self.enroll(key, workload.clone()).await;
             }
         }
+        for enrolled in self.enrolled.values() {
+            let mtls = mesh.mtls_mode(&enrolled.workload);
+            *enrolled.pod.mtls.write().unwrap_or_else(|e| e.into_inner()) = mtls;
+        }
+        self.mesh = Some(mesh);
     }
 
     /// Tries again to enroll the workloads that failed (their namespace may exist now).
-    pub fn retry_failed(&mut self) {
+    pub async fn retry_failed(&mut self) {
         for (key, (workload, _)) in std::mem::take(&mut self.failed) {
-            self.enroll(key, workload);
+            self.enroll(key.clone(), workload.clone()).await;
+            if let (Some(mesh), Some(enrolled)) = (&self.mesh, self.enrolled.get(&key)) {
+                *enrolled.pod.mtls.write().unwrap_or_else(|e| e.into_inner()) =
+                    mesh.mtls_mode(&workload);
+            }
         }
     }
 
@@ -105,19 +125,20 @@ impl WorkloadRegistry {
     }
 
     /// Releases every workload; the agent is stopping.
-    pub fn release_all(&mut self) {
+    pub async fn release_all(&mut self) {
         let keys: Vec<String> = self.enrolled.keys().cloned().collect();
         for key in keys {
-            self.release(&key);
+            self.release(&key).await;
         }
     }
 
-    fn enroll(&mut self, key: String, workload: Workload) {
-        match self.try_enroll(&workload) {
+    async fn enroll(&mut self, key: String, workload: Workload) {
+        match self.try_enroll(&workload).await {
             Ok(enrolled) => {
                 tracing::info!(
                     workload = %key,
                     ip = %workload.spec.ip,
+                    identity = %enrolled.pod.identity,
                     netns = %workload.spec.netns.display(),
                     cookie = enrolled.pod.netns.cookie(),
                     "workload enrolled"
@@ -131,7 +152,13 @@ impl WorkloadRegistry {
         }
     }
 
-    fn try_enroll(&mut self, workload: &Workload) -> Result<Enrolled, EnrollError> {
+    async fn try_enroll(&mut self, workload: &Workload) -> Result<Enrolled, EnrollError> {
+        let identity = SpiffeId::new(
+            &self.config.trust_domain,
+            workload.namespace(),
+            &workload.spec.service_account,
+        )
+        .map_err(|e| EnrollError::Identity(e.to_string()))?;
         let netns = PodNetns::open(&workload.spec.netns)?;
         let ip = workload.spec.ip;
         let ports = self.config.ports;
@@ -147,74 +174,91 @@ impl WorkloadRegistry {
         };
         let outbound = listen(ports.outbound)?;
         let inbound = listen(ports.inbound)?;
+        let hbone = listen(ports.hbone)?;
+        inpod::install_routing(&netns, self.config.transparent_mark).await?;
         // Listeners first, capture last: no connection is redirected before the proxy is there.
         let capture = self.datapath.enroll(&netns, ip, &inbound)?;
+        self.shared.identities.acquire(identity.clone());
+        let cancel = CancellationToken::new();
         let pod = Arc::new(PodContext {
             key: workload.key(),
-
+            ip,
+            identity,
             netns,
             counters: Default::default(),
+            mtls: RwLock::new(default_mtls()),
+            cancel: cancel.clone(),
         });
-        let token = CancellationToken::new();
+        let shared = &self.shared;
         tokio::spawn(serve_outbound(
             outbound,
             pod.clone(),
-            self.shared.clone(),
-            token.clone(),
+            shared.clone(),
+            cancel.clone(),
         ));
         tokio::spawn(serve_inbound(
             inbound,
             pod.clone(),
-            self.shared.clone(),
-            token.clone(),
+            shared.clone(),
+            cancel.clone(),
         ));
+        tokio::spawn(serve_hbone(hbone, pod.clone(), shared.clone(), cancel));
         Ok(Enrolled {
             workload: workload.clone(),
             pod,
             capture,
-            token,
         })
     }
 
-    fn release(&mut self, key: &str) {
+    async fn release(&mut self, key: &str) {
         let Some(mut enrolled) = self.enrolled.remove(key) else {
             return;
         };
         // Capture off first, so no new connection reaches listeners about to close.
         self.datapath.release(&mut enrolled.capture);
-        enrolled.token.cancel();
+        enrolled.pod.cancel.cancel();
+        self.shared.identities.release(&enrolled.pod.identity);
+        self.shared.pool.forget_source(key);
+        inpod::remove_routing(&enrolled.pod.netns, self.config.transparent_mark).await;
         tracing::info!(workload = %key, "workload released");
     }
 
     /// Every workload assigned to this node, enrolled or failed, for `/workloads`.
     pub fn status(&self) -> Vec<WorkloadStatus> {
         let enrolled = self.enrolled.values().map(|e| {
-            let mut status = describe(&e.workload, "enrolled", None);
+            let mut status = describe(&self.config, &e.workload, "enrolled", None);
             status.netns_cookie = Some(e.pod.netns.cookie());
             status.counters = Some(e.pod.counters.clone());
+            status.mtls_mode = Some(format!("{:?}", e.pod.mtls().mode).to_uppercase());
             status
         });
         let failed = self
             .failed
             .values()
-            .map(|(w, error)| describe(w, "failed", Some(error.clone())));
+            .map(|(w, error)| describe(&self.config, w, "failed", Some(error.clone())));
         let mut all: Vec<WorkloadStatus> = enrolled.chain(failed).collect();
         all.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         all
     }
 }
 
-fn describe(w: &Workload, state: &'static str, error: Option<String>) -> WorkloadStatus {
+fn describe(
+    config: &Config,
+    w: &Workload,
+    state: &'static str,
+    error: Option<String>,
+) -> WorkloadStatus {
     WorkloadStatus {
         name: w.name().to_owned(),
         namespace: w.namespace().to_owned(),
         ip: w.spec.ip,
         netns: w.spec.netns.display().to_string(),
         service_account: w.spec.service_account.clone(),
-        identity: w.identity(DEFAULT_TRUST_DOMAIN),
+        identity: w.identity(&config.trust_domain),
         state,
         error,
         netns_cookie: None,
+        mtls_mode: None,
         outbound_connections: 0,
         inbound_connections: 0,
         counters: None,

@@ -9,17 +9,23 @@
 mod error;
 mod load;
 mod mesh;
+mod mesh_settings;
 mod meta;
 mod namespace;
+mod peer_authentication;
 #[cfg(feature = "watch")]
 mod watch;
 mod workload;
 
 pub use error::{ConfigError, ConfigErrors};
 pub use load::{SourceFingerprint, load_dir, load_path};
-pub use mesh::MeshConfig;
+pub use mesh::{EffectiveMtls, MeshConfig};
+pub use mesh_settings::{Egress, EgressPolicy, MeshSettings, MeshSettingsSpec};
 pub use meta::ObjectMeta;
 pub use namespace::Namespace;
+pub use peer_authentication::{
+    Mtls, MtlsMode, PeerAuthentication, PeerAuthenticationSpec, WorkloadSelector,
+};
 #[cfg(feature = "watch")]
 pub use watch::LocalSource;
 pub use workload::{Workload, WorkloadSpec};
@@ -30,6 +36,12 @@ pub const ENROLLED_LABEL: &str = "nodemesh.dev/enabled";
 
 /// The API group and version of nodemesh's own kinds.
 pub const API_VERSION: &str = "nodemesh.dev/v1alpha1";
+
+/// The API group and version of the security kinds, named as Istio's.
+pub const SECURITY_API_VERSION: &str = "security.nodemesh.dev/v1";
+
+/// The namespace whose policies apply to the whole mesh.
+pub const ROOT_NAMESPACE: &str = "nodemesh-system";
 
 /// The SPIFFE trust domain used when none is configured.
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";

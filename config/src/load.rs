@@ -11,7 +11,8 @@ use serde::de::DeserializeOwned;
 use serde_yaml::Value;
 
 use crate::{
-    API_VERSION, ConfigError, ConfigErrors, MeshConfig, Namespace, Workload, meta::check_dns_label,
+    API_VERSION, ConfigError, ConfigErrors, MeshConfig, MeshSettings, Namespace,
+    PeerAuthentication, ROOT_NAMESPACE, SECURITY_API_VERSION, Workload, meta::check_dns_label,
 };
 
 /// Loads a configuration from a directory of YAML files (or from one file).
@@ -84,7 +85,17 @@ fn is_config_file(path: &Path) -> bool {
 enum Object {
     Namespace(Namespace),
     Workload(Workload),
+    PeerAuthentication(PeerAuthentication),
+    MeshSettings(MeshSettings),
 }
+
+/// The kinds nodemesh reads and the apiVersion of each.
+const KINDS: [(&str, &str); 4] = [
+    ("Namespace", "v1"),
+    ("Workload", API_VERSION),
+    ("PeerAuthentication", SECURITY_API_VERSION),
+    ("MeshSettings", API_VERSION),
+];
 
 /// An object and the file it came from.
 #[derive(Debug, Clone)]
@@ -156,18 +167,18 @@ fn parse_object(file: &Path, value: Value) -> Result<Object, ConfigError> {
         .get("apiVersion")
         .and_then(Value::as_str)
         .unwrap_or("");
-    let expected = match kind.as_str() {
-        "Namespace" => "v1",
-        "Workload" => API_VERSION,
-        other => {
-            return Err(error(
-                Some(object),
-                "kind",
-                format!("{other:?} is not a kind nodemesh reads; use Namespace or Workload"),
-            ));
-        }
+    let Some((_, expected)) = KINDS.iter().find(|(k, _)| *k == kind) else {
+        let known: Vec<&str> = KINDS.iter().map(|(k, _)| *k).collect();
+        return Err(error(
+            Some(object),
+            "kind",
+            format!(
+                "{kind:?} is not a kind nodemesh reads; use one of {}",
+                known.join(", ")
+            ),
+        ));
     };
-    if api_version != expected {
+    if api_version != *expected {
         return Err(error(
             Some(object),
             "apiVersion",
@@ -176,7 +187,9 @@ fn parse_object(file: &Path, value: Value) -> Result<Object, ConfigError> {
     }
     let parsed = match kind.as_str() {
         "Namespace" => Object::Namespace(typed(file, &object, value)?),
-        _ => Object::Workload(typed(file, &object, value)?),
+        "Workload" => Object::Workload(typed(file, &object, value)?),
+        "PeerAuthentication" => Object::PeerAuthentication(typed(file, &object, value)?),
+        _ => Object::MeshSettings(typed(file, &object, value)?),
     };
     check_object(&parsed).map_err(|(field, message)| error(Some(object), field, message))?;
     Ok(parsed)
@@ -231,6 +244,33 @@ fn check_object(object: &Object) -> Result<(), (&'static str, String)> {
                 return Err(("spec.ip", format!("{ip} cannot be a workload address")));
             }
         }
+        Object::PeerAuthentication(p) => {
+            check_dns_label(&p.metadata.name).map_err(|e| ("metadata.name", e))?;
+            check_dns_label(p.metadata.namespace()).map_err(|e| ("metadata.namespace", e))?;
+            if p.metadata.namespace() == ROOT_NAMESPACE && p.spec.selector.is_some() {
+                return Err((
+                    "spec.selector",
+                    format!(
+                        "a PeerAuthentication in the root namespace {ROOT_NAMESPACE} applies \
+                         to the whole mesh and takes no selector; put it in the workloads' \
+                         namespace"
+                    ),
+                ));
+            }
+        }
+        Object::MeshSettings(m) => {
+            if m.metadata.name != "default" || m.metadata.namespace() != ROOT_NAMESPACE {
+                return Err((
+                    "metadata",
+                    format!(
+                        "MeshSettings must be named default in namespace {ROOT_NAMESPACE}, not \
+                         {}/{}",
+                        m.metadata.namespace(),
+                        m.metadata.name
+                    ),
+                ));
+            }
+        }
     }
     Ok(())
 }
@@ -254,6 +294,24 @@ fn build(objects: Vec<Located>) -> Result<MeshConfig, ConfigErrors> {
                 config.namespaces.insert(ns.name().to_owned(), ns);
             }
             Object::Workload(w) => workloads.push((file, w)),
+            Object::PeerAuthentication(p) => {
+                let key = format!("PeerAuthentication {}", p.key());
+                if let Some(first) = origin.get(&key) {
+                    errors.push(duplicate(&file, &key, first));
+                    continue;
+                }
+                origin.insert(key, file);
+                config.peer_authentications.insert(p.key(), p);
+            }
+            Object::MeshSettings(m) => {
+                let key = "MeshSettings nodemesh-system/default".to_owned();
+                if let Some(first) = origin.get(&key) {
+                    errors.push(duplicate(&file, &key, first));
+                    continue;
+                }
+                origin.insert(key, file);
+                config.settings = m.spec;
+            }
         }
     }
     for (file, w) in workloads {

@@ -2,7 +2,10 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::{ENROLLED_LABEL, Namespace, Workload};
+use crate::{
+    ENROLLED_LABEL, EgressPolicy, MeshSettingsSpec, MtlsMode, Namespace, PeerAuthentication,
+    ROOT_NAMESPACE, Workload,
+};
 
 /// A whole, validated configuration: what one load of a directory (or one snapshot of the
 /// Kubernetes API) says the mesh is.
@@ -12,6 +15,18 @@ pub struct MeshConfig {
     pub namespaces: BTreeMap<String, Namespace>,
     /// Workloads by `namespace/name`.
     pub workloads: BTreeMap<String, Workload>,
+    /// PeerAuthentications by `namespace/name`.
+    pub peer_authentications: BTreeMap<String, PeerAuthentication>,
+    /// The mesh-wide settings (defaults when no MeshSettings object exists).
+    pub settings: MeshSettingsSpec,
+}
+
+/// The mTLS mode in force for a workload and the policy that decided it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EffectiveMtls {
+    pub mode: MtlsMode,
+    /// `namespace/name` of the deciding PeerAuthentication; `None` for the default.
+    pub policy: Option<String>,
 }
 
 impl MeshConfig {
@@ -23,6 +38,40 @@ impl MeshConfig {
             .get(workload.namespace())
             .is_some_and(Namespace::enrolls_workloads);
         namespace_in && workload.metadata.label(ENROLLED_LABEL) != Some("false")
+    }
+
+    /// The mTLS mode of a workload: a PeerAuthentication selecting it, else its namespace's,
+    /// else the mesh-wide one, else PERMISSIVE. Among several at one scope the first by name
+    /// wins. UNSET defers to the wider scope.
+    pub fn mtls_mode(&self, workload: &Workload) -> EffectiveMtls {
+        let namespace = workload.namespace();
+        let scoped = |ns: &str, with_selector: bool| {
+            self.peer_authentications
+                .values()
+                .filter(|p| p.metadata.namespace() == ns && p.mode() != MtlsMode::Unset)
+                .find(|p| match (&p.spec.selector, with_selector) {
+                    (Some(selector), true) => selector.matches(&workload.metadata.labels),
+                    (None, false) => true,
+                    _ => false,
+                })
+        };
+        scoped(namespace, true)
+            .or_else(|| scoped(namespace, false))
+            .or_else(|| scoped(ROOT_NAMESPACE, false))
+            .map_or(
+                EffectiveMtls {
+                    mode: MtlsMode::Permissive,
+                    policy: None,
+                },
+                |p| EffectiveMtls {
+                    mode: p.mode(),
+                    policy: Some(p.key()),
+                },
+            )
+    }
+
+    pub fn egress(&self) -> EgressPolicy {
+        self.settings.egress.policy
     }
 
     /// The enrolled workloads that the agent of `node` serves.

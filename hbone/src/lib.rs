@@ -11,7 +11,7 @@ mod client;
 mod server;
 
 pub use client::{HboneSender, handshake, open_tunnel};
-pub use server::{ConnectRequest, serve};
+pub use server::{ConnectRequest, serve, status};
 
 /// The port HBONE listens on inside every pod.
 pub const HBONE_PORT: u16 = 15008;

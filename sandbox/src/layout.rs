@@ -17,6 +17,7 @@ use crate::{STATE_ROOT, Spec, Status};
 
 pub const ADMIN_PORT: u16 = 15000;
 pub const CONTROLLER_MONITORING_PORT: u16 = 15014;
+pub const CONTROLLER_CA_PORT: u16 = 15012;
 pub const METRICS_PORT: u16 = 15020;
 pub const READINESS_PORT: u16 = 15021;
 pub const HTTP_PORT: u16 = 8080;
@@ -32,6 +33,7 @@ pub struct Layout {
     pub nodes: usize,
     pub pods: usize,
     pub bin_dir: PathBuf,
+    pub workload_cert_ttl: std::time::Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -65,6 +67,7 @@ impl Layout {
             nodes: spec.nodes,
             pods: spec.pods,
             bin_dir: spec.bin_dir.clone(),
+            workload_cert_ttl: spec.workload_cert_ttl,
         }
     }
 
@@ -74,6 +77,9 @@ impl Layout {
             nodes: status.nodes.len(),
             pods: status.pods.iter().filter(|p| p.enrolled).count() / status.nodes.len().max(1),
             bin_dir: status.bin_dir.clone(),
+            workload_cert_ttl: std::time::Duration::from_secs(
+                status.controller.workload_cert_ttl_seconds,
+            ),
         }
     }
 
@@ -87,6 +93,23 @@ impl Layout {
 
     pub fn logs_dir(&self) -> PathBuf {
         self.state_dir().join("logs")
+    }
+
+    /// The controller's CA: `ca-cert.pem` is the root agents trust.
+    pub fn ca_dir(&self) -> PathBuf {
+        self.state_dir().join("controller/ca")
+    }
+
+    pub fn node_tokens_file(&self) -> PathBuf {
+        self.state_dir().join("controller/node-tokens.yaml")
+    }
+
+    pub fn token_file(&self, node: &NodePlan) -> PathBuf {
+        self.state_dir().join(format!("tokens/{}.token", node.name))
+    }
+
+    pub fn ca_api_addr(&self) -> SocketAddr {
+        SocketAddr::from((self.fabric_ip(), CONTROLLER_CA_PORT))
     }
 
     pub fn fabric_netns(&self) -> String {

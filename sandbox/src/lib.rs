@@ -54,6 +54,8 @@ pub struct Spec {
     pub pods: usize,
     /// Directory holding nodemesh-agent, nodemesh-testserver and nodemesh-ebpf.o.
     pub bin_dir: PathBuf,
+    /// Lifetime of workload certificates; short values exercise rotation.
+    pub workload_cert_ttl: Duration,
 }
 
 impl Spec {
@@ -63,6 +65,7 @@ impl Spec {
             nodes: 2,
             pods: 2,
             bin_dir: bin_dir.into(),
+            workload_cert_ttl: Duration::from_secs(24 * 3600),
         }
     }
 
@@ -81,6 +84,9 @@ impl Spec {
         }
         if !(1..=200).contains(&self.nodes) {
             bail!("--nodes must be between 1 and 200, not {}", self.nodes);
+        }
+        if self.workload_cert_ttl < Duration::from_secs(10) {
+            bail!("the workload certificate lifetime must be at least 10 s");
         }
         if !(1..=150).contains(&self.pods) {
             bail!("--pods must be between 1 and 150, not {}", self.pods);
@@ -194,6 +200,21 @@ impl Sandbox {
         Ok(())
     }
 
+    /// Stops the controller (SIGTERM); agents keep their certificates until they expire.
+    pub fn stop_controller(&mut self) -> anyhow::Result<()> {
+        process::terminate(&[self.status.controller.pid], Duration::from_secs(10));
+        Ok(())
+    }
+
+    /// Starts the controller again with the same CA and waits until it is ready.
+    pub fn start_controller(&mut self) -> anyhow::Result<()> {
+        let layout = Layout::from_status(&self.status);
+        self.status.controller.pid = process::start_controller(&layout)?;
+        process::wait_controller_ready(&self.status.controller, Duration::from_secs(30))?;
+        self.status.save()?;
+        Ok(())
+    }
+
     /// Removes everything; the same as [`down`].
     pub fn down(self) -> anyhow::Result<()> {
         down(&self.status.name)
@@ -206,6 +227,7 @@ fn bring_up(layout: &Layout) -> anyhow::Result<Status> {
         .with_context(|| format!("cannot create {}", layout.logs_dir().display()))?;
     topology::create(layout)?;
     mesh_config::write(layout)?;
+    process::provision_tokens(layout)?;
     let mut status = Status::planned(layout);
     status.save()?;
     for pod in &mut status.pods {

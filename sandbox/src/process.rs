@@ -63,12 +63,53 @@ pub fn start_test_server(layout: &Layout, pod: &PodStatus) -> anyhow::Result<i32
     )
 }
 
+/// Writes a random bootstrap token per node: one file per agent, and the map the controller
+/// checks them against. Readable by root only.
+pub fn provision_tokens(layout: &Layout) -> anyhow::Result<()> {
+    let mut map = String::new();
+    for node in layout.all_nodes() {
+        let mut bytes = [0u8; 24];
+        File::open("/dev/urandom")
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+            .context("cannot read /dev/urandom")?;
+        let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        write_private(&layout.token_file(&node), &token)?;
+        map.push_str(&format!("{}: {token}\n", node.name));
+    }
+    write_private(&layout.node_tokens_file(), &map)
+}
+
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
 pub fn start_controller(layout: &Layout) -> anyhow::Result<i32> {
     let args = [
         "--config".to_owned(),
         layout.config_dir().display().to_string(),
         "--monitoring-addr".to_owned(),
         layout.controller_addr().to_string(),
+        "--ca-dir".to_owned(),
+        layout.ca_dir().display().to_string(),
+        "--ca-addr".to_owned(),
+        layout.ca_api_addr().to_string(),
+        "--ca-server-names".to_owned(),
+        layout.fabric_ip().to_string(),
+        "--node-tokens".to_owned(),
+        layout.node_tokens_file().display().to_string(),
+        "--workload-cert-ttl".to_owned(),
+        format!("{}s", layout.workload_cert_ttl.as_secs()),
     ];
     spawn_in_netns(
         &layout.fabric_netns(),
@@ -112,6 +153,12 @@ pub fn start_agent(layout: &Layout, index: usize) -> anyhow::Result<i32> {
         layout.metrics_addr(&node).to_string(),
         "--readiness-addr".to_owned(),
         layout.readiness_addr(&node).to_string(),
+        "--controller".to_owned(),
+        format!("https://{}", layout.ca_api_addr()),
+        "--controller-ca".to_owned(),
+        layout.ca_dir().join("ca-cert.pem").display().to_string(),
+        "--token-file".to_owned(),
+        layout.token_file(&node).display().to_string(),
     ];
     spawn_in_netns(
         &node.netns,

@@ -44,6 +44,12 @@ pub struct ControllerStatus {
     pub netns: String,
     /// /healthz, /readyz, /config_dump, /metrics; reachable from inside `netns`.
     pub monitoring: SocketAddr,
+    /// The certificate API (HTTPS), reachable from every node.
+    pub ca_api: SocketAddr,
+    /// The mesh's root certificate.
+    pub ca_cert: PathBuf,
+    pub ca_dir: PathBuf,
+    pub workload_cert_ttl_seconds: u64,
     pub log: PathBuf,
 }
 
@@ -152,6 +158,10 @@ impl Status {
                 pid: 0,
                 netns: layout.fabric_netns(),
                 monitoring: layout.controller_addr(),
+                ca_api: layout.ca_api_addr(),
+                ca_cert: layout.ca_dir().join("ca-cert.pem"),
+                ca_dir: layout.ca_dir(),
+                workload_cert_ttl_seconds: layout.workload_cert_ttl.as_secs(),
                 log: layout.logs_dir().join("controller.log"),
             },
             nodes,
@@ -187,7 +197,10 @@ impl Status {
 
     pub(crate) fn is_shape(&self, spec: &Spec) -> bool {
         let layout = Layout::from_status(self);
-        layout.nodes == spec.nodes && layout.pods == spec.pods && self.bin_dir == spec.bin_dir
+        layout.nodes == spec.nodes
+            && layout.pods == spec.pods
+            && self.bin_dir == spec.bin_dir
+            && layout.workload_cert_ttl == spec.workload_cert_ttl
     }
 
     /// Every process alive and every namespace present.

@@ -31,6 +31,13 @@ fn agent_error(args: &[&str], wrapper: &[&str]) -> String {
             "--readiness-addr",
             "127.0.0.1:0",
         ])
+        .args(["--controller", "https://127.0.0.1:1"])
+        .args([
+            "--controller-ca",
+            "/nonexistent",
+            "--token-file",
+            "/nonexistent",
+        ])
         .args(args)
         .output()
         .expect("run the agent");
@@ -81,6 +88,12 @@ fn the_agent_says_why_it_cannot_start() {
         ],
     );
     assert!(not_root.contains("must run as root"), "{not_root}");
+
+    let no_trust = agent_error(&["--ebpf-object", object.to_str().expect("utf-8")], &[]);
+    assert!(
+        no_trust.contains("cannot read --controller-ca /nonexistent"),
+        "{no_trust}"
+    );
 }
 
 #[test]

@@ -1,15 +1,18 @@
-//! Inbound: a connection sk_lookup steered to the pod's inbound listener is carried to the
-//! application inside the pod. The accepted socket's local address is where the client was
-//! connecting to, so no lookup is needed.
+//! Inbound plaintext: a connection sk_lookup steered to the pod's :15006, from a client
+//! outside the mesh. Accepted unless the pod's mTLS mode is STRICT; the accepted socket's
+//! local address is where the client was connecting to.
 
 use std::{net::SocketAddr, sync::Arc, sync::atomic::Ordering};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use super::{Direction, PodContext, ProxyShared, carry, listener::accept_loop};
+use super::{
+    ConnectionTracker, Direction, PodContext, ProxyError, ProxyShared, connect_to_app,
+    listener::accept_loop, splice,
+};
 
-/// Serves one pod's inbound listener until `token` is cancelled.
+/// Serves one pod's inbound plaintext listener until `token` is cancelled.
 pub async fn serve_inbound(
     listener: TcpListener,
     pod: Arc<PodContext>,
@@ -24,10 +27,33 @@ pub async fn serve_inbound(
     .await;
 }
 
-async fn proxy(client: TcpStream, peer: SocketAddr, pod: &PodContext, shared: &ProxyShared) {
+async fn proxy(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    pod: &PodContext,
+    shared: &Arc<ProxyShared>,
+) {
     pod.counters.inbound.fetch_add(1, Ordering::Relaxed);
-    match client.local_addr() {
-        Ok(dst) => carry(client, peer, dst, Direction::Inbound, pod, shared).await,
-        Err(e) => tracing::debug!(error = %e, "inbound connection gone before it was handled"),
-    }
+    let dst = match client.local_addr() {
+        Ok(dst) => dst,
+        Err(e) => {
+            tracing::debug!(error = %e, "inbound connection gone before it was handled");
+            return;
+        }
+    };
+    let mut tracker = ConnectionTracker::start(shared, pod, Direction::Inbound, peer, dst);
+    let mtls = pod.mtls();
+    let result = if mtls.mode.accepts_plaintext() {
+        async {
+            let mut upstream = connect_to_app(pod, shared, peer, dst).await?;
+            tracker.record.upstream_local = upstream.local_addr().ok();
+            splice(&mut client, &mut upstream).await
+        }
+        .await
+    } else {
+        Err(ProxyError::PlaintextRefused {
+            policy: mtls.policy.unwrap_or_else(|| "mesh default".to_owned()),
+        })
+    };
+    tracker.finish(result);
 }

@@ -196,3 +196,106 @@ fn fingerprint_notices_edits_additions_and_removals() {
     fs::remove_file(dir.0.path().join("web.yaml")).expect("remove");
     assert_eq!(before, SourceFingerprint::of(dir.0.path()));
 }
+
+fn peer_auth(name: &str, namespace: &str, selector_app: Option<&str>, mode: &str) -> String {
+    let selector = selector_app
+        .map(|app| format!("  selector:\n    matchLabels:\n      app: {app}\n"))
+        .unwrap_or_default();
+    format!(
+        "apiVersion: security.nodemesh.dev/v1\nkind: PeerAuthentication\nmetadata:\n  name: {name}\n  namespace: {namespace}\nspec:\n{selector}  mtls:\n    mode: {mode}\n"
+    )
+}
+
+#[test]
+fn mtls_mode_is_decided_by_the_narrowest_peer_authentication() {
+    let dir = ConfigDir::new();
+    dir.write("web.yaml", &workload("web", "shop", "10.0.0.2", ""))
+        .write("api.yaml", &workload("api", "shop", "10.0.0.3", ""))
+        .write("old.yaml", &workload("old", "legacy", "10.0.0.4", ""));
+    let mode = |config: &MeshConfig, key: &str| {
+        let m = config.mtls_mode(&config.workloads[key]);
+        (m.mode, m.policy)
+    };
+    let config = dir.load().expect("valid");
+    assert_eq!(
+        mode(&config, "shop/web"),
+        (crate::MtlsMode::Permissive, None),
+        "the default"
+    );
+
+    dir.write(
+        "mesh.yaml",
+        &peer_auth("default", "nodemesh-system", None, "STRICT"),
+    );
+    let config = dir.load().expect("valid");
+    assert_eq!(
+        mode(&config, "legacy/old"),
+        (
+            crate::MtlsMode::Strict,
+            Some("nodemesh-system/default".into())
+        )
+    );
+
+    dir.write(
+        "shop.yaml",
+        &peer_auth("shop-wide", "shop", None, "PERMISSIVE"),
+    )
+    .write(
+        "web-pa.yaml",
+        &peer_auth("web-only", "shop", Some("web"), "STRICT"),
+    )
+    .write(
+        "unset.yaml",
+        &peer_auth("inherit", "shop", Some("api"), "UNSET"),
+    );
+    let config = dir.load().expect("valid");
+    assert_eq!(
+        mode(&config, "shop/web"),
+        (crate::MtlsMode::Strict, Some("shop/web-only".into()))
+    );
+    assert_eq!(
+        mode(&config, "shop/api"),
+        (crate::MtlsMode::Permissive, Some("shop/shop-wide".into())),
+        "UNSET defers to the namespace"
+    );
+    assert_eq!(
+        mode(&config, "legacy/old"),
+        (
+            crate::MtlsMode::Strict,
+            Some("nodemesh-system/default".into())
+        )
+    );
+}
+
+#[test]
+fn mesh_settings_and_peer_authentication_are_validated() {
+    let dir = ConfigDir::new();
+    dir.write(
+        "settings.yaml",
+        "apiVersion: nodemesh.dev/v1alpha1\nkind: MeshSettings\nmetadata:\n  name: default\n  namespace: nodemesh-system\nspec:\n  egress:\n    policy: Deny\n",
+    );
+    assert_eq!(
+        dir.load().expect("valid").egress(),
+        crate::EgressPolicy::Deny
+    );
+
+    let cases = [
+        (peer_auth("x", "shop", None, "STRICTER"), "spec.mtls.mode"),
+        (peer_auth("x", "nodemesh-system", Some("web"), "STRICT"), "spec.selector"),
+        (
+            "apiVersion: nodemesh.dev/v1alpha1\nkind: MeshSettings\nmetadata:\n  name: mine\n  namespace: nodemesh-system\n".to_owned(),
+            "metadata",
+        ),
+        (
+            "apiVersion: nodemesh.dev/v1alpha1\nkind: MeshSettings\nmetadata:\n  name: default\n  namespace: nodemesh-system\nspec:\n  egress:\n    policy: deny\n".to_owned(),
+            "spec.egress.policy",
+        ),
+        (peer_auth("x", "shop", None, "STRICT").replace("security.nodemesh.dev/v1", "security.istio.io/v1"), "apiVersion"),
+    ];
+    for (text, field) in cases {
+        let dir = ConfigDir::new();
+        dir.write("bad.yaml", &text);
+        let errors = dir.errors();
+        assert_eq!(errors[0].field.as_deref(), Some(field), "{}", errors[0]);
+    }
+}

@@ -13,6 +13,7 @@ pub mod names {
     pub const COOKIE_DST: &str = "COOKIE_DST";
     pub const TUPLE_DST: &str = "TUPLE_DST";
     pub const INBOUND: &str = "INBOUND";
+    pub const TRANSPARENT: &str = "TRANSPARENT";
     pub const STATS: &str = "STATS";
 
     pub const CONNECT4: &str = "nodemesh_connect4";
@@ -22,6 +23,7 @@ pub mod names {
 
     /// Read-only globals the agent sets when it loads the object.
     pub const PROXY_MARK: &str = "PROXY_MARK";
+    pub const TRANSPARENT_MARK: &str = "TRANSPARENT_MARK";
     pub const OUTBOUND_PORT: &str = "OUTBOUND_PORT";
     pub const INBOUND_PORT: &str = "INBOUND_PORT";
     pub const HBONE_PORT: &str = "HBONE_PORT";
@@ -36,6 +38,8 @@ pub mod capacity {
     pub const COOKIE_DST: u32 = 65_536;
     pub const TUPLE_DST: u32 = 262_144;
     pub const INBOUND: u32 = 4096;
+    /// Connections between the proxy's connect() and its completion, node-wide.
+    pub const TRANSPARENT: u32 = 65_536;
 }
 
 /// An enrolled workload, keyed in `ENROLLED` by the cookie of its network namespace.

@@ -15,7 +15,7 @@ use aya_ebpf::{
 use nodemesh_ebpf_abi::{ConnTuple, EnrolledPod, OriginalDst, Stat, capacity};
 
 use crate::{
-    settings::{is_proxy_port, outbound_port, proxy_mark},
+    settings::{is_proxy_mark, is_proxy_port, outbound_port},
     stats::count,
 };
 
@@ -99,7 +99,7 @@ fn enrolled_tcp_connect(ctx: &SockAddrContext) -> Option<EnrolledPod> {
     // SAFETY: reading fields of the kernel-provided context; `sk` is never null in connect
     // hooks (PTR_TO_SOCKET) and `mark` is a readable bpf_sock field.
     let (protocol, mark) = unsafe { ((*addr).protocol, (*(*addr).__bindgen_anon_1.sk).mark) };
-    if mark == proxy_mark() {
+    if is_proxy_mark(mark) {
         count(Stat::ProxySocketSkipped);
         return None;
     }

@@ -4,6 +4,10 @@
 /// SO_MARK carried by every proxy socket; connects from such sockets are never captured.
 #[unsafe(no_mangle)]
 static PROXY_MARK: u32 = 0;
+/// SO_MARK of the proxy's sockets that reach an application with the client's address as
+/// their source (IP_TRANSPARENT); never captured either.
+#[unsafe(no_mangle)]
+static TRANSPARENT_MARK: u32 = 0;
 #[unsafe(no_mangle)]
 static OUTBOUND_PORT: u16 = 15001;
 #[unsafe(no_mangle)]
@@ -20,9 +24,10 @@ fn read<T: Copy>(value: &'static T) -> T {
     unsafe { core::ptr::read_volatile(value) }
 }
 
+/// Whether a socket mark is one of the proxy's.
 #[inline(always)]
-pub fn proxy_mark() -> u32 {
-    read(&PROXY_MARK)
+pub fn is_proxy_mark(mark: u32) -> bool {
+    mark == read(&PROXY_MARK) || mark == read(&TRANSPARENT_MARK)
 }
 
 #[inline(always)]

@@ -1,0 +1,10 @@
+//! Workload identities on this node: a certificate per identity of an enrolled workload,
+//! obtained from the controller's certificate API and renewed before it expires.
+
+mod ca_client;
+mod manager;
+
+pub use self::{
+    ca_client::CaClient,
+    manager::{Identity, IdentityError, IdentityManager},
+};

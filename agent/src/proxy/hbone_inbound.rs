@@ -1,0 +1,124 @@
+//! Inbound HBONE: the pod's :15008. A client must present a certificate chaining to the
+//! trust bundle; its SPIFFE identity is kept with the connection. Each CONNECT stream for an
+//! address of this pod becomes a connection to the application, from the client's address.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering},
+};
+
+use bytes::Bytes;
+use http::{Response, StatusCode};
+use http_body_util::Empty;
+use nodemesh_hbone::{ConnectRequest, status};
+use nodemesh_identity::{SpiffeId, tls};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    ConnectionTracker, Direction, PodContext, ProxyError, ProxyShared, connect_to_app,
+    listener::accept_loop, splice,
+};
+
+/// Serves one pod's HBONE listener until `token` is cancelled.
+pub async fn serve_hbone(
+    listener: TcpListener,
+    pod: Arc<PodContext>,
+    shared: Arc<ProxyShared>,
+    token: CancellationToken,
+) {
+    accept_loop(listener, token, move |stream, peer| {
+        let pod = pod.clone();
+        let shared = shared.clone();
+        async move { terminate(stream, peer, pod, shared).await }
+    })
+    .await;
+}
+
+/// Terminates one HBONE connection: mTLS, then HTTP/2 until the client closes it.
+async fn terminate(
+    stream: TcpStream,
+    peer: SocketAddr,
+    pod: Arc<PodContext>,
+    shared: Arc<ProxyShared>,
+) {
+    let identity = match shared.identities.get(&pod.identity).await {
+        Ok(identity) => identity,
+        Err(e) => {
+            refused(&shared, &pod, peer, ProxyError::Identity(e));
+            return;
+        }
+    };
+    let tls = match TlsAcceptor::from(identity.server_config.clone())
+        .accept(stream)
+        .await
+    {
+        Ok(tls) => tls,
+        Err(source) => {
+            refused(&shared, &pod, peer, ProxyError::Tls { peer, source });
+            return;
+        }
+    };
+    let Some(client_identity) = tls::peer_identity(tls.get_ref().1.peer_certificates()) else {
+        let source = std::io::Error::other("the client certificate carries no SPIFFE ID");
+        refused(&shared, &pod, peer, ProxyError::Tls { peer, source });
+        return;
+    };
+    let handle = move |connect: ConnectRequest| {
+        let (pod, shared, client_identity) = (pod.clone(), shared.clone(), client_identity.clone());
+        async move { open(connect, peer, client_identity, pod, shared).await }
+    };
+    if let Err(e) = nodemesh_hbone::serve(tls, handle).await {
+        tracing::debug!(%peer, error = %e, "HBONE connection ended");
+    }
+}
+
+/// Records a connection refused before any tunnel: TLS failures, a missing certificate.
+fn refused(shared: &Arc<ProxyShared>, pod: &PodContext, peer: SocketAddr, error: ProxyError) {
+    let local = SocketAddr::from((pod.ip, shared.hbone_port));
+    let mut tracker = ConnectionTracker::start(shared, pod, Direction::Inbound, peer, local);
+    tracker.record.security = "mtls";
+    tracker.finish(Err(error));
+}
+
+/// Answers one CONNECT stream: connect to the application first, so that a failure is a 503
+/// to the client rather than a tunnel that closes at once.
+async fn open(
+    connect: ConnectRequest,
+    peer: SocketAddr,
+    client_identity: SpiffeId,
+    pod: Arc<PodContext>,
+    shared: Arc<ProxyShared>,
+) -> Response<Empty<Bytes>> {
+    let dst = connect.authority;
+    if dst.ip() != pod.ip || dst.port() == shared.hbone_port {
+        tracing::info!(%peer, %dst, workload = %pod.key, "HBONE request for an address that is not this pod's");
+        return status(StatusCode::BAD_REQUEST);
+    }
+    pod.counters.inbound.fetch_add(1, Ordering::Relaxed);
+    let mut tracker = ConnectionTracker::start(&shared, &pod, Direction::Inbound, peer, dst);
+    tracker.record.security = "mtls";
+    tracker.record.source_identity = Some(client_identity.to_string());
+    let client = SocketAddr::new(peer.ip(), 0);
+    let mut upstream = match connect_to_app(&pod, &shared, client, dst).await {
+        Ok(upstream) => upstream,
+        Err(e) => {
+            tracker.finish(Err(e));
+            return status(StatusCode::SERVICE_UNAVAILABLE);
+        }
+    };
+    tracker.record.upstream_local = upstream.local_addr().ok();
+    let (response, tunnel) = connect.accept();
+    // Tied to the pod: releasing the workload ends its tunnels too.
+    tokio::spawn(pod.cancel.clone().run_until_cancelled_owned(async move {
+        let result = match tunnel.await {
+            Some(mut tunnel) => splice(&mut tunnel, &mut upstream).await,
+            None => Err(ProxyError::Io(std::io::Error::other(
+                "the client closed the stream before it opened",
+            ))),
+        };
+        tracker.finish(result);
+    }));
+    response
+}
