@@ -217,6 +217,12 @@ mod tests {
                 "n1",
                 "--config",
                 "/etc/nodemesh",
+                "--controller",
+                "https://10.0.0.1:15012",
+                "--controller-ca",
+                "/etc/nodemesh/ca.pem",
+                "--token-file",
+                "/etc/nodemesh/token",
             ]
             .iter()
             .chain(args),
