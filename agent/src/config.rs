@@ -154,11 +154,17 @@ impl Config {
         if args.node.is_empty() {
             return Err("--node is empty; give this node's name".to_owned());
         }
-        if args.proxy_mark == 0 {
+        if args.proxy_mark == 0 || args.transparent_mark == 0 {
             return Err(
-                "--proxy-mark must not be 0: unmarked sockets would count as the proxy's".into(),
+                "--proxy-mark and --transparent-mark must not be 0: unmarked sockets would \
+                 count as the proxy's"
+                    .into(),
             );
         }
+        if args.proxy_mark == args.transparent_mark {
+            return Err("--proxy-mark and --transparent-mark must differ".into());
+        }
+
         let ebpf_object = match args.ebpf_object {
             Some(path) => path,
             None => default_ebpf_object()?,
