@@ -235,15 +235,16 @@ fn bring_up(layout: &Layout) -> anyhow::Result<Status> {
     }
     status.controller.pid = process::start_controller(layout)?;
     status.save()?;
+    let deadline = Duration::from_secs(30);
+    // Agents need the CA's root, which the controller writes on its first start.
+    process::wait_controller_ready(&status.controller, deadline)?;
     for (index, node) in status.nodes.iter_mut().enumerate() {
         node.agent.pid = process::start_agent(layout, index)?;
     }
     status.save()?;
-    let deadline = Duration::from_secs(30);
     for pod in &status.pods {
         process::wait_server_ready(pod, deadline)?;
     }
-    process::wait_controller_ready(&status.controller, deadline)?;
     for node in &status.nodes {
         process::wait_agent_ready(node, deadline)?;
     }

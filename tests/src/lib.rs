@@ -7,6 +7,8 @@
 //! the agent needs is always a loud skip.
 #![forbid(unsafe_code)]
 
+pub mod mtls;
+
 use std::{
     io::{Read as _, Write as _},
     net::{Shutdown, SocketAddr, TcpStream},

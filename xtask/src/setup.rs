@@ -10,7 +10,8 @@ use crate::{describe, require_root, run_step};
 /// Debian packages the build, the sandbox and the tests use.
 /// - llvm-22-dev, libpolly-22-dev: bpf-linker links against LLVM 22 (rustc's LLVM);
 /// - iproute2, util-linux (nsenter), procps (sysctl): the sandbox;
-/// - curl: the demo and tests use a real HTTP client.
+/// - curl: the demo and tests use a real HTTP client;
+/// - tcpdump: tests capture a node's uplink to prove it carries only TLS.
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -18,6 +19,7 @@ const PACKAGES: &[&str] = &[
     "util-linux",
     "procps",
     "curl",
+    "tcpdump",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13";

@@ -1,0 +1,453 @@
+//! Identity and mTLS between node proxies: what crosses the wire, who may connect to :15008,
+//! who may obtain which certificate, rotation, the controller going away, and STRICT vs
+//! PERMISSIVE.
+
+use std::{fs, net::SocketAddr, time::Duration};
+
+use nodemesh_identity::{
+    CertificateAuthority, CertificateRequest, SpiffeId, WorkloadCertificate, tls,
+};
+use nodemesh_sandbox::{Sandbox, poll_until, run_in_netns};
+use nodemesh_tests::{
+    connections, curl, echo_from,
+    mtls::{Capture, hbone_echo},
+    sandbox, sandbox_with,
+};
+
+const SOON: Duration = Duration::from_secs(10);
+
+fn identity(sb: &Sandbox, pod: &str) -> SpiffeId {
+    sb.pod(pod)
+        .identity
+        .as_deref()
+        .expect("an enrolled pod")
+        .parse()
+        .expect("SPIFFE ID")
+}
+
+fn sandbox_ca(sb: &Sandbox) -> CertificateAuthority {
+    CertificateAuthority::load_or_create(&sb.status().controller.ca_dir, "cluster.local")
+        .expect("the sandbox CA")
+}
+
+fn issue(ca: &CertificateAuthority, id: &SpiffeId, ttl: Duration) -> WorkloadCertificate {
+    let request = CertificateRequest::new(id.clone()).expect("CSR");
+    let issued = ca
+        .sign_workload(request.csr_pem(), id, ttl)
+        .expect("signed");
+    request.complete(&issued.chain_pem).expect("certificate")
+}
+
+#[test]
+fn between_nodes_the_uplink_carries_only_tls_to_port_15008() {
+    let Some(sb) = sandbox("tuplink") else { return };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pcap = dir.path().join("uplink.pcap");
+    let capture = Capture::start(&sb.node("n1").netns, "eth0", &pcap).expect("tcpdump");
+    let secret = b"nodemesh-cleartext-canary-7f3a9c".repeat(64);
+    let server = sb.pod("n2-p1").clone();
+
+    let echo = echo_from(&sb.pod("n1-p1").netns, server.server.echo, &secret).expect("echo");
+    let (status, _) = curl(
+        &sb.pod("n1-p1").netns,
+        &format!("http://{}/headers", server.server.http),
+        &["-H", "x-canary: nodemesh-cleartext-canary-7f3a9c"],
+    )
+    .expect("curl across nodes");
+    let bytes = capture.stop().expect("capture file");
+
+    assert_eq!(echo.reply, secret);
+    assert_eq!(status, 200);
+    let canary = b"nodemesh-cleartext-canary";
+    assert!(
+        !bytes.windows(canary.len()).any(|w| w == canary),
+        "the application's bytes appear in clear on the uplink"
+    );
+    let to_hbone = Capture::read(&pcap, "tcp dst port 15008").expect("read");
+    assert!(to_hbone.len() > 5, "the traffic was captured: {to_hbone:?}");
+    let other = Capture::read(&pcap, "tcp and not port 15008").expect("read");
+    assert!(
+        other.is_empty(),
+        "TCP other than HBONE on the uplink: {other:?}"
+    );
+
+    // Both ends know the other's identity.
+    let client_id = identity(&sb, "n1-p1").to_string();
+    let server_id = identity(&sb, "n2-p1").to_string();
+    poll_until(SOON, || {
+        let inbound = connections(&sb, "n2")
+            .into_iter()
+            .find(|c| c["original_dst"] == server.server.echo.to_string())
+            .ok_or_else(|| anyhow::anyhow!("no inbound record"))?;
+        anyhow::ensure!(
+            inbound["security"] == "mtls" && inbound["source_identity"] == client_id.as_str(),
+            "{inbound}"
+        );
+        let outbound = connections(&sb, "n1")
+            .into_iter()
+            .find(|c| c["original_dst"] == server.server.echo.to_string())
+            .ok_or_else(|| anyhow::anyhow!("no outbound record"))?;
+        anyhow::ensure!(
+            outbound["destination_identity"] == server_id.as_str() && outbound["error"].is_null(),
+            "{outbound}"
+        );
+        Ok(())
+    })
+    .expect("the server side knows the client's identity, the client verified the server's");
+}
+
+#[test]
+fn port_15008_admits_only_valid_mesh_certificates() {
+    let Some(sb) = sandbox("thbone") else { return };
+    let ca = sandbox_ca(&sb);
+    let target = identity(&sb, "n2-p1");
+    let hbone = SocketAddr::from((sb.pod("n2-p1").ip, 15008));
+    let authority = sb.pod("n2-p1").server.echo;
+    let from = sb.pod("n1-legacy").netns.clone();
+    let mesh_id = identity(&sb, "n1-p1");
+    let try_with = |cert: &WorkloadCertificate| {
+        let config = tls::client_config(cert, ca.bundle(), target.clone()).expect("client config");
+        hbone_echo(&from, hbone, config, authority, b"hello")
+    };
+
+    let valid = issue(&ca, &mesh_id, Duration::from_secs(600));
+    assert_eq!(
+        try_with(&valid).expect("a valid mesh certificate gets through"),
+        b"hello"
+    );
+
+    // TLS 1.3 judges the client's certificate after the handshake, so the client may only
+    // see its connection closed; the server's agent records why.
+    let refusal = |what: &str| {
+        poll_until(SOON, || {
+            connections(&sb, "n2")
+                .into_iter()
+                .filter_map(|c| c["error"].as_str().map(str::to_lowercase))
+                .find(|e| e.contains(what))
+                .ok_or_else(|| {
+                    let errors: Vec<_> = connections(&sb, "n2")
+                        .into_iter()
+                        .filter_map(|c| c["error"].as_str().map(str::to_owned))
+                        .collect();
+                    anyhow::anyhow!("no refusal mentioning {what} among {errors:?}")
+                })
+        })
+        .expect("the refusal is recorded")
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let stranger = CertificateAuthority::load_or_create(dir.path(), "cluster.local").expect("CA");
+    let foreign = issue(&stranger, &mesh_id, Duration::from_secs(600));
+    assert!(
+        try_with(&foreign).is_err(),
+        "a certificate of another CA is refused"
+    );
+    refusal("invalid peer certificate");
+
+    let expired = issue(&ca, &mesh_id, Duration::ZERO);
+    std::thread::sleep(Duration::from_millis(1100));
+    assert!(
+        try_with(&expired).is_err(),
+        "an expired certificate is refused"
+    );
+    refusal("expired");
+
+    let anonymous =
+        rustls::ClientConfig::builder_with_provider(nodemesh_identity::crypto_provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .with_root_certificates(ca.bundle().root_store().expect("roots"))
+            .with_no_client_auth();
+    assert!(
+        hbone_echo(&from, hbone, anonymous, authority, b"x").is_err(),
+        "a TLS client without a certificate is refused"
+    );
+}
+
+/// POSTs a certificate request to the controller with a node's token; returns (status, body).
+fn request_certificate(sb: &Sandbox, token_node: &str, id: &SpiffeId) -> (u16, serde_json::Value) {
+    let status = sb.status();
+    let token = fs::read_to_string(status.state_dir.join(format!("tokens/{token_node}.token")))
+        .expect("token");
+    let request = CertificateRequest::new(id.clone()).expect("CSR");
+    let body =
+        serde_json::json!({ "identity": id.to_string(), "csr": request.csr_pem() }).to_string();
+    let url = format!("https://{}/v1/certificates", status.controller.ca_api);
+    let out = run_in_netns(
+        &sb.node(token_node).netns,
+        "curl",
+        &[
+            "-sS",
+            "--max-time",
+            "10",
+            "--cacert",
+            status.controller.ca_cert.to_str().expect("utf-8"),
+            "-H",
+            &format!("Authorization: Bearer {}", token.trim()),
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            &body,
+            "-w",
+            "\n%{http_code}",
+            &url,
+        ],
+    )
+    .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').expect("status line");
+    (
+        code.parse().expect("status"),
+        serde_json::from_str(body).unwrap_or_default(),
+    )
+}
+
+#[test]
+fn an_agent_obtains_only_its_own_nodes_identities() {
+    let Some(sb) = sandbox("tnodes") else {
+        return;
+    };
+    let theirs = identity(&sb, "n2-p1");
+
+    let (status, body) = request_certificate(&sb, "n1", &theirs);
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["reason"], "not_on_node");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("node n2")),
+        "{body}"
+    );
+
+    let (status, body) = request_certificate(&sb, "n2", &theirs);
+    assert_eq!(status, 200, "the right node gets it: {body}");
+    assert!(
+        body["certificate_chain"]
+            .as_array()
+            .is_some_and(|c| !c.is_empty())
+    );
+
+    let unknown: SpiffeId = "spiffe://cluster.local/ns/default/sa/nobody"
+        .parse()
+        .expect("id");
+    let (status, body) = request_certificate(&sb, "n1", &unknown);
+    assert_eq!(
+        (status, body["reason"].as_str()),
+        (403, Some("unknown_identity"))
+    );
+
+    let metrics = nodemesh_sandbox::http_get(
+        &sb.status().controller.netns,
+        &format!("http://{}/metrics", sb.status().controller.monitoring),
+        Duration::from_secs(5),
+    )
+    .expect("controller metrics")
+    .body;
+    assert!(
+        metrics
+            .contains("nodemesh_controller_certificates_refused_total{reason=\"not_on_node\"} 1"),
+        "{metrics}"
+    );
+}
+
+fn serial_of(sb: &Sandbox, node: &str, id: &SpiffeId) -> Option<String> {
+    sb.agent_admin(node, "/certs")
+        .ok()?
+        .as_array()?
+        .iter()
+        .find(|c| c["identity"] == id.to_string().as_str())?["serial"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+/// A connection that stays open across the test: one line out, one line back, each time.
+struct LongLived(std::net::TcpStream);
+
+impl LongLived {
+    fn open(netns: &str, dst: SocketAddr) -> Self {
+        let stream = nodemesh_sandbox::in_netns(netns, move || {
+            let stream = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            Ok(stream)
+        })
+        .expect("connect");
+        Self(stream)
+    }
+
+    fn round_trip(&mut self, message: &[u8]) -> Vec<u8> {
+        use std::io::{Read as _, Write as _};
+        self.0.write_all(message).expect("write");
+        let mut reply = vec![0; message.len()];
+        self.0
+            .read_exact(&mut reply)
+            .expect("the connection still carries bytes");
+        reply
+    }
+}
+
+#[test]
+fn certificates_rotate_without_breaking_a_long_lived_connection() {
+    let Some(sb) = sandbox_with("trotate", |spec| {
+        spec.workload_cert_ttl = Duration::from_secs(16)
+    }) else {
+        return;
+    };
+    let id = identity(&sb, "n1-p1");
+    let first = serial_of(&sb, "n1", &id).expect("a certificate");
+    let mut conn = LongLived::open(&sb.pod("n1-p1").netns, sb.pod("n2-p1").server.echo);
+    assert_eq!(conn.round_trip(b"before"), b"before");
+
+    let second = poll_until(Duration::from_secs(20), || {
+        let serial = serial_of(&sb, "n1", &id).ok_or_else(|| anyhow::anyhow!("no certificate"))?;
+        anyhow::ensure!(serial != first, "not renewed yet");
+        Ok(serial)
+    })
+    .expect("the certificate is renewed at about half its 16 s life");
+
+    assert_ne!(first, second);
+    assert_eq!(conn.round_trip(b"after rotation"), b"after rotation");
+    let fresh = echo_from(&sb.pod("n1-p1").netns, sb.pod("n2-p2").server.echo, b"new")
+        .expect("new connection");
+    assert_eq!(fresh.reply, b"new");
+}
+
+#[test]
+fn with_the_controller_stopped_connections_keep_working_while_certificates_are_valid() {
+    let Some(mut sb) = sandbox("tnoctl") else {
+        return;
+    };
+    let mut conn = LongLived::open(&sb.pod("n1-p1").netns, sb.pod("n2-p1").server.echo);
+    assert_eq!(conn.round_trip(b"1"), b"1");
+
+    sb.stop_controller().expect("stop the controller");
+
+    assert_eq!(conn.round_trip(b"2"), b"2", "an existing connection");
+    // A destination never contacted before needs a new HBONE connection and handshake.
+    let fresh = echo_from(&sb.pod("n1-p1").netns, sb.pod("n2-p2").server.echo, b"3")
+        .expect("new connection");
+    assert_eq!(fresh.reply, b"3");
+    let back = echo_from(&sb.pod("n2-p2").netns, sb.pod("n1-p2").server.echo, b"4")
+        .expect("the other way");
+    assert_eq!(back.reply, b"4");
+}
+
+#[test]
+fn an_expired_certificate_fails_closed_until_the_controller_returns() {
+    let Some(mut sb) = sandbox_with("texpire", |spec| {
+        spec.workload_cert_ttl = Duration::from_secs(10)
+    }) else {
+        return;
+    };
+    let id = identity(&sb, "n1-p1");
+    sb.stop_controller().expect("stop the controller");
+    poll_until(Duration::from_secs(15), || {
+        let certs = sb.agent_admin("n1", "/certs")?;
+        let state = certs
+            .as_array()
+            .and_then(|a| a.iter().find(|c| c["identity"] == id.to_string().as_str()))
+            .map(|c| c["state"].clone());
+        anyhow::ensure!(state == Some("expired".into()), "still {state:?}");
+        Ok(())
+    })
+    .expect("the certificate expires with the controller away");
+
+    let refused = echo_from(&sb.pod("n1-p1").netns, sb.pod("n2-p2").server.echo, b"x");
+    assert!(
+        refused.is_err() || refused.is_ok_and(|e| e.reply.is_empty()),
+        "fails closed"
+    );
+    let error = poll_until(SOON, || {
+        connections(&sb, "n1")
+            .into_iter()
+            .rev()
+            .find_map(|c| c["error"].as_str().map(str::to_owned))
+            .ok_or_else(|| anyhow::anyhow!("no failure recorded"))
+    })
+    .expect("the refusal is recorded");
+    assert!(error.contains("expired"), "{error}");
+
+    sb.start_controller().expect("controller back");
+    poll_until(Duration::from_secs(45), || {
+        let echo = echo_from(&sb.pod("n1-p1").netns, sb.pod("n2-p2").server.echo, b"y")?;
+        anyhow::ensure!(echo.reply == b"y", "not yet");
+        Ok(())
+    })
+    .expect("a renewed certificate lets connections through again");
+}
+
+fn set_mode(sb: &Sandbox, file: &str, text: &str, pod: &str, mode: &str) {
+    fs::write(sb.config_dir().join(file), text).expect("write the policy");
+    let node = sb.pod(pod).node.clone();
+    let name = pod.to_owned();
+    poll_until(SOON, || {
+        let workloads = sb.agent_admin(&node, "/workloads")?;
+        let current = workloads
+            .as_array()
+            .and_then(|a| a.iter().find(|w| w["name"] == name.as_str()))
+            .map(|w| w["mtls_mode"].clone());
+        anyhow::ensure!(current == Some(mode.into()), "{name} is {current:?}");
+        Ok(())
+    })
+    .expect("the agent applies the policy");
+}
+
+#[test]
+fn strict_refuses_plaintext_and_permissive_admits_it() {
+    let Some(sb) = sandbox("tstrict") else { return };
+    let legacy = sb.pod("n1-legacy").netns.clone();
+    let (p1, p2) = (sb.pod("n2-p1").server.echo, sb.pod("n2-p2").server.echo);
+    assert_eq!(
+        echo_from(&legacy, p1, b"a")
+            .expect("PERMISSIVE by default")
+            .reply,
+        b"a"
+    );
+
+    let workload_strict = "apiVersion: security.nodemesh.dev/v1\nkind: PeerAuthentication\nmetadata:\n  name: p1-strict\n  namespace: default\nspec:\n  selector:\n    matchLabels:\n      app: n2-p1\n  mtls:\n    mode: STRICT\n";
+    set_mode(&sb, "pa-p1.yaml", workload_strict, "n2-p1", "STRICT");
+    let refused = echo_from(&legacy, p1, b"b");
+    assert!(
+        refused.is_err() || refused.is_ok_and(|e| e.reply.is_empty()),
+        "STRICT refuses the legacy pod"
+    );
+    assert_eq!(
+        echo_from(&sb.pod("n1-p1").netns, p1, b"c")
+            .expect("mTLS still admitted")
+            .reply,
+        b"c"
+    );
+    assert_eq!(
+        echo_from(&legacy, p2, b"d")
+            .expect("other workloads unaffected")
+            .reply,
+        b"d"
+    );
+
+    let namespace_strict = "apiVersion: security.nodemesh.dev/v1\nkind: PeerAuthentication\nmetadata:\n  name: default\n  namespace: default\nspec:\n  mtls:\n    mode: STRICT\n";
+    set_mode(&sb, "pa-ns.yaml", namespace_strict, "n2-p2", "STRICT");
+    let refused = echo_from(&legacy, p2, b"e");
+    assert!(
+        refused.is_err() || refused.is_ok_and(|e| e.reply.is_empty()),
+        "namespace-wide STRICT"
+    );
+    let record = connections(&sb, "n2")
+        .into_iter()
+        .rev()
+        .find(|c| c["original_dst"] == p2.to_string())
+        .expect("a record");
+    assert!(
+        record["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("STRICT (default/default)")),
+        "{record}"
+    );
+
+    fs::remove_file(sb.config_dir().join("pa-ns.yaml")).expect("remove");
+    fs::remove_file(sb.config_dir().join("pa-p1.yaml")).expect("remove");
+    set_mode(&sb, "zz-empty.yaml", "", "n2-p1", "PERMISSIVE");
+    assert_eq!(
+        echo_from(&legacy, p1, b"f")
+            .expect("PERMISSIVE again")
+            .reply,
+        b"f"
+    );
+}
