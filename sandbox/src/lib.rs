@@ -7,6 +7,7 @@
 //! all of it even when the state file is gone.
 #![forbid(unsafe_code)]
 
+pub mod capture;
 mod http;
 mod layout;
 mod mesh_config;

@@ -7,7 +7,7 @@
 //! the agent needs is always a loud skip.
 #![forbid(unsafe_code)]
 
-pub mod mtls;
+pub mod hbone;
 
 use std::{
     io::{Read as _, Write as _},

@@ -8,11 +8,8 @@ use nodemesh_identity::{
     CertificateAuthority, CertificateRequest, SpiffeId, WorkloadCertificate, tls,
 };
 use nodemesh_sandbox::{Sandbox, poll_until, run_in_netns};
-use nodemesh_tests::{
-    connections, curl, echo_from,
-    mtls::{Capture, hbone_echo},
-    sandbox, sandbox_with,
-};
+use nodemesh_sandbox::capture::Capture;
+use nodemesh_tests::{connections, curl, echo_from, hbone::hbone_echo, sandbox, sandbox_with};
 
 const SOON: Duration = Duration::from_secs(10);
 

@@ -7,7 +7,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use nodemesh_sandbox::{PodStatus, Sandbox, Spec, run_in_netns};
+use nodemesh_sandbox::{PodStatus, Sandbox, Spec, capture::Capture, run_in_netns};
 use serde_json::Value;
 
 use crate::{Profile, build, require_root, setup};
@@ -61,6 +61,7 @@ fn show(sandbox: &Sandbox) -> anyhow::Result<()> {
             server.ip
         );
         let before = connection_ids(sandbox)?;
+        let uplink = (client.node != server.node).then(|| UplinkWatch::start(sandbox, &client.node));
         let answer = curl(client, &format!("http://{}:8080/", server.ip))?;
         println!(
             "   answer: pod {} (it saw the connection come from {})",
@@ -68,12 +69,17 @@ fn show(sandbox: &Sandbox) -> anyhow::Result<()> {
             answer["client"].as_str().unwrap_or("?")
         );
         print_captures(sandbox, &before)?;
+        if let Some(watch) = uplink {
+            watch?.report()?;
+        }
     }
     show_socket(sandbox)?;
+    println!("\n== 6. what the eBPF programs did");
     for node in &status.nodes {
         let stats = sandbox.agent_admin(&node.name, "/stats")?;
         println!(
-            "\n   agent {} eBPF counters: {}",
+            "   agent {}: {}",
+
             node.name,
             stats["ebpf"]
                 .as_object()
@@ -128,14 +134,40 @@ fn print_captures(sandbox: &Sandbox, before: &[(String, u64)]) -> anyhow::Result
                 continue;
             }
             any = true;
+            let text = |key: &str| c[key].as_str().unwrap_or("-").to_owned();
             println!(
-                "   agent {node} captured {:<8} for {:<14} client {:<19} -> {:<16} proxied from {}",
-                c["direction"].as_str().unwrap_or("?"),
-                c["workload"].as_str().unwrap_or("?"),
-                c["client"].as_str().unwrap_or("?"),
-                c["original_dst"].as_str().unwrap_or("?"),
-                c["upstream_local"].as_str().unwrap_or("-"),
+                "   agent {node}: {:<8} for {:<14} {} -> {}",
+                text("direction"),
+                text("workload"),
+                text("client"),
+                text("original_dst"),
             );
+            let how = match (text("direction").as_str(), text("security").as_str()) {
+                ("outbound", "mtls") => format!(
+                    "mTLS tunnel to {} as {}, server verified as {}",
+                    text("hbone"),
+                    text("source_identity"),
+                    text("destination_identity")
+                ),
+                ("inbound", "mtls") => format!(
+                    "mTLS from {} into {}, handed to the app from {}",
+                    text("source_identity"),
+                    text("destination_identity"),
+                    text("upstream_local")
+                ),
+                ("inbound", _) => format!(
+                    "plaintext from outside the mesh (PERMISSIVE), handed to the app from {}",
+                    text("upstream_local")
+                ),
+                _ => format!(
+                    "plain TCP to a destination outside the mesh, from {}",
+                    text("upstream_local")
+                ),
+            };
+            println!("          {how}");
+            if let Some(error) = c["error"].as_str() {
+                println!("          error: {error}");
+            }
         }
     }
     if !any {
@@ -172,6 +204,38 @@ fn show_socket(sandbox: &Sandbox) -> anyhow::Result<()> {
     }
     curl.wait()?;
     Ok(())
+}
+
+/// tcpdump on a node's uplink for one scenario.
+struct UplinkWatch {
+    node: String,
+    capture: Capture,
+    dir: std::path::PathBuf,
+}
+
+impl UplinkWatch {
+    fn start(sandbox: &Sandbox, node: &str) -> anyhow::Result<Self> {
+        let dir = sandbox.status().state_dir.join("demo-capture");
+        std::fs::create_dir_all(&dir)?;
+        let capture = Capture::start(&sandbox.node(node).netns, "eth0", &dir.join("uplink.pcap"))?;
+        Ok(Self {
+            node: node.to_owned(),
+            capture,
+            dir,
+        })
+    }
+
+    fn report(self) -> anyhow::Result<()> {
+        let file = self.dir.join("uplink.pcap");
+        self.capture.stop()?;
+        let all = Capture::read(&file, "tcp")?.len();
+        let hbone = Capture::read(&file, "tcp port 15008")?.len();
+        println!(
+            "   uplink eth0 of node {}: {all} TCP packets, {hbone} of them TLS to or from port 15008",
+            self.node
+        );
+        Ok(())
+    }
 }
 
 /// A curl running in a pod's namespace in the background.

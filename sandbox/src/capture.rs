@@ -1,13 +1,11 @@
-//! Helpers for the mTLS tests: a real capture of a node's uplink, and an HBONE client that
-//! presents whatever certificate a test gives it.
+//! Packet captures with tcpdump inside a sandbox namespace: how the tests and the demo show
+//! what crosses a node's uplink.
 
 use std::{
     io::{BufRead as _, BufReader},
-    net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
@@ -15,8 +13,6 @@ use nix::{
     sys::signal::{Signal, kill},
     unistd::Pid,
 };
-use rustls_pki_types::ServerName;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// tcpdump writing a pcap file of one interface inside a network namespace.
 #[derive(Debug)]
@@ -71,9 +67,9 @@ impl Capture {
     /// Stops tcpdump once the file has stopped growing, and returns the file's bytes.
     pub fn stop(mut self) -> anyhow::Result<Vec<u8>> {
         let size = || std::fs::metadata(&self.file).map_or(0, |m| m.len());
-        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        let deadline = Instant::now() + Duration::from_secs(3);
         let mut last = size();
-        while std::time::Instant::now() < deadline {
+        while Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(200));
             let now = size();
             if now == last {
@@ -116,42 +112,3 @@ impl Drop for Capture {
     }
 }
 
-/// From inside `netns`, opens an HBONE tunnel to `authority` through `hbone` with `tls`,
-/// sends `message`, half-closes and returns what came back.
-pub fn hbone_echo(
-    netns: &str,
-    hbone: SocketAddr,
-    tls: rustls::ClientConfig,
-    authority: SocketAddr,
-    message: &[u8],
-) -> anyhow::Result<Vec<u8>> {
-    let tcp = nodemesh_sandbox::in_netns(netns, move || {
-        let tcp = std::net::TcpStream::connect_timeout(&hbone, Duration::from_secs(5))?;
-        tcp.set_nonblocking(true)?;
-        Ok(tcp)
-    })?;
-    let message = message.to_vec();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async move {
-        let exchange = async {
-            let tcp = tokio::net::TcpStream::from_std(tcp)?;
-            let name = ServerName::IpAddress(hbone.ip().into());
-            let tls = tokio_rustls::TlsConnector::from(Arc::new(tls))
-                .connect(name, tcp)
-                .await
-                .context("TLS handshake")?;
-            let mut sender = nodemesh_hbone::handshake(tls).await?;
-            let mut tunnel = nodemesh_hbone::open_tunnel(&mut sender, authority).await?;
-            tunnel.write_all(&message).await?;
-            tunnel.shutdown().await?;
-            let mut reply = Vec::new();
-            tunnel.read_to_end(&mut reply).await?;
-            anyhow::Ok(reply)
-        };
-        tokio::time::timeout(Duration::from_secs(10), exchange)
-            .await
-            .context("HBONE exchange timed out")?
-    })
-}
