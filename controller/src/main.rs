@@ -71,11 +71,11 @@ fn load_ca(config: &Config) -> anyhow::Result<CertificateAuthority> {
         ),
     };
     if let Ok(meta) = std::fs::metadata(&key)
-        && meta.permissions().mode() & 0o077 != 0
+        && meta.permissions().mode() & 0o007 != 0
     {
         tracing::warn!(
             key = %key.display(),
-            "the CA private key is readable by other users; chmod 600 it"
+            "the CA private key is readable by any user; chmod 600 (or 640 for a group) it"
         );
     }
     Ok(ca)

@@ -111,4 +111,3 @@ impl Drop for Capture {
         let _ = self.child.wait();
     }
 }
-

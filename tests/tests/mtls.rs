@@ -7,8 +7,8 @@ use std::{fs, net::SocketAddr, time::Duration};
 use nodemesh_identity::{
     CertificateAuthority, CertificateRequest, SpiffeId, WorkloadCertificate, tls,
 };
-use nodemesh_sandbox::{Sandbox, poll_until, run_in_netns};
 use nodemesh_sandbox::capture::Capture;
+use nodemesh_sandbox::{Sandbox, poll_until, run_in_netns};
 use nodemesh_tests::{connections, curl, echo_from, hbone::hbone_echo, sandbox, sandbox_with};
 
 const SOON: Duration = Duration::from_secs(10);

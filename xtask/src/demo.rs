@@ -61,7 +61,8 @@ fn show(sandbox: &Sandbox) -> anyhow::Result<()> {
             server.ip
         );
         let before = connection_ids(sandbox)?;
-        let uplink = (client.node != server.node).then(|| UplinkWatch::start(sandbox, &client.node));
+        let uplink =
+            (client.node != server.node).then(|| UplinkWatch::start(sandbox, &client.node));
         let answer = curl(client, &format!("http://{}:8080/", server.ip))?;
         println!(
             "   answer: pod {} (it saw the connection come from {})",
@@ -79,7 +80,6 @@ fn show(sandbox: &Sandbox) -> anyhow::Result<()> {
         let stats = sandbox.agent_admin(&node.name, "/stats")?;
         println!(
             "   agent {}: {}",
-
             node.name,
             stats["ebpf"]
                 .as_object()

@@ -4,7 +4,9 @@
 //! The manifests run nodemesh in local mode on Kubernetes: the mesh configuration comes from
 //! a ConfigMap mounted into the controller and every agent. The agent needs the host's network
 //! view (hostNetwork), privileges for eBPF and entering pods' namespaces, and the host's
-//! cgroup2 and netns mounts.
+//! cgroup2 and netns mounts. The operator creates two Secrets first: `nodemesh-ca` (the CA:
+//! `ca-cert.pem`, `ca-key.pem`) and `nodemesh-node-tokens` (`node-tokens.yaml` for the
+//! controller and one `<node>.token` per node for the agents).
 
 use std::fs;
 
@@ -56,6 +58,13 @@ fn objects() -> Vec<Value> {
         json!({ "name": "mesh-config", "configMap": { "name": "nodemesh-config" } });
     let config_mount =
         json!({ "name": "mesh-config", "mountPath": "/etc/nodemesh/config", "readOnly": true });
+    let ca_volume =
+        json!({ "name": "ca", "secret": { "secretName": "nodemesh-ca", "defaultMode": 0o440 } });
+    let tokens_volume = json!({
+        "name": "tokens",
+        "secret": { "secretName": "nodemesh-node-tokens", "defaultMode": 0o440 },
+    });
+
     vec![
         json!({
             "apiVersion": "v1",
@@ -80,12 +89,23 @@ fn objects() -> Vec<Value> {
                 "template": {
                     "metadata": { "labels": labels("controller") },
                     "spec": {
+                        // Secrets are mounted group-readable for the non-root controller.
+                        "securityContext": { "fsGroup": 65532 },
                         "containers": [{
                             "name": "controller",
                             "image": IMAGE,
                             "command": ["/usr/local/bin/nodemesh-controller"],
-                            "args": ["--config", "/etc/nodemesh/config", "--log-json"],
-                            "ports": [{ "name": "monitoring", "containerPort": 15014 }],
+                            "args": [
+                                "--config", "/etc/nodemesh/config",
+                                "--ca-cert", "/etc/nodemesh/ca/ca-cert.pem",
+                                "--ca-key", "/etc/nodemesh/ca/ca-key.pem",
+                                "--node-tokens", "/etc/nodemesh/tokens/node-tokens.yaml",
+                                "--log-json",
+                            ],
+                            "ports": [
+                                { "name": "monitoring", "containerPort": 15014 },
+                                { "name": "certificates", "containerPort": 15012 },
+                            ],
                             "readinessProbe": { "httpGet": { "path": "/readyz", "port": 15014 } },
                             "livenessProbe": { "httpGet": { "path": "/healthz", "port": 15014 } },
                             "resources": { "requests": { "cpu": "10m", "memory": "32Mi" } },
@@ -96,11 +116,27 @@ fn objects() -> Vec<Value> {
                                 "readOnlyRootFilesystem": true,
                                 "capabilities": { "drop": ["ALL"] },
                             },
-                            "volumeMounts": [config_mount.clone()],
+                            "volumeMounts": [
+                                config_mount.clone(),
+                                { "name": "ca", "mountPath": "/etc/nodemesh/ca", "readOnly": true },
+                                { "name": "tokens", "mountPath": "/etc/nodemesh/tokens", "readOnly": true },
+                            ],
                         }],
-                        "volumes": [config_volume.clone()],
+                        "volumes": [config_volume.clone(), ca_volume, tokens_volume.clone()],
                     },
                 },
+            },
+        }),
+        json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": { "name": "nodemesh-controller", "namespace": NAMESPACE, "labels": labels("controller") },
+            "spec": {
+                "selector": labels("controller"),
+                "ports": [
+                    { "name": "certificates", "port": 15012, "targetPort": 15012 },
+                    { "name": "monitoring", "port": 15014, "targetPort": 15014 },
+                ],
             },
         }),
         json!({
@@ -125,6 +161,9 @@ fn objects() -> Vec<Value> {
                             "args": [
                                 "--config", "/etc/nodemesh/config",
                                 "--ebpf-object", "/usr/local/lib/nodemesh/nodemesh-ebpf.o",
+                                "--controller", "https://nodemesh-controller.nodemesh-system.svc:15012",
+                                "--controller-ca", "/etc/nodemesh/ca/ca-cert.pem",
+                                "--token-file", "/etc/nodemesh/tokens/$(NODE_NAME).token",
                                 "--log-format", "json",
                             ],
                             "env": [{ "name": "NODE_NAME", "valueFrom": { "fieldRef": { "fieldPath": "spec.nodeName" } } }],
@@ -137,12 +176,16 @@ fn objects() -> Vec<Value> {
                             "securityContext": { "privileged": true },
                             "volumeMounts": [
                                 config_mount,
+                                { "name": "ca", "mountPath": "/etc/nodemesh/ca/ca-cert.pem", "subPath": "ca-cert.pem", "readOnly": true },
+                                { "name": "tokens", "mountPath": "/etc/nodemesh/tokens", "readOnly": true },
                                 { "name": "cgroup", "mountPath": "/sys/fs/cgroup" },
                                 { "name": "netns", "mountPath": "/run/netns", "mountPropagation": "HostToContainer" },
                             ],
                         }],
                         "volumes": [
                             config_volume,
+                            { "name": "ca", "secret": { "secretName": "nodemesh-ca", "items": [{ "key": "ca-cert.pem", "path": "ca-cert.pem" }] } },
+                            tokens_volume,
                             { "name": "cgroup", "hostPath": { "path": "/sys/fs/cgroup", "type": "Directory" } },
                             { "name": "netns", "hostPath": { "path": "/run/netns", "type": "DirectoryOrCreate" } },
                         ],
