@@ -448,3 +448,62 @@ fn strict_refuses_plaintext_and_permissive_admits_it() {
         b"f"
     );
 }
+
+#[test]
+fn egress_deny_refuses_destinations_outside_the_mesh() {
+    let Some(sb) = sandbox("tegress") else { return };
+    let client = sb.pod("n1-p1").netns.clone();
+    let outside = sb.pod("n2-legacy").server.echo;
+    let inside = sb.pod("n2-p1").server.echo;
+    assert_eq!(
+        echo_from(&client, outside, b"a")
+            .expect("Allow by default")
+            .reply,
+        b"a"
+    );
+
+    let settings = sb.config_dir().join("mesh-settings.yaml");
+    fs::write(
+        &settings,
+        "apiVersion: nodemesh.dev/v1alpha1\nkind: MeshSettings\nmetadata:\n  name: default\n  namespace: nodemesh-system\nspec:\n  egress:\n    policy: Deny\n",
+    )
+    .expect("write MeshSettings");
+    poll_until(SOON, || {
+        let dump = sb.agent_admin("n1", "/config_dump")?;
+        let policy = dump["mesh"]["config"]["settings"]["egress"]["policy"].clone();
+        anyhow::ensure!(policy == "Deny", "egress is {policy}");
+        Ok(())
+    })
+    .expect("agent n1 applies the egress policy");
+
+    let refused = echo_from(&client, outside, b"b");
+    assert!(
+        refused.is_err() || refused.is_ok_and(|e| e.reply.is_empty()),
+        "a pod outside the mesh is not reachable"
+    );
+    let record = connections(&sb, "n1")
+        .into_iter()
+        .rev()
+        .find(|c| c["original_dst"] == outside.to_string())
+        .expect("a record");
+    assert!(
+        record["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("egress to") && e.contains("denied")),
+        "{record}"
+    );
+    assert_eq!(
+        echo_from(&client, inside, b"c")
+            .expect("mesh traffic unaffected")
+            .reply,
+        b"c"
+    );
+
+    fs::remove_file(&settings).expect("remove MeshSettings");
+    poll_until(SOON, || {
+        let echo = echo_from(&client, outside, b"d")?;
+        anyhow::ensure!(echo.reply == b"d", "still refused");
+        Ok(())
+    })
+    .expect("Allow again");
+}
