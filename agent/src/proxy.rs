@@ -31,9 +31,16 @@ use tokio::{
     net::TcpStream,
 };
 
-pub use self::{
-    hbone_inbound::serve_hbone, inbound::serve_inbound, outbound::serve_outbound, pool::HbonePool,
-};
+pub use self::{listener::serve, pool::HbonePool};
+
+/// The handler of each in-pod listener, for [`serve`].
+pub mod handlers {
+    pub use super::{
+        hbone_inbound::handle as hbone, inbound::handle as plaintext_inbound,
+        outbound::handle as outbound,
+    };
+}
+
 use crate::{
     datapath::{OriginalDstTable, TransparentConnects},
     identity::{IdentityError, IdentityManager},

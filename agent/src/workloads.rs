@@ -18,7 +18,7 @@ use crate::{
     inpod::{self, RoutingError},
     mesh::MeshView,
     netns::{NetnsError, PodNetns},
-    proxy::{PodContext, ProxyShared, default_mtls, serve_hbone, serve_inbound, serve_outbound},
+    proxy::{PodContext, ProxyShared, default_mtls, handlers, serve},
     state::WorkloadStatus,
 };
 
@@ -179,7 +179,6 @@ impl WorkloadRegistry {
         // Listeners first, capture last: no connection is redirected before the proxy is there.
         let capture = self.datapath.enroll(&netns, ip, &inbound)?;
         self.shared.identities.acquire(identity.clone());
-        let cancel = CancellationToken::new();
         let pod = Arc::new(PodContext {
             key: workload.key(),
             ip,
@@ -187,22 +186,22 @@ impl WorkloadRegistry {
             netns,
             counters: Default::default(),
             mtls: RwLock::new(default_mtls()),
-            cancel: cancel.clone(),
+            cancel: CancellationToken::new(),
         });
         let shared = &self.shared;
-        tokio::spawn(serve_outbound(
+        tokio::spawn(serve(
             outbound,
             pod.clone(),
             shared.clone(),
-            cancel.clone(),
+            handlers::outbound,
         ));
-        tokio::spawn(serve_inbound(
+        tokio::spawn(serve(
             inbound,
             pod.clone(),
             shared.clone(),
-            cancel.clone(),
+            handlers::plaintext_inbound,
         ));
-        tokio::spawn(serve_hbone(hbone, pod.clone(), shared.clone(), cancel));
+        tokio::spawn(serve(hbone, pod.clone(), shared.clone(), handlers::hbone));
         Ok(Enrolled {
             workload: workload.clone(),
             pod,

@@ -12,32 +12,16 @@ use http::{Response, StatusCode};
 use http_body_util::Empty;
 use nodemesh_hbone::{ConnectRequest, status};
 use nodemesh_identity::{SpiffeId, tls};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
-use tokio_util::sync::CancellationToken;
 
 use super::{
-    ConnectionTracker, Direction, PodContext, ProxyError, ProxyShared, connect_to_app,
-    listener::accept_loop, splice,
+    ConnectionTracker, Direction, PodContext, ProxyError, ProxyShared, connect_to_app, splice,
 };
 
-/// Serves one pod's HBONE listener until `token` is cancelled.
-pub async fn serve_hbone(
-    listener: TcpListener,
-    pod: Arc<PodContext>,
-    shared: Arc<ProxyShared>,
-    token: CancellationToken,
-) {
-    accept_loop(listener, token, move |stream, peer| {
-        let pod = pod.clone();
-        let shared = shared.clone();
-        async move { terminate(stream, peer, pod, shared).await }
-    })
-    .await;
-}
-
-/// Terminates one HBONE connection: mTLS, then HTTP/2 until the client closes it.
-async fn terminate(
+/// Handles one connection accepted on the pod's HBONE listener: mTLS, then HTTP/2 until the
+/// client closes it.
+pub async fn handle(
     stream: TcpStream,
     peer: SocketAddr,
     pod: Arc<PodContext>,

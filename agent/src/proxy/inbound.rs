@@ -4,35 +4,20 @@
 
 use std::{net::SocketAddr, sync::Arc, sync::atomic::Ordering};
 
-use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
+use tokio::net::TcpStream;
 
 use super::{
-    ConnectionTracker, Direction, PodContext, ProxyError, ProxyShared, connect_to_app,
-    listener::accept_loop, splice,
+    ConnectionTracker, Direction, PodContext, ProxyError, ProxyShared, connect_to_app, splice,
 };
 
-/// Serves one pod's inbound plaintext listener until `token` is cancelled.
-pub async fn serve_inbound(
-    listener: TcpListener,
-    pod: Arc<PodContext>,
-    shared: Arc<ProxyShared>,
-    token: CancellationToken,
-) {
-    accept_loop(listener, token, move |client, peer| {
-        let pod = pod.clone();
-        let shared = shared.clone();
-        async move { proxy(client, peer, &pod, &shared).await }
-    })
-    .await;
-}
-
-async fn proxy(
+/// Handles one connection accepted on the pod's plaintext inbound listener.
+pub async fn handle(
     mut client: TcpStream,
     peer: SocketAddr,
-    pod: &PodContext,
-    shared: &Arc<ProxyShared>,
+    pod: Arc<PodContext>,
+    shared: Arc<ProxyShared>,
 ) {
+    let (pod, shared) = (&*pod, &shared);
     pod.counters.inbound.fetch_add(1, Ordering::Relaxed);
     let dst = match client.local_addr() {
         Ok(dst) => dst,

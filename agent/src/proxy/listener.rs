@@ -1,20 +1,27 @@
-//! The accept loop shared by the inbound and outbound listeners.
+//! The accept loop of a pod's listeners.
 
-use std::{future::Future, net::SocketAddr, time::Duration};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
+
+use super::{PodContext, ProxyShared};
 
 /// Pause after an accept error (out of file descriptors, say) before trying again.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
-/// Accepts connections until `token` is cancelled and runs `handle` for each in its own task.
-/// Cancelling the token also ends the connections' tasks, closing their sockets.
-pub async fn accept_loop<F, Fut>(listener: TcpListener, token: CancellationToken, handle: F)
-where
-    F: Fn(TcpStream, SocketAddr) -> Fut,
+/// Serves one of a pod's listeners until the pod is released, running `handle` for each
+/// accepted connection in its own task. Releasing the pod also ends those tasks, closing
+/// their sockets.
+pub async fn serve<F, Fut>(
+    listener: TcpListener,
+    pod: Arc<PodContext>,
+    shared: Arc<ProxyShared>,
+    handle: F,
+) where
+    F: Fn(TcpStream, SocketAddr, Arc<PodContext>, Arc<ProxyShared>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let token = pod.cancel.clone();
     loop {
         let accepted = tokio::select! {
             biased;
@@ -24,14 +31,11 @@ where
         match accepted {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(
-                    token
-                        .clone()
-                        .run_until_cancelled_owned(handle(stream, peer)),
-                );
+                let task = handle(stream, peer, pod.clone(), shared.clone());
+                tokio::spawn(token.clone().run_until_cancelled_owned(task));
             }
             Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
+                tracing::warn!(error = %e, workload = %pod.key, "accept failed");
                 if token
                     .run_until_cancelled(tokio::time::sleep(ACCEPT_ERROR_PAUSE))
                     .await

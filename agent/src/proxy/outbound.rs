@@ -11,31 +11,22 @@ use nodemesh_config::EgressPolicy;
 use nodemesh_hbone::HboneSender;
 use nodemesh_identity::SpiffeId;
 use rustls_pki_types::ServerName;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
-use tokio_util::sync::CancellationToken;
 
 use super::{
     CONNECT_TIMEOUT, ConnectionTracker, Direction, PodContext, ProxyError, ProxyShared,
-    connect_from_pod, listener::accept_loop, pool::PoolKey, splice,
+    connect_from_pod, pool::PoolKey, splice,
 };
 
-/// Serves one pod's outbound listener until `token` is cancelled.
-pub async fn serve_outbound(
-    listener: TcpListener,
+/// Handles one connection accepted on the pod's outbound listener.
+pub async fn handle(
+    client: TcpStream,
+    peer: SocketAddr,
     pod: Arc<PodContext>,
     shared: Arc<ProxyShared>,
-    token: CancellationToken,
 ) {
-    accept_loop(listener, token, move |client, peer| {
-        let pod = pod.clone();
-        let shared = shared.clone();
-        async move { proxy(client, peer, &pod, &shared).await }
-    })
-    .await;
-}
-
-async fn proxy(client: TcpStream, peer: SocketAddr, pod: &PodContext, shared: &Arc<ProxyShared>) {
+    let (pod, shared) = (&*pod, &shared);
     pod.counters.outbound.fetch_add(1, Ordering::Relaxed);
     let listener = match client.local_addr() {
         Ok(addr) => addr,
