@@ -6,6 +6,7 @@
 //! the field, and says what is allowed instead.
 #![forbid(unsafe_code)]
 
+mod authorization_policy;
 mod error;
 mod load;
 mod mesh;
@@ -13,10 +14,15 @@ mod mesh_settings;
 mod meta;
 mod namespace;
 mod peer_authentication;
+mod service;
 #[cfg(feature = "watch")]
 mod watch;
 mod workload;
 
+pub use authorization_policy::{
+    Action, AuthorizationPolicy, AuthorizationPolicySpec, Condition, ConditionKey,
+    DRY_RUN_ANNOTATION, From, Operation, Rule, Source, To, parse_ip_block,
+};
 pub use error::{ConfigError, ConfigErrors};
 pub use load::{SourceFingerprint, load_dir, load_path};
 pub use mesh::{EffectiveMtls, MeshConfig};
@@ -26,6 +32,7 @@ pub use namespace::Namespace;
 pub use peer_authentication::{
     Mtls, MtlsMode, PeerAuthentication, PeerAuthenticationSpec, WorkloadSelector,
 };
+pub use service::{Service, ServicePort, ServiceSpec};
 #[cfg(feature = "watch")]
 pub use watch::LocalSource;
 pub use workload::{Workload, WorkloadSpec};

@@ -11,9 +11,11 @@ use serde::de::DeserializeOwned;
 use serde_yaml::Value;
 
 use crate::{
-    API_VERSION, ConfigError, ConfigErrors, MeshConfig, MeshSettings, Namespace,
-    PeerAuthentication, ROOT_NAMESPACE, SECURITY_API_VERSION, Workload, meta::check_dns_label,
+    API_VERSION, AuthorizationPolicy, ConfigError, ConfigErrors, MeshConfig, MeshSettings,
+    Namespace, PeerAuthentication, SECURITY_API_VERSION, Service, Workload,
 };
+
+mod check;
 
 /// Loads a configuration from a directory of YAML files (or from one file).
 pub fn load_path(path: &Path) -> Result<MeshConfig, ConfigErrors> {
@@ -82,18 +84,22 @@ fn is_config_file(path: &Path) -> bool {
 
 /// One object read from a file, not yet checked against the others.
 #[derive(Debug, Clone)]
-enum Object {
+pub(crate) enum Object {
     Namespace(Namespace),
     Workload(Workload),
     PeerAuthentication(PeerAuthentication),
+    AuthorizationPolicy(AuthorizationPolicy),
+    Service(Service),
     MeshSettings(MeshSettings),
 }
 
 /// The kinds nodemesh reads and the apiVersion of each.
-const KINDS: [(&str, &str); 4] = [
+const KINDS: [(&str, &str); 6] = [
     ("Namespace", "v1"),
+    ("Service", "v1"),
     ("Workload", API_VERSION),
     ("PeerAuthentication", SECURITY_API_VERSION),
+    ("AuthorizationPolicy", SECURITY_API_VERSION),
     ("MeshSettings", API_VERSION),
 ];
 
@@ -189,9 +195,12 @@ fn parse_object(file: &Path, value: Value) -> Result<Object, ConfigError> {
         "Namespace" => Object::Namespace(typed(file, &object, value)?),
         "Workload" => Object::Workload(typed(file, &object, value)?),
         "PeerAuthentication" => Object::PeerAuthentication(typed(file, &object, value)?),
+        "AuthorizationPolicy" => Object::AuthorizationPolicy(typed(file, &object, value)?),
+        "Service" => Object::Service(typed(file, &object, value)?),
         _ => Object::MeshSettings(typed(file, &object, value)?),
     };
-    check_object(&parsed).map_err(|(field, message)| error(Some(object), field, message))?;
+    check::check_object(&parsed)
+        .map_err(|(field, message)| error(Some(object), &field, message))?;
     Ok(parsed)
 }
 
@@ -207,74 +216,6 @@ fn typed<T: DeserializeOwned>(file: &Path, object: &str, value: Value) -> Result
     })
 }
 
-/// Checks one object on its own. Returns the field and what is wrong with it.
-fn check_object(object: &Object) -> Result<(), (&'static str, String)> {
-    match object {
-        Object::Namespace(ns) => {
-            check_dns_label(&ns.metadata.name).map_err(|e| ("metadata.name", e))?;
-            if ns.metadata.namespace.is_some() {
-                return Err((
-                    "metadata.namespace",
-                    "a Namespace is not itself namespaced; remove the field".into(),
-                ));
-            }
-        }
-        Object::Workload(w) => {
-            check_dns_label(&w.metadata.name).map_err(|e| ("metadata.name", e))?;
-            check_dns_label(w.namespace()).map_err(|e| ("metadata.namespace", e))?;
-            check_dns_label(&w.spec.service_account).map_err(|e| ("spec.serviceAccount", e))?;
-            if w.spec.node.is_empty() {
-                return Err((
-                    "spec.node",
-                    "is empty; name the node that runs this workload".into(),
-                ));
-            }
-            if !w.spec.netns.is_absolute() {
-                return Err((
-                    "spec.netns",
-                    format!(
-                        "{:?} is not an absolute path; give the network namespace's path, \
-                         such as /run/netns/<name>",
-                        w.spec.netns
-                    ),
-                ));
-            }
-            let ip = w.spec.ip;
-            if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || ip.is_broadcast() {
-                return Err(("spec.ip", format!("{ip} cannot be a workload address")));
-            }
-        }
-        Object::PeerAuthentication(p) => {
-            check_dns_label(&p.metadata.name).map_err(|e| ("metadata.name", e))?;
-            check_dns_label(p.metadata.namespace()).map_err(|e| ("metadata.namespace", e))?;
-            if p.metadata.namespace() == ROOT_NAMESPACE && p.spec.selector.is_some() {
-                return Err((
-                    "spec.selector",
-                    format!(
-                        "a PeerAuthentication in the root namespace {ROOT_NAMESPACE} applies \
-                         to the whole mesh and takes no selector; put it in the workloads' \
-                         namespace"
-                    ),
-                ));
-            }
-        }
-        Object::MeshSettings(m) => {
-            if m.metadata.name != "default" || m.metadata.namespace() != ROOT_NAMESPACE {
-                return Err((
-                    "metadata",
-                    format!(
-                        "MeshSettings must be named default in namespace {ROOT_NAMESPACE}, not \
-                         {}/{}",
-                        m.metadata.namespace(),
-                        m.metadata.name
-                    ),
-                ));
-            }
-        }
-    }
-    Ok(())
-}
-
 /// Checks the objects against each other and builds the configuration.
 fn build(objects: Vec<Located>) -> Result<MeshConfig, ConfigErrors> {
     let mut config = MeshConfig::default();
@@ -282,6 +223,7 @@ fn build(objects: Vec<Located>) -> Result<MeshConfig, ConfigErrors> {
     let mut origin: BTreeMap<String, PathBuf> = BTreeMap::new();
     let mut by_ip: BTreeMap<std::net::Ipv4Addr, (String, PathBuf)> = BTreeMap::new();
     let mut workloads = Vec::new();
+    let mut services = Vec::new();
     for Located { file, object } in objects {
         match object {
             Object::Namespace(ns) => {
@@ -303,6 +245,16 @@ fn build(objects: Vec<Located>) -> Result<MeshConfig, ConfigErrors> {
                 origin.insert(key, file);
                 config.peer_authentications.insert(p.key(), p);
             }
+            Object::AuthorizationPolicy(p) => {
+                let key = format!("AuthorizationPolicy {}", p.key());
+                if let Some(first) = origin.get(&key) {
+                    errors.push(duplicate(&file, &key, first));
+                    continue;
+                }
+                origin.insert(key, file);
+                config.authorization_policies.insert(p.key(), p);
+            }
+            Object::Service(svc) => services.push((file, svc)),
             Object::MeshSettings(m) => {
                 let key = "MeshSettings nodemesh-system/default".to_owned();
                 if let Some(first) = origin.get(&key) {
@@ -353,6 +305,30 @@ fn build(objects: Vec<Located>) -> Result<MeshConfig, ConfigErrors> {
         by_ip.insert(w.spec.ip, (w.key(), file.clone()));
         origin.insert(key, file.clone());
         config.workloads.insert(w.key(), w);
+    }
+    for (file, svc) in services {
+        let key = format!("Service {}", svc.key());
+        if let Some(first) = origin.get(&key) {
+            errors.push(duplicate(&file, &key, first));
+            continue;
+        }
+        let vip = svc.spec.cluster_ip;
+        if let Some((other, other_file)) = by_ip.get(&vip) {
+            errors.push(ConfigError {
+                file: file.clone(),
+                object: Some(key),
+                field: Some("spec.clusterIP".to_owned()),
+                message: format!(
+                    "{vip} is already the address of {other} in {}; a Service needs an address \
+                     of its own",
+                    other_file.display()
+                ),
+            });
+            continue;
+        }
+        by_ip.insert(vip, (key.clone(), file.clone()));
+        origin.insert(key, file);
+        config.services.insert(svc.key(), svc);
     }
     if errors.is_empty() {
         Ok(config)

@@ -3,8 +3,8 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::{
-    ENROLLED_LABEL, EgressPolicy, MeshSettingsSpec, MtlsMode, Namespace, PeerAuthentication,
-    ROOT_NAMESPACE, Workload,
+    AuthorizationPolicy, ENROLLED_LABEL, EgressPolicy, MeshSettingsSpec, MtlsMode, Namespace,
+    PeerAuthentication, ROOT_NAMESPACE, Service, Workload,
 };
 
 /// A whole, validated configuration: what one load of a directory (or one snapshot of the
@@ -17,6 +17,10 @@ pub struct MeshConfig {
     pub workloads: BTreeMap<String, Workload>,
     /// PeerAuthentications by `namespace/name`.
     pub peer_authentications: BTreeMap<String, PeerAuthentication>,
+    /// AuthorizationPolicies by `namespace/name`.
+    pub authorization_policies: BTreeMap<String, AuthorizationPolicy>,
+    /// Services by `namespace/name`.
+    pub services: BTreeMap<String, Service>,
     /// The mesh-wide settings (defaults when no MeshSettings object exists).
     pub settings: MeshSettingsSpec,
 }
@@ -68,6 +72,41 @@ impl MeshConfig {
                     policy: Some(p.key()),
                 },
             )
+    }
+
+    /// The AuthorizationPolicies that apply to a workload: those of its namespace whose
+    /// selector matches it (or that have none), and the mesh-wide ones of the root namespace.
+    pub fn authorization_policies_for<'a>(
+        &'a self,
+        workload: &'a Workload,
+    ) -> impl Iterator<Item = &'a AuthorizationPolicy> + 'a {
+        self.authorization_policies.values().filter(move |p| {
+            let ns = p.metadata.namespace();
+            let selected = p
+                .spec
+                .selector
+                .as_ref()
+                .is_none_or(|s| s.matches(&workload.metadata.labels));
+            (ns == workload.namespace() && selected)
+                || (ns == ROOT_NAMESPACE && p.spec.selector.is_none())
+        })
+    }
+
+    /// The workloads behind a Service: its namespace's workloads whose labels match its
+    /// selector. A Service without a selector has none.
+    pub fn endpoints<'a>(
+        &'a self,
+        service: &'a Service,
+    ) -> impl Iterator<Item = &'a Workload> + 'a {
+        self.workloads.values().filter(move |w| {
+            !service.spec.selector.is_empty()
+                && w.namespace() == service.metadata.namespace()
+                && service
+                    .spec
+                    .selector
+                    .iter()
+                    .all(|(k, v)| w.metadata.labels.get(k) == Some(v))
+        })
     }
 
     pub fn egress(&self) -> EgressPolicy {

@@ -299,3 +299,134 @@ fn mesh_settings_and_peer_authentication_are_validated() {
         assert_eq!(errors[0].field.as_deref(), Some(field), "{}", errors[0]);
     }
 }
+
+const ALLOW_PUBLIC: &str = r#"
+apiVersion: security.nodemesh.dev/v1
+kind: AuthorizationPolicy
+metadata:
+  name: public-only
+  namespace: shop
+spec:
+  selector:
+    matchLabels:
+      app: web
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/shop/sa/api"]
+        namespaces: ["shop"]
+        ipBlocks: ["10.0.0.0/8"]
+    to:
+    - operation:
+        methods: ["GET"]
+        paths: ["/public/*"]
+        ports: ["8080"]
+    when:
+    - key: request.headers[x-tenant]
+      values: ["blue"]
+"#;
+
+#[test]
+fn an_istio_authorization_policy_loads_and_selects_its_workloads() {
+    let dir = ConfigDir::new();
+    dir.write("web.yaml", &workload("web", "shop", "10.0.0.2", ""))
+        .write("api.yaml", &workload("api", "shop", "10.0.0.3", ""))
+        .write("policy.yaml", ALLOW_PUBLIC)
+        .write(
+            "mesh-deny.yaml",
+            "apiVersion: security.nodemesh.dev/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny-legacy\n  namespace: nodemesh-system\nspec:\n  action: DENY\n  rules:\n  - from:\n    - source:\n        namespaces: [\"legacy\"]\n",
+        );
+    let config = dir.load().expect("valid");
+    let names = |key: &str| -> Vec<String> {
+        config
+            .authorization_policies_for(&config.workloads[key])
+            .map(crate::AuthorizationPolicy::key)
+            .collect()
+    };
+    assert_eq!(
+        names("shop/web"),
+        ["nodemesh-system/deny-legacy", "shop/public-only"]
+    );
+    assert_eq!(names("shop/api"), ["nodemesh-system/deny-legacy"]);
+}
+
+#[test]
+fn authorization_policy_mistakes_name_their_field() {
+    let cases = [
+        (ALLOW_PUBLIC.replace("ALLOW", "PERMIT"), "spec.action"),
+        (
+            ALLOW_PUBLIC.replace("\"GET\"", "\"get\""),
+            "spec.rules[0].to[0].operation.methods[0]",
+        ),
+        (
+            ALLOW_PUBLIC.replace("\"/public/*\"", "\"public\""),
+            "spec.rules[0].to[0].operation.paths[0]",
+        ),
+        (
+            ALLOW_PUBLIC.replace("\"/public/*\"", "\"/a/*/b/*\""),
+            "spec.rules[0].to[0].operation.paths[0]",
+        ),
+        (
+            ALLOW_PUBLIC.replace("\"8080\"", "\"http\""),
+            "spec.rules[0].to[0].operation.ports[0]",
+        ),
+        (
+            ALLOW_PUBLIC.replace("10.0.0.0/8", "10.0.0.0/33"),
+            "spec.rules[0].from[0].source.ipBlocks[0]",
+        ),
+        (
+            ALLOW_PUBLIC.replace("request.headers[x-tenant]", "request.auth.claims[iss]"),
+            "spec.rules[0].when[0].key",
+        ),
+        (
+            ALLOW_PUBLIC.replace("principals:", "requestPrincipals:"),
+            "spec.rules[0].from[0].source.requestPrincipals",
+        ),
+        (
+            ALLOW_PUBLIC.replace("methods:", "verbs:"),
+            "spec.rules[0].to[0].operation.verbs",
+        ),
+    ];
+    for (text, field) in cases {
+        let dir = ConfigDir::new();
+        dir.write("policy.yaml", &text);
+        let errors = dir.errors();
+        assert_eq!(errors[0].field.as_deref(), Some(field), "{}", errors[0]);
+        assert!(
+            errors[0]
+                .to_string()
+                .contains("AuthorizationPolicy shop/public-only"),
+            "{}",
+            errors[0]
+        );
+    }
+}
+
+#[test]
+fn services_pick_their_endpoints_and_need_their_own_address() {
+    let dir = ConfigDir::new();
+    let service = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: shop\nspec:\n  clusterIP: 10.96.0.10\n  selector:\n    app: web\n  ports:\n  - name: http\n    port: 80\n    targetPort: 8080\n  ipFamilies: [IPv4]\n";
+    dir.write("web.yaml", &workload("web", "shop", "10.0.0.2", ""))
+        .write("api.yaml", &workload("api", "shop", "10.0.0.3", ""))
+        .write("svc.yaml", service);
+    let config = dir
+        .load()
+        .expect("valid: unknown Kubernetes fields are ignored");
+    let svc = &config.services["shop/web"];
+    let endpoints: Vec<String> = config.endpoints(svc).map(Workload::key).collect();
+    assert_eq!(endpoints, ["shop/web"]);
+    assert_eq!(svc.target_port(80), Some(8080));
+    assert_eq!(svc.target_port(81), None);
+
+    dir.write("svc.yaml", &service.replace("10.96.0.10", "10.0.0.3"));
+    assert_eq!(dir.errors()[0].field.as_deref(), Some("spec.clusterIP"));
+    dir.write(
+        "svc.yaml",
+        &service.replace("targetPort: 8080", "targetPort: http"),
+    );
+    assert_eq!(
+        dir.errors()[0].field.as_deref(),
+        Some("spec.ports[0].targetPort")
+    );
+}

@@ -1,0 +1,99 @@
+//! Checks of one object on its own, beyond what its types enforce.
+
+use super::Object;
+use crate::{ROOT_NAMESPACE, meta::check_dns_label};
+
+/// Checks one object on its own. Returns the field and what is wrong with it.
+pub(super) fn check_object(object: &Object) -> Result<(), (String, String)> {
+    match object {
+        Object::Namespace(ns) => {
+            check_dns_label(&ns.metadata.name).map_err(|e| ("metadata.name".to_owned(), e))?;
+            if ns.metadata.namespace.is_some() {
+                return Err((
+                    "metadata.namespace".to_owned(),
+                    "a Namespace is not itself namespaced; remove the field".into(),
+                ));
+            }
+        }
+        Object::Workload(w) => {
+            check_dns_label(&w.metadata.name).map_err(|e| ("metadata.name".to_owned(), e))?;
+            check_dns_label(w.namespace()).map_err(|e| ("metadata.namespace".to_owned(), e))?;
+            check_dns_label(&w.spec.service_account)
+                .map_err(|e| ("spec.serviceAccount".to_owned(), e))?;
+            if w.spec.node.is_empty() {
+                return Err((
+                    "spec.node".to_owned(),
+                    "is empty; name the node that runs this workload".into(),
+                ));
+            }
+            if !w.spec.netns.is_absolute() {
+                return Err((
+                    "spec.netns".to_owned(),
+                    format!(
+                        "{:?} is not an absolute path; give the network namespace's path, \
+                         such as /run/netns/<name>",
+                        w.spec.netns
+                    ),
+                ));
+            }
+            let ip = w.spec.ip;
+            if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || ip.is_broadcast() {
+                return Err((
+                    "spec.ip".to_owned(),
+                    format!("{ip} cannot be a workload address"),
+                ));
+            }
+        }
+        Object::PeerAuthentication(p) => {
+            check_dns_label(&p.metadata.name).map_err(|e| ("metadata.name".to_owned(), e))?;
+            check_dns_label(p.metadata.namespace())
+                .map_err(|e| ("metadata.namespace".to_owned(), e))?;
+            if p.metadata.namespace() == ROOT_NAMESPACE && p.spec.selector.is_some() {
+                return Err((
+                    "spec.selector".to_owned(),
+                    format!(
+                        "a PeerAuthentication in the root namespace {ROOT_NAMESPACE} applies \
+                         to the whole mesh and takes no selector; put it in the workloads' \
+                         namespace"
+                    ),
+                ));
+            }
+        }
+        Object::AuthorizationPolicy(p) => {
+            check_dns_label(&p.metadata.name).map_err(|e| ("metadata.name".to_owned(), e))?;
+            check_dns_label(p.metadata.namespace())
+                .map_err(|e| ("metadata.namespace".to_owned(), e))?;
+            if p.metadata.namespace() == ROOT_NAMESPACE && p.spec.selector.is_some() {
+                return Err((
+                    "spec.selector".to_owned(),
+                    format!(
+                        "an AuthorizationPolicy in the root namespace {ROOT_NAMESPACE} applies \
+                         to the whole mesh and takes no selector; put it in the workloads' \
+                         namespace"
+                    ),
+                ));
+            }
+            p.validate()?;
+        }
+        Object::Service(svc) => {
+            check_dns_label(&svc.metadata.name).map_err(|e| ("metadata.name".to_owned(), e))?;
+            check_dns_label(svc.metadata.namespace())
+                .map_err(|e| ("metadata.namespace".to_owned(), e))?;
+            svc.validate()?;
+        }
+        Object::MeshSettings(m) => {
+            if m.metadata.name != "default" || m.metadata.namespace() != ROOT_NAMESPACE {
+                return Err((
+                    "metadata".to_owned(),
+                    format!(
+                        "MeshSettings must be named default in namespace {ROOT_NAMESPACE}, not \
+                         {}/{}",
+                        m.metadata.namespace(),
+                        m.metadata.name
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}

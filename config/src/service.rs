@@ -1,0 +1,109 @@
+//! Kubernetes' Service (`apiVersion: v1`): a virtual IP and ports in front of the workloads
+//! its selector picks.
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use serde::{Deserialize, Serialize};
+
+use crate::ObjectMeta;
+
+/// Fields nodemesh does not use are accepted and ignored, so that Services exported from a
+/// cluster load unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Service {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: ObjectMeta,
+    pub spec: ServiceSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceSpec {
+    /// The virtual IP clients connect to.
+    #[serde(rename = "clusterIP")]
+    pub cluster_ip: Ipv4Addr,
+    /// Labels of the workloads behind the Service, in its namespace.
+    #[serde(default)]
+    pub selector: BTreeMap<String, String>,
+    pub ports: Vec<ServicePort>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePort {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub port: u16,
+    /// The workloads' port; the same as `port` when unset. Only numbers: local workloads
+    /// declare no named ports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_port: Option<serde_yaml::Value>,
+    #[serde(default = "tcp")]
+    pub protocol: String,
+}
+
+fn tcp() -> String {
+    "TCP".to_owned()
+}
+
+impl Service {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.metadata.namespace(), self.metadata.name)
+    }
+
+    /// The workloads' port behind `port`.
+    pub fn target_port(&self, port: u16) -> Option<u16> {
+        self.spec.ports.iter().find(|p| p.port == port).map(|p| {
+            p.target_port
+                .as_ref()
+                .and_then(serde_yaml::Value::as_u64)
+                .map_or(p.port, |t| t as u16)
+        })
+    }
+
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        if self.spec.ports.is_empty() {
+            return Err((
+                "spec.ports".to_owned(),
+                "a Service needs at least one port".to_owned(),
+            ));
+        }
+        let ip = self.spec.cluster_ip;
+        if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
+            return Err((
+                "spec.clusterIP".to_owned(),
+                format!("{ip} cannot be a Service address"),
+            ));
+        }
+        for (i, port) in self.spec.ports.iter().enumerate() {
+            let at = |field: &str| format!("spec.ports[{i}].{field}");
+            if port.port == 0 {
+                return Err((at("port"), "0 is not a port".to_owned()));
+            }
+            if port.protocol != "TCP" {
+                return Err((
+                    at("protocol"),
+                    format!("{:?} is not supported; nodemesh carries TCP", port.protocol),
+                ));
+            }
+            match &port.target_port {
+                None => {}
+                Some(v) if v.as_u64().is_some_and(|p| (1..=65535).contains(&p)) => {}
+                Some(v) => {
+                    return Err((
+                        at("targetPort"),
+                        format!(
+                            "{v:?} is not a port number; named ports are not supported in local mode"
+                        ),
+                    ));
+                }
+            }
+            if self.spec.ports[..i].iter().any(|p| p.port == port.port) {
+                return Err((at("port"), format!("port {} is listed twice", port.port)));
+            }
+        }
+        Ok(())
+    }
+}
