@@ -1,6 +1,6 @@
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     AuthorizationPolicy, ENROLLED_LABEL, EgressPolicy, MeshSettingsSpec, MtlsMode, Namespace,
@@ -9,7 +9,8 @@ use crate::{
 
 /// A whole, validated configuration: what one load of a directory (or one snapshot of the
 /// Kubernetes API) says the mesh is.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct MeshConfig {
     /// Namespaces by name.
     pub namespaces: BTreeMap<String, Namespace>,

@@ -20,6 +20,7 @@
 mod compile;
 mod explain;
 mod matcher;
+mod path;
 
 use std::net::IpAddr;
 
@@ -29,6 +30,7 @@ use serde::Serialize;
 pub use self::{
     compile::WorkloadPolicies,
     explain::{Explanation, PolicyTrace, RuleTrace},
+    path::{Endpoint, PathExplanation, Step, explain_path},
 };
 
 /// Who is calling.

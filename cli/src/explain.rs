@@ -1,0 +1,228 @@
+//! `nodemesh explain`.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+    process::ExitCode,
+};
+
+use anyhow::{Context as _, bail};
+use nodemesh_config::MeshConfig;
+use nodemesh_policy::{HttpAttributes, PathExplanation, Reason, Step, explain_path};
+
+use crate::source::{self, Loaded};
+
+#[derive(Debug, clap::Args)]
+pub struct ExplainArgs {
+    /// The client: a workload (`name` or `namespace/name`) or an IPv4 address.
+    #[arg(long)]
+    from: String,
+    /// The destination: `workload:port`, `namespace/workload:port` or `ip:port`.
+    #[arg(long)]
+    to: String,
+    /// Judge an HTTP request with this method (otherwise a TCP connection).
+    #[arg(long)]
+    method: Option<String>,
+    /// The request's path (the query string is ignored, as by the proxy).
+    #[arg(long)]
+    path: Option<String>,
+    /// The request's Host; the destination by default.
+    #[arg(long)]
+    host: Option<String>,
+    /// A request header, `name=value`; repeat for more.
+    #[arg(long = "header", value_name = "NAME=VALUE")]
+    headers: Vec<String>,
+    /// Read the configuration from this directory.
+    #[arg(
+        long,
+        conflicts_with = "controller",
+        required_unless_present = "controller"
+    )]
+    config: Option<PathBuf>,
+    /// Ask the running controller (its monitoring endpoint, http://host:15014).
+    #[arg(long)]
+    controller: Option<String>,
+    #[arg(long)]
+    trust_domain: Option<String>,
+    /// Print the explanation as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Exit 0 when allowed, 1 when denied, 2 when the question cannot be answered.
+pub fn run(args: &ExplainArgs) -> anyhow::Result<ExitCode> {
+    let Loaded { mesh, trust_domain } = match (&args.config, &args.controller) {
+        (Some(dir), _) => source::from_dir(dir, args.trust_domain.as_deref())?,
+        (None, Some(url)) => source::from_controller(url, args.trust_domain.as_deref())?,
+        (None, None) => bail!("give --config DIR or --controller URL"),
+    };
+    let from = resolve_ip(&mesh, &args.from)?;
+    let (to_host, to_port) = args
+        .to
+        .rsplit_once(':')
+        .with_context(|| format!("--to {:?} needs a port: workload:port or ip:port", args.to))?;
+    let port: u16 = to_port
+        .parse()
+        .with_context(|| format!("--to {:?}: {to_port:?} is not a port", args.to))?;
+    let to = resolve_ip(&mesh, to_host)?;
+    let http = http_attributes(args, to_host)?;
+    let explanation = explain_path(&mesh, &trust_domain, from, to, port, http.as_ref());
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&explanation)?);
+    } else {
+        print!("{}", render(&explanation, http.as_ref()));
+    }
+    Ok(if explanation.allowed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn resolve_ip(mesh: &MeshConfig, name: &str) -> anyhow::Result<Ipv4Addr> {
+    if let Ok(ip) = name.parse::<Ipv4Addr>() {
+        return Ok(ip);
+    }
+    let matches: Vec<_> = mesh
+        .workloads
+        .values()
+        .filter(|w| w.key() == name || w.name() == name)
+        .collect();
+    match matches.as_slice() {
+        [one] => Ok(one.spec.ip),
+        [] => bail!("no workload named {name:?}; give namespace/name, a name, or an IPv4 address"),
+        several => bail!(
+            "{name:?} names several workloads ({}); give namespace/name",
+            several
+                .iter()
+                .map(|w| w.key())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+fn http_attributes(args: &ExplainArgs, to_host: &str) -> anyhow::Result<Option<HttpAttributes>> {
+    if args.method.is_none()
+        && args.path.is_none()
+        && args.headers.is_empty()
+        && args.host.is_none()
+    {
+        return Ok(None);
+    }
+    let headers = args
+        .headers
+        .iter()
+        .map(|h| {
+            h.split_once('=')
+                .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+                .with_context(|| format!("--header {h:?} must be name=value"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let path = args.path.clone().unwrap_or_else(|| "/".to_owned());
+    Ok(Some(HttpAttributes {
+        method: args.method.clone().unwrap_or_else(|| "GET".to_owned()),
+        path: path.split('?').next().unwrap_or("/").to_owned(),
+        host: args.host.clone().unwrap_or_else(|| to_host.to_owned()),
+        headers,
+    }))
+}
+
+fn name(endpoint: &nodemesh_policy::Endpoint) -> String {
+    match (&endpoint.workload, &endpoint.identity) {
+        (Some(w), Some(id)) => format!("{w} ({}, {id})", endpoint.ip),
+        (Some(w), None) => format!("{w} ({}, not in the mesh)", endpoint.ip),
+        _ => format!("{} (not a known workload)", endpoint.ip),
+    }
+}
+
+fn render(e: &PathExplanation, http: Option<&HttpAttributes>) -> String {
+    let mut out = String::new();
+    let what = match http {
+        Some(h) => format!("HTTP {} {}", h.method, h.path),
+        None => "TCP connection".to_owned(),
+    };
+    out.push_str(&format!(
+        "{what} from {} to {} port {}\n",
+        name(&e.source),
+        name(&e.destination),
+        SocketAddrV4::new(e.destination.ip, e.port).port()
+    ));
+    out.push_str(&format!(
+        "  carried as: {}\n",
+        match e.security {
+            "mtls" => "mTLS (HBONE), the client's identity proven to the destination",
+            _ => "plain TCP",
+        }
+    ));
+    if let Some((mode, policy)) = &e.destination_mtls {
+        out.push_str(&format!(
+            "  destination mTLS mode: {} ({})\n",
+            format!("{mode:?}").to_uppercase(),
+            policy
+                .as_deref()
+                .map_or("default".to_owned(), |p| format!("PeerAuthentication {p}"))
+        ));
+    }
+    let verdict = if e.allowed { "ALLOWED" } else { "DENIED" };
+    match &e.step {
+        Step::SourceOutsideMesh => out.push_str(&format!(
+            "  verdict: {verdict}: neither end is in the mesh, nodemesh does not touch it\n"
+        )),
+        Step::DestinationOutsideMesh => out.push_str(&format!(
+            "  verdict: {verdict}: the destination is outside the mesh; the source's proxy sends plain TCP (egress Allow)\n"
+        )),
+        Step::EgressDenied => out.push_str(&format!(
+            "  verdict: {verdict}: the destination is outside the mesh and MeshSettings denies egress\n"
+        )),
+        Step::PlaintextRefused { policy } => out.push_str(&format!(
+            "  verdict: {verdict}: plaintext refused, the destination is STRICT ({})\n",
+            policy.as_deref().unwrap_or("mesh default")
+        )),
+        Step::Authorization { explanation } => {
+            let decision = &explanation.decision;
+            let why = match &decision.reason {
+                Reason::NoPolicy => "no AuthorizationPolicy applies to the destination".to_owned(),
+                Reason::NoDenyMatched => "no DENY rule matched and no ALLOW policy applies".to_owned(),
+                Reason::Allowed(v) => format!("AuthorizationPolicy {} rule {} allows it", v.policy, v.rule),
+                Reason::Denied(v) => format!("AuthorizationPolicy {} rule {} denies it", v.policy, v.rule),
+                Reason::NoAllowMatched { policies } => format!(
+                    "ALLOW policies apply ({}) and none of their rules matched",
+                    policies.join(", ")
+                ),
+            };
+            out.push_str(&format!("  verdict: {verdict}: {why}\n"));
+            for audit in &decision.audited {
+                out.push_str(&format!("  audited by: {} rule {}\n", audit.policy, audit.rule));
+            }
+            if let Some(shadow) = &decision.dry_run {
+                out.push_str(&format!(
+                    "  with dry-run policies enforced it would be {}\n",
+                    if shadow.allowed { "ALLOWED" } else { "DENIED" }
+                ));
+            }
+            if !explanation.policies.is_empty() {
+                out.push_str("  policies:\n");
+            }
+            for policy in &explanation.policies {
+                let dry = if policy.dry_run { ", dry-run" } else { "" };
+                let action = format!("{:?}", policy.action).to_uppercase();
+                out.push_str(&format!("    {} ({action}{dry})\n", policy.policy));
+                if let Some(note) = &policy.note {
+                    out.push_str(&format!("      {note}\n"));
+                }
+                for rule in &policy.rules {
+                    if rule.matched {
+                        out.push_str(&format!("      rule {}: matches\n", rule.rule));
+                    } else {
+                        out.push_str(&format!("      rule {}: no match\n", rule.rule));
+                        for reason in &rule.reasons {
+                            out.push_str(&format!("        {reason}\n"));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}

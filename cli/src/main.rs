@@ -1,0 +1,50 @@
+//! `nodemesh`: the operator's tool.
+//!
+//! - `nodemesh check DIR` validates a configuration directory offline: exit 0 when valid,
+//!   1 with one line per error (file, object, field, what to do) otherwise. Fit for CI.
+//! - `nodemesh explain --from POD --to POD:PORT [--method M --path P --header K=V]` says
+//!   whether the mesh lets that connection or request through, and which policy and rule
+//!   decide, against a directory or the running controller.
+#![forbid(unsafe_code)]
+
+mod check;
+mod explain;
+mod source;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "nodemesh",
+    version,
+    about = "Check nodemesh configuration and explain its decisions"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Validate a configuration directory (or file) without running anything.
+    Check(check::CheckArgs),
+    /// Explain whether a connection or HTTP request is allowed, and why.
+    Explain(explain::ExplainArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Check(args) => check::run(&args),
+        Command::Explain(args) => explain::run(&args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("nodemesh: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
