@@ -15,6 +15,8 @@ pub struct Metrics {
     pub connections_active: IntGaugeVec,
     pub connection_failures: IntCounterVec,
     pub config_loads: IntCounterVec,
+    pub authorization_decisions: IntCounterVec,
+    pub authorization_audits: IntCounterVec,
     ebpf_events: IntCounterVec,
     ebpf_seen: Mutex<Vec<u64>>,
 }
@@ -65,6 +67,23 @@ impl Metrics {
                 &["result"],
             )
             .expect("valid metric"),
+            authorization_decisions: IntCounterVec::new(
+                Opts::new(
+                    "nodemesh_authorization_decisions_total",
+                    "Authorization decisions on connections and HTTP requests, by outcome \
+                     (allow, deny) and mode (enforced, dry_run)",
+                ),
+                &["decision", "mode"],
+            )
+            .expect("valid metric"),
+            authorization_audits: IntCounterVec::new(
+                Opts::new(
+                    "nodemesh_authorization_audits_total",
+                    "Requests matched by AUDIT policies, by policy",
+                ),
+                &["policy"],
+            )
+            .expect("valid metric"),
             ebpf_events: IntCounterVec::new(
                 Opts::new(
                     "nodemesh_ebpf_events_total",
@@ -83,6 +102,8 @@ impl Metrics {
             Box::new(metrics.connections_active.clone()),
             Box::new(metrics.connection_failures.clone()),
             Box::new(metrics.config_loads.clone()),
+            Box::new(metrics.authorization_decisions.clone()),
+            Box::new(metrics.authorization_audits.clone()),
             Box::new(metrics.ebpf_events.clone()),
         ] {
             metrics

@@ -11,8 +11,10 @@
 //! Towards the application the proxy connects from the client's own address, so the
 //! application sees who is calling. Plain TCP is a byte copy with half-close carried through.
 
+mod authz;
 mod hbone_inbound;
 mod inbound;
+mod l7;
 mod listener;
 mod outbound;
 mod pool;
@@ -26,11 +28,13 @@ use std::{
 
 use nodemesh_config::{EffectiveMtls, MtlsMode};
 use nodemesh_identity::SpiffeId;
+use nodemesh_policy::{Peer, WorkloadPolicies};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::TcpStream,
 };
 
+use self::authz::ActiveConnections;
 pub use self::{listener::serve, pool::HbonePool};
 
 /// The handler of each in-pod listener, for [`serve`].
@@ -92,11 +96,32 @@ pub struct PodContext {
     pub mtls: RwLock<EffectiveMtls>,
     /// Cancelled when the workload is released: ends its listeners and connections.
     pub cancel: tokio_util::sync::CancellationToken,
+    /// The AuthorizationPolicies that apply to the workload; follow the configuration.
+    pub policies: RwLock<Arc<WorkloadPolicies>>,
+    /// Byte-stream connections a policy change may have to close.
+    pub active: ActiveConnections,
 }
 
 impl PodContext {
     pub fn mtls(&self) -> EffectiveMtls {
         self.mtls.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn policies(&self) -> Arc<WorkloadPolicies> {
+        self.policies
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Puts new policies in force and closes the connections they no longer allow.
+    pub fn set_policies(&self, shared: &ProxyShared, policies: WorkloadPolicies) {
+        let policies = Arc::new(policies);
+        *self.policies.write().unwrap_or_else(|e| e.into_inner()) = policies.clone();
+        let closed = self.active.close_denied(self, shared, &policies);
+        if closed > 0 {
+            tracing::info!(workload = %self.key, closed, "closed connections the new policies deny");
+        }
     }
 }
 
@@ -146,6 +171,12 @@ pub enum ProxyError {
     EgressDenied { dst: SocketAddr },
     #[error("plaintext refused: the workload's mTLS mode is STRICT ({policy})")]
     PlaintextRefused { policy: String },
+    #[error("denied by {by}")]
+    Denied { by: String },
+    #[error("closed: the authorization policies no longer allow this connection")]
+    Revoked,
+    #[error("HTTP: {0}")]
+    Http(String),
     #[error("{0}")]
     Io(#[from] io::Error),
 }
@@ -165,6 +196,9 @@ impl ProxyError {
             ProxyError::Hbone(_) => "hbone",
             ProxyError::EgressDenied { .. } => "egress_denied",
             ProxyError::PlaintextRefused { .. } => "plaintext_refused",
+            ProxyError::Denied { .. } => "denied",
+            ProxyError::Revoked => "revoked",
+            ProxyError::Http(_) => "http",
             ProxyError::Io(_) => "io",
         }
     }
@@ -233,6 +267,29 @@ where
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
     Ok(tokio::io::copy_bidirectional(client, upstream).await?)
+}
+
+/// Hands an inbound stream to the application over `upstream`: request by request when the
+/// pod's policies look at HTTP, otherwise as bytes, closed if a policy change denies it.
+async fn deliver<S>(
+    mut client: S,
+    mut upstream: TcpStream,
+    peer: Peer,
+    dst: SocketAddr,
+    pod: &Arc<PodContext>,
+    shared: &Arc<ProxyShared>,
+) -> Result<(u64, u64), ProxyError>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    if pod.policies().needs_http() {
+        return l7::serve(client, upstream, peer, dst, pod.clone(), shared.clone()).await;
+    }
+    let registration = pod.active.register(peer, dst.port(), &pod.cancel);
+    tokio::select! {
+        () = registration.cancel.cancelled() => Err(ProxyError::Revoked),
+        result = splice(&mut client, &mut upstream) => result,
+    }
 }
 
 /// Bookkeeping of one proxied connection: metrics while it runs, a record when it ends.

@@ -10,6 +10,7 @@ use std::{
 
 use nodemesh_config::{MeshConfig, Workload};
 use nodemesh_identity::SpiffeId;
+use nodemesh_policy::WorkloadPolicies;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -75,13 +76,14 @@ impl WorkloadRegistry {
     }
 
     /// Makes the node match `mesh`: the proxy's view of the mesh, then the enrolled set
-    /// (release what left or changed, enroll what is new), then each pod's mTLS mode. A
+    /// (release what left or changed, enroll what is new), then each pod's policies. A
     /// workload that cannot be enrolled is reported and retried by
     /// [`retry_failed`](Self::retry_failed); the others are unaffected.
     pub async fn apply(&mut self, mesh: Arc<MeshConfig>) {
         self.shared
             .mesh
             .store(MeshView::new(&mesh, &self.config.trust_domain));
+        self.mesh = Some(mesh.clone());
         let config = self.config.clone();
         let desired: BTreeMap<String, &Workload> = mesh
             .enrolled_on(&config.node)
@@ -103,20 +105,14 @@ impl WorkloadRegistry {
             }
         }
         for enrolled in self.enrolled.values() {
-            let mtls = mesh.mtls_mode(&enrolled.workload);
-            *enrolled.pod.mtls.write().unwrap_or_else(|e| e.into_inner()) = mtls;
+            apply_policies(&mesh, enrolled, &self.shared);
         }
-        self.mesh = Some(mesh);
     }
 
     /// Tries again to enroll the workloads that failed (their namespace may exist now).
     pub async fn retry_failed(&mut self) {
         for (key, (workload, _)) in std::mem::take(&mut self.failed) {
-            self.enroll(key.clone(), workload.clone()).await;
-            if let (Some(mesh), Some(enrolled)) = (&self.mesh, self.enrolled.get(&key)) {
-                *enrolled.pod.mtls.write().unwrap_or_else(|e| e.into_inner()) =
-                    mesh.mtls_mode(&workload);
-            }
+            self.enroll(key, workload).await;
         }
     }
 
@@ -135,6 +131,9 @@ impl WorkloadRegistry {
     async fn enroll(&mut self, key: String, workload: Workload) {
         match self.try_enroll(&workload).await {
             Ok(enrolled) => {
+                if let Some(mesh) = &self.mesh {
+                    apply_policies(mesh, &enrolled, &self.shared);
+                }
                 tracing::info!(
                     workload = %key,
                     ip = %workload.spec.ip,
@@ -186,6 +185,8 @@ impl WorkloadRegistry {
             netns,
             counters: Default::default(),
             mtls: RwLock::new(default_mtls()),
+            policies: RwLock::default(),
+            active: Default::default(),
             cancel: CancellationToken::new(),
         });
         let shared = &self.shared;
@@ -239,6 +240,14 @@ impl WorkloadRegistry {
         all.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         all
     }
+}
+
+/// Puts the workload's mTLS mode and authorization policies from `mesh` in force.
+fn apply_policies(mesh: &MeshConfig, enrolled: &Enrolled, shared: &ProxyShared) {
+    let mtls = mesh.mtls_mode(&enrolled.workload);
+    *enrolled.pod.mtls.write().unwrap_or_else(|e| e.into_inner()) = mtls;
+    let policies = WorkloadPolicies::new(mesh.authorization_policies_for(&enrolled.workload));
+    enrolled.pod.set_policies(shared, policies);
 }
 
 fn describe(

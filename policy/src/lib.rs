@@ -146,7 +146,7 @@ impl Decision {
                 v.policy, v.rule
             )),
             Reason::NoAllowMatched { policies } => Some(format!(
-                "no ALLOW rule matched (AuthorizationPolicy {})",
+                "AuthorizationPolicy {} (no ALLOW rule matched)",
                 policies.join(", ")
             )),
             _ => None,

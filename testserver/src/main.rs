@@ -1,8 +1,8 @@
 //! The sandbox's test server, run in every pod.
 //!
 //! Port 8080 speaks HTTP/1.1 and h2c (prior knowledge):
-//! - `/` echoes method, path, the client address it saw and the pod name (JSON; the pod name
-//!   also in header `x-pod`);
+//! - `/` (and any path not below) echoes method, path, the client address it saw and the pod
+//!   name (JSON; the pod name also in header `x-pod`);
 //! - `/headers` returns the request headers as JSON;
 //! - `/delay/<ms>` answers like `/` after that many milliseconds (at most 60 000);
 //! - `/status/<code>` answers with that status code;
@@ -142,12 +142,8 @@ async fn respond(req: Request<Incoming>, client: SocketAddr, pod: &str) -> Respo
                 .unwrap_or_default(),
             Err(_) => bad_request("use /bytes/<count>"),
         },
-        _ => Response::builder()
-            .status(StatusCode::NOT_FOUND)
-            .body(full(format!(
-                "no route {path}; try /, /headers, /delay/<ms>, /status/<code>, /bytes/<n>\n"
-            )))
-            .unwrap_or_default(),
+        // Any other path echoes too, so that policies on paths have something to allow.
+        _ => echo(&req, client, pod),
     };
     with_pod(response, pod)
 }

@@ -16,7 +16,8 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
 use super::{
-    ConnectionTracker, Direction, PodContext, ProxyError, ProxyShared, connect_to_app, splice,
+    ConnectionTracker, Direction, PodContext, ProxyError, ProxyShared, authz, connect_to_app,
+    deliver,
 };
 
 /// Handles one connection accepted on the pod's HBONE listener: mTLS, then HTTP/2 until the
@@ -84,8 +85,13 @@ async fn open(
     let mut tracker = ConnectionTracker::start(&shared, &pod, Direction::Inbound, peer, dst);
     tracker.record.security = "mtls";
     tracker.record.source_identity = Some(client_identity.to_string());
+    let client_peer = authz::peer(Some(&client_identity), peer);
+    if let Err(denied) = authz::authorize_connection(&pod, &shared, &client_peer, dst.port()) {
+        tracker.finish(Err(denied));
+        return status(StatusCode::FORBIDDEN);
+    }
     let client = SocketAddr::new(peer.ip(), 0);
-    let mut upstream = match connect_to_app(&pod, &shared, client, dst).await {
+    let upstream = match connect_to_app(&pod, &shared, client, dst).await {
         Ok(upstream) => upstream,
         Err(e) => {
             tracker.finish(Err(e));
@@ -97,7 +103,7 @@ async fn open(
     // Tied to the pod: releasing the workload ends its tunnels too.
     tokio::spawn(pod.cancel.clone().run_until_cancelled_owned(async move {
         let result = match tunnel.await {
-            Some(mut tunnel) => splice(&mut tunnel, &mut upstream).await,
+            Some(tunnel) => deliver(tunnel, upstream, client_peer, dst, &pod, &shared).await,
             None => Err(ProxyError::Io(std::io::Error::other(
                 "the client closed the stream before it opened",
             ))),

@@ -7,17 +7,18 @@ use std::{net::SocketAddr, sync::Arc, sync::atomic::Ordering};
 use tokio::net::TcpStream;
 
 use super::{
-    ConnectionTracker, Direction, PodContext, ProxyError, ProxyShared, connect_to_app, splice,
+    ConnectionTracker, Direction, PodContext, ProxyError, ProxyShared, authz, connect_to_app,
+    deliver,
 };
 
 /// Handles one connection accepted on the pod's plaintext inbound listener.
 pub async fn handle(
-    mut client: TcpStream,
+    client: TcpStream,
     peer: SocketAddr,
     pod: Arc<PodContext>,
     shared: Arc<ProxyShared>,
 ) {
-    let (pod, shared) = (&*pod, &shared);
+    let shared = &shared;
     pod.counters.inbound.fetch_add(1, Ordering::Relaxed);
     let dst = match client.local_addr() {
         Ok(dst) => dst,
@@ -26,19 +27,20 @@ pub async fn handle(
             return;
         }
     };
-    let mut tracker = ConnectionTracker::start(shared, pod, Direction::Inbound, peer, dst);
-    let mtls = pod.mtls();
-    let result = if mtls.mode.accepts_plaintext() {
-        async {
-            let mut upstream = connect_to_app(pod, shared, peer, dst).await?;
-            tracker.record.upstream_local = upstream.local_addr().ok();
-            splice(&mut client, &mut upstream).await
+    let mut tracker = ConnectionTracker::start(shared, &pod, Direction::Inbound, peer, dst);
+    let result = async {
+        let mtls = pod.mtls();
+        if !mtls.mode.accepts_plaintext() {
+            return Err(ProxyError::PlaintextRefused {
+                policy: mtls.policy.unwrap_or_else(|| "mesh default".to_owned()),
+            });
         }
-        .await
-    } else {
-        Err(ProxyError::PlaintextRefused {
-            policy: mtls.policy.unwrap_or_else(|| "mesh default".to_owned()),
-        })
-    };
+        let client_peer = authz::peer(None, peer);
+        authz::authorize_connection(&pod, shared, &client_peer, dst.port())?;
+        let upstream = connect_to_app(&pod, shared, peer, dst).await?;
+        tracker.record.upstream_local = upstream.local_addr().ok();
+        deliver(client, upstream, client_peer, dst, &pod, shared).await
+    }
+    .await;
     tracker.finish(result);
 }
