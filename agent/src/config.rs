@@ -4,7 +4,6 @@
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
-    time::Duration,
 };
 
 use clap::Parser;
@@ -18,10 +17,13 @@ struct Args {
     #[arg(long, env = "NODE_NAME")]
     node: String,
 
-    /// Local mode: a YAML file or directory of Namespace and Workload objects. Watched for
-    /// changes.
-    #[arg(long, env = "NODEMESH_CONFIG")]
-    config: PathBuf,
+    /// Where the agent keeps what must survive a restart (the last good snapshot).
+    #[arg(
+        long,
+        env = "NODEMESH_STATE_DIR",
+        default_value = "/var/lib/nodemesh/agent"
+    )]
+    state_dir: PathBuf,
 
     /// The compiled eBPF object. Defaults to `nodemesh-ebpf.o` next to this binary.
     #[arg(long, env = "NODEMESH_EBPF_OBJECT")]
@@ -68,10 +70,6 @@ struct Args {
     /// Readiness endpoint (`/healthz/ready`).
     #[arg(long, default_value = "0.0.0.0:15021")]
     readiness_addr: SocketAddr,
-
-    /// How often to look for configuration changes, in milliseconds.
-    #[arg(long, default_value_t = 250)]
-    config_poll_ms: u64,
 
     /// Proxy worker threads. Defaults to the number of CPUs.
     #[arg(long)]
@@ -125,7 +123,7 @@ impl Default for InPodPorts {
 #[derive(Debug, Clone, Serialize)]
 pub struct Config {
     pub node: String,
-    pub config_source: PathBuf,
+    pub state_dir: PathBuf,
     pub ebpf_object: PathBuf,
     pub cgroup_root: Option<PathBuf>,
     pub proxy_mark: u32,
@@ -138,8 +136,6 @@ pub struct Config {
     pub admin_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub readiness_addr: SocketAddr,
-    #[serde(with = "millis")]
-    pub config_poll_interval: Duration,
     pub worker_threads: usize,
     pub log_format: LogFormat,
 }
@@ -174,7 +170,7 @@ impl Config {
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
         Ok(Self {
             node: args.node,
-            config_source: args.config,
+            state_dir: args.state_dir,
             ebpf_object,
             cgroup_root: args.cgroup_root,
             proxy_mark: args.proxy_mark,
@@ -187,7 +183,6 @@ impl Config {
             admin_addr: args.admin_addr,
             metrics_addr: args.metrics_addr,
             readiness_addr: args.readiness_addr,
-            config_poll_interval: Duration::from_millis(args.config_poll_ms.max(10)),
             worker_threads: worker_threads.max(1),
             log_format: args.log_format,
         })
@@ -203,14 +198,6 @@ fn default_ebpf_object() -> Result<PathBuf, String> {
         .join("nodemesh-ebpf.o"))
 }
 
-mod millis {
-    use std::time::Duration;
-
-    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(d.as_millis() as u64)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -221,8 +208,6 @@ mod tests {
                 "nodemesh-agent",
                 "--node",
                 "n1",
-                "--config",
-                "/etc/nodemesh",
                 "--controller",
                 "https://10.0.0.1:15012",
                 "--controller-ca",

@@ -1,10 +1,6 @@
 //! Workload identities on this node: a certificate per identity of an enrolled workload,
 //! obtained from the controller's certificate API and renewed before it expires.
 
-mod ca_client;
 mod manager;
 
-pub use self::{
-    ca_client::CaClient,
-    manager::{Identity, IdentityError, IdentityManager},
-};
+pub use self::manager::{Identity, IdentityError, IdentityManager};

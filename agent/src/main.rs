@@ -6,6 +6,8 @@
 
 mod admin;
 mod config;
+mod config_source;
+mod controller_client;
 mod datapath;
 mod identity;
 mod inpod;
@@ -19,14 +21,19 @@ mod workloads;
 use std::{process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
-use nodemesh_config::LocalSource;
-use tokio::signal::unix::{SignalKind, signal};
+use nodemesh_config::snapshot::SnapshotAck;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::{Config, LogFormat},
+    config_source::{SnapshotSource, SourceEvent},
+    controller_client::ControllerClient,
     datapath::Datapath,
-    identity::{CaClient, IdentityManager},
+    identity::IdentityManager,
     proxy::{HbonePool, ProxyShared},
     state::{AgentState, DatapathView},
     workloads::WorkloadRegistry,
@@ -84,16 +91,16 @@ fn start(config: Arc<Config>) -> anyhow::Result<()> {
 
 async fn run(config: Arc<Config>) -> anyhow::Result<()> {
     let datapath = Datapath::load(&config)?;
-    let ca_client = CaClient::new(
+    let controller = Arc::new(ControllerClient::new(
         &config.controller,
         &config.controller_ca,
         &config.token_file,
-    )?;
+    )?);
     tracing::info!(
-        controller = ca_client.authority(),
-        "certificates come from the controller"
+        controller = controller.authority(),
+        "configuration and certificates come from the controller"
     );
-    let identities = Arc::new(IdentityManager::new(ca_client));
+    let identities = Arc::new(IdentityManager::new(controller.clone(), &config.state_dir));
     tracing::info!(
         node = %config.node,
         cgroup = %datapath.cgroup().display(),
@@ -140,7 +147,15 @@ async fn run(config: Arc<Config>) -> anyhow::Result<()> {
         pool: HbonePool::default(),
     });
     let mut registry = WorkloadRegistry::new(config.clone(), datapath, shared);
-    let mut source = LocalSource::new(config.config_source.clone(), config.config_poll_interval);
+    let source = Arc::new(SnapshotSource::new(controller, &config.state_dir));
+    if let Some((version, mesh)) = source.load_saved() {
+        tracing::info!(version, "starting from the snapshot saved by the last run");
+        let mesh = Arc::new(mesh);
+        registry.apply(mesh.clone()).await;
+        state.config_applied(mesh, version, "saved", registry.status());
+    }
+    let (events_tx, mut events) = mpsc::channel(8);
+    let follower = tokio::spawn(source.clone().follow(events_tx));
     let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
     let mut retry = tokio::time::interval(RETRY_INTERVAL);
@@ -148,18 +163,25 @@ async fn run(config: Arc<Config>) -> anyhow::Result<()> {
         tokio::select! {
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
-            loaded = source.changed() => match loaded {
-                Ok(mesh) => {
-                    let mesh = Arc::new(mesh);
+            Some(event) = events.recv() => match event {
+                SourceEvent::Snapshot { version, mesh } => {
+                    let mesh = Arc::new(*mesh);
                     registry.apply(mesh.clone()).await;
-                    state.config_applied(mesh, registry.status());
-                    tracing::info!(workloads = registry.status().len(), "configuration applied");
+                    state.config_applied(mesh.clone(), version, "controller", registry.status());
+                    tracing::info!(version, workloads = registry.status().len(), "snapshot applied");
+                    let saved = source.save(version, &mesh);
+                    if let Err(e) = &saved {
+                        tracing::warn!(error = %e, "cannot save the snapshot for the next start");
+                    }
+                    source.ack(SnapshotAck { version, applied: true, error: None });
                 }
-                Err(errors) => {
-                    tracing::error!(
-                        "configuration refused, the last good one stays in force: {errors}"
-                    );
-                    state.config_refused(errors.to_string());
+                SourceEvent::Connected => {
+                    tracing::info!("following the controller's snapshots");
+                    state.set_controller(None);
+                }
+                SourceEvent::Disconnected(reason) => {
+                    tracing::warn!("controller unreachable, the snapshot in force stays: {reason}");
+                    state.set_controller(Some(reason));
                 }
             },
             _ = retry.tick(), if registry.has_failures() => registry.retry_failed().await,
@@ -167,6 +189,7 @@ async fn run(config: Arc<Config>) -> anyhow::Result<()> {
         state.set_workloads(registry.status());
     }
     tracing::info!("stopping: releasing workloads and detaching eBPF programs");
+    follower.abort();
     registry.release_all().await;
     stop.cancel();
     drop(registry);

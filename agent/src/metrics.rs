@@ -15,6 +15,8 @@ pub struct Metrics {
     pub connections_active: IntGaugeVec,
     pub connection_failures: IntCounterVec,
     pub config_loads: IntCounterVec,
+    pub config_version: IntGauge,
+    pub controller_connected: IntGauge,
     pub authorization_decisions: IntCounterVec,
     pub authorization_audits: IntCounterVec,
     ebpf_events: IntCounterVec,
@@ -61,10 +63,20 @@ impl Metrics {
             .expect("valid metric"),
             config_loads: IntCounterVec::new(
                 Opts::new(
-                    "nodemesh_config_loads_total",
-                    "Configuration loads, by result (applied or refused)",
+                    "nodemesh_config_snapshots_applied_total",
+                    "Snapshots put in force, by origin (controller, or saved by the last run)",
                 ),
-                &["result"],
+                &["origin"],
+            )
+            .expect("valid metric"),
+            config_version: IntGauge::new(
+                "nodemesh_config_version",
+                "Version of the snapshot in force (the controller's acceptance time, ms)",
+            )
+            .expect("valid metric"),
+            controller_connected: IntGauge::new(
+                "nodemesh_controller_connected",
+                "1 while the agent follows the controller's snapshot stream",
             )
             .expect("valid metric"),
             authorization_decisions: IntCounterVec::new(
@@ -102,6 +114,8 @@ impl Metrics {
             Box::new(metrics.connections_active.clone()),
             Box::new(metrics.connection_failures.clone()),
             Box::new(metrics.config_loads.clone()),
+            Box::new(metrics.config_version.clone()),
+            Box::new(metrics.controller_connected.clone()),
             Box::new(metrics.authorization_decisions.clone()),
             Box::new(metrics.authorization_audits.clone()),
             Box::new(metrics.ebpf_events.clone()),

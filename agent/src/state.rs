@@ -46,9 +46,14 @@ impl std::fmt::Debug for DatapathView {
 #[derive(Debug, Default)]
 struct Inner {
     mesh: Option<Arc<MeshConfig>>,
-    generation: u64,
-    loaded_at: Option<u64>,
-    config_error: Option<String>,
+    /// The snapshot's version (the controller's acceptance time, ms).
+    version: u64,
+    /// `controller`, or `saved` for the snapshot kept by the last run.
+    origin: &'static str,
+    applied_at: Option<u64>,
+    /// Why the controller cannot be reached; `None` while following its stream.
+    controller_error: Option<String>,
+    connected: bool,
     workloads: Vec<WorkloadStatus>,
 }
 
@@ -97,26 +102,32 @@ impl AgentState {
     }
 
     /// Records a configuration that was applied.
-    pub fn config_applied(&self, mesh: Arc<MeshConfig>, workloads: Vec<WorkloadStatus>) {
+    /// Records a snapshot put in force.
+    pub fn config_applied(
+        &self,
+        mesh: Arc<MeshConfig>,
+        version: u64,
+        origin: &'static str,
+        workloads: Vec<WorkloadStatus>,
+    ) {
         let mut inner = self.write();
         inner.mesh = Some(mesh);
-        inner.generation += 1;
-        inner.loaded_at = Some(unix_millis(SystemTime::now()));
-        inner.config_error = None;
+        inner.version = version;
+        inner.origin = origin;
+        inner.applied_at = Some(unix_millis(SystemTime::now()));
         inner.workloads = workloads;
-        self.metrics
-            .config_loads
-            .with_label_values(&["applied"])
-            .inc();
+        self.metrics.config_version.set(version as i64);
+        self.metrics.config_loads.with_label_values(&[origin]).inc();
     }
 
-    /// Records a configuration that was refused; the last good one stays in force.
-    pub fn config_refused(&self, error: String) {
-        self.write().config_error = Some(error);
+    /// Records whether the controller's stream is followed, and why not.
+    pub fn set_controller(&self, error: Option<String>) {
+        let mut inner = self.write();
+        inner.connected = error.is_none();
+        inner.controller_error = error;
         self.metrics
-            .config_loads
-            .with_label_values(&["refused"])
-            .inc();
+            .controller_connected
+            .set(i64::from(inner.connected));
     }
 
     pub fn set_workloads(&self, workloads: Vec<WorkloadStatus>) {
@@ -144,9 +155,9 @@ impl AgentState {
     pub fn readiness(&self) -> Result<(), String> {
         let inner = self.read();
         if inner.mesh.is_none() {
-            return Err(match &inner.config_error {
-                Some(e) => format!("no valid configuration yet: {e}"),
-                None => "no configuration loaded yet".to_owned(),
+            return Err(match &inner.controller_error {
+                Some(e) => format!("no snapshot yet: {e}"),
+                None => "no snapshot received yet".to_owned(),
             });
         }
         let failed: Vec<String> = inner
@@ -175,9 +186,11 @@ impl AgentState {
         serde_json::json!({
             "agent": &*self.config,
             "mesh": {
-                "generation": inner.generation,
-                "loaded_at_unix_ms": inner.loaded_at,
-                "last_error": inner.config_error,
+                "version": inner.version,
+                "origin": inner.origin,
+                "applied_at_unix_ms": inner.applied_at,
+                "controller_connected": inner.connected,
+                "controller_error": inner.controller_error,
                 "config": inner.mesh.as_deref(),
             },
             "datapath": {

@@ -15,6 +15,7 @@ mod meta;
 mod namespace;
 mod peer_authentication;
 mod service;
+pub mod snapshot;
 #[cfg(feature = "watch")]
 mod watch;
 mod workload;

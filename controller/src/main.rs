@@ -4,7 +4,7 @@
 //! monitoring endpoint (:15014, Istio's control-plane monitoring port).
 #![forbid(unsafe_code)]
 
-mod ca_server;
+mod agent_api;
 mod config;
 mod node_tokens;
 mod state;
@@ -19,7 +19,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    ca_server::CaServer,
+    agent_api::AgentApi,
     config::{CaSource, Config},
     node_tokens::NodeTokens,
     state::ControllerState,
@@ -112,14 +112,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
         stop.clone(),
     )
     .await?;
-    CaServer {
+    AgentApi {
         ca,
         tokens,
         state: state.clone(),
         workload_ttl: config.workload_cert_ttl,
         server_names: config.ca_server_names.clone(),
+        stop: stop.clone(),
     }
-    .spawn(config.ca_addr, stop.clone())
+    .spawn(config.ca_addr)
     .await?;
     let mut source = LocalSource::new(
         config.config_source.clone(),

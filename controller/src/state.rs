@@ -2,13 +2,19 @@
 //! metrics.
 
 use std::{
-    sync::{Arc, RwLock},
+    collections::BTreeMap,
+    sync::{Arc, Mutex, RwLock},
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use nodemesh_config::{ConfigErrors, MeshConfig};
+use nodemesh_config::{ConfigErrors, MeshConfig, snapshot::SnapshotAck};
 use nodemesh_identity::SpiffeId;
-use prometheus::{Encoder as _, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder as _, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+use serde::Serialize;
+use tokio::sync::watch;
 
 use crate::config::Config;
 
@@ -17,6 +23,56 @@ pub struct ControllerState {
     config: Config,
     inner: RwLock<Inner>,
     metrics: Metrics,
+    /// The configuration in force, for the snapshot streams.
+    accepted: watch::Sender<Option<Arc<Accepted>>>,
+    agents: Mutex<BTreeMap<String, AgentRecord>>,
+}
+
+/// A configuration the controller accepted, and its version.
+#[derive(Debug)]
+pub struct Accepted {
+    /// Milliseconds since the Unix epoch when accepted; grows across restarts.
+    pub version: u64,
+    pub mesh: Arc<MeshConfig>,
+}
+
+/// What the controller knows of one node's agent.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct AgentRecord {
+    /// Open snapshot streams (normally 0 or 1).
+    pub streams: usize,
+    pub sent_version: Option<u64>,
+    pub acked_version: Option<u64>,
+    pub applied: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub acked_at_unix_ms: Option<u64>,
+}
+
+/// Counts an open snapshot stream while it lives.
+#[derive(Debug)]
+pub struct StreamGuard {
+    state: Arc<ControllerState>,
+    node: String,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let mut agents = self.state.agents();
+        if let Some(record) = agents.get_mut(&self.node) {
+            record.streams = record.streams.saturating_sub(1);
+        }
+        self.state
+            .metrics
+            .agents_connected
+            .set(agents.values().filter(|a| a.streams > 0).count() as i64);
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 #[derive(Debug)]
@@ -27,6 +83,10 @@ pub struct Metrics {
     pub workloads: IntGauge,
     pub certificates_signed: IntCounter,
     pub certificates_refused: IntCounterVec,
+    pub agents_connected: IntGauge,
+    pub snapshot_version: IntGauge,
+    pub snapshot_acks: IntCounterVec,
+    pub push_latency: Histogram,
 }
 
 impl Metrics {
@@ -64,6 +124,34 @@ impl Metrics {
                 &["reason"],
             )
             .expect("valid metric"),
+            agents_connected: IntGauge::new(
+                "nodemesh_controller_agents_connected",
+                "Agents with an open snapshot stream",
+            )
+            .expect("valid metric"),
+            snapshot_version: IntGauge::new(
+                "nodemesh_controller_snapshot_version",
+                "Version (acceptance time, ms) of the configuration in force",
+            )
+            .expect("valid metric"),
+            snapshot_acks: IntCounterVec::new(
+                Opts::new(
+                    "nodemesh_controller_snapshot_acks_total",
+                    "Snapshot acknowledgements from agents, by result (applied, rejected)",
+                ),
+                &["result"],
+            )
+            .expect("valid metric"),
+            push_latency: Histogram::with_opts(
+                HistogramOpts::new(
+                    "nodemesh_controller_snapshot_push_seconds",
+                    "From accepting a configuration to an agent acknowledging it applied",
+                )
+                .buckets(vec![
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                ]),
+            )
+            .expect("valid metric"),
         };
         for collector in [
             Box::new(metrics.config_loads.clone()) as Box<dyn prometheus::core::Collector>,
@@ -71,6 +159,10 @@ impl Metrics {
             Box::new(metrics.workloads.clone()),
             Box::new(metrics.certificates_signed.clone()),
             Box::new(metrics.certificates_refused.clone()),
+            Box::new(metrics.agents_connected.clone()),
+            Box::new(metrics.snapshot_version.clone()),
+            Box::new(metrics.snapshot_acks.clone()),
+            Box::new(metrics.push_latency.clone()),
         ] {
             metrics
                 .registry
@@ -95,7 +187,55 @@ impl ControllerState {
             config,
             inner: RwLock::default(),
             metrics: Metrics::new(),
+            accepted: watch::Sender::new(None),
+            agents: Mutex::default(),
         }
+    }
+
+    fn agents(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, AgentRecord>> {
+        self.agents.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Follows the configuration in force.
+    pub fn subscribe(&self) -> watch::Receiver<Option<Arc<Accepted>>> {
+        self.accepted.subscribe()
+    }
+
+    pub fn agent_connected(self: &Arc<Self>, node: &str) -> StreamGuard {
+        let mut agents = self.agents();
+        agents.entry(node.to_owned()).or_default().streams += 1;
+        self.metrics
+            .agents_connected
+            .set(agents.values().filter(|a| a.streams > 0).count() as i64);
+        StreamGuard {
+            state: self.clone(),
+            node: node.to_owned(),
+        }
+    }
+
+    pub fn snapshot_sent(&self, node: &str, version: u64) {
+        self.agents()
+            .entry(node.to_owned())
+            .or_default()
+            .sent_version = Some(version);
+    }
+
+    pub fn snapshot_acked(&self, node: &str, ack: &SnapshotAck) {
+        let result = if ack.applied { "applied" } else { "rejected" };
+        self.metrics
+            .snapshot_acks
+            .with_label_values(&[result])
+            .inc();
+        if ack.applied {
+            let age_ms = now_ms().saturating_sub(ack.version);
+            self.metrics.push_latency.observe(age_ms as f64 / 1000.0);
+        }
+        let mut agents = self.agents();
+        let record = agents.entry(node.to_owned()).or_default();
+        record.acked_version = Some(ack.version);
+        record.applied = Some(ack.applied);
+        record.error = ack.error.clone();
+        record.acked_at_unix_ms = Some(now_ms());
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -117,15 +257,18 @@ impl ControllerState {
             .inc();
         self.metrics.config_errors.set(0);
         self.metrics.workloads.set(mesh.workloads.len() as i64);
+        let mesh = Arc::new(mesh);
         let mut inner = self.write();
-        inner.mesh = Some(Arc::new(mesh));
+        // The acceptance time is the version; bumped when two loads share a millisecond.
+        let version = now_ms().max(inner.accepted_at_unix_ms.unwrap_or(0) + 1);
+        inner.mesh = Some(mesh.clone());
         inner.generation += 1;
-        inner.accepted_at_unix_ms = Some(
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
-        );
+        inner.accepted_at_unix_ms = Some(version);
         inner.last_error = None;
+        drop(inner);
+        self.metrics.snapshot_version.set(version as i64);
+        self.accepted
+            .send_replace(Some(Arc::new(Accepted { version, mesh })));
     }
 
     pub fn refused(&self, errors: &ConfigErrors) {
@@ -201,6 +344,8 @@ impl ControllerState {
             "generation": inner.generation,
             "accepted_at_unix_ms": inner.accepted_at_unix_ms,
             "last_error": inner.last_error,
+            "version": inner.accepted_at_unix_ms,
+            "agents": &*self.agents(),
             "config": inner.mesh.as_deref(),
         })
     }

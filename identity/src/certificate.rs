@@ -60,32 +60,7 @@ impl CertificateRequest {
     /// Pairs the CA's chain (leaf first) with this request's key, after checking that the
     /// leaf names this identity and carries this key.
     pub fn complete(self, chain_pem: &[String]) -> Result<WorkloadCertificate, CertificateError> {
-        let chain = pem::certificates(&chain_pem.concat()).map_err(CertificateError::BadChain)?;
-        let (_, leaf) = x509_parser::certificate::X509Certificate::from_der(&chain[0])
-            .map_err(|e| CertificateError::BadChain(e.to_string()))?;
-        if leaf.public_key().subject_public_key.data.as_ref() != self.key.public_key_raw() {
-            return Err(CertificateError::KeyMismatch);
-        }
-        let got = SpiffeId::from_certificate(&chain[0])
-            .map_err(|e| CertificateError::BadChain(e.to_string()))?;
-        if got != self.id {
-            return Err(CertificateError::WrongIdentity {
-                got: got.to_string(),
-                wanted: self.id.to_string(),
-            });
-        }
-        let validity = leaf.validity();
-        let to_system = |t: x509_parser::time::ASN1Time| {
-            SystemTime::UNIX_EPOCH + Duration::from_secs(t.timestamp().max(0) as u64)
-        };
-        Ok(WorkloadCertificate {
-            not_before: to_system(validity.not_before),
-            not_after: to_system(validity.not_after),
-            serial: leaf.raw_serial_as_string().replace(':', ""),
-            id: self.id,
-            key: PrivatePkcs8KeyDer::from(self.key.serialize_der()),
-            chain,
-        })
+        WorkloadCertificate::assemble(self.id, &self.key, chain_pem)
     }
 }
 
@@ -101,6 +76,65 @@ pub struct WorkloadCertificate {
 }
 
 impl WorkloadCertificate {
+    /// A certificate kept earlier (see [`to_pem`](Self::to_pem)), checked as when it was
+    /// issued: the leaf names `id` and carries the key.
+    pub fn from_pem(
+        id: SpiffeId,
+        chain_pem: &[String],
+        key_pem: &str,
+    ) -> Result<Self, CertificateError> {
+        let key = KeyPair::from_pem(key_pem)
+            .map_err(|e| CertificateError::BadChain(format!("key: {e}")))?;
+        Self::assemble(id, &key, chain_pem)
+    }
+
+    /// The chain (leaf first) and the private key, in PEM, to keep across restarts.
+    pub fn to_pem(&self) -> (Vec<String>, String) {
+        let chain = self
+            .chain
+            .iter()
+            .map(|c| pem::encode_certificate(c))
+            .collect();
+        let key = ::pem::encode(&::pem::Pem::new(
+            "PRIVATE KEY",
+            self.key.secret_pkcs8_der().to_vec(),
+        ));
+        (chain, key)
+    }
+
+    fn assemble(
+        id: SpiffeId,
+        key: &KeyPair,
+        chain_pem: &[String],
+    ) -> Result<Self, CertificateError> {
+        let chain = pem::certificates(&chain_pem.concat()).map_err(CertificateError::BadChain)?;
+        let (_, leaf) = x509_parser::certificate::X509Certificate::from_der(&chain[0])
+            .map_err(|e| CertificateError::BadChain(e.to_string()))?;
+        if leaf.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err(CertificateError::KeyMismatch);
+        }
+        let got = SpiffeId::from_certificate(&chain[0])
+            .map_err(|e| CertificateError::BadChain(e.to_string()))?;
+        if got != id {
+            return Err(CertificateError::WrongIdentity {
+                got: got.to_string(),
+                wanted: id.to_string(),
+            });
+        }
+        let validity = leaf.validity();
+        let to_system = |t: x509_parser::time::ASN1Time| {
+            SystemTime::UNIX_EPOCH + Duration::from_secs(t.timestamp().max(0) as u64)
+        };
+        Ok(WorkloadCertificate {
+            not_before: to_system(validity.not_before),
+            not_after: to_system(validity.not_after),
+            serial: leaf.raw_serial_as_string().replace(':', ""),
+            id,
+            key: PrivatePkcs8KeyDer::from(key.serialize_der()),
+            chain,
+        })
+    }
+
     pub fn id(&self) -> &SpiffeId {
         &self.id
     }

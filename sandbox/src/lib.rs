@@ -178,6 +178,14 @@ impl Sandbox {
         response.json()
     }
 
+    /// The controller's `/config_dump`: its configuration in force, the last refusal and
+    /// what each agent acknowledged.
+    pub fn controller_dump(&self) -> anyhow::Result<serde_json::Value> {
+        let controller = &self.status.controller;
+        let url = format!("http://{}/config_dump", controller.monitoring);
+        http_get(&controller.netns, &url, Duration::from_secs(5))?.json()
+    }
+
     /// Stops a node's agent (SIGTERM) and waits for it to exit.
     pub fn stop_agent(&mut self, node: &str) -> anyhow::Result<()> {
         let pid = self.node(node).agent.pid;

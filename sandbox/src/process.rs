@@ -143,8 +143,13 @@ pub fn start_agent(layout: &Layout, index: usize) -> anyhow::Result<i32> {
     let args = [
         "--node".to_owned(),
         node.name.clone(),
-        "--config".to_owned(),
-        layout.config_dir().display().to_string(),
+        "--state-dir".to_owned(),
+        layout
+            .state_dir()
+            .join("agents")
+            .join(&node.name)
+            .display()
+            .to_string(),
         "--ebpf-object".to_owned(),
         layout.bin_dir.join("nodemesh-ebpf.o").display().to_string(),
         "--admin-addr".to_owned(),

@@ -146,11 +146,8 @@ fn an_l7_policy_allows_only_get_public_and_explain_agrees() {
     )
     .expect("write");
     poll_until(SOON, || {
-        let dump = sb.agent_admin("n2", "/config_dump")?;
-        let error = dump["mesh"]["last_error"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
+        let dump = sb.controller_dump()?;
+        let error = dump["last_error"].to_string();
         anyhow::ensure!(
             error.contains("typo.yaml") && error.contains("pahts"),
             "not refused yet: {error}"

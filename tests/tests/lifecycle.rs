@@ -20,7 +20,7 @@ fn agent_error(args: &[&str], wrapper: &[&str]) -> String {
         .args([
             "--node",
             "n1",
-            "--config",
+            "--state-dir",
             "/nonexistent",
             "--admin-addr",
             "127.0.0.1:0",

@@ -94,12 +94,9 @@ fn a_broken_config_file_is_refused_and_changes_nothing() {
     .expect("write a broken file");
 
     let error = poll_until(SOON, || {
-        let dump = sb.agent_admin("n1", "/config_dump")?;
-        let error = dump["mesh"]["last_error"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
-        anyhow::ensure!(!error.is_empty(), "not refused yet");
+        let dump = sb.controller_dump()?;
+        anyhow::ensure!(!dump["last_error"].is_null(), "not refused yet");
+        let error = dump["last_error"].to_string();
         Ok(error)
     })
     .expect("agent n1 refuses the file");

@@ -4,7 +4,9 @@
 //! enrolled, then renews it half-way through its life (spread over 45-55% so that renewals do
 //! not bunch), retrying with backoff while the controller is unreachable. A certificate keeps
 //! serving while it is valid, controller or not; once it has expired, the identity fails
-//! closed: its connections are refused until a new certificate arrives.
+//! closed: its connections are refused until a new certificate arrives. Certificates are kept
+//! in the agent's state directory (key files 0600), so that an agent restarted while the
+//! controller is away serves with the ones it had.
 
 use std::{
     collections::HashMap,
@@ -17,7 +19,7 @@ use nodemesh_identity::{CertificateRequest, SpiffeId, TrustBundle, WorkloadCerti
 use serde::Serialize;
 use tokio::{sync::watch, task::JoinHandle};
 
-use super::CaClient;
+use crate::controller_client::{ClientError, ControllerClient};
 use crate::state::unix_millis;
 
 /// How long a connection waits for its identity's first certificate.
@@ -27,16 +29,8 @@ const RETRY_MAX: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum IdentityError {
-    #[error("{0}")]
-    Config(String),
-    #[error("the controller at {controller} is unreachable: {reason}")]
-    Unreachable { controller: String, reason: String },
-    #[error("the controller refused a certificate for {id} ({reason}): {message}")]
-    Refused {
-        id: String,
-        reason: String,
-        message: String,
-    },
+    #[error("cannot obtain a certificate for {id}: {source}")]
+    Controller { id: String, source: ClientError },
     #[error("the controller's answer for {id} is unusable: {reason}")]
     BadAnswer { id: String, reason: String },
     #[error("no workload of this node runs as {0}")]
@@ -112,14 +106,86 @@ pub struct CertStatus {
 
 #[derive(Debug)]
 pub struct IdentityManager {
-    client: Arc<CaClient>,
+    client: Arc<ControllerClient>,
+    store: Arc<CertStore>,
     entries: Mutex<HashMap<SpiffeId, Entry>>,
 }
 
+/// Certificates kept on disk, one JSON file per identity.
+#[derive(Debug)]
+struct CertStore {
+    dir: std::path::PathBuf,
+}
+
+#[derive(Serialize, serde::Deserialize)]
+struct Kept {
+    chain: Vec<String>,
+    key: String,
+    bundle: Vec<String>,
+}
+
+impl CertStore {
+    fn file(&self, id: &SpiffeId) -> std::path::PathBuf {
+        let name: String = id
+            .to_string()
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        self.dir.join(format!("{name}.json"))
+    }
+
+    /// The kept certificate of `id`, if there is one still valid.
+    fn load(&self, id: &SpiffeId) -> Option<Identity> {
+        let kept: Kept = serde_json::from_slice(&std::fs::read(self.file(id)).ok()?).ok()?;
+        let cert = WorkloadCertificate::from_pem(id.clone(), &kept.chain, &kept.key).ok()?;
+        if !cert.is_valid_at(SystemTime::now()) {
+            return None;
+        }
+        let bundle = TrustBundle::from_pem(&kept.bundle.concat()).ok()?;
+        let server_config = tls::server_config(&cert, &bundle).ok()?;
+        Some(Identity {
+            cert,
+            bundle,
+            server_config: Arc::new(server_config),
+        })
+    }
+
+    fn save(&self, identity: &Identity) -> std::io::Result<()> {
+        use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+        std::fs::create_dir_all(&self.dir)?;
+        let (chain, key) = identity.cert.to_pem();
+        let kept = Kept {
+            chain,
+            key,
+            bundle: identity.bundle.to_pem(),
+        };
+        let file = self.file(identity.id());
+        let tmp = file.with_extension("json.tmp");
+        let _ = std::fs::remove_file(&tmp);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?
+            .write_all(&serde_json::to_vec(&kept).map_err(std::io::Error::other)?)?;
+        std::fs::rename(&tmp, &file)
+    }
+}
+
 impl IdentityManager {
-    pub fn new(client: CaClient) -> Self {
+    /// Keeps certificates under `state_dir/certs`.
+    pub fn new(client: Arc<ControllerClient>, state_dir: &std::path::Path) -> Self {
         Self {
-            client: Arc::new(client),
+            client,
+            store: Arc::new(CertStore {
+                dir: state_dir.join("certs"),
+            }),
             entries: Mutex::default(),
         }
     }
@@ -136,7 +202,12 @@ impl IdentityManager {
             return;
         }
         let (tx, rx) = watch::channel(None);
-        let task = tokio::spawn(keep_fresh(self.client.clone(), id.clone(), tx));
+        let task = tokio::spawn(keep_fresh(
+            self.client.clone(),
+            self.store.clone(),
+            id.clone(),
+            tx,
+        ));
         entries.insert(
             id,
             Entry {
@@ -225,13 +296,19 @@ fn spread() -> f64 {
     (RandomState::new().hash_one(SystemTime::now()) >> 11) as f64 / (1u64 << 53) as f64
 }
 
-async fn fetch(client: &CaClient, id: &SpiffeId) -> Result<Identity, IdentityError> {
+async fn fetch(client: &ControllerClient, id: &SpiffeId) -> Result<Identity, IdentityError> {
     let bad = |reason: String| IdentityError::BadAnswer {
         id: id.to_string(),
         reason,
     };
     let request = CertificateRequest::new(id.clone()).map_err(|e| bad(e.to_string()))?;
-    let answer = client.sign(&request).await?;
+    let answer = client
+        .sign(&request)
+        .await
+        .map_err(|source| IdentityError::Controller {
+            id: id.to_string(),
+            source,
+        })?;
     let bundle = TrustBundle::from_pem(&answer.trust_bundle.concat()).map_err(bad)?;
     let cert = request
         .complete(&answer.certificate_chain)
@@ -245,10 +322,22 @@ async fn fetch(client: &CaClient, id: &SpiffeId) -> Result<Identity, IdentityErr
 }
 
 async fn keep_fresh(
-    client: Arc<CaClient>,
+    client: Arc<ControllerClient>,
+    store: Arc<CertStore>,
     id: SpiffeId,
     current: watch::Sender<Option<Arc<Identity>>>,
 ) {
+    if let Some(kept) = store.load(&id) {
+        tracing::info!(identity = %id, serial = kept.cert.serial(), "serving with the certificate kept by the last run");
+        let renew_at = kept.cert.renew_at(spread());
+        current.send_replace(Some(Arc::new(kept)));
+        tokio::time::sleep(
+            renew_at
+                .duration_since(SystemTime::now())
+                .unwrap_or_default(),
+        )
+        .await;
+    }
     let mut retry = RETRY_MIN;
     loop {
         match fetch(&client, &id).await {
@@ -265,6 +354,9 @@ async fn keep_fresh(
                     "certificate obtained"
                 );
                 let renew_at = identity.cert.renew_at(spread());
+                if let Err(e) = store.save(&identity) {
+                    tracing::warn!(identity = %id, error = %e, "cannot keep the certificate for the next start");
+                }
                 current.send_replace(Some(Arc::new(identity)));
                 retry = RETRY_MIN;
                 let wait = renew_at

@@ -242,3 +242,25 @@ fn the_bundle_can_hold_a_second_root() {
     )
     .expect("both roots trusted");
 }
+
+#[test]
+fn a_certificate_survives_a_round_trip_through_pem() {
+    let (_dir, ca) = new_ca();
+    let cert = issue(&ca, id("web"), DAY);
+    let (chain, key) = cert.to_pem();
+    let back = WorkloadCertificate::from_pem(id("web"), &chain, &key).expect("reloaded");
+    assert_eq!(back.serial(), cert.serial());
+    assert_eq!(back.not_after(), cert.not_after());
+    assert!(
+        WorkloadCertificate::from_pem(id("api"), &chain, &key).is_err(),
+        "the identity is checked"
+    );
+    let other = issue(&ca, id("web"), DAY).to_pem().1;
+    assert!(
+        matches!(
+            WorkloadCertificate::from_pem(id("web"), &chain, &other),
+            Err(crate::CertificateError::KeyMismatch)
+        ),
+        "the key is checked"
+    );
+}

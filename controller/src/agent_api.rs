@@ -1,0 +1,221 @@
+//! The API agents use, over HTTPS (TLS 1.3) on the controller's :15012. Every request carries
+//! the agent's node token (`Authorization: Bearer`), which says which node is asking.
+//!
+//! - `POST /v1/certificates`: a workload certificate, only for identities of enrolled
+//!   workloads on the asking node (`certificates`);
+//! - `GET /v1/snapshots`: the node's view of the mesh, streamed as newline-delimited JSON,
+//!   and `POST /v1/acks`: what the agent did with each snapshot (`snapshots`).
+
+mod certificates;
+mod snapshots;
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt as _, Either, Full, Limited};
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::rt::TokioIo;
+use nodemesh_config::snapshot::{ACKS_PATH, SNAPSHOTS_PATH};
+use nodemesh_identity::{
+    CertificateAuthority,
+    api::{CERTIFICATES_PATH, CertificateApiError},
+};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use self::snapshots::ChannelBody;
+use crate::{node_tokens::NodeTokens, state::ControllerState};
+
+/// Largest request body accepted: a CSR or an ack fits in a few kilobytes.
+const MAX_BODY: usize = 64 * 1024;
+/// Lifetime of the controller's own serving certificate; it is re-issued at half of it.
+const SERVING_CERT_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+type Body = Either<Full<Bytes>, ChannelBody>;
+
+pub struct AgentApi {
+    pub ca: Arc<CertificateAuthority>,
+    pub tokens: NodeTokens,
+    pub state: Arc<ControllerState>,
+    pub workload_ttl: Duration,
+    pub server_names: Vec<String>,
+    /// Ends the snapshot streams when the controller stops.
+    pub stop: CancellationToken,
+}
+
+/// A refusal: the status, a stable reason (a metric label) and what to do.
+struct Refusal {
+    status: StatusCode,
+    reason: &'static str,
+    message: String,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            reason,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    fn response(self) -> Response<Body> {
+        json(
+            self.status,
+            &CertificateApiError {
+                reason: self.reason.to_owned(),
+                message: self.message,
+            },
+        )
+    }
+}
+
+impl AgentApi {
+    /// Binds now and serves until the stop token is cancelled.
+    pub async fn spawn(self, addr: SocketAddr) -> anyhow::Result<SocketAddr> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for the agent API: {e}"))?;
+        let bound = listener.local_addr()?;
+        let tls = Arc::new(RwLock::new(self.serving_config()?));
+        let api = Arc::new(self);
+        tokio::spawn(api.clone().renew_serving_cert(tls.clone()));
+        let stop = api.stop.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, peer) = tokio::select! {
+                    () = stop.cancelled() => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok(accepted) => accepted,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "agent API accept failed");
+                            continue;
+                        }
+                    },
+                };
+                let acceptor =
+                    TlsAcceptor::from(tls.read().unwrap_or_else(|e| e.into_inner()).clone());
+                let api = api.clone();
+                tokio::spawn(async move {
+                    let stream = match acceptor.accept(stream).await {
+                        Ok(stream) => stream,
+                        Err(e) => {
+                            tracing::debug!(%peer, error = %e, "agent API TLS handshake failed");
+                            return;
+                        }
+                    };
+                    let service = service_fn(move |req| {
+                        let api = api.clone();
+                        async move { Ok::<_, Infallible>(api.route(req, peer).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Ok(bound)
+    }
+
+    async fn route(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        let authorization = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        let node = self.tokens.node_of(authorization).map(str::to_owned);
+        let path = req.uri().path().to_owned();
+        let method = req.method().clone();
+        let Some(node) = node else {
+            let refusal = Refusal::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "missing or unknown node token; send `Authorization: Bearer <token>` with the \
+                 token of the agent's node",
+            );
+            if path == CERTIFICATES_PATH {
+                self.state
+                    .metrics()
+                    .certificates_refused
+                    .with_label_values(&[refusal.reason])
+                    .inc();
+            }
+            tracing::warn!(%peer, %path, "agent API request without a valid node token");
+            return refusal.response();
+        };
+        match (method, path.as_str()) {
+            (Method::POST, CERTIFICATES_PATH) => self.certificates(req, &node, peer).await,
+            (Method::GET, SNAPSHOTS_PATH) => self.stream_snapshots(&node, peer),
+            (Method::POST, ACKS_PATH) => self.ack(req, &node).await,
+            (method, path) => Refusal::new(
+                StatusCode::NOT_FOUND,
+                "bad_request",
+                format!(
+                    "no endpoint {method} {path}; use POST {CERTIFICATES_PATH}, GET \
+                     {SNAPSHOTS_PATH} or POST {ACKS_PATH}"
+                ),
+            )
+            .response(),
+        }
+    }
+
+    fn serving_config(&self) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+        let (chain, key) = self.ca.issue_server(&self.server_names, SERVING_CERT_TTL)?;
+        let config =
+            rustls::ServerConfig::builder_with_provider(nodemesh_identity::crypto_provider())
+                .with_protocol_versions(&[&rustls::version::TLS13])?
+                .with_no_client_auth()
+                .with_single_cert(chain, key)?;
+        Ok(Arc::new(config))
+    }
+
+    async fn renew_serving_cert(self: Arc<Self>, tls: Arc<RwLock<Arc<rustls::ServerConfig>>>) {
+        loop {
+            if self
+                .stop
+                .run_until_cancelled(tokio::time::sleep(SERVING_CERT_TTL / 2))
+                .await
+                .is_none()
+            {
+                return;
+            }
+            match self.serving_config() {
+                Ok(config) => *tls.write().unwrap_or_else(|e| e.into_inner()) = config,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot renew the agent API's serving certificate")
+                }
+            }
+        }
+    }
+}
+
+/// Reads a small JSON body.
+async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, Refusal> {
+    let body = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| Refusal::bad_request(format!("cannot read the request: {e}")))?
+        .to_bytes();
+    serde_json::from_slice(&body)
+        .map_err(|e| Refusal::bad_request(format!("the request is not valid JSON: {e}")))
+}
+
+fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Either::Left(Full::new(Bytes::from(
+            serde_json::to_vec(value).unwrap_or_default(),
+        ))))
+        .unwrap_or_else(|_| Response::new(Either::Left(Full::new(Bytes::new()))))
+}
