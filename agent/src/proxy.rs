@@ -171,6 +171,8 @@ pub enum ProxyError {
     EgressDenied { dst: SocketAddr },
     #[error("plaintext refused: the workload's mTLS mode is STRICT ({policy})")]
     PlaintextRefused { policy: String },
+    #[error("{reason}")]
+    NoEndpoint { reason: String },
     #[error("denied by {by}")]
     Denied { by: String },
     #[error("closed: the authorization policies no longer allow this connection")]
@@ -197,6 +199,7 @@ impl ProxyError {
             ProxyError::EgressDenied { .. } => "egress_denied",
             ProxyError::PlaintextRefused { .. } => "plaintext_refused",
             ProxyError::Denied { .. } => "denied",
+            ProxyError::NoEndpoint { .. } => "no_endpoint",
             ProxyError::Revoked => "revoked",
             ProxyError::Http(_) => "http",
             ProxyError::Io(_) => "io",
@@ -332,6 +335,7 @@ impl ConnectionTracker {
                 client,
                 original_dst,
                 destination_workload: (direction == Direction::Inbound).then(|| pod.key.clone()),
+                destination_service: None,
                 upstream_local: None,
                 hbone: None,
                 security: "plaintext",

@@ -222,6 +222,9 @@ pub struct ConnectionRecord {
     /// `namespace/name` of the workload at `original_dst`, when the mesh knows it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub destination_workload: Option<String>,
+    /// `namespace/name` of the Service when the client connected to a Service address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destination_service: Option<String>,
     /// The address the proxy connected from, for a connection it made itself (plain TCP out,
     /// or to the application in).
     #[serde(skip_serializing_if = "Option::is_none")]

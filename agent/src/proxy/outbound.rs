@@ -14,6 +14,8 @@ use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
+use crate::mesh::Route;
+
 use super::{
     CONNECT_TIMEOUT, ConnectionTracker, Direction, PodContext, ProxyError, ProxyShared,
     connect_from_pod, pool::PoolKey, splice,
@@ -41,18 +43,33 @@ pub async fn handle(
         return;
     };
     let mesh = shared.mesh.load();
-    let destination = mesh.destination(*dst.ip());
-    let dst = SocketAddr::V4(dst);
-    let mut tracker = ConnectionTracker::start(shared, pod, Direction::Outbound, peer, dst);
+    let original = SocketAddr::V4(dst);
+    let mut tracker = ConnectionTracker::start(shared, pod, Direction::Outbound, peer, original);
+    let (target, destination) = match mesh.route(dst) {
+        Route::Direct(destination) => (original, destination),
+        Route::Service {
+            service,
+            endpoint,
+            destination,
+        } => {
+            tracker.record.destination_service = Some(service.to_owned());
+            (SocketAddr::V4(endpoint), destination)
+        }
+        Route::Unavailable { service, reason } => {
+            tracker.record.destination_service = Some(service.to_owned());
+            tracker.finish(Err(ProxyError::NoEndpoint { reason }));
+            return;
+        }
+    };
     tracker.record.destination_workload = destination.map(|d| d.key.clone());
     let result = match destination.and_then(|d| d.identity.clone()) {
         Some(identity) => {
             tracker.record.security = "mtls";
             tracker.record.destination_identity = Some(identity.to_string());
-            through_hbone(client, dst, identity, pod, shared, &mut tracker).await
+            through_hbone(client, target, identity, pod, shared, &mut tracker).await
         }
-        None if mesh.egress == EgressPolicy::Deny => Err(ProxyError::EgressDenied { dst }),
-        None => passthrough(client, dst, pod, shared, &mut tracker).await,
+        None if mesh.egress == EgressPolicy::Deny => Err(ProxyError::EgressDenied { dst: target }),
+        None => passthrough(client, target, pod, shared, &mut tracker).await,
     };
     tracker.finish(result);
 }
