@@ -157,3 +157,10 @@ fn explain_reports_strict_and_egress_before_authorization() {
     assert_eq!(json["allowed"], false);
     assert_eq!(json["security"], "mtls");
 }
+
+#[test]
+fn the_shipped_examples_are_valid() {
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/policies");
+    let (code, out, err) = nodemesh(&["check", examples]);
+    assert_eq!(code, 0, "{out}{err}");
+}

@@ -2,7 +2,8 @@
 //! fails when the checked-in file differs from what this generates.
 //!
 //! The manifests run nodemesh in local mode on Kubernetes: the mesh configuration comes from
-//! a ConfigMap mounted into the controller and every agent. The agent needs the host's network
+//! a ConfigMap mounted into the controller, which pushes each agent its snapshot; agents keep
+//! theirs in a hostPath state directory through restarts. The agent needs the host's network
 //! view (hostNetwork), privileges for eBPF and entering pods' namespaces, and the host's
 //! cgroup2 and netns mounts. The operator creates two Secrets first: `nodemesh-ca` (the CA:
 //! `ca-cert.pem`, `ca-key.pem`) and `nodemesh-node-tokens` (`node-tokens.yaml` for the
@@ -117,12 +118,12 @@ fn objects() -> Vec<Value> {
                                 "capabilities": { "drop": ["ALL"] },
                             },
                             "volumeMounts": [
-                                config_mount.clone(),
+                                config_mount,
                                 { "name": "ca", "mountPath": "/etc/nodemesh/ca", "readOnly": true },
                                 { "name": "tokens", "mountPath": "/etc/nodemesh/tokens", "readOnly": true },
                             ],
                         }],
-                        "volumes": [config_volume.clone(), ca_volume, tokens_volume.clone()],
+                        "volumes": [config_volume, ca_volume, tokens_volume.clone()],
                     },
                 },
             },
@@ -159,7 +160,7 @@ fn objects() -> Vec<Value> {
                             "image": IMAGE,
                             "command": ["/usr/local/bin/nodemesh-agent"],
                             "args": [
-                                "--config", "/etc/nodemesh/config",
+                                "--state-dir", "/var/lib/nodemesh/agent",
                                 "--ebpf-object", "/usr/local/lib/nodemesh/nodemesh-ebpf.o",
                                 "--controller", "https://nodemesh-controller.nodemesh-system.svc:15012",
                                 "--controller-ca", "/etc/nodemesh/ca/ca-cert.pem",
@@ -175,7 +176,7 @@ fn objects() -> Vec<Value> {
                             "resources": { "requests": { "cpu": "50m", "memory": "16Mi" } },
                             "securityContext": { "privileged": true },
                             "volumeMounts": [
-                                config_mount,
+                                { "name": "state", "mountPath": "/var/lib/nodemesh/agent" },
                                 { "name": "ca", "mountPath": "/etc/nodemesh/ca/ca-cert.pem", "subPath": "ca-cert.pem", "readOnly": true },
                                 { "name": "tokens", "mountPath": "/etc/nodemesh/tokens", "readOnly": true },
                                 { "name": "cgroup", "mountPath": "/sys/fs/cgroup" },
@@ -183,7 +184,7 @@ fn objects() -> Vec<Value> {
                             ],
                         }],
                         "volumes": [
-                            config_volume,
+                            { "name": "state", "hostPath": { "path": "/var/lib/nodemesh/agent", "type": "DirectoryOrCreate" } },
                             { "name": "ca", "secret": { "secretName": "nodemesh-ca", "items": [{ "key": "ca-cert.pem", "path": "ca-cert.pem" }] } },
                             tokens_volume,
                             { "name": "cgroup", "hostPath": { "path": "/sys/fs/cgroup", "type": "Directory" } },
