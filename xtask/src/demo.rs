@@ -75,7 +75,8 @@ fn show(sandbox: &Sandbox) -> anyhow::Result<()> {
         }
     }
     show_socket(sandbox)?;
-    println!("\n== 6. what the eBPF programs did");
+    show_policy(sandbox)?;
+    println!("\n== 7. what the eBPF programs did");
     for node in &status.nodes {
         let stats = sandbox.agent_admin(&node.name, "/stats")?;
         println!(
@@ -203,6 +204,72 @@ fn show_socket(sandbox: &Sandbox) -> anyhow::Result<()> {
         }
     }
     curl.wait()?;
+    Ok(())
+}
+
+/// Drops the example policy into the configuration, shows its effect and `nodemesh explain`.
+fn show_policy(sandbox: &Sandbox) -> anyhow::Result<()> {
+    let example = crate::root().join("examples/policies/public-get.yaml");
+    let installed = sandbox.config_dir().join("public-get.yaml");
+    println!(
+        "\n== 6. authorization: copy examples/policies/public-get.yaml (n2-p1 answers only GET /public/*)"
+    );
+    std::fs::copy(&example, &installed)
+        .with_context(|| format!("cannot copy {}", example.display()))?;
+    let client = sandbox.pod("n1-p1");
+    let server = sandbox.pod("n2-p1");
+    let code = |path: &str, method: &str| -> anyhow::Result<String> {
+        let url = format!("http://{}:8080{path}", server.ip);
+        let out = run_in_netns(
+            &client.netns,
+            "curl",
+            &[
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-X",
+                method,
+                &url,
+            ],
+        )?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    nodemesh_sandbox::poll_until(Duration::from_secs(10), || {
+        anyhow::ensure!(code("/private", "GET")? == "403", "not in force yet");
+        Ok(())
+    })?;
+    for (method, path) in [
+        ("GET", "/public/x"),
+        ("GET", "/private"),
+        ("POST", "/public/x"),
+    ] {
+        println!(
+            "   {method} {path} from n1-p1: HTTP {}",
+            code(path, method)?
+        );
+    }
+    let out = Command::new(sandbox.status().bin_dir.join("nodemesh"))
+        .args(["explain", "--config"])
+        .arg(sandbox.config_dir())
+        .args([
+            "--from",
+            "n1-p1",
+            "--to",
+            "n2-p1:8080",
+            "--method",
+            "POST",
+            "--path",
+            "/public/x",
+        ])
+        .output()
+        .context("cannot run nodemesh explain")?;
+    println!("   nodemesh explain --from n1-p1 --to n2-p1:8080 --method POST --path /public/x:");
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        println!("     {line}");
+    }
+    std::fs::remove_file(&installed)?;
     Ok(())
 }
 
