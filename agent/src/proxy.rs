@@ -18,12 +18,13 @@ mod l7;
 mod listener;
 mod outbound;
 mod pool;
+mod tracker;
 
 use std::{
     io,
     net::SocketAddr,
     sync::{Arc, RwLock},
-    time::{Duration, Instant, SystemTime},
+    time::Duration,
 };
 
 use nodemesh_config::{EffectiveMtls, MtlsMode};
@@ -35,6 +36,7 @@ use tokio::{
 };
 
 use self::authz::ActiveConnections;
+use self::tracker::ConnectionTracker;
 pub use self::{listener::serve, pool::HbonePool};
 
 /// The handler of each in-pod listener, for [`serve`].
@@ -51,7 +53,7 @@ use crate::{
     inpod,
     mesh::SharedMesh,
     netns::PodNetns,
-    state::{AgentState, ConnectionRecord, WorkloadCounters, unix_millis},
+    state::{AgentState, WorkloadCounters},
 };
 
 /// How long the proxy waits for an upstream connect before giving up on a connection.
@@ -292,103 +294,6 @@ where
     tokio::select! {
         () = registration.cancel.cancelled() => Err(ProxyError::Revoked),
         result = splice(&mut client, &mut upstream) => result,
-    }
-}
-
-/// Bookkeeping of one proxied connection: metrics while it runs, a record when it ends.
-struct ConnectionTracker {
-    shared: Arc<ProxyShared>,
-    direction: Direction,
-    record: ConnectionRecord,
-    started: Instant,
-}
-
-impl ConnectionTracker {
-    fn start(
-        shared: &Arc<ProxyShared>,
-        pod: &PodContext,
-        direction: Direction,
-        client: SocketAddr,
-        original_dst: SocketAddr,
-    ) -> Self {
-        let metrics = &shared.state.metrics;
-        metrics
-            .connections_opened
-            .with_label_values(&[direction.as_str()])
-            .inc();
-        metrics
-            .connections_active
-            .with_label_values(&[direction.as_str()])
-            .inc();
-        let local = Some(pod.identity.to_string());
-        let (source_identity, destination_identity) = match direction {
-            Direction::Outbound => (local, None),
-            Direction::Inbound => (None, local),
-        };
-        Self {
-            shared: shared.clone(),
-            direction,
-            record: ConnectionRecord {
-                id: shared.state.connections.next_id(),
-                direction: direction.as_str(),
-                workload: pod.key.clone(),
-                client,
-                original_dst,
-                destination_workload: (direction == Direction::Inbound).then(|| pod.key.clone()),
-                destination_service: None,
-                upstream_local: None,
-                hbone: None,
-                security: "plaintext",
-                source_identity,
-                destination_identity,
-                bytes_from_client: 0,
-                bytes_to_client: 0,
-                started_unix_ms: unix_millis(SystemTime::now()),
-                duration_ms: 0,
-                error: None,
-            },
-            started: Instant::now(),
-        }
-    }
-
-    fn finish(mut self, result: Result<(u64, u64), ProxyError>) {
-        let direction = self.direction.as_str();
-        match result {
-            Ok((from_client, to_client)) => {
-                self.record.bytes_from_client = from_client;
-                self.record.bytes_to_client = to_client;
-            }
-            Err(e) => {
-                self.shared
-                    .state
-                    .metrics
-                    .connection_failures
-                    .with_label_values(&[direction, e.reason()])
-                    .inc();
-                tracing::info!(
-                    direction,
-                    workload = %self.record.workload,
-                    client = %self.record.client,
-                    dst = %self.record.original_dst,
-                    error = %e,
-                    "connection failed"
-                );
-                self.record.error = Some(e.to_string());
-            }
-        }
-        self.record.duration_ms = self.started.elapsed().as_millis() as u64;
-        self.shared.state.connections.push(self.record.clone());
-    }
-}
-
-impl Drop for ConnectionTracker {
-    fn drop(&mut self) {
-        self.shared
-            .state
-            .metrics
-            .connections_active
-            .with_label_values(&[self.direction.as_str()])
-            .dec();
     }
 }
 
