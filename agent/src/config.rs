@@ -7,6 +7,8 @@ use std::{
 };
 
 use clap::Parser;
+
+use crate::telemetry::AccessLogTarget;
 use serde::Serialize;
 
 /// nodemesh node agent: loads the eBPF capture programs and runs the node proxy.
@@ -75,6 +77,14 @@ struct Args {
     #[arg(long)]
     worker_threads: Option<usize>,
 
+    /// Access log: off, stdout, or a file to append JSON lines to.
+    #[arg(long, default_value = "off")]
+    access_log: String,
+
+    /// Share of connections and requests written to the access log (0.0 to 1.0).
+    #[arg(long, default_value_t = 1.0)]
+    access_log_sample: f64,
+
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -138,6 +148,9 @@ pub struct Config {
     pub readiness_addr: SocketAddr,
     pub worker_threads: usize,
     pub log_format: LogFormat,
+    /// `None` when off.
+    pub access_log: Option<AccessLogTarget>,
+    pub access_log_sample: f64,
 }
 
 impl Config {
@@ -184,6 +197,18 @@ impl Config {
             metrics_addr: args.metrics_addr,
             readiness_addr: args.readiness_addr,
             worker_threads: worker_threads.max(1),
+            access_log: match args.access_log.as_str() {
+                "off" => None,
+                other => Some(other.parse()?),
+            },
+            access_log_sample: if (0.0..=1.0).contains(&args.access_log_sample) {
+                args.access_log_sample
+            } else {
+                return Err(format!(
+                    "--access-log-sample {} is not between 0.0 and 1.0",
+                    args.access_log_sample
+                ));
+            },
             log_format: args.log_format,
         })
     }

@@ -16,6 +16,7 @@ mod metrics;
 mod netns;
 mod proxy;
 mod state;
+mod telemetry;
 mod workloads;
 
 use std::{process::ExitCode, sync::Arc, time::Duration};
@@ -114,7 +115,7 @@ async fn run(config: Arc<Config>) -> anyhow::Result<()> {
             program_ids: datapath.program_ids().to_vec(),
             cgroup: datapath.cgroup().display().to_string(),
         },
-    ));
+    )?);
     let stop = CancellationToken::new();
     for (what, addr, router) in [
         (

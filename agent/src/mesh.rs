@@ -105,6 +105,11 @@ impl MeshView {
         }
     }
 
+    /// The workload at an address, if the mesh knows one.
+    pub fn workload(&self, ip: Ipv4Addr) -> Option<&Destination> {
+        self.by_ip.get(&ip)
+    }
+
     /// Where a connection to `dst` goes: a Service address is resolved to one of its
     /// workloads, in turn.
     pub fn route(&self, dst: SocketAddrV4) -> Route<'_> {

@@ -128,6 +128,11 @@ impl Metrics {
         metrics
     }
 
+    /// The registry, for the collectors other modules own (Istio's metrics, the access log).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// Renders the text exposition format, reading the eBPF counters first.
     pub fn render(&self, datapath: &DatapathStats) -> String {
         self.refresh_ebpf(datapath);

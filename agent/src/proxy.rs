@@ -54,6 +54,7 @@ use crate::{
     mesh::SharedMesh,
     netns::PodNetns,
     state::{AgentState, WorkloadCounters},
+    telemetry::Labels,
 };
 
 /// How long the proxy waits for an upstream connect before giving up on a connection.
@@ -281,6 +282,7 @@ async fn deliver<S>(
     mut upstream: TcpStream,
     peer: Peer,
     dst: SocketAddr,
+    labels: Arc<Labels>,
     pod: &Arc<PodContext>,
     shared: &Arc<ProxyShared>,
 ) -> Result<(u64, u64), ProxyError>
@@ -288,7 +290,14 @@ where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     if pod.policies().needs_http() {
-        return l7::serve(client, upstream, peer, dst, pod.clone(), shared.clone()).await;
+        let connection = l7::Connection {
+            peer,
+            dst,
+            labels,
+            pod: pod.clone(),
+            shared: shared.clone(),
+        };
+        return l7::serve(client, upstream, connection).await;
     }
     let registration = pod.active.register(peer, dst.port(), &pod.cancel);
     tokio::select! {

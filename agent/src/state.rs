@@ -13,7 +13,12 @@ use std::{
 use nodemesh_config::MeshConfig;
 use serde::Serialize;
 
-use crate::{config::Config, datapath::DatapathStats, metrics::Metrics};
+use crate::{
+    config::Config,
+    datapath::DatapathStats,
+    metrics::Metrics,
+    telemetry::{AccessLog, IstioMetrics},
+};
 
 /// How many finished connections `/connections` remembers.
 const CONNECTION_LOG_LEN: usize = 256;
@@ -22,6 +27,8 @@ const CONNECTION_LOG_LEN: usize = 256;
 pub struct AgentState {
     pub config: Arc<Config>,
     pub metrics: Metrics,
+    pub istio: IstioMetrics,
+    pub access_log: Option<AccessLog>,
     pub connections: ConnectionLog,
     pub datapath: DatapathView,
     inner: RwLock<Inner>,
@@ -83,14 +90,26 @@ pub struct WorkloadStatus {
 }
 
 impl AgentState {
-    pub fn new(config: Arc<Config>, datapath: DatapathView) -> Self {
-        Self {
+    pub fn new(config: Arc<Config>, datapath: DatapathView) -> std::io::Result<Self> {
+        let metrics = Metrics::new();
+        let istio = IstioMetrics::new(metrics.registry());
+        let access_log = match &config.access_log {
+            Some(target) => Some(AccessLog::start(
+                target,
+                config.access_log_sample,
+                metrics.registry(),
+            )?),
+            None => None,
+        };
+        Ok(Self {
             config,
-            metrics: Metrics::new(),
+            metrics,
+            istio,
+            access_log,
             connections: ConnectionLog::default(),
             datapath,
             inner: RwLock::default(),
-        }
+        })
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
@@ -219,6 +238,9 @@ pub struct ConnectionRecord {
     pub client: SocketAddr,
     /// Where the client was connecting to.
     pub original_dst: SocketAddr,
+    /// `namespace/name` of the client's workload, when the mesh knows its address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_workload: Option<String>,
     /// `namespace/name` of the workload at `original_dst`, when the mesh knows it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub destination_workload: Option<String>,

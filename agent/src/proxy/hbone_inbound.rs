@@ -85,6 +85,7 @@ async fn open(
     let mut tracker = ConnectionTracker::start(&shared, &pod, Direction::Inbound, peer, dst);
     tracker.record.security = "mtls";
     tracker.record.source_identity = Some(client_identity.to_string());
+    let labels = tracker.open();
     let client_peer = authz::peer(Some(&client_identity), peer);
     if let Err(denied) = authz::authorize_connection(&pod, &shared, &client_peer, dst.port()) {
         tracker.finish(Err(denied));
@@ -103,7 +104,9 @@ async fn open(
     // Tied to the pod: releasing the workload ends its tunnels too.
     tokio::spawn(pod.cancel.clone().run_until_cancelled_owned(async move {
         let result = match tunnel.await {
-            Some(tunnel) => deliver(tunnel, upstream, client_peer, dst, &pod, &shared).await,
+            Some(tunnel) => {
+                deliver(tunnel, upstream, client_peer, dst, labels, &pod, &shared).await
+            }
             None => Err(ProxyError::Io(std::io::Error::other(
                 "the client closed the stream before it opened",
             ))),

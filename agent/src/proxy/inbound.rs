@@ -28,6 +28,7 @@ pub async fn handle(
         }
     };
     let mut tracker = ConnectionTracker::start(shared, &pod, Direction::Inbound, peer, dst);
+    let labels = tracker.open();
     let result = async {
         let mtls = pod.mtls();
         if !mtls.mode.accepts_plaintext() {
@@ -39,7 +40,7 @@ pub async fn handle(
         authz::authorize_connection(&pod, shared, &client_peer, dst.port())?;
         let upstream = connect_to_app(&pod, shared, peer, dst).await?;
         tracker.record.upstream_local = upstream.local_addr().ok();
-        deliver(client, upstream, client_peer, dst, &pod, shared).await
+        deliver(client, upstream, client_peer, dst, labels, &pod, shared).await
     }
     .await;
     tracker.finish(result);

@@ -6,7 +6,12 @@
 mod detect;
 mod prefixed;
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Instant, SystemTime},
+};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
@@ -28,6 +33,10 @@ use tokio::{
 pub use self::detect::Protocol;
 use self::detect::detect;
 use super::{PodContext, ProxyError, ProxyShared, authz, splice};
+use crate::{
+    state::unix_millis,
+    telemetry::{Labels, RequestLogEntry},
+};
 
 type Body = Either<Incoming, Full<Bytes>>;
 
@@ -37,15 +46,21 @@ enum Upstream {
     Http2(client_h2::SendRequest<Incoming>),
 }
 
+/// One inbound connection and what its requests are judged and reported with.
+pub struct Connection {
+    pub peer: Peer,
+    pub dst: SocketAddr,
+    pub labels: Arc<Labels>,
+    pub pod: Arc<PodContext>,
+    pub shared: Arc<ProxyShared>,
+}
+
 /// Serves one inbound connection whose pod needs HTTP attributes to decide. `upstream` is
 /// already connected to the application from the client's address.
 pub async fn serve<S>(
     client: S,
     mut upstream: TcpStream,
-    peer: Peer,
-    dst: SocketAddr,
-    pod: Arc<PodContext>,
-    shared: Arc<ProxyShared>,
+    conn: Connection,
 ) -> Result<(u64, u64), ProxyError>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -54,14 +69,14 @@ where
     let upstream = match protocol {
         Protocol::Opaque => {
             // Not HTTP: judged as a connection, HTTP-only ALLOW rules cannot match.
-            let policies = pod.policies();
+            let policies = conn.pod.policies();
             let decision = authz::decide(
-                &pod,
-                &shared,
+                &conn.pod,
+                &conn.shared,
                 &policies,
                 &nodemesh_policy::Request {
-                    peer: &peer,
-                    destination_port: dst.port(),
+                    peer: &conn.peer,
+                    destination_port: conn.dst.port(),
                     http: None,
                 },
             );
@@ -70,7 +85,10 @@ where
                     by: decision.denied_by().unwrap_or_default(),
                 });
             }
-            let registration = pod.active.register(peer, dst.port(), &pod.cancel);
+            let registration =
+                conn.pod
+                    .active
+                    .register(conn.peer.clone(), conn.dst.port(), &conn.pod.cancel);
             return tokio::select! {
                 () = registration.cancel.cancelled() => Err(ProxyError::Revoked),
                 result = splice(&mut client, &mut upstream) => result,
@@ -81,7 +99,7 @@ where
                 .await
                 .map_err(|e| ProxyError::Http(e.to_string()))?;
             tokio::spawn(connection);
-            Arc::new(Upstream::Http1(Mutex::new(sender)))
+            Upstream::Http1(Mutex::new(sender))
         }
         Protocol::Http2 => {
             let (sender, connection) =
@@ -89,14 +107,13 @@ where
                     .await
                     .map_err(|e| ProxyError::Http(e.to_string()))?;
             tokio::spawn(connection);
-            Arc::new(Upstream::Http2(sender))
+            Upstream::Http2(sender)
         }
     };
-    let peer = Arc::new(peer);
+    let shared = Arc::new((conn, upstream));
     let service = service_fn(move |req: Request<Incoming>| {
-        let (pod, shared, upstream, peer) =
-            (pod.clone(), shared.clone(), upstream.clone(), peer.clone());
-        async move { Ok::<_, Infallible>(handle(req, &peer, dst, &pod, &shared, &upstream).await) }
+        let shared = shared.clone();
+        async move { Ok::<_, Infallible>(handle(req, &shared.0, &shared.1).await) }
     });
     let io = TokioIo::new(client);
     let served = match protocol {
@@ -115,40 +132,97 @@ where
     Ok((0, 0))
 }
 
-/// Judges and forwards one request.
-async fn handle(
-    req: Request<Incoming>,
-    peer: &Peer,
-    dst: SocketAddr,
-    pod: &PodContext,
-    shared: &ProxyShared,
-    upstream: &Upstream,
-) -> Response<Body> {
+/// The size a message announces (Content-Length or an exact body size), else 0.
+fn announced_size<B: hyper::body::Body>(headers: &http::HeaderMap, body: &B) -> u64 {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+        .or_else(|| body.size_hint().exact())
+        .unwrap_or(0)
+}
+
+/// Judges and forwards one request, and reports it with Istio's metrics and the access log.
+async fn handle(req: Request<Incoming>, conn: &Connection, upstream: &Upstream) -> Response<Body> {
+    let started = Instant::now();
+    let started_at = SystemTime::now();
     let attributes = attributes(&req);
-    let policies = pod.policies();
+    let request_bytes = announced_size(req.headers(), req.body());
+    let grpc = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let protocol = if grpc { "grpc" } else { "http" };
+    let traceparent = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let (response, flags) = judge_and_forward(req, &attributes, conn, upstream).await;
+    let code = response.status().as_u16();
+    let response_bytes = announced_size(response.headers(), response.body());
+    let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let state = &conn.shared.state;
+    state.istio.http_request(
+        &conn.labels,
+        protocol,
+        code,
+        flags,
+        duration_ms,
+        request_bytes,
+        response_bytes,
+    );
+    if let Some(log) = &state.access_log {
+        log.request(RequestLogEntry {
+            start_unix_ms: unix_millis(started_at),
+            duration_ms,
+            workload: conn.pod.key.clone(),
+            client: conn.peer.ip.to_string(),
+            source_identity: conn
+                .peer
+                .principal
+                .as_ref()
+                .map(|p| format!("spiffe://{p}")),
+            method: attributes.method,
+            path: attributes.path,
+            authority: attributes.host,
+            protocol,
+            response_code: code,
+            response_flags: flags,
+            request_bytes,
+            response_bytes,
+            traceparent,
+        });
+    }
+    response
+}
+
+/// The response, and Envoy's response flags for it (`RBAC` denied here, `UF` the application
+/// failed to answer).
+async fn judge_and_forward(
+    req: Request<Incoming>,
+    attributes: &HttpAttributes,
+    conn: &Connection,
+    upstream: &Upstream,
+) -> (Response<Body>, &'static str) {
+    let policies = conn.pod.policies();
     let decision = authz::decide(
-        pod,
-        shared,
+        &conn.pod,
+        &conn.shared,
         &policies,
         &nodemesh_policy::Request {
-            peer,
-            destination_port: dst.port(),
-            http: Some(&attributes),
+            peer: &conn.peer,
+            destination_port: conn.dst.port(),
+            http: Some(attributes),
         },
     );
     if !decision.allowed {
         let by = decision.denied_by().unwrap_or_default();
-        return text(
-            StatusCode::FORBIDDEN,
-            format!("RBAC: access denied by {by}\n"),
-        );
+        let body = format!("RBAC: access denied by {by}\n");
+        return (text(StatusCode::FORBIDDEN, body), "RBAC");
     }
     if req.headers().contains_key(header::UPGRADE) {
-        return text(
-            StatusCode::NOT_IMPLEMENTED,
-            "HTTP upgrades are not carried yet for workloads with HTTP authorization rules\n"
-                .to_owned(),
-        );
+        let body = "HTTP upgrades are not carried yet for workloads with HTTP processing\n";
+        return (text(StatusCode::NOT_IMPLEMENTED, body.to_owned()), "-");
     }
     let forwarded = match upstream {
         Upstream::Http1(sender) => {
@@ -161,13 +235,11 @@ async fn handle(
         Upstream::Http2(sender) => sender.clone().send_request(req).await,
     };
     match forwarded {
-        Ok(response) => response.map(Either::Left),
+        Ok(response) => (response.map(Either::Left), "-"),
         Err(e) => {
-            tracing::info!(workload = %pod.key, error = %e, "the application did not answer");
-            text(
-                StatusCode::BAD_GATEWAY,
-                format!("the application did not answer: {e}\n"),
-            )
+            tracing::info!(workload = %conn.pod.key, error = %e, "the application did not answer");
+            let body = format!("the application did not answer: {e}\n");
+            (text(StatusCode::BAD_GATEWAY, body), "UF")
         }
     }
 }

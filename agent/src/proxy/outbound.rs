@@ -62,12 +62,14 @@ pub async fn handle(
         }
     };
     tracker.record.destination_workload = destination.map(|d| d.key.clone());
-    let result = match destination.and_then(|d| d.identity.clone()) {
-        Some(identity) => {
-            tracker.record.security = "mtls";
-            tracker.record.destination_identity = Some(identity.to_string());
-            through_hbone(client, target, identity, pod, shared, &mut tracker).await
-        }
+    let identity = destination.and_then(|d| d.identity.clone());
+    if let Some(identity) = &identity {
+        tracker.record.security = "mtls";
+        tracker.record.destination_identity = Some(identity.to_string());
+    }
+    tracker.open();
+    let result = match identity {
+        Some(identity) => through_hbone(client, target, identity, pod, shared, &mut tracker).await,
         None if mesh.egress == EgressPolicy::Deny => Err(ProxyError::EgressDenied { dst: target }),
         None => passthrough(client, target, pod, shared, &mut tracker).await,
     };

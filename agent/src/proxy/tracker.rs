@@ -8,14 +8,37 @@ use std::{
 };
 
 use super::{Direction, PodContext, ProxyError, ProxyShared};
-use crate::state::{ConnectionRecord, unix_millis};
+use crate::{
+    state::{ConnectionRecord, unix_millis},
+    telemetry::Labels,
+};
 
-/// Bookkeeping of one proxied connection: metrics while it runs, a record when it ends.
 pub(super) struct ConnectionTracker {
     shared: Arc<ProxyShared>,
     direction: Direction,
     pub(super) record: ConnectionRecord,
     started: Instant,
+    /// Istio's labels, fixed once the connection's ends are known (see [`open`](Self::open)).
+    labels: Option<Arc<Labels>>,
+}
+
+/// Envoy's response flags for why a connection failed, as Istio's metrics carry them.
+fn response_flags(error: &ProxyError) -> &'static str {
+    match error {
+        ProxyError::Denied { .. }
+        | ProxyError::Revoked
+        | ProxyError::PlaintextRefused { .. }
+        | ProxyError::EgressDenied { .. } => "RBAC",
+        ProxyError::NoEndpoint { .. } => "UH",
+        ProxyError::Connect { .. }
+        | ProxyError::ConnectTimeout { .. }
+        | ProxyError::HboneTimeout { .. }
+        | ProxyError::Tls { .. }
+        | ProxyError::Hbone(_)
+        | ProxyError::Identity(_)
+        | ProxyError::Socket { .. } => "UF",
+        ProxyError::NoOriginalDst { .. } | ProxyError::Http(_) | ProxyError::Io(_) => "-",
+    }
 }
 
 impl ConnectionTracker {
@@ -40,6 +63,15 @@ impl ConnectionTracker {
             Direction::Outbound => (local, None),
             Direction::Inbound => (None, local),
         };
+        let source_workload = match (direction, client) {
+            (Direction::Outbound, _) => Some(pod.key.clone()),
+            (Direction::Inbound, SocketAddr::V4(client)) => shared
+                .mesh
+                .load()
+                .workload(*client.ip())
+                .map(|w| w.key.clone()),
+            (Direction::Inbound, SocketAddr::V6(_)) => None,
+        };
         Self {
             shared: shared.clone(),
             direction,
@@ -49,6 +81,7 @@ impl ConnectionTracker {
                 workload: pod.key.clone(),
                 client,
                 original_dst,
+                source_workload,
                 destination_workload: (direction == Direction::Inbound).then(|| pod.key.clone()),
                 destination_service: None,
                 upstream_local: None,
@@ -63,17 +96,32 @@ impl ConnectionTracker {
                 error: None,
             },
             started: Instant::now(),
+            labels: None,
         }
+    }
+
+    /// The connection's ends are known: counts it as opened in Istio's metrics and returns
+    /// its labels (for the requests of an HTTP connection).
+    pub(super) fn open(&mut self) -> Arc<Labels> {
+        if let Some(labels) = &self.labels {
+            return labels.clone();
+        }
+        let labels = Arc::new(Labels::of(&self.record));
+        self.shared.state.istio.tcp_opened(&labels, "-");
+        self.labels = Some(labels.clone());
+        labels
     }
 
     pub(super) fn finish(mut self, result: Result<(u64, u64), ProxyError>) {
         let direction = self.direction.as_str();
+        let mut flags = "-";
         match result {
             Ok((from_client, to_client)) => {
                 self.record.bytes_from_client = from_client;
                 self.record.bytes_to_client = to_client;
             }
             Err(e) => {
+                flags = response_flags(&e);
                 self.shared
                     .state
                     .metrics
@@ -92,7 +140,26 @@ impl ConnectionTracker {
             }
         }
         self.record.duration_ms = self.started.elapsed().as_millis() as u64;
-        self.shared.state.connections.push(self.record.clone());
+        let labels = match &self.labels {
+            Some(labels) => labels.clone(),
+            None => {
+                // Failed before its ends were settled: still opened and closed once.
+                let labels = Labels::of(&self.record);
+                self.shared.state.istio.tcp_opened(&labels, flags);
+                Arc::new(labels)
+            }
+        };
+        let state = &self.shared.state;
+        state.istio.tcp_closed(
+            &labels,
+            flags,
+            self.record.bytes_from_client,
+            self.record.bytes_to_client,
+        );
+        if let Some(log) = &state.access_log {
+            log.connection(&self.record, flags);
+        }
+        state.connections.push(self.record.clone());
     }
 }
 
@@ -106,4 +173,3 @@ impl Drop for ConnectionTracker {
             .dec();
     }
 }
-

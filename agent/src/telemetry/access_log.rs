@@ -1,0 +1,178 @@
+//! The access log: one JSON line per proxied connection and per HTTP request. The traffic
+//! path only offers an entry to a bounded queue (dropping, and counting, when it is full); a
+//! thread of its own formats and writes.
+
+use std::{
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        mpsc::{self, Receiver, SyncSender, TrySendError},
+    },
+};
+
+use prometheus::{IntCounter, Registry};
+use serde::Serialize;
+
+use crate::state::ConnectionRecord;
+
+/// Entries waiting to be written before new ones are dropped.
+const QUEUE: usize = 8192;
+
+/// Where the log goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AccessLogTarget {
+    Stdout,
+    File(PathBuf),
+}
+
+impl std::str::FromStr for AccessLogTarget {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "stdout" => Ok(Self::Stdout),
+            "" => Err("give stdout, a file path, or off".to_owned()),
+            path => Ok(Self::File(PathBuf::from(path))),
+        }
+    }
+}
+
+/// One HTTP request, as the destination's proxy saw it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RequestLogEntry {
+    pub start_unix_ms: u64,
+    pub duration_ms: f64,
+    pub workload: String,
+    pub client: String,
+    pub source_identity: Option<String>,
+    pub method: String,
+    pub path: String,
+    pub authority: String,
+    pub protocol: &'static str,
+    pub response_code: u16,
+    pub response_flags: &'static str,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum Entry {
+    Connection {
+        #[serde(flatten)]
+        record: Box<ConnectionRecord>,
+        response_flags: &'static str,
+    },
+    Request(Box<RequestLogEntry>),
+}
+
+#[derive(Debug)]
+pub struct AccessLog {
+    queue: SyncSender<Entry>,
+    /// Keep an entry when a draw below this threshold comes out (1.0 keeps all).
+    threshold: u64,
+    draw: AtomicU64,
+    dropped: IntCounter,
+}
+
+impl AccessLog {
+    /// Opens the target and starts the writer thread. `sample` is the share of entries kept.
+    pub fn start(
+        target: &AccessLogTarget,
+        sample: f64,
+        registry: &Registry,
+    ) -> std::io::Result<Self> {
+        let mut out: Box<dyn std::io::Write + Send> = match target {
+            AccessLogTarget::Stdout => Box::new(std::io::stdout()),
+            AccessLogTarget::File(path) => Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|e| {
+                        std::io::Error::new(
+                            e.kind(),
+                            format!("cannot open access log {}: {e}", path.display()),
+                        )
+                    })?,
+            ),
+        };
+        let (queue, entries) = mpsc::sync_channel(QUEUE);
+        std::thread::Builder::new()
+            .name("access-log".to_owned())
+            .spawn(move || write_entries(&entries, &mut out))?;
+        let dropped = IntCounter::new(
+            "nodemesh_access_log_dropped_total",
+            "Access log entries dropped because the writer fell behind",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(dropped.clone()))
+            .expect("metric registered once");
+        Ok(Self {
+            queue,
+            threshold: (sample.clamp(0.0, 1.0) * u64::MAX as f64) as u64,
+            draw: AtomicU64::new(0x9e37_79b9_7f4a_7c15),
+            dropped,
+        })
+    }
+
+    /// A cheap pseudo-random draw (xorshift over a shared state) for sampling.
+    fn sampled(&self) -> bool {
+        if self.threshold == u64::MAX {
+            return true;
+        }
+        let mut x = self
+            .draw
+            .fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
+        x ^= x >> 30;
+        x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        x ^= x >> 27;
+        x < self.threshold
+    }
+
+    fn offer(&self, entry: Entry) {
+        if let Err(TrySendError::Full(_)) = self.queue.try_send(entry) {
+            self.dropped.inc();
+        }
+    }
+
+    pub fn connection(&self, record: &ConnectionRecord, response_flags: &'static str) {
+        if self.sampled() {
+            self.offer(Entry::Connection {
+                record: Box::new(record.clone()),
+                response_flags,
+            });
+        }
+    }
+
+    pub fn request(&self, entry: RequestLogEntry) {
+        if self.sampled() {
+            self.offer(Entry::Request(Box::new(entry)));
+        }
+    }
+}
+
+fn write_entries(entries: &Receiver<Entry>, out: &mut dyn std::io::Write) {
+    let mut buffer = Vec::with_capacity(64 * 1024);
+    while let Ok(first) = entries.recv() {
+        let mut next = Some(first);
+        while let Some(entry) = next {
+            if serde_json::to_writer(&mut buffer, &entry).is_ok() {
+                buffer.push(b'\n');
+            }
+            next = if buffer.len() < 60 * 1024 {
+                entries.try_recv().ok()
+            } else {
+                None
+            };
+        }
+        if out.write_all(&buffer).and_then(|()| out.flush()).is_err() {
+            return;
+        }
+        buffer.clear();
+    }
+}
