@@ -56,6 +56,8 @@ pub struct MeshView {
     by_ip: HashMap<Ipv4Addr, Destination>,
     services: HashMap<Ipv4Addr, ServiceView>,
     pub egress: EgressPolicy,
+    /// Read HTTP on every inbound connection (MeshSettings telemetry).
+    pub reads_http: bool,
 }
 
 impl MeshView {
@@ -102,6 +104,7 @@ impl MeshView {
             by_ip,
             services,
             egress: mesh.egress(),
+            reads_http: mesh.settings.telemetry.reads_http(),
         }
     }
 

@@ -289,7 +289,7 @@ async fn deliver<S>(
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    if pod.policies().needs_http() {
+    if pod.policies().needs_http() || shared.mesh.load().reads_http {
         let connection = l7::Connection {
             peer,
             dst,

@@ -17,7 +17,7 @@ use crate::{
     config::Config,
     datapath::DatapathStats,
     metrics::Metrics,
-    telemetry::{AccessLog, IstioMetrics},
+    telemetry::{AccessLog, IstioMetrics, Tracer},
 };
 
 /// How many finished connections `/connections` remembers.
@@ -29,6 +29,7 @@ pub struct AgentState {
     pub metrics: Metrics,
     pub istio: IstioMetrics,
     pub access_log: Option<AccessLog>,
+    pub tracer: Arc<Tracer>,
     pub connections: ConnectionLog,
     pub datapath: DatapathView,
     inner: RwLock<Inner>,
@@ -101,11 +102,13 @@ impl AgentState {
             )?),
             None => None,
         };
+        let tracer = Tracer::start(&config.node, metrics.registry());
         Ok(Self {
             config,
             metrics,
             istio,
             access_log,
+            tracer,
             connections: ConnectionLog::default(),
             datapath,
             inner: RwLock::default(),

@@ -83,6 +83,10 @@ impl WorkloadRegistry {
         self.shared
             .mesh
             .store(MeshView::new(&mesh, &self.config.trust_domain));
+        self.shared
+            .state
+            .tracer
+            .configure(mesh.settings.telemetry.tracing.as_ref());
         self.mesh = Some(mesh.clone());
         let config = self.config.clone();
         let desired: BTreeMap<String, &Workload> = mesh

@@ -27,7 +27,7 @@ pub use authorization_policy::{
 pub use error::{ConfigError, ConfigErrors};
 pub use load::{SourceFingerprint, load_dir, load_path};
 pub use mesh::{EffectiveMtls, MeshConfig};
-pub use mesh_settings::{Egress, EgressPolicy, MeshSettings, MeshSettingsSpec};
+pub use mesh_settings::{Egress, EgressPolicy, MeshSettings, MeshSettingsSpec, Telemetry, Tracing};
 pub use meta::ObjectMeta;
 pub use namespace::Namespace;
 pub use peer_authentication::{

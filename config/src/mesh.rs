@@ -9,7 +9,7 @@ use crate::{
 
 /// A whole, validated configuration: what one load of a directory (or one snapshot of the
 /// Kubernetes API) says the mesh is.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct MeshConfig {
     /// Namespaces by name.

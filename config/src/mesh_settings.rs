@@ -4,7 +4,7 @@ use crate::ObjectMeta;
 
 /// Mesh-wide settings (`apiVersion: nodemesh.dev/v1alpha1`, `kind: MeshSettings`): at most one,
 /// named `default`, in the root namespace `nodemesh-system`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MeshSettings {
     pub api_version: String,
@@ -14,11 +14,70 @@ pub struct MeshSettings {
     pub spec: MeshSettingsSpec,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MeshSettingsSpec {
     #[serde(default)]
     pub egress: Egress,
+    #[serde(default)]
+    pub telemetry: Telemetry,
+}
+
+/// What the proxies observe beyond connections.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Telemetry {
+    /// Read HTTP on every inbound connection, for request metrics, per-request access log
+    /// lines and traces. Off by default: plain TCP is then a byte copy, and HTTP is read only
+    /// for workloads whose AuthorizationPolicies need it. Tracing turns it on.
+    #[serde(default)]
+    pub http_processing: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<Tracing>,
+}
+
+/// W3C trace context propagation and span export over OTLP/HTTP.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Tracing {
+    /// The collector's OTLP/HTTP base address, `http://host:port` (spans go to `/v1/traces`).
+    pub otlp_endpoint: String,
+    /// Percentage (0 to 100) of requests without a trace context for which the proxy starts
+    /// one. A request that arrives with a sampled `traceparent` is always traced.
+    #[serde(default = "full_sampling")]
+    pub random_sampling_percentage: f64,
+}
+
+fn full_sampling() -> f64 {
+    100.0
+}
+
+impl Telemetry {
+    /// Whether the proxies read HTTP on every inbound connection.
+    pub fn reads_http(&self) -> bool {
+        self.http_processing || self.tracing.is_some()
+    }
+}
+
+impl Tracing {
+    /// The `host:port` of the collector.
+    pub fn collector(&self) -> Result<&str, String> {
+        let authority = self
+            .otlp_endpoint
+            .strip_prefix("http://")
+            .map(|a| a.trim_end_matches('/'))
+            .ok_or_else(|| {
+                format!(
+                    "{:?} is not an http:// address; give the collector's OTLP/HTTP endpoint, \
+                     such as http://otel-collector:4318",
+                    self.otlp_endpoint
+                )
+            })?;
+        match authority.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(authority),
+            _ => Err(format!("{:?} needs a host and a port", self.otlp_endpoint)),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

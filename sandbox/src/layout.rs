@@ -104,6 +104,11 @@ impl Layout {
         self.state_dir().join("controller/node-tokens.yaml")
     }
 
+    /// The agent's access log: one JSON line per connection and HTTP request.
+    pub fn access_log(&self, node: &NodePlan) -> PathBuf {
+        self.logs_dir().join(format!("access-{}.log", node.name))
+    }
+
     pub fn token_file(&self, node: &NodePlan) -> PathBuf {
         self.state_dir().join(format!("tokens/{}.token", node.name))
     }

@@ -164,6 +164,8 @@ pub fn start_agent(layout: &Layout, index: usize) -> anyhow::Result<i32> {
         layout.ca_dir().join("ca-cert.pem").display().to_string(),
         "--token-file".to_owned(),
         layout.token_file(&node).display().to_string(),
+        "--access-log".to_owned(),
+        layout.access_log(&node).display().to_string(),
     ];
     spawn_in_netns(
         &node.netns,

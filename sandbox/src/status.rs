@@ -72,6 +72,8 @@ pub struct AgentStatus {
     pub metrics: SocketAddr,
     pub readiness: SocketAddr,
     pub log: PathBuf,
+    /// JSON lines, one per proxied connection and HTTP request.
+    pub access_log: PathBuf,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -110,6 +112,7 @@ impl Status {
                     metrics: layout.metrics_addr(&node),
                     readiness: layout.readiness_addr(&node),
                     log: layout.logs_dir().join(format!("agent-{}.log", node.name)),
+                    access_log: layout.access_log(&node),
                 },
                 pod_cidr: format!("10.88.{}.0/24", node.index + 1),
                 uplink: "eth0".to_owned(),

@@ -6,7 +6,9 @@
 //! - `/headers` returns the request headers as JSON;
 //! - `/delay/<ms>` answers like `/` after that many milliseconds (at most 60 000);
 //! - `/status/<code>` answers with that status code;
-//! - `/bytes/<n>` returns n bytes.
+//! - `/bytes/<n>` returns n bytes;
+//! - `/v1/traces` is a minimal OTLP/HTTP JSON receiver: POST stores an export, GET returns
+//!   the stored ones (for tests of span export).
 //!
 //! Port 9000 echoes TCP.
 #![forbid(unsafe_code)]
@@ -95,8 +97,16 @@ async fn serve_http(stream: TcpStream, client: SocketAddr, pod: &'static str) {
         .await;
 }
 
+/// OTLP/HTTP span exports received on `/v1/traces`, newest last, so that tests can see what
+/// a proxy exported. Bounded: the oldest are dropped.
+static TRACES: std::sync::Mutex<Vec<serde_json::Value>> = std::sync::Mutex::new(Vec::new());
+const TRACES_KEPT: usize = 1000;
+
 async fn respond(req: Request<Incoming>, client: SocketAddr, pod: &str) -> Response<ResponseBody> {
     let path = req.uri().path().to_owned();
+    if path == "/v1/traces" {
+        return with_pod(traces(req).await, pod);
+    }
     let mut segments = path.trim_start_matches('/').splitn(2, '/');
     let response = match (segments.next().unwrap_or(""), segments.next()) {
         ("", None) => echo(&req, client, pod),
@@ -146,6 +156,33 @@ async fn respond(req: Request<Incoming>, client: SocketAddr, pod: &str) -> Respo
         _ => echo(&req, client, pod),
     };
     with_pod(response, pod)
+}
+
+/// POST stores an OTLP/HTTP JSON export; GET returns every export kept.
+async fn traces(req: Request<Incoming>) -> Response<ResponseBody> {
+    use http_body_util::BodyExt as _;
+    match *req.method() {
+        http::Method::GET => {
+            let kept = TRACES.lock().unwrap_or_else(|e| e.into_inner());
+            json(StatusCode::OK, &serde_json::Value::Array(kept.clone()))
+        }
+        http::Method::POST => {
+            let body = match req.into_body().collect().await {
+                Ok(body) => body.to_bytes(),
+                Err(e) => return bad_request(&format!("cannot read the body: {e}")),
+            };
+            let export = match serde_json::from_slice(&body) {
+                Ok(export) => export,
+                Err(e) => return bad_request(&format!("not OTLP JSON: {e}")),
+            };
+            let mut kept = TRACES.lock().unwrap_or_else(|e| e.into_inner());
+            kept.push(export);
+            let excess = kept.len().saturating_sub(TRACES_KEPT);
+            kept.drain(..excess);
+            json(StatusCode::OK, &serde_json::json!({}))
+        }
+        _ => bad_request("use GET or POST on /v1/traces"),
+    }
 }
 
 fn echo(req: &Request<Incoming>, client: SocketAddr, pod: &str) -> Response<ResponseBody> {

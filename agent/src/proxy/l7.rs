@@ -35,7 +35,7 @@ use self::detect::detect;
 use super::{PodContext, ProxyError, ProxyShared, authz, splice};
 use crate::{
     state::unix_millis,
-    telemetry::{Labels, RequestLogEntry},
+    telemetry::{FinishedSpan, Labels, RequestLogEntry, Tracer},
 };
 
 type Body = Either<Incoming, Full<Bytes>>;
@@ -141,8 +141,13 @@ fn announced_size<B: hyper::body::Body>(headers: &http::HeaderMap, body: &B) -> 
         .unwrap_or(0)
 }
 
-/// Judges and forwards one request, and reports it with Istio's metrics and the access log.
-async fn handle(req: Request<Incoming>, conn: &Connection, upstream: &Upstream) -> Response<Body> {
+/// Judges and forwards one request, and reports it with Istio's metrics, the access log and a
+/// span.
+async fn handle(
+    mut req: Request<Incoming>,
+    conn: &Connection,
+    upstream: &Upstream,
+) -> Response<Body> {
     let started = Instant::now();
     let started_at = SystemTime::now();
     let attributes = attributes(&req);
@@ -152,6 +157,11 @@ async fn handle(req: Request<Incoming>, conn: &Connection, upstream: &Upstream) 
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     let protocol = if grpc { "grpc" } else { "http" };
+    let state = &conn.shared.state;
+    let span = state.tracer.begin(req.headers());
+    if let Some(span) = &span {
+        Tracer::propagate(span, req.headers_mut());
+    }
     let traceparent = req
         .headers()
         .get("traceparent")
@@ -161,7 +171,34 @@ async fn handle(req: Request<Incoming>, conn: &Connection, upstream: &Upstream) 
     let code = response.status().as_u16();
     let response_bytes = announced_size(response.headers(), response.body());
     let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
-    let state = &conn.shared.state;
+    if let Some(context) = span {
+        let labels = &conn.labels;
+        state.tracer.finish(FinishedSpan {
+            context,
+            name: format!("{} {}", attributes.method, attributes.host),
+            start: started_at,
+            end: SystemTime::now(),
+            attributes: vec![
+                ("http.request.method", attributes.method.clone()),
+                ("url.path", attributes.path.clone()),
+                ("server.address", attributes.host.clone()),
+                ("http.response.status_code", code.to_string()),
+                ("network.peer.address", conn.peer.ip.to_string()),
+                ("source.workload", labels.source_workload().to_owned()),
+                ("source.principal", labels.source_principal().to_owned()),
+                (
+                    "destination.workload",
+                    labels.destination_workload().to_owned(),
+                ),
+                (
+                    "destination.principal",
+                    labels.destination_principal().to_owned(),
+                ),
+                ("nodemesh.response_flags", flags.to_owned()),
+            ],
+            error: code >= 500,
+        });
+    }
     state.istio.http_request(
         &conn.labels,
         protocol,

@@ -216,6 +216,22 @@ impl Labels {
         }
     }
 
+    pub fn source_workload(&self) -> &str {
+        &self.source_workload
+    }
+
+    pub fn source_principal(&self) -> &str {
+        &self.source_principal
+    }
+
+    pub fn destination_workload(&self) -> &str {
+        &self.destination_workload
+    }
+
+    pub fn destination_principal(&self) -> &str {
+        &self.destination_principal
+    }
+
     fn tcp<'a>(&'a self, flags: &'a str) -> [&'a str; 11] {
         [
             self.reporter,

@@ -82,6 +82,20 @@ pub(super) fn check_object(object: &Object) -> Result<(), (String, String)> {
             svc.validate()?;
         }
         Object::MeshSettings(m) => {
+            if let Some(tracing) = &m.spec.telemetry.tracing {
+                tracing
+                    .collector()
+                    .map_err(|e| ("spec.telemetry.tracing.otlpEndpoint".to_owned(), e))?;
+                if !(0.0..=100.0).contains(&tracing.random_sampling_percentage) {
+                    return Err((
+                        "spec.telemetry.tracing.randomSamplingPercentage".to_owned(),
+                        format!(
+                            "{} is not a percentage between 0 and 100",
+                            tracing.random_sampling_percentage
+                        ),
+                    ));
+                }
+            }
             if m.metadata.name != "default" || m.metadata.namespace() != ROOT_NAMESPACE {
                 return Err((
                     "metadata".to_owned(),
