@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use nodemesh_admin::{Body, Router, json, not_found, prometheus, readiness, text};
 
-use crate::{identity::IdentityManager, state::AgentState};
+use crate::{identity::IdentityManager, metrics::ScrapeInputs, state::AgentState};
 
 pub fn admin(state: Arc<AgentState>, identities: Arc<IdentityManager>) -> Router {
     Arc::new(move |path| match path {
@@ -32,9 +32,25 @@ fn ready_state(state: &AgentState, identities: &IdentityManager) -> Result<(), S
     }
 }
 
-pub fn metrics(state: Arc<AgentState>) -> Router {
+pub fn metrics(state: Arc<AgentState>, identities: Arc<IdentityManager>) -> Router {
     Arc::new(move |path| match path {
-        "/metrics" | "/stats/prometheus" => prometheus(state.metrics.render(&state.datapath.stats)),
+        "/metrics" | "/stats/prometheus" => {
+            let inputs = ScrapeInputs {
+                datapath: &state.datapath.stats,
+                certificates: identities
+                    .status()
+                    .into_iter()
+                    .filter_map(|c| Some((c.identity, c.seconds_to_expiry?)))
+                    .collect(),
+                config_applied_unix_ms: state.applied_at(),
+                enrolled: state
+                    .workloads()
+                    .iter()
+                    .filter(|w| w.state == "enrolled")
+                    .count(),
+            };
+            prometheus(state.metrics.render(&inputs))
+        }
         other => not_found(other),
     })
 }

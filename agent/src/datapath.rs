@@ -381,6 +381,12 @@ impl Drop for TransparentGuard {
 #[derive(Clone)]
 pub struct DatapathStats(Arc<PerCpuArray<MapData, u64>>);
 
+impl std::fmt::Debug for DatapathStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DatapathStats")
+    }
+}
+
 impl DatapathStats {
     pub fn read(&self) -> Vec<(Stat, u64)> {
         Stat::ALL

@@ -126,7 +126,7 @@ async fn run(config: Arc<Config>) -> anyhow::Result<()> {
         (
             "metrics",
             config.metrics_addr,
-            admin::metrics(state.clone()),
+            admin::metrics(state.clone(), identities.clone()),
         ),
         (
             "readiness",

@@ -2,7 +2,10 @@
 
 use std::sync::Mutex;
 
-use prometheus::{Encoder, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use nodemesh_ebpf_abi::{Stat, capacity};
+use prometheus::{
+    Encoder, Gauge, GaugeVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 
 use crate::datapath::DatapathStats;
 
@@ -21,6 +24,21 @@ pub struct Metrics {
     pub authorization_audits: IntCounterVec,
     ebpf_events: IntCounterVec,
     ebpf_seen: Mutex<Vec<u64>>,
+    ebpf_map_entries: IntGaugeVec,
+    ebpf_map_capacity: IntGaugeVec,
+    certificate_expiry: GaugeVec,
+    config_age: Gauge,
+}
+
+/// What a scrape reads besides the registry's own counters.
+#[derive(Debug)]
+pub struct ScrapeInputs<'a> {
+    pub datapath: &'a DatapathStats,
+    /// (identity, seconds until its certificate expires)
+    pub certificates: Vec<(String, i64)>,
+    /// When the snapshot in force was applied.
+    pub config_applied_unix_ms: Option<u64>,
+    pub enrolled: usize,
 }
 
 impl Metrics {
@@ -105,6 +123,32 @@ impl Metrics {
             )
             .expect("valid metric"),
             ebpf_seen: Mutex::new(Vec::new()),
+            ebpf_map_entries: IntGaugeVec::new(
+                Opts::new(
+                    "nodemesh_ebpf_map_entries",
+                    "Entries in the datapath's maps (connections in flight for the LRU maps)",
+                ),
+                &["map"],
+            )
+            .expect("valid metric"),
+            ebpf_map_capacity: IntGaugeVec::new(
+                Opts::new("nodemesh_ebpf_map_capacity", "Capacity of the datapath's maps"),
+                &["map"],
+            )
+            .expect("valid metric"),
+            certificate_expiry: GaugeVec::new(
+                Opts::new(
+                    "nodemesh_certificate_expiry_seconds",
+                    "Seconds until each workload identity's certificate expires (negative: expired)",
+                ),
+                &["identity"],
+            )
+            .expect("valid metric"),
+            config_age: Gauge::new(
+                "nodemesh_config_age_seconds",
+                "Seconds since the snapshot in force was applied",
+            )
+            .expect("valid metric"),
             registry,
         };
         for collector in [
@@ -119,6 +163,10 @@ impl Metrics {
             Box::new(metrics.authorization_decisions.clone()),
             Box::new(metrics.authorization_audits.clone()),
             Box::new(metrics.ebpf_events.clone()),
+            Box::new(metrics.ebpf_map_entries.clone()),
+            Box::new(metrics.ebpf_map_capacity.clone()),
+            Box::new(metrics.certificate_expiry.clone()),
+            Box::new(metrics.config_age.clone()),
         ] {
             metrics
                 .registry
@@ -133,9 +181,45 @@ impl Metrics {
         &self.registry
     }
 
-    /// Renders the text exposition format, reading the eBPF counters first.
-    pub fn render(&self, datapath: &DatapathStats) -> String {
-        self.refresh_ebpf(datapath);
+    /// Renders the text exposition format, reading the eBPF counters, certificates and
+    /// configuration age first.
+    pub fn render(&self, inputs: &ScrapeInputs<'_>) -> String {
+        let stats = self.refresh_ebpf(inputs.datapath);
+        let stat = |s: Stat| stats.iter().find(|(x, _)| *x == s).map_or(0, |(_, v)| *v);
+        let in_flight = |added: u64, gone: u64| added.saturating_sub(gone) as i64;
+        for (map, entries, capacity) in [
+            ("ENROLLED", inputs.enrolled as i64, capacity::ENROLLED),
+            ("INBOUND", inputs.enrolled as i64, capacity::INBOUND),
+            (
+                "COOKIE_DST",
+                in_flight(
+                    stat(Stat::OutboundRedirected),
+                    stat(Stat::TupleRecorded) + stat(Stat::TupleInsertFailed),
+                ),
+                capacity::COOKIE_DST,
+            ),
+            (
+                "TUPLE_DST",
+                in_flight(stat(Stat::TupleRecorded), stat(Stat::TupleRemoved)),
+                capacity::TUPLE_DST,
+            ),
+        ] {
+            self.ebpf_map_entries.with_label_values(&[map]).set(entries);
+            self.ebpf_map_capacity
+                .with_label_values(&[map])
+                .set(i64::from(capacity));
+        }
+        self.certificate_expiry.reset();
+        for (identity, seconds) in &inputs.certificates {
+            self.certificate_expiry
+                .with_label_values(&[identity])
+                .set(*seconds as f64);
+        }
+        if let Some(applied) = inputs.config_applied_unix_ms {
+            let now = crate::state::unix_millis(std::time::SystemTime::now());
+            self.config_age
+                .set(now.saturating_sub(applied) as f64 / 1000.0);
+        }
         let mut out = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
             tracing::warn!(error = %e, "encoding metrics failed");
@@ -143,8 +227,9 @@ impl Metrics {
         String::from_utf8(out).unwrap_or_default()
     }
 
-    fn refresh_ebpf(&self, datapath: &DatapathStats) {
+    fn refresh_ebpf(&self, datapath: &DatapathStats) -> Vec<(Stat, u64)> {
         let current = datapath.read();
+        let snapshot = current.clone();
         let mut seen = self.ebpf_seen.lock().unwrap_or_else(|e| e.into_inner());
         seen.resize(current.len(), 0);
         for ((stat, value), last) in current.into_iter().zip(seen.iter_mut()) {
@@ -154,5 +239,6 @@ impl Metrics {
                 .inc_by(value.saturating_sub(*last));
             *last = value;
         }
+        snapshot
     }
 }

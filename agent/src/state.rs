@@ -161,6 +161,11 @@ impl AgentState {
         self.write().workloads = workloads;
     }
 
+    /// When the snapshot in force was applied.
+    pub fn applied_at(&self) -> Option<u64> {
+        self.read().applied_at
+    }
+
     pub fn workloads(&self) -> Vec<WorkloadStatus> {
         let mut workloads = self.read().workloads.clone();
         for w in &mut workloads {

@@ -5,11 +5,14 @@
 //! - `nodemesh explain --from POD --to POD:PORT [--method M --path P --header K=V]` says
 //!   whether the mesh lets that connection or request through, and which policy and rule
 //!   decide, against a directory or the running controller.
+//! - `nodemesh status --controller URL [--agent URL]...` summarises the mesh: configuration
+//!   version and errors, which agents applied it, workloads, certificates, eBPF counters.
 #![forbid(unsafe_code)]
 
 mod check;
 mod explain;
 mod source;
+mod status;
 
 use std::process::ExitCode;
 
@@ -32,6 +35,8 @@ enum Command {
     Check(check::CheckArgs),
     /// Explain whether a connection or HTTP request is allowed, and why.
     Explain(explain::ExplainArgs),
+    /// Summarise the mesh from the controller's and the agents' admin endpoints.
+    Status(status::StatusArgs),
 }
 
 fn main() -> ExitCode {
@@ -39,6 +44,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Check(args) => check::run(&args),
         Command::Explain(args) => explain::run(&args),
+        Command::Status(args) => status::run(&args),
     };
     match result {
         Ok(code) => code,

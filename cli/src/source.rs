@@ -30,33 +30,45 @@ pub fn from_dir(path: &Path, trust_domain: Option<&str>) -> anyhow::Result<Loade
     })
 }
 
-/// `url` is the controller's monitoring endpoint, `http://host:15014`.
-pub fn from_controller(url: &str, trust_domain: Option<&str>) -> anyhow::Result<Loaded> {
+/// GETs `path` from `url` (`http://host:port`) and returns the answer: (status, body).
+pub fn http_get(url: &str, path: &str) -> anyhow::Result<(u16, String)> {
     let authority = url
         .strip_prefix("http://")
         .map(|a| a.trim_end_matches('/'))
-        .with_context(|| format!("--controller {url:?} must look like http://host:15014"))?;
-    let mut stream = TcpStream::connect(authority)
-        .with_context(|| format!("cannot reach the controller at {authority}"))?;
+        .with_context(|| format!("{url:?} must look like http://host:port"))?;
+    let mut stream =
+        TcpStream::connect(authority).with_context(|| format!("cannot reach {authority}"))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(
         stream,
-        "GET /config_dump HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
     )?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;
     let text = String::from_utf8_lossy(&raw);
     let (head, body) = text
         .split_once("\r\n\r\n")
-        .context("the controller's answer has no body")?;
-    if !head.starts_with("HTTP/1.1 200") {
-        bail!(
-            "the controller answered {}",
-            head.lines().next().unwrap_or("")
-        );
+        .with_context(|| format!("{authority} answered without a body"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("{authority} answered {:?}", head.lines().next()))?;
+    Ok((status, body.to_owned()))
+}
+
+/// GETs a JSON document; anything but 200 is an error carrying the answer.
+pub fn get_json(url: &str, path: &str) -> anyhow::Result<serde_json::Value> {
+    let (status, body) = http_get(url, path)?;
+    if status != 200 {
+        bail!("{url}{path} answered {status}: {}", body.trim());
     }
-    let dump: serde_json::Value =
-        serde_json::from_str(body).context("the config dump is not JSON")?;
+    serde_json::from_str(&body).with_context(|| format!("{url}{path} is not JSON"))
+}
+
+/// `url` is the controller's monitoring endpoint, `http://host:15014`.
+pub fn from_controller(url: &str, trust_domain: Option<&str>) -> anyhow::Result<Loaded> {
+    let dump = get_json(url, "/config_dump")?;
     if dump["config"].is_null() {
         bail!("the controller has no valid configuration in force");
     }

@@ -34,6 +34,7 @@ pub struct Layout {
     pub pods: usize,
     pub bin_dir: PathBuf,
     pub workload_cert_ttl: std::time::Duration,
+    pub prometheus: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -68,6 +69,7 @@ impl Layout {
             pods: spec.pods,
             bin_dir: spec.bin_dir.clone(),
             workload_cert_ttl: spec.workload_cert_ttl,
+            prometheus: spec.prometheus,
         }
     }
 
@@ -80,6 +82,7 @@ impl Layout {
             workload_cert_ttl: std::time::Duration::from_secs(
                 status.controller.workload_cert_ttl_seconds,
             ),
+            prometheus: status.prometheus.is_some(),
         }
     }
 

@@ -12,6 +12,7 @@ mod http;
 mod layout;
 mod mesh_config;
 mod process;
+mod prometheus;
 mod status;
 mod topology;
 
@@ -57,6 +58,8 @@ pub struct Spec {
     pub bin_dir: PathBuf,
     /// Lifetime of workload certificates; short values exercise rotation.
     pub workload_cert_ttl: Duration,
+    /// Also run a Prometheus server (Debian's) scraping every agent and the controller.
+    pub prometheus: bool,
 }
 
 impl Spec {
@@ -67,6 +70,7 @@ impl Spec {
             pods: 2,
             bin_dir: bin_dir.into(),
             workload_cert_ttl: Duration::from_secs(24 * 3600),
+            prometheus: false,
         }
     }
 
@@ -256,6 +260,12 @@ fn bring_up(layout: &Layout) -> anyhow::Result<Status> {
     }
     for node in &status.nodes {
         process::wait_agent_ready(node, deadline)?;
+    }
+    if layout.prometheus {
+        let prometheus = prometheus::start(layout, &status)?;
+        status.prometheus = Some(prometheus.clone());
+        status.save()?;
+        prometheus::wait_ready(&prometheus, deadline)?;
     }
     status.up_seconds = started.elapsed().as_secs_f64();
     status.save()?;

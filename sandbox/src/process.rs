@@ -37,7 +37,12 @@ fn log_file(path: &Path) -> anyhow::Result<File> {
         .with_context(|| format!("cannot open log {}", path.display()))
 }
 
-fn spawn_in_netns(netns: &str, program: &Path, args: &[String], log: &Path) -> anyhow::Result<i32> {
+pub fn spawn_in_netns(
+    netns: &str,
+    program: &Path,
+    args: &[String],
+    log: &Path,
+) -> anyhow::Result<i32> {
     let out = log_file(log)?;
     let err = out.try_clone()?;
     let child = Command::new("nsenter")

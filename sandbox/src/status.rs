@@ -26,6 +26,8 @@ pub struct Status {
     pub controller: ControllerStatus,
     pub nodes: Vec<NodeStatus>,
     pub pods: Vec<PodStatus>,
+    /// The Prometheus server scraping the mesh, with `sandbox up --prometheus`.
+    pub prometheus: Option<PrometheusStatus>,
     /// How long `up` took.
     pub up_seconds: f64,
 }
@@ -35,6 +37,16 @@ pub struct FabricStatus {
     pub netns: String,
     pub bridge: String,
     pub ip: Ipv4Addr,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PrometheusStatus {
+    pub pid: i32,
+    /// The namespace the URL is reachable from.
+    pub netns: Option<String>,
+    /// Prometheus's HTTP API and UI, such as `http://10.88.0.254:9090`.
+    pub url: String,
+    pub log: PathBuf,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -169,6 +181,7 @@ impl Status {
             },
             nodes,
             pods,
+            prometheus: None,
             up_seconds: 0.0,
         }
     }
@@ -204,6 +217,7 @@ impl Status {
             && layout.pods == spec.pods
             && self.bin_dir == spec.bin_dir
             && layout.workload_cert_ttl == spec.workload_cert_ttl
+            && layout.prometheus == spec.prometheus
     }
 
     /// Every process alive and every namespace present.
@@ -219,6 +233,7 @@ impl Status {
 
     pub fn pids(&self) -> Vec<i32> {
         std::iter::once(self.controller.pid)
+            .chain(self.prometheus.as_ref().map(|p| p.pid))
             .chain(self.nodes.iter().map(|n| n.agent.pid))
             .chain(self.pods.iter().map(|p| p.server.pid))
             .filter(|&pid| pid > 0)

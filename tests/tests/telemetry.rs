@@ -198,3 +198,57 @@ fn with_tracing_a_request_carries_traceparent_and_yields_a_span() {
         "a request line in the access log"
     );
 }
+
+#[test]
+fn a_real_prometheus_returns_the_mesh_metrics() {
+    let Some(sb) = nodemesh_tests::sandbox_with("tprom", |spec| spec.prometheus = true) else {
+        return;
+    };
+    let prometheus = sb
+        .status()
+        .prometheus
+        .clone()
+        .expect("prometheus in the status");
+    assert!(prometheus.url.starts_with("http://"), "{prometheus:?}");
+    let netns = prometheus.netns.clone().expect("a namespace");
+    let echo = echo_from(&sb.pod("n1-p1").netns, sb.pod("n2-p1").server.echo, b"p").expect("echo");
+    assert_eq!(echo.reply, b"p");
+
+    let query = "istio_tcp_connections_closed_total%7Bsource_workload%3D%22n1-p1%22%2Cdestination_workload%3D%22n2-p1%22%2Cconnection_security_policy%3D%22mutual_tls%22%7D";
+    let reporters = poll_until(Duration::from_secs(30), || {
+        let answer = http_get(
+            &netns,
+            &format!("{}/api/v1/query?query={query}", prometheus.url),
+            Duration::from_secs(5),
+        )?
+        .json()?;
+        anyhow::ensure!(answer["status"] == "success", "{answer}");
+        let mut reporters: Vec<String> = answer["data"]["result"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r["metric"]["reporter"].as_str().map(str::to_owned))
+            .collect();
+        reporters.sort();
+        anyhow::ensure!(reporters.len() == 2, "not scraped yet: {answer}");
+        Ok(reporters)
+    })
+    .expect("Prometheus scraped both agents");
+    assert_eq!(reporters, ["destination", "source"]);
+
+    let targets = http_get(
+        &netns,
+        &format!("{}/api/v1/targets", prometheus.url),
+        Duration::from_secs(5),
+    )
+    .expect("targets")
+    .json()
+    .expect("JSON");
+    let jobs: Vec<&str> = targets["data"]["activeTargets"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t["labels"]["job"].as_str())
+        .collect();
+    assert!(jobs.contains(&"nodemesh-controller"), "{jobs:?}");
+}

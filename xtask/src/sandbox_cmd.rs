@@ -18,6 +18,9 @@ pub enum SandboxCommand {
         /// Use optimised binaries.
         #[arg(long)]
         release: bool,
+        /// Also run a Prometheus server scraping every agent and the controller.
+        #[arg(long)]
+        prometheus: bool,
         #[arg(long, default_value = DEFAULT_NAME)]
         name: String,
     },
@@ -42,6 +45,7 @@ pub fn run(command: SandboxCommand) -> anyhow::Result<()> {
             nodes,
             pods,
             release,
+            prometheus,
             name,
         } => {
             require_root("the sandbox")?;
@@ -55,6 +59,7 @@ pub fn run(command: SandboxCommand) -> anyhow::Result<()> {
             let spec = Spec {
                 nodes,
                 pods,
+                prometheus,
                 ..Spec::new(&name, bin_dir)
             };
             let sandbox = Sandbox::up(&spec)?;
@@ -112,6 +117,13 @@ pub fn print_summary(status: &Status) {
         println!(
             "  pod  {:<10} netns {:<15} ip {:<11} {mesh}",
             pod.name, pod.netns, pod.ip
+        );
+    }
+    if let Some(prometheus) = &status.prometheus {
+        println!(
+            "  prometheus     netns {:<12} {}",
+            prometheus.netns.as_deref().unwrap_or("host"),
+            prometheus.url
         );
     }
     println!(

@@ -11,7 +11,8 @@ use crate::{describe, require_root, run_step};
 /// - llvm-22-dev, libpolly-22-dev: bpf-linker links against LLVM 22 (rustc's LLVM);
 /// - iproute2, util-linux (nsenter), procps (sysctl): the sandbox;
 /// - curl: the demo and tests use a real HTTP client;
-/// - tcpdump: tests capture a node's uplink to prove it carries only TLS.
+/// - tcpdump: tests capture a node's uplink to prove it carries only TLS;
+/// - prometheus: `sandbox up --prometheus` runs a real one scraping the mesh.
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -20,6 +21,7 @@ const PACKAGES: &[&str] = &[
     "procps",
     "curl",
     "tcpdump",
+    "prometheus",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13";
@@ -36,6 +38,10 @@ pub fn run() -> anyhow::Result<()> {
                 .args(&missing)
                 .env("DEBIAN_FRONTEND", "noninteractive"),
         )?;
+        if missing.contains(&"prometheus") && std::path::Path::new("/run/systemd/system").exists() {
+            // The package starts a Prometheus on the host's network; the sandbox runs its own.
+            run_step(Command::new("systemctl").args(["disable", "--now", "prometheus"]))?;
+        }
     }
     if !has_bpf_linker() {
         eprintln!("setup: installing bpf-linker {BPF_LINKER_VERSION} (takes a few minutes)");

@@ -102,11 +102,13 @@ pub enum Stat {
     InboundSteerFailed = 7,
     /// connect6 to a native IPv6 address from an enrolled workload, not captured yet.
     Ipv6NotCaptured = 8,
+    /// sock_ops removed a TUPLE_DST entry when its socket closed.
+    TupleRemoved = 9,
 }
 
 impl Stat {
     /// Number of slots in `STATS`.
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 10;
 
     /// Every slot, in index order.
     pub const ALL: [Stat; Self::COUNT as usize] = [
@@ -119,6 +121,7 @@ impl Stat {
         Stat::InboundSteered,
         Stat::InboundSteerFailed,
         Stat::Ipv6NotCaptured,
+        Stat::TupleRemoved,
     ];
 
     /// A stable snake_case name, used as a metric label.
@@ -133,6 +136,7 @@ impl Stat {
             Stat::InboundSteered => "inbound_steered",
             Stat::InboundSteerFailed => "inbound_steer_failed",
             Stat::Ipv6NotCaptured => "ipv6_not_captured",
+            Stat::TupleRemoved => "tuple_removed",
         }
     }
 

@@ -153,7 +153,9 @@ pub fn nodemesh_sock_ops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx),
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
-            let _ = TUPLE_DST.remove(tuple(&ctx));
+            if TUPLE_DST.remove(tuple(&ctx)).is_ok() {
+                count(Stat::TupleRemoved);
+            }
         }
         _ => {}
     }
