@@ -82,6 +82,11 @@ fn start(config: Arc<Config>) -> anyhow::Result<()> {
         );
     }
     netns::init().context("cannot open this process's network namespace")?;
+    // Every proxied connection holds a few sockets: take all the descriptors allowed.
+    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .context("cannot read the open-file limit")?;
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard)
+        .context("cannot raise the open-file limit")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.worker_threads)
         .enable_all()

@@ -6,7 +6,8 @@
 //! - node `n<i>`: namespace `<name>-n<i>`, uplink `eth0` 10.88.0.<i>/24, pods in 10.88.<i>.0/24
 //!   behind gateway 10.88.<i>.1;
 //! - enrolled pod `n<i>-p<j>` (namespace `default`): 10.88.<i>.<1+j>, in `<name>-n<i>-p<j>`;
-//! - legacy pod `n<i>-legacy` (namespace `legacy`, not enrolled): 10.88.<i>.250.
+//! - legacy pods `n<i>-legacy`, `n<i>-legacy2`, ... (namespace `legacy`, not enrolled):
+//!   10.88.<i>.250, .249, ...
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
@@ -35,6 +36,7 @@ pub struct Layout {
     pub bin_dir: PathBuf,
     pub workload_cert_ttl: std::time::Duration,
     pub prometheus: bool,
+    pub legacy_pods: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -70,6 +72,7 @@ impl Layout {
             bin_dir: spec.bin_dir.clone(),
             workload_cert_ttl: spec.workload_cert_ttl,
             prometheus: spec.prometheus,
+            legacy_pods: spec.legacy_pods,
         }
     }
 
@@ -83,6 +86,8 @@ impl Layout {
                 status.controller.workload_cert_ttl_seconds,
             ),
             prometheus: status.prometheus.is_some(),
+            legacy_pods: status.pods.iter().filter(|p| !p.enrolled).count()
+                / status.nodes.len().max(1),
         }
     }
 
@@ -162,19 +167,22 @@ impl Layout {
             host_if: format!("p{j}"),
             enrolled: true,
         });
-        let legacy = PodPlan {
-            name: format!("n{n}-legacy"),
-            namespace: LEGACY_NAMESPACE,
-            service_account: "default".to_owned(),
-            node: node.name.clone(),
-            node_netns: node.netns.clone(),
-            netns: format!("{}-n{n}-legacy", self.name),
-            ip: Ipv4Addr::new(10, 88, n as u8, 250),
-            gateway: node.gateway,
-            host_if: "legacy".to_owned(),
-            enrolled: false,
-        };
-        enrolled.chain(std::iter::once(legacy)).collect()
+        let legacy = (1..=self.legacy_pods).map(|k| {
+            let suffix = if k == 1 { String::new() } else { k.to_string() };
+            PodPlan {
+                name: format!("n{n}-legacy{suffix}"),
+                namespace: LEGACY_NAMESPACE,
+                service_account: "default".to_owned(),
+                node: node.name.clone(),
+                node_netns: node.netns.clone(),
+                netns: format!("{}-n{n}-legacy{suffix}", self.name),
+                ip: Ipv4Addr::new(10, 88, n as u8, (251 - k) as u8),
+                gateway: node.gateway,
+                host_if: format!("legacy{suffix}"),
+                enrolled: false,
+            }
+        });
+        enrolled.chain(legacy).collect()
     }
 
     pub fn all_pods(&self) -> Vec<PodPlan> {

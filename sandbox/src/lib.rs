@@ -60,6 +60,8 @@ pub struct Spec {
     pub workload_cert_ttl: Duration,
     /// Also run a Prometheus server (Debian's) scraping every agent and the controller.
     pub prometheus: bool,
+    /// Pods per node outside the mesh (namespace `legacy`); the benchmark uses two.
+    pub legacy_pods: usize,
 }
 
 impl Spec {
@@ -71,6 +73,7 @@ impl Spec {
             bin_dir: bin_dir.into(),
             workload_cert_ttl: Duration::from_secs(24 * 3600),
             prometheus: false,
+            legacy_pods: 1,
         }
     }
 
@@ -92,6 +95,12 @@ impl Spec {
         }
         if self.workload_cert_ttl < Duration::from_secs(10) {
             bail!("the workload certificate lifetime must be at least 10 s");
+        }
+        if !(1..=40).contains(&self.legacy_pods) {
+            bail!(
+                "legacy pods per node must be between 1 and 40, not {}",
+                self.legacy_pods
+            );
         }
         if !(1..=150).contains(&self.pods) {
             bail!("--pods must be between 1 and 150, not {}", self.pods);
@@ -301,6 +310,32 @@ pub fn down(name: &str) -> anyhow::Result<()> {
             left.join(", ")
         );
     }
+    Ok(())
+}
+
+/// Opens `n` TCP connections from inside `netns` to `dst` and returns them open, raising this
+/// process's open-file limit to its hard limit first.
+pub fn hold_connections(
+    netns: &str,
+    dst: std::net::SocketAddr,
+    n: usize,
+) -> anyhow::Result<Vec<std::net::TcpStream>> {
+    raise_open_files()?;
+    in_netns(netns, move || {
+        (0..n)
+            .map(|i| {
+                std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(5))
+                    .with_context(|| format!("connection {i} of {n} to {dst}"))
+            })
+            .collect()
+    })
+}
+
+/// Raises the soft limit on open files to the hard limit.
+pub fn raise_open_files() -> anyhow::Result<()> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).context("getrlimit")?;
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).context("setrlimit")?;
     Ok(())
 }
 

@@ -218,6 +218,7 @@ impl Status {
             && self.bin_dir == spec.bin_dir
             && layout.workload_cert_ttl == spec.workload_cert_ttl
             && layout.prometheus == spec.prometheus
+            && layout.legacy_pods == spec.legacy_pods
     }
 
     /// Every process alive and every namespace present.

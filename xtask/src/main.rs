@@ -2,6 +2,7 @@
 //! install what is missing first (`cargo xtask setup`).
 #![forbid(unsafe_code)]
 
+mod bench;
 mod build;
 mod demo;
 mod manifests;
@@ -39,6 +40,13 @@ enum Task {
     Demo,
     /// Formatting, clippy with warnings denied, and every test.
     Test,
+    /// Measure the mesh's cost against the same work without it (JSON, markdown, PNG in
+    /// target/bench).
+    Bench {
+        /// A smoke run: short measurements, under two minutes once built.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Regenerate manifests/nodemesh.yaml from code.
     Manifests,
     /// The local sandbox: network namespaces as nodes and pods, one agent per node.
@@ -56,6 +64,7 @@ fn main() -> ExitCode {
         Task::Demo => demo::run(),
         Task::Test => test::run(),
         Task::Manifests => manifests::write(),
+        Task::Bench { quick } => bench::run(quick),
         Task::Sandbox { command } => sandbox_cmd::run(command),
     };
     match result {
@@ -90,6 +99,11 @@ impl Profile {
             Profile::Release => "release",
         }
     }
+}
+
+/// Where `cargo install` put oha.
+pub fn bench_oha_binary() -> String {
+    bench::oha_binary()
 }
 
 /// The workspace root.

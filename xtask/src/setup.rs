@@ -72,6 +72,51 @@ pub fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What `cargo xtask bench` needs besides the build: load tools, rsvg-convert and a font for
+/// the chart (Debian), and oha (crates.io) for latency at a fixed rate.
+const BENCH_PACKAGES: &[&str] = &[
+    "wrk",
+    "iperf3",
+    "sockperf",
+    "librsvg2-bin",
+    "fonts-dejavu-core",
+];
+const OHA_VERSION: &str = "1.16.0";
+
+pub fn bench_tools() -> anyhow::Result<()> {
+    let missing: Vec<&str> = BENCH_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !installed(p))
+        .collect();
+    if !missing.is_empty() {
+        require_root("installing Debian packages")?;
+        eprintln!("setup: installing {}", missing.join(" "));
+        run_step(Command::new("apt-get").args(["update", "-q"]))?;
+        run_step(
+            Command::new("apt-get")
+                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+    let oha = crate::bench_oha_binary();
+    let has_oha = Command::new(&oha)
+        .arg("--version")
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains(OHA_VERSION));
+    if !has_oha {
+        eprintln!("setup: installing oha {OHA_VERSION} (takes a few minutes)");
+        run_step(
+            Command::new("cargo")
+                .args(["install", "oha", "--locked", "--version", OHA_VERSION])
+                .env_remove("RUSTUP_TOOLCHAIN")
+                .env_remove("CARGO_TARGET_DIR"),
+        )?;
+    }
+    Ok(())
+}
+
 fn installed(package: &str) -> bool {
     Command::new("dpkg-query")
         .args(["-W", "-f", "${db:Status-Status}", package])

@@ -1,0 +1,440 @@
+//! `cargo xtask bench`: the mesh's cost, measured in the sandbox as ratios against the same
+//! work between pods outside the mesh (the legacy pods), in one run, same node and across
+//! nodes. Real load tools: wrk, oha, sockperf, iperf3. Outputs `target/bench/results.json`,
+//! `results.md` and `chart.png`. Figures are never asserted anywhere.
+
+mod report;
+mod tools;
+
+use std::{fs, net::SocketAddr, time::Duration};
+
+use anyhow::Context as _;
+use nodemesh_sandbox::{Sandbox, Spec};
+use serde_json::json;
+
+pub use self::tools::oha_binary;
+use self::{
+    report::{Pair, Row},
+    tools::{LoadResult, Server},
+};
+use crate::{Profile, build, require_root, setup, target_dir};
+
+const SOCKPERF_PORT: u16 = 11111;
+const IPERF_PORT: u16 = 5201;
+
+/// How long each measurement runs, and the fixed request rate.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    seconds: u64,
+    fixed_rate: u32,
+}
+
+/// The client and server pods of one measurement.
+#[derive(Debug, Clone, Copy)]
+struct Case {
+    client: &'static str,
+    server: &'static str,
+}
+
+const SAME_NODE_NO_MESH: Case = Case {
+    client: "n1-legacy",
+    server: "n1-legacy2",
+};
+const SAME_NODE_MESH: Case = Case {
+    client: "n1-p1",
+    server: "n1-p2",
+};
+const CROSS_NODE_NO_MESH: Case = Case {
+    client: "n1-legacy",
+    server: "n2-legacy",
+};
+const CROSS_NODE_MESH: Case = Case {
+    client: "n1-p1",
+    server: "n2-p1",
+};
+
+/// Everything measured for one case.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+struct Measured {
+    http_c1: LoadResult,
+    http_c16: LoadResult,
+    cpu_ms_per_1000: f64,
+    http_fixed: LoadResult,
+    http_close: LoadResult,
+    tcp_rr: LoadResult,
+    gbps_1: f64,
+    gbps_4: f64,
+}
+
+pub fn run(quick: bool) -> anyhow::Result<()> {
+    require_root("the benchmark")?;
+    setup::run()?;
+    setup::bench_tools()?;
+    let bin_dir = build::run(Profile::Release)?;
+    let plan = if quick {
+        Plan {
+            seconds: 2,
+            fixed_rate: 500,
+        }
+    } else {
+        Plan {
+            seconds: 8,
+            fixed_rate: 1000,
+        }
+    };
+    let spec = Spec {
+        legacy_pods: 2,
+        ..Spec::new("bench", bin_dir)
+    };
+    println!("== bringing up the benchmark sandbox (release build)");
+    let sandbox = Sandbox::up(&spec)?;
+    let result = measure(&sandbox, plan);
+    let down = sandbox.down();
+    let outcome = result?;
+    down?;
+    write_outputs(&outcome, plan, quick)
+}
+
+/// What one run measured, ready to report.
+struct Outcome {
+    rows: Vec<Row>,
+    /// Agent resident memory, MB, by situation.
+    memory: Vec<(String, f64)>,
+    /// Anything that makes a figure less trustworthy (errors seen by a load tool).
+    notes: Vec<String>,
+    /// Every tool's own figures.
+    raw: serde_json::Value,
+}
+
+fn measure(sandbox: &Sandbox, plan: Plan) -> anyhow::Result<Outcome> {
+    let agent_pid = |node: &str| sandbox.node(node).agent.pid;
+    let mut memory = vec![
+        (
+            "node n1 agent, idle".to_owned(),
+            tools::rss_mb(agent_pid("n1"))?,
+        ),
+        (
+            "node n2 agent, idle".to_owned(),
+            tools::rss_mb(agent_pid("n2"))?,
+        ),
+    ];
+    let servers = start_servers(sandbox)?;
+    tools::settle();
+    let script = target_dir().join("bench/wrk-report.lua");
+    fs::create_dir_all(script.parent().context("bench dir")?)?;
+    fs::write(&script, tools::WRK_REPORT)?;
+    let cases = [
+        ("same node, no mesh", SAME_NODE_NO_MESH),
+        ("same node, mesh", SAME_NODE_MESH),
+        ("cross node, no mesh", CROSS_NODE_NO_MESH),
+        ("cross node, mesh", CROSS_NODE_MESH),
+    ];
+    let mut measured = Vec::new();
+    let mut notes = Vec::new();
+    for (label, case) in cases {
+        println!("== {label}: {} -> {}", case.client, case.server);
+        let m = measure_case(sandbox, case, plan, &script)?;
+        for (what, load) in [
+            ("HTTP keep-alive, 1 connection", m.http_c1),
+            ("HTTP keep-alive, 16 connections", m.http_c16),
+            ("HTTP at a fixed rate", m.http_fixed),
+            ("HTTP Connection: close", m.http_close),
+        ] {
+            if load.errors > 0 {
+                notes.push(format!(
+                    "{label}: {what}: {} errors, {} requests completed",
+                    load.errors, load.requests
+                ));
+            }
+        }
+        measured.push(m);
+    }
+
+    drop(servers);
+    let held = hold_connections(sandbox, 1000)?;
+    memory.push((
+        "node n1 agent, 1000 open connections".to_owned(),
+        tools::rss_mb(agent_pid("n1"))?,
+    ));
+    memory.push((
+        "node n2 agent, 1000 open connections".to_owned(),
+        tools::rss_mb(agent_pid("n2"))?,
+    ));
+    drop(held);
+    let [same_no, same_mesh, cross_no, cross_mesh] =
+        [measured[0], measured[1], measured[2], measured[3]];
+    let pair = |f: fn(&Measured) -> f64| {
+        (
+            Pair {
+                no_mesh: f(&same_no),
+                mesh: f(&same_mesh),
+            },
+            Pair {
+                no_mesh: f(&cross_no),
+                mesh: f(&cross_mesh),
+            },
+        )
+    };
+    let row = |figure: String,
+               unit: &'static str,
+               higher_is_better: bool,
+               target: Option<&'static str>,
+               f: fn(&Measured) -> f64| {
+        let (same_node, cross_node) = pair(f);
+        Row {
+            figure,
+            unit,
+            higher_is_better,
+            same_node,
+            cross_node,
+            target,
+        }
+    };
+    let rate = plan.fixed_rate;
+    let rows = vec![
+        row(
+            "HTTP keep-alive, 1 connection: p50".into(),
+            "µs",
+            false,
+            Some("≤ 1.6x (ztunnel 2.27x)"),
+            |m| m.http_c1.latency.p50_us,
+        ),
+        row(
+            "HTTP keep-alive, 1 connection: p99".into(),
+            "µs",
+            false,
+            None,
+            |m| m.http_c1.latency.p99_us,
+        ),
+        row(
+            format!("HTTP at {rate} req/s: p50"),
+            "µs",
+            false,
+            None,
+            |m| m.http_fixed.latency.p50_us,
+        ),
+        row(
+            format!("HTTP at {rate} req/s: p99"),
+            "µs",
+            false,
+            None,
+            |m| m.http_fixed.latency.p99_us,
+        ),
+        row(
+            format!("HTTP at {rate} req/s: p99.9"),
+            "µs",
+            false,
+            None,
+            |m| m.http_fixed.latency.p999_us,
+        ),
+        row(
+            "HTTP keep-alive, 16 connections: throughput".into(),
+            "req/s",
+            true,
+            Some("≥ 0.42x (ztunnel 0.21x)"),
+            |m| m.http_c16.per_second,
+        ),
+        row(
+            "HTTP at the highest rate (16 conn.): p50".into(),
+            "µs",
+            false,
+            None,
+            |m| m.http_c16.latency.p50_us,
+        ),
+        row(
+            "HTTP at the highest rate (16 conn.): p99".into(),
+            "µs",
+            false,
+            None,
+            |m| m.http_c16.latency.p99_us,
+        ),
+        row(
+            "HTTP at the highest rate (16 conn.): p99.9".into(),
+            "µs",
+            false,
+            None,
+            |m| m.http_c16.latency.p999_us,
+        ),
+        row(
+            "HTTP Connection: close (4 conn.): new connections".into(),
+            "conn/s",
+            true,
+            Some("≥ 0.5x (ztunnel 0.28x)"),
+            |m| m.http_close.per_second,
+        ),
+        row(
+            "TCP request/response (sockperf): p50".into(),
+            "µs",
+            false,
+            None,
+            |m| m.tcp_rr.latency.p50_us,
+        ),
+        row(
+            "TCP request/response (sockperf): p99".into(),
+            "µs",
+            false,
+            None,
+            |m| m.tcp_rr.latency.p99_us,
+        ),
+        row(
+            "TCP request/response (sockperf): p99.9".into(),
+            "µs",
+            false,
+            None,
+            |m| m.tcp_rr.latency.p999_us,
+        ),
+        row(
+            "TCP throughput, 1 stream (iperf3)".into(),
+            "Gbit/s",
+            true,
+            Some("≥ 0.7x (ztunnel 0.35x)"),
+            |m| m.gbps_1,
+        ),
+        row(
+            "TCP throughput, 4 streams (iperf3)".into(),
+            "Gbit/s",
+            true,
+            None,
+            |m| m.gbps_4,
+        ),
+        row(
+            "host CPU per 1000 requests (16 conn.)".into(),
+            "ms",
+            false,
+            Some("≤ 2.1x (ztunnel 4.2x)"),
+            |m| m.cpu_ms_per_1000,
+        ),
+    ];
+    let raw = json!({
+        "same_node": { "no_mesh": same_no, "mesh": same_mesh },
+        "cross_node": { "no_mesh": cross_no, "mesh": cross_mesh },
+    });
+    Ok(Outcome {
+        rows,
+        memory,
+        notes,
+        raw,
+    })
+}
+
+/// sockperf and iperf3 servers in every server pod, for the run.
+fn start_servers(sandbox: &Sandbox) -> anyhow::Result<Vec<Server>> {
+    let mut servers = Vec::new();
+    for case in [
+        SAME_NODE_NO_MESH,
+        SAME_NODE_MESH,
+        CROSS_NODE_NO_MESH,
+        CROSS_NODE_MESH,
+    ] {
+        let pod = sandbox.pod(case.server);
+        let ip = pod.ip.to_string();
+        servers.push(Server::start(
+            &pod.netns,
+            "sockperf",
+            &[
+                "server",
+                "--tcp",
+                "-i",
+                &ip,
+                "-p",
+                &SOCKPERF_PORT.to_string(),
+            ],
+        )?);
+        servers.push(Server::start(
+            &pod.netns,
+            "iperf3",
+            &["-s", "-B", &ip, "-p", &IPERF_PORT.to_string()],
+        )?);
+    }
+    Ok(servers)
+}
+
+fn measure_case(
+    sandbox: &Sandbox,
+    case: Case,
+    plan: Plan,
+    script: &std::path::Path,
+) -> anyhow::Result<Measured> {
+    let client = &sandbox.pod(case.client).netns;
+    let server = sandbox.pod(case.server);
+    let url = format!("http://{}/", server.server.http);
+    let t = plan.seconds;
+    let http_c1 = tools::wrk(client, &url, 1, 1, t, false, script)?;
+    let before = tools::host_busy_ms()?;
+    let http_c16 = tools::wrk(client, &url, 2, 16, t, false, script)?;
+    let cpu_ms = tools::host_busy_ms()? - before;
+    let http_fixed = tools::oha(client, &url, plan.fixed_rate, 4, t)?;
+    let http_close = tools::wrk(client, &url, 1, 4, t, true, script)?;
+    let tcp_rr = tools::sockperf(client, server.ip, SOCKPERF_PORT, t)?;
+    let gbps_1 = tools::iperf3(client, server.ip, 1, t)?;
+    let gbps_4 = tools::iperf3(client, server.ip, 4, t)?;
+    Ok(Measured {
+        cpu_ms_per_1000: if http_c16.requests > 0 {
+            cpu_ms / http_c16.requests as f64 * 1000.0
+        } else {
+            0.0
+        },
+        http_c1,
+        http_c16,
+        http_fixed,
+        http_close,
+        tcp_rr,
+        gbps_1,
+        gbps_4,
+    })
+}
+
+/// Opens `n` connections from n1-p1 to n2-p1's echo port through the mesh and holds them.
+fn hold_connections(sandbox: &Sandbox, n: usize) -> anyhow::Result<Vec<std::net::TcpStream>> {
+    let dst: SocketAddr = sandbox.pod("n2-p1").server.echo;
+    let held = nodemesh_sandbox::hold_connections(&sandbox.pod("n1-p1").netns, dst, n)?;
+    // Let both agents finish setting up the tunnels before memory is read.
+    std::thread::sleep(Duration::from_secs(2));
+    Ok(held)
+}
+
+fn write_outputs(outcome: &Outcome, plan: Plan, quick: bool) -> anyhow::Result<()> {
+    let Outcome {
+        rows,
+        memory,
+        notes,
+        raw,
+    } = outcome;
+    let dir = target_dir().join("bench");
+    fs::create_dir_all(&dir)?;
+    let header = format!(
+        "nodemesh benchmark ({}, {} s per figure): sandbox with 2 nodes, mesh pods vs legacy pods in \
+         one run. CPU placement: none pinned; load tools, test servers, agents and the kernel share \
+         the machine's {} vCPUs. Ratio = mesh / no mesh.",
+        if quick { "--quick" } else { "full" },
+        plan.seconds,
+        std::thread::available_parallelism().map_or(0, usize::from)
+    );
+    let markdown = report::markdown(rows, memory, notes, &header);
+
+    fs::write(dir.join("results.md"), &markdown)?;
+    fs::write(
+        dir.join("results.json"),
+        serde_json::to_vec_pretty(&json!({
+            "quick": quick,
+            "seconds_per_figure": plan.seconds,
+            "fixed_rate": plan.fixed_rate,
+            "rows": rows,
+            "agent_memory_mb": memory.iter().map(|(k, v)| json!({ "what": k, "mb": v })).collect::<Vec<_>>(),
+            "notes": notes,
+            "raw": raw,
+        }))?,
+    )?;
+    let svg = dir.join("chart.svg");
+    fs::write(
+        &svg,
+        report::svg(rows, "nodemesh: cost of the mesh (mesh / no mesh)"),
+    )?;
+    report::png(&svg, &dir.join("chart.png"))?;
+    println!("\n{markdown}");
+    println!(
+        "written: {} (results.json, results.md, chart.png)",
+        dir.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,180 @@
+//! The benchmark's outputs: JSON with every figure, a markdown table of mesh/no-mesh ratios,
+//! and a PNG chart of those ratios (SVG drawn here, rasterised by rsvg-convert).
+
+use std::{fmt::Write as _, path::Path, process::Command};
+
+use anyhow::{Context as _, bail};
+use serde::Serialize;
+
+/// One figure measured with and without the mesh.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub figure: String,
+    pub unit: &'static str,
+    /// Whether a larger value is better (throughput) or worse (latency, CPU).
+    pub higher_is_better: bool,
+    pub same_node: Pair,
+    pub cross_node: Pair,
+    /// What nodemesh aims at on this figure (cross-node ratio), from DESIGN.md.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<&'static str>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Pair {
+    pub no_mesh: f64,
+    pub mesh: f64,
+}
+
+impl Pair {
+    pub fn ratio(&self) -> f64 {
+        if self.no_mesh == 0.0 {
+            0.0
+        } else {
+            self.mesh / self.no_mesh
+        }
+    }
+}
+
+fn number(value: f64) -> String {
+    if value >= 100.0 {
+        format!("{value:.0}")
+    } else if value >= 10.0 {
+        format!("{value:.1}")
+    } else {
+        format!("{value:.2}")
+    }
+}
+
+pub fn markdown(rows: &[Row], memory: &[(String, f64)], notes: &[String], header: &str) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "{header}\n");
+    let _ = writeln!(
+        out,
+        "| figure | same node: no mesh | mesh | ratio | cross node: no mesh | mesh | ratio | target (cross) |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
+    for row in rows {
+        let _ = writeln!(
+            out,
+            "| {} ({}) | {} | {} | {:.2}x | {} | {} | {:.2}x | {} |",
+            row.figure,
+            row.unit,
+            number(row.same_node.no_mesh),
+            number(row.same_node.mesh),
+            row.same_node.ratio(),
+            number(row.cross_node.no_mesh),
+            number(row.cross_node.mesh),
+            row.cross_node.ratio(),
+            row.target.unwrap_or("")
+        );
+    }
+    let _ = writeln!(out, "\n| agent memory | MB |\n|---|---|");
+    for (what, mb) in memory {
+        let _ = writeln!(out, "| {what} | {mb:.1} |");
+    }
+    if !notes.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nErrors during the run (a figure with errors is less trustworthy):"
+        );
+        for note in notes {
+            let _ = writeln!(out, "- {note}");
+        }
+    }
+
+    out
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// Horizontal bars of the mesh/no-mesh ratio per figure, same node and cross node, with the
+/// no-cost line at 1.0.
+pub fn svg(rows: &[Row], title: &str) -> String {
+    let label = |row: &Row| {
+        format!(
+            "{} ({})",
+            row.figure,
+            if row.higher_is_better {
+                "higher is better"
+            } else {
+                "lower is better"
+            }
+        )
+    };
+    // DejaVu Sans at 12 px averages under 7 px per character.
+    let longest = rows
+        .iter()
+        .map(|r| label(r).chars().count())
+        .max()
+        .unwrap_or(0);
+    let (left, width, bar, gap) = (20.0 + longest as f64 * 7.0, 520.0, 12.0, 14.0);
+    let height = 70.0 + rows.len() as f64 * (2.0 * bar + gap) + 40.0;
+    let max = rows
+        .iter()
+        .flat_map(|r| [r.same_node.ratio(), r.cross_node.ratio()])
+        .fold(1.5_f64, f64::max)
+        .min(8.0);
+    let x = |ratio: f64| left + width * (ratio.min(max) / max);
+    let mut out = format!(
+        "<svg xmlns='http://www.w3.org/2000/svg' width='{}' height='{height}' font-family='DejaVu Sans' font-size='12'>\
+         <rect width='100%' height='100%' fill='white'/>\
+         <text x='10' y='22' font-size='15' font-weight='bold'>{}</text>\
+         <text x='10' y='42' fill='#555'>mesh / no mesh; bars in blue: same node, orange: cross node; the line marks 1.0 (no cost)</text>",
+        left + width + 80.0,
+        escape(title)
+    );
+    for (i, row) in rows.iter().enumerate() {
+        let y = 60.0 + i as f64 * (2.0 * bar + gap);
+        let _ = write!(
+            out,
+            "<text x='{}' y='{}' text-anchor='end'>{}</text>",
+            left - 8.0,
+            y + bar + 4.0,
+            escape(&label(row))
+        );
+        for (k, (ratio, colour)) in [
+            (row.same_node.ratio(), "#4e79a7"),
+            (row.cross_node.ratio(), "#f28e2b"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let top = y + k as f64 * bar;
+            let _ = write!(
+                out,
+                "<rect x='{left}' y='{top}' width='{:.1}' height='{}' fill='{colour}'/>\
+                 <text x='{:.1}' y='{:.1}' font-size='11'>{ratio:.2}x</text>",
+                x(ratio) - left,
+                bar - 1.0,
+                x(ratio) + 4.0,
+                top + bar - 2.0
+            );
+        }
+    }
+    let one = x(1.0);
+    let _ = write!(
+        out,
+        "<line x1='{one}' x2='{one}' y1='52' y2='{}' stroke='black' stroke-dasharray='4 3'/></svg>",
+        height - 30.0
+    );
+    out
+}
+
+/// Rasterises the SVG next to it as PNG.
+pub fn png(svg_file: &Path, png_file: &Path) -> anyhow::Result<()> {
+    let status = Command::new("rsvg-convert")
+        .arg("-o")
+        .arg(png_file)
+        .arg(svg_file)
+        .status()
+        .context("cannot run rsvg-convert (cargo xtask bench installs librsvg2-bin)")?;
+    if !status.success() {
+        bail!("rsvg-convert failed ({status})");
+    }
+    Ok(())
+}

@@ -1,0 +1,287 @@
+//! The load tools the benchmark drives, each run inside a pod's network namespace, and the
+//! parsing of what they print: wrk (HTTP/1.1 keep-alive and Connection: close), oha (HTTP at a
+//! fixed rate), sockperf (TCP request/response), iperf3 (throughput).
+
+use std::{
+    net::Ipv4Addr,
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use serde::Serialize;
+
+/// wrk's Lua hook printing what the benchmark needs as one JSON line (latencies in µs).
+pub const WRK_REPORT: &str = r#"
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    '{"requests":%d,"duration_us":%d,"errors":%d,"p50":%d,"p99":%d,"p999":%d}\n',
+    summary.requests, summary.duration, e.connect + e.read + e.write + e.status + e.timeout,
+    latency:percentile(50), latency:percentile(99), latency:percentile(99.9)))
+end
+"#;
+
+/// Latency percentiles in microseconds.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Latency {
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct LoadResult {
+    pub requests: u64,
+    pub per_second: f64,
+    pub errors: u64,
+    pub latency: Latency,
+}
+
+fn in_netns(netns: &str, program: &str) -> Command {
+    let mut command = Command::new("nsenter");
+    command
+        .arg(format!("--net=/run/netns/{netns}"))
+        .args(["--", program]);
+    command
+}
+
+fn output(mut command: Command, what: &str) -> anyhow::Result<String> {
+    let out = command
+        .output()
+        .with_context(|| format!("cannot run {what}"))?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// wrk with `connections` connections on `threads` threads for `seconds`.
+pub fn wrk(
+    netns: &str,
+    url: &str,
+    threads: u32,
+    connections: u32,
+    seconds: u64,
+    close: bool,
+    script: &Path,
+) -> anyhow::Result<LoadResult> {
+    let mut command = in_netns(netns, "wrk");
+    command
+        .args([
+            "-t",
+            &threads.to_string(),
+            "-c",
+            &connections.to_string(),
+            "-d",
+            &format!("{seconds}s"),
+        ])
+        .arg("-s")
+        .arg(script);
+    if close {
+        command.args(["-H", "Connection: close"]);
+    }
+    command.arg(url);
+    let text = output(command, "wrk")?;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .with_context(|| format!("wrk printed no report: {text}"))?;
+    let report: serde_json::Value = serde_json::from_str(line)?;
+    let get = |k: &str| report[k].as_f64().unwrap_or(0.0);
+    let seconds = get("duration_us") / 1e6;
+    Ok(LoadResult {
+        requests: get("requests") as u64,
+        per_second: if seconds > 0.0 {
+            get("requests") / seconds
+        } else {
+            0.0
+        },
+        errors: get("errors") as u64,
+        latency: Latency {
+            p50_us: get("p50"),
+            p99_us: get("p99"),
+            p999_us: get("p999"),
+        },
+    })
+}
+
+/// oha at a fixed rate: latency without coordinated omission.
+pub fn oha(
+    netns: &str,
+    url: &str,
+    rate: u32,
+    connections: u32,
+    seconds: u64,
+) -> anyhow::Result<LoadResult> {
+    let mut command = in_netns(netns, &oha_binary());
+    command.args([
+        "-z",
+        &format!("{seconds}s"),
+        "-q",
+        &rate.to_string(),
+        "-c",
+        &connections.to_string(),
+        "--latency-correction",
+        "--no-tui",
+        "--output-format",
+        "json",
+        url,
+    ]);
+    let text = output(command, "oha")?;
+    let report: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("oha's report is not JSON: {text}"))?;
+    let percentile = |p: &str| report["latencyPercentiles"][p].as_f64().unwrap_or(0.0) * 1e6;
+    let summary = &report["summary"];
+    Ok(LoadResult {
+        requests: report["statusCodeDistribution"]["200"]
+            .as_u64()
+            .unwrap_or(0),
+        per_second: summary["requestsPerSec"].as_f64().unwrap_or(0.0),
+        errors: report["errorDistribution"].as_object().map_or(0, |e| {
+            e.values().filter_map(serde_json::Value::as_u64).sum()
+        }),
+        latency: Latency {
+            p50_us: percentile("p50"),
+            p99_us: percentile("p99"),
+            p999_us: percentile("p99.9"),
+        },
+    })
+}
+
+pub fn oha_binary() -> String {
+    let home = std::env::var("CARGO_HOME")
+        .or_else(|_| std::env::var("HOME").map(|h| format!("{h}/.cargo")))
+        .unwrap_or_else(|_| "/root/.cargo".to_owned());
+    format!("{home}/bin/oha")
+}
+
+/// A server run for the benchmark inside a pod; killed when dropped.
+pub struct Server(Child);
+
+impl Server {
+    pub fn start(netns: &str, program: &str, args: &[&str]) -> anyhow::Result<Self> {
+        let child = in_netns(netns, program)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot start {program} in {netns}"))?;
+        Ok(Self(child))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// sockperf ping-pong over TCP: full round trips of a 64-byte message.
+pub fn sockperf(
+    netns: &str,
+    server: Ipv4Addr,
+    port: u16,
+    seconds: u64,
+) -> anyhow::Result<LoadResult> {
+    let mut command = in_netns(netns, "sockperf");
+    command.args([
+        "ping-pong",
+        "--tcp",
+        "--full-rtt",
+        "-m",
+        "64",
+        "-i",
+        &server.to_string(),
+        "-p",
+        &port.to_string(),
+        "-t",
+        &seconds.to_string(),
+    ]);
+    let text = output(command, "sockperf")?;
+    let percentile = |p: &str| {
+        text.lines()
+            .find(|l| l.contains(&format!("percentile {p} =")))
+            .and_then(|l| l.rsplit('=').next())
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let observations = text
+        .lines()
+        .find_map(|l| l.split("ReceivedMessages=").nth(1))
+        .and_then(|v| v.split(';').next())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    Ok(LoadResult {
+        requests: observations,
+        per_second: observations as f64 / seconds.max(1) as f64,
+        errors: 0,
+        latency: Latency {
+            p50_us: percentile("50.000"),
+            p99_us: percentile("99.000"),
+            p999_us: percentile("99.900"),
+        },
+    })
+}
+
+/// iperf3 throughput in Gbit/s with `streams` parallel streams.
+pub fn iperf3(netns: &str, server: Ipv4Addr, streams: u32, seconds: u64) -> anyhow::Result<f64> {
+    let mut command = in_netns(netns, "iperf3");
+    command.args([
+        "-c",
+        &server.to_string(),
+        "-P",
+        &streams.to_string(),
+        "-t",
+        &seconds.to_string(),
+        "-J",
+    ]);
+    let text = output(command, "iperf3")?;
+    let report: serde_json::Value =
+        serde_json::from_str(&text).context("iperf3's report is not JSON")?;
+    let bits = report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("iperf3 reported no throughput")?;
+    Ok(bits / 1e9)
+}
+
+/// Busy CPU time of the whole host (user, nice, system, irq, softirq, steal), in ms.
+pub fn host_busy_ms() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let fields: Vec<f64> = stat
+        .lines()
+        .next()
+        .context("empty /proc/stat")?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let busy: f64 = [0, 1, 2, 5, 6, 7]
+        .iter()
+        .filter_map(|i| fields.get(*i))
+        .sum();
+    // USER_HZ is 100 on Linux: one jiffy is 10 ms.
+    Ok(busy * 10.0)
+}
+
+/// Resident memory of a process, in MB.
+pub fn rss_mb(pid: i32) -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .context("no VmRSS")?;
+    Ok(kb / 1024.0)
+}
+
+/// Lets a server come up.
+pub fn settle() {
+    std::thread::sleep(Duration::from_millis(300));
+}
