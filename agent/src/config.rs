@@ -74,7 +74,7 @@ struct Args {
     readiness_addr: SocketAddr,
 
     /// Proxy worker threads. Defaults to the number of CPUs.
-    #[arg(long)]
+    #[arg(long, env = "NODEMESH_WORKER_THREADS")]
     worker_threads: Option<usize>,
 
     /// Access log: off, stdout, or a file to append JSON lines to.

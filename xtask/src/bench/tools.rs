@@ -137,6 +137,16 @@ pub fn oha(
         serde_json::from_str(&text).with_context(|| format!("oha's report is not JSON: {text}"))?;
     let percentile = |p: &str| report["latencyPercentiles"][p].as_f64().unwrap_or(0.0) * 1e6;
     let summary = &report["summary"];
+    if let Some(errors) = report["errorDistribution"]
+        .as_object()
+        .filter(|e| !e.is_empty())
+    {
+        eprintln!(
+            "oha in {netns} saw errors: {}",
+            serde_json::Value::Object(errors.clone())
+        );
+    }
+
     Ok(LoadResult {
         requests: report["statusCodeDistribution"]["200"]
             .as_u64()
