@@ -152,14 +152,18 @@ fn capture(
 pub fn nodemesh_sock_ops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx),
-        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
-            if TUPLE_DST.remove(tuple(&ctx)).is_ok() {
-                count(Stat::TupleRemoved);
-            }
-        }
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => on_close(&ctx),
         _ => {}
     }
     1
+}
+
+/// The socket is closed: its original destination is no longer needed.
+#[inline(always)]
+fn on_close(ctx: &SockOpsContext) {
+    if TUPLE_DST.remove(tuple(ctx)).is_ok() {
+        count(Stat::TupleRemoved);
+    }
 }
 
 /// The SYN is about to leave: the source port is final, so the entry moves to TUPLE_DST.

@@ -34,6 +34,15 @@ impl Pair {
             self.mesh / self.no_mesh
         }
     }
+
+    /// The ratio as the table shows it; "n/a" when nothing was measured without the mesh.
+    pub fn ratio_text(&self) -> String {
+        if self.no_mesh == 0.0 {
+            "n/a".to_owned()
+        } else {
+            format!("{:.2}x", self.ratio())
+        }
+    }
 }
 
 fn number(value: f64) -> String {
@@ -57,15 +66,15 @@ pub fn markdown(rows: &[Row], memory: &[(String, f64)], notes: &[String], header
     for row in rows {
         let _ = writeln!(
             out,
-            "| {} ({}) | {} | {} | {:.2}x | {} | {} | {:.2}x | {} |",
+            "| {} ({}) | {} | {} | {} | {} | {} | {} | {} |",
             row.figure,
             row.unit,
             number(row.same_node.no_mesh),
             number(row.same_node.mesh),
-            row.same_node.ratio(),
+            row.same_node.ratio_text(),
             number(row.cross_node.no_mesh),
             number(row.cross_node.mesh),
-            row.cross_node.ratio(),
+            row.cross_node.ratio_text(),
             row.target.unwrap_or("")
         );
     }
@@ -137,22 +146,20 @@ pub fn svg(rows: &[Row], title: &str) -> String {
             y + bar + 4.0,
             escape(&label(row))
         );
-        for (k, (ratio, colour)) in [
-            (row.same_node.ratio(), "#4e79a7"),
-            (row.cross_node.ratio(), "#f28e2b"),
-        ]
-        .into_iter()
-        .enumerate()
+        for (k, (pair, colour)) in [(row.same_node, "#4e79a7"), (row.cross_node, "#f28e2b")]
+            .into_iter()
+            .enumerate()
         {
-            let top = y + k as f64 * bar;
+            let (ratio, top) = (pair.ratio(), y + k as f64 * bar);
             let _ = write!(
                 out,
                 "<rect x='{left}' y='{top}' width='{:.1}' height='{}' fill='{colour}'/>\
-                 <text x='{:.1}' y='{:.1}' font-size='11'>{ratio:.2}x</text>",
+                 <text x='{:.1}' y='{:.1}' font-size='11'>{}</text>",
                 x(ratio) - left,
                 bar - 1.0,
                 x(ratio) + 4.0,
-                top + bar - 2.0
+                top + bar - 2.0,
+                pair.ratio_text()
             );
         }
     }
@@ -177,4 +184,49 @@ pub fn png(svg_file: &Path, png_file: &Path) -> anyhow::Result<()> {
         bail!("rsvg-convert failed ({status})");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row() -> Row {
+        Row {
+            figure: "TCP throughput".to_owned(),
+            unit: "Gbit/s",
+            higher_is_better: true,
+            same_node: Pair {
+                no_mesh: 20.0,
+                mesh: 5.0,
+            },
+            cross_node: Pair {
+                no_mesh: 0.0,
+                mesh: 4.0,
+            },
+            target: Some("≥ 0.7x"),
+        }
+    }
+
+    #[test]
+    fn the_table_shows_both_figures_and_their_ratio() {
+        let notes = vec!["cross node, mesh: 1 error".to_owned()];
+        let table = markdown(&[row()], &[("idle".to_owned(), 12.34)], &notes, "header");
+        assert!(
+            table.contains(
+                "| TCP throughput (Gbit/s) | 20.0 | 5.00 | 0.25x | 0.00 | 4.00 | n/a | ≥ 0.7x |"
+            ),
+            "{table}"
+        );
+        assert!(table.contains("| idle | 12.3 |"), "{table}");
+        assert!(table.contains("- cross node, mesh: 1 error"), "{table}");
+    }
+
+    #[test]
+    fn the_chart_escapes_labels_and_draws_a_bar_per_node_kind() {
+        let mut r = row();
+        r.figure = "a <b> & c".to_owned();
+        let svg = svg(&[r], "title");
+        assert!(svg.contains("a &lt;b&gt; &amp; c"), "{svg}");
+        assert_eq!(svg.matches("<rect x=").count(), 2, "{svg}");
+    }
 }

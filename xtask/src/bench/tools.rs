@@ -213,28 +213,44 @@ pub fn sockperf(
         "-t",
         &seconds.to_string(),
     ]);
-    let text = output(command, "sockperf")?;
+    parse_sockperf(&output(command, "sockperf")?)
+}
+
+/// sockperf's summary: percentiles of the round trips, and the messages of the measured
+/// period (warm-up excluded).
+fn parse_sockperf(text: &str) -> anyhow::Result<LoadResult> {
     let percentile = |p: &str| {
         text.lines()
             .find(|l| l.contains(&format!("percentile {p} =")))
             .and_then(|l| l.rsplit('=').next())
             .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap_or(0.0)
+            .with_context(|| format!("sockperf printed no percentile {p}: {text}"))
     };
-    let observations = text
+    let valid = text
         .lines()
-        .find_map(|l| l.split("ReceivedMessages=").nth(1))
-        .and_then(|v| v.split(';').next())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .unwrap_or(0);
+        .find(|l| l.contains("[Valid Duration]"))
+        .with_context(|| format!("sockperf printed no measured period: {text}"))?;
+    let field = |name: &str| {
+        valid
+            .split(';')
+            .find_map(|part| part.split_once(name).map(|(_, value)| value))
+            .map(|v| v.trim_end_matches(" sec").trim())
+            .and_then(|v| v.parse::<f64>().ok())
+            .with_context(|| format!("no {name} in sockperf's {valid:?}"))
+    };
+    let (seconds, received) = (field("RunTime=")?, field("ReceivedMessages=")?);
     Ok(LoadResult {
-        requests: observations,
-        per_second: observations as f64 / seconds.max(1) as f64,
+        requests: received as u64,
+        per_second: if seconds > 0.0 {
+            received / seconds
+        } else {
+            0.0
+        },
         errors: 0,
         latency: Latency {
-            p50_us: percentile("50.000"),
-            p99_us: percentile("99.000"),
-            p999_us: percentile("99.900"),
+            p50_us: percentile("50.000")?,
+            p99_us: percentile("99.000")?,
+            p999_us: percentile("99.900")?,
         },
     })
 }
@@ -294,4 +310,44 @@ pub fn rss_mb(pid: i32) -> anyhow::Result<f64> {
 /// Lets a server come up.
 pub fn settle() {
     std::thread::sleep(Duration::from_millis(300));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The end of what sockperf 3.7 prints for a ping-pong run.
+    const SOCKPERF: &str = "\
+sockperf: [Total Run] RunTime=1.000 sec; Warm up time=400 msec; SentMessages=27822; ReceivedMessages=27821
+sockperf: ========= Printing statistics for Server No: 0
+sockperf: [Valid Duration] RunTime=0.550 sec; SentMessages=9623; ReceivedMessages=9623
+sockperf: Summary: Round trip is 57.113 usec
+sockperf: ---> <MAX> observation = 2810.801
+sockperf: ---> percentile 99.999 = 2810.801
+sockperf: ---> percentile 99.900 =  412.833
+sockperf: ---> percentile 99.000 =  132.464
+sockperf: ---> percentile 50.000 =   67.531
+sockperf: ---> <MIN> observation =    4.293
+";
+
+    #[test]
+    fn sockperf_figures_come_from_the_measured_period() {
+        let result = parse_sockperf(SOCKPERF).expect("a complete summary parses");
+        assert_eq!(result.requests, 9623);
+        assert!(
+            (result.per_second - 9623.0 / 0.55).abs() < 1.0,
+            "{}",
+            result.per_second
+        );
+        assert_eq!(result.latency.p50_us, 67.531);
+        assert_eq!(result.latency.p99_us, 132.464);
+        assert_eq!(result.latency.p999_us, 412.833);
+    }
+
+    #[test]
+    fn sockperf_without_a_summary_is_an_error() {
+        let err = parse_sockperf("sockperf: No messages were received from the server.")
+            .expect_err("nothing measured");
+        assert!(err.to_string().contains("no measured period"), "{err}");
+    }
 }
