@@ -7,7 +7,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use nodemesh_sandbox::{PodStatus, Sandbox, Spec, capture::Capture, run_in_netns};
+use nodemesh_sandbox::{PodStatus, Sandbox, Spec, capture::Capture, http_get, run_in_netns};
 use serde_json::Value;
 
 use crate::{Profile, build, require_root, setup};
@@ -92,6 +92,49 @@ fn show(sandbox: &Sandbox) -> anyhow::Result<()> {
                         .join(" ")
                 })
                 .unwrap_or_default()
+        );
+    }
+    show_telemetry(sandbox)
+}
+
+/// Istio's connection metric as each agent reports it, and an access log line.
+fn show_telemetry(sandbox: &Sandbox) -> anyhow::Result<()> {
+    println!(
+        "
+== 8. what the agents report: istio_tcp_connections_opened_total on :15020/metrics"
+    );
+    for node in &sandbox.status().nodes {
+        let url = format!("http://{}/metrics", node.agent.metrics);
+        let metrics = http_get(&node.netns, &url, Duration::from_secs(5))?;
+        for line in metrics
+            .body
+            .lines()
+            .filter(|l| l.starts_with("istio_tcp_connections_opened_total{"))
+        {
+            let label = |name: &str| {
+                line.split(&format!("{name}=\"")[..])
+                    .nth(1)
+                    .and_then(|rest| rest.split('"').next())
+                    .unwrap_or("?")
+                    .to_owned()
+            };
+            println!(
+                "   agent {} ({}): {} -> {}, {}: {}",
+                node.name,
+                label("reporter"),
+                label("source_workload"),
+                label("destination_workload"),
+                label("connection_security_policy"),
+                line.rsplit(' ').next().unwrap_or("?")
+            );
+        }
+    }
+    let log = &sandbox.node("n2").agent.access_log;
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    if let Some(line) = text.lines().find(|l| l.contains("\"security\":\"mtls\"")) {
+        println!(
+            "   access log of agent n2 ({}), one line:\n   {line}",
+            log.display()
         );
     }
     Ok(())
