@@ -26,8 +26,9 @@ const PACKAGES: &[&str] = &[
 
 const BPF_LINKER_VERSION: &str = "0.13";
 
-pub fn run() -> anyhow::Result<()> {
-    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+/// Installs the Debian packages of `packages` that are missing; returns those it installed.
+fn apt_install<'a>(packages: &[&'a str]) -> anyhow::Result<Vec<&'a str>> {
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
     if !missing.is_empty() {
         require_root("installing Debian packages")?;
         eprintln!("setup: installing {}", missing.join(" "));
@@ -38,10 +39,16 @@ pub fn run() -> anyhow::Result<()> {
                 .args(&missing)
                 .env("DEBIAN_FRONTEND", "noninteractive"),
         )?;
-        if missing.contains(&"prometheus") && std::path::Path::new("/run/systemd/system").exists() {
-            // The package starts a Prometheus on the host's network; the sandbox runs its own.
-            run_step(Command::new("systemctl").args(["disable", "--now", "prometheus"]))?;
-        }
+    }
+    Ok(missing)
+}
+
+pub fn run() -> anyhow::Result<()> {
+    let installed_now = apt_install(PACKAGES)?;
+    if installed_now.contains(&"prometheus") && std::path::Path::new("/run/systemd/system").exists()
+    {
+        // The package starts a Prometheus on the host's network; the sandbox runs its own.
+        run_step(Command::new("systemctl").args(["disable", "--now", "prometheus"]))?;
     }
     if !has_bpf_linker() {
         eprintln!("setup: installing bpf-linker {BPF_LINKER_VERSION} (takes a few minutes)");
@@ -84,22 +91,7 @@ const BENCH_PACKAGES: &[&str] = &[
 const OHA_VERSION: &str = "1.16.0";
 
 pub fn bench_tools() -> anyhow::Result<()> {
-    let missing: Vec<&str> = BENCH_PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| !installed(p))
-        .collect();
-    if !missing.is_empty() {
-        require_root("installing Debian packages")?;
-        eprintln!("setup: installing {}", missing.join(" "));
-        run_step(Command::new("apt-get").args(["update", "-q"]))?;
-        run_step(
-            Command::new("apt-get")
-                .args(["install", "-y", "-q", "--no-install-recommends"])
-                .args(&missing)
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )?;
-    }
+    apt_install(BENCH_PACKAGES)?;
     let oha = crate::bench_oha_binary();
     let has_oha = Command::new(&oha)
         .arg("--version")
