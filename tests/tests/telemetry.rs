@@ -197,6 +197,28 @@ fn with_tracing_a_request_carries_traceparent_and_yields_a_span() {
             .any(|l| l.contains("\"kind\":\"request\"") && l.contains("\"path\":\"/headers\"")),
         "a request line in the access log"
     );
+
+    // Connections read as HTTP count their bytes too.
+    let received = || -> anyhow::Result<f64> {
+        let text = metrics(&sb, "n2")?;
+        Ok(series(
+            &text,
+            "istio_tcp_received_bytes_total",
+            &["reporter=\"destination\"", "source_workload=\"n1-p1\""],
+        )
+        .iter()
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+    };
+    let before = received().expect("metrics");
+    let (status, _) = curl(&sb.pod("n1-p1").netns, &url, &[]).expect("curl");
+    assert_eq!(status, 200);
+    poll_until(SOON, || {
+        let now = received()?;
+        anyhow::ensure!(now >= before + 50.0, "received bytes {before} -> {now}");
+        Ok(())
+    })
+    .expect("the request's bytes are counted on its connection");
 }
 
 #[test]

@@ -3,6 +3,7 @@
 //! each HTTP/1.1 or HTTP/2 request is judged and forwarded to the application, or answered
 //! 403 naming the policy. Traffic that is not HTTP is judged as a connection.
 
+mod counted;
 mod detect;
 mod prefixed;
 
@@ -31,7 +32,7 @@ use tokio::{
 };
 
 pub use self::detect::Protocol;
-use self::detect::detect;
+use self::{counted::Counted, detect::detect};
 use super::{PodContext, ProxyError, ProxyShared, authz, splice};
 use crate::{
     state::unix_millis,
@@ -115,6 +116,7 @@ where
         let shared = shared.clone();
         async move { Ok::<_, Infallible>(handle(req, &shared.0, &shared.1).await) }
     });
+    let (client, counts) = Counted::new(client);
     let io = TokioIo::new(client);
     let served = match protocol {
         Protocol::Http2 => {
@@ -129,7 +131,7 @@ where
         }
     };
     served.map_err(|e| ProxyError::Http(e.to_string()))?;
-    Ok((0, 0))
+    Ok(counts.get())
 }
 
 /// The size a message announces (Content-Length or an exact body size), else 0.
