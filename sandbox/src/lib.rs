@@ -191,6 +191,20 @@ impl Sandbox {
         response.json()
     }
 
+    /// A node's agent's Prometheus exposition (`/metrics`), from inside the node's namespace.
+    pub fn agent_metrics(&self, node: &str) -> anyhow::Result<String> {
+        let node = self.node(node);
+        let url = format!("http://{}/metrics", node.agent.metrics);
+        Ok(http_get(&node.netns, &url, Duration::from_secs(5))?.body)
+    }
+
+    /// The controller's Prometheus exposition (`/metrics`).
+    pub fn controller_metrics(&self) -> anyhow::Result<String> {
+        let controller = &self.status.controller;
+        let url = format!("http://{}/metrics", controller.monitoring);
+        Ok(http_get(&controller.netns, &url, Duration::from_secs(5))?.body)
+    }
+
     /// The controller's `/config_dump`: its configuration in force, the last refusal and
     /// what each agent acknowledged.
     pub fn controller_dump(&self) -> anyhow::Result<serde_json::Value> {

@@ -312,12 +312,7 @@ spec:
     let url = format!("http://{}/", sb.pod("n2-p1").server.http);
     poll_until(SOON, || {
         anyhow::ensure!(status_of(&sb, "n1-p1", &url, &[])?.0 == 200, "not allowed");
-        let metrics = nodemesh_sandbox::http_get(
-            &sb.node("n2").netns,
-            &format!("http://{}/metrics", sb.node("n2").agent.metrics),
-            Duration::from_secs(5),
-        )?
-        .body;
+        let metrics = sb.agent_metrics("n2")?;
         anyhow::ensure!(
             metrics.contains("nodemesh_authorization_audits_total{policy=\"default/audit-all\"}"),
             "no audit counted: {metrics}"

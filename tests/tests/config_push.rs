@@ -83,13 +83,7 @@ fn snapshots_reach_every_agent_acknowledged_and_filtered_per_node() {
         "n1 gets only the policies of its own workloads"
     );
 
-    let metrics = nodemesh_sandbox::http_get(
-        &sb.status().controller.netns,
-        &format!("http://{}/metrics", sb.status().controller.monitoring),
-        Duration::from_secs(5),
-    )
-    .expect("controller metrics")
-    .body;
+    let metrics = sb.controller_metrics().expect("controller metrics");
     assert!(
         metrics.contains("nodemesh_controller_agents_connected 2"),
         "{metrics}"

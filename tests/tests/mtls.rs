@@ -234,13 +234,7 @@ fn an_agent_obtains_only_its_own_nodes_identities() {
         (403, Some("unknown_identity"))
     );
 
-    let metrics = nodemesh_sandbox::http_get(
-        &sb.status().controller.netns,
-        &format!("http://{}/metrics", sb.status().controller.monitoring),
-        Duration::from_secs(5),
-    )
-    .expect("controller metrics")
-    .body;
+    let metrics = sb.controller_metrics().expect("controller metrics");
     assert!(
         metrics
             .contains("nodemesh_controller_certificates_refused_total{reason=\"not_on_node\"} 1"),

@@ -3,20 +3,10 @@
 
 use std::{fs, time::Duration};
 
-use nodemesh_sandbox::{Sandbox, http_get, poll_until};
+use nodemesh_sandbox::{http_get, poll_until};
 use nodemesh_tests::{curl, echo_from, sandbox};
 
 const SOON: Duration = Duration::from_secs(10);
-
-fn metrics(sb: &Sandbox, node: &str) -> anyhow::Result<String> {
-    let node = sb.node(node);
-    Ok(http_get(
-        &node.netns,
-        &format!("http://{}/metrics", node.agent.metrics),
-        Duration::from_secs(5),
-    )?
-    .body)
-}
 
 /// The series of `name` whose labels include every `label="value"` given.
 fn series(text: &str, name: &str, labels: &[&str]) -> Vec<String> {
@@ -54,7 +44,7 @@ fn both_ends_report_istio_metrics_and_log_the_connection() {
             ("n1", "reporter=\"source\""),
             ("n2", "reporter=\"destination\""),
         ] {
-            let text = metrics(&sb, node)?;
+            let text = sb.agent_metrics(node)?;
             let mut labels = pair.to_vec();
             labels.push(reporter);
             for name in [
@@ -167,7 +157,7 @@ fn with_tracing_a_request_carries_traceparent_and_yields_a_span() {
         "the proxy's span becomes the parent"
     );
 
-    let text = metrics(&sb, "n2").expect("metrics");
+    let text = sb.agent_metrics("n2").expect("metrics");
     let requests = series(
         &text,
         "istio_requests_total",
@@ -200,7 +190,7 @@ fn with_tracing_a_request_carries_traceparent_and_yields_a_span() {
 
     // Connections read as HTTP count their bytes too.
     let received = || -> anyhow::Result<f64> {
-        let text = metrics(&sb, "n2")?;
+        let text = sb.agent_metrics("n2")?;
         Ok(series(
             &text,
             "istio_tcp_received_bytes_total",

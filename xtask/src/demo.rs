@@ -7,7 +7,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use nodemesh_sandbox::{PodStatus, Sandbox, Spec, capture::Capture, http_get, run_in_netns};
+use nodemesh_sandbox::{PodStatus, Sandbox, Spec, capture::Capture, run_in_netns};
 use serde_json::Value;
 
 use crate::{Profile, build, require_root, setup};
@@ -104,10 +104,8 @@ fn show_telemetry(sandbox: &Sandbox) -> anyhow::Result<()> {
 == 8. what the agents report: istio_tcp_connections_opened_total on :15020/metrics"
     );
     for node in &sandbox.status().nodes {
-        let url = format!("http://{}/metrics", node.agent.metrics);
-        let metrics = http_get(&node.netns, &url, Duration::from_secs(5))?;
+        let metrics = sandbox.agent_metrics(&node.name)?;
         for line in metrics
-            .body
             .lines()
             .filter(|l| l.starts_with("istio_tcp_connections_opened_total{"))
         {

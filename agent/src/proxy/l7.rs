@@ -56,6 +56,20 @@ pub struct Connection {
     pub shared: Arc<ProxyShared>,
 }
 
+impl Connection {
+    /// The pod's policies' verdict on this connection (`http: None`) or on one of its
+    /// requests, counted and logged.
+    fn decide(&self, http: Option<&HttpAttributes>) -> nodemesh_policy::Decision {
+        let policies = self.pod.policies();
+        let request = nodemesh_policy::Request {
+            peer: &self.peer,
+            destination_port: self.dst.port(),
+            http,
+        };
+        authz::decide(&self.pod, &self.shared, &policies, &request)
+    }
+}
+
 /// Serves one inbound connection whose pod needs HTTP attributes to decide. `upstream` is
 /// already connected to the application from the client's address.
 pub async fn serve<S>(
@@ -70,17 +84,7 @@ where
     let upstream = match protocol {
         Protocol::Opaque => {
             // Not HTTP: judged as a connection, HTTP-only ALLOW rules cannot match.
-            let policies = conn.pod.policies();
-            let decision = authz::decide(
-                &conn.pod,
-                &conn.shared,
-                &policies,
-                &nodemesh_policy::Request {
-                    peer: &conn.peer,
-                    destination_port: conn.dst.port(),
-                    http: None,
-                },
-            );
+            let decision = conn.decide(None);
             if !decision.allowed {
                 return Err(ProxyError::Denied {
                     by: decision.denied_by().unwrap_or_default(),
@@ -243,17 +247,7 @@ async fn judge_and_forward(
     conn: &Connection,
     upstream: &Upstream,
 ) -> (Response<Body>, &'static str) {
-    let policies = conn.pod.policies();
-    let decision = authz::decide(
-        &conn.pod,
-        &conn.shared,
-        &policies,
-        &nodemesh_policy::Request {
-            peer: &conn.peer,
-            destination_port: conn.dst.port(),
-            http: Some(attributes),
-        },
-    );
+    let decision = conn.decide(Some(attributes));
     if !decision.allowed {
         let by = decision.denied_by().unwrap_or_default();
         let body = format!("RBAC: access denied by {by}\n");

@@ -161,21 +161,22 @@ impl AccessLog {
 }
 
 fn write_entries(entries: &Receiver<Entry>, out: &mut dyn std::io::Write) {
+    const BATCH_BYTES: usize = 60 * 1024;
     let mut buffer = Vec::with_capacity(64 * 1024);
     while let Ok(first) = entries.recv() {
         let mut next = Some(first);
-        let mut drained = false;
         while let Some(entry) = next {
             if serde_json::to_writer(&mut buffer, &entry).is_ok() {
                 buffer.push(b'\n');
             }
-            next = if buffer.len() < 60 * 1024 {
+            next = if buffer.len() < BATCH_BYTES {
                 entries.try_recv().ok()
             } else {
                 None
             };
-            drained = next.is_none() && buffer.len() < 60 * 1024;
         }
+        // A batch short of full means the queue is empty.
+        let drained = buffer.len() < BATCH_BYTES;
         if out.write_all(&buffer).and_then(|()| out.flush()).is_err() {
             return;
         }

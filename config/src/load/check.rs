@@ -16,8 +16,7 @@ pub(super) fn check_object(object: &Object) -> Result<(), (String, String)> {
             }
         }
         Object::Workload(w) => {
-            check_dns_label(&w.metadata.name).map_err(|e| ("metadata.name".to_owned(), e))?;
-            check_dns_label(w.namespace()).map_err(|e| ("metadata.namespace".to_owned(), e))?;
+            check_names(&w.metadata.name, w.namespace())?;
             check_dns_label(&w.spec.service_account)
                 .map_err(|e| ("spec.serviceAccount".to_owned(), e))?;
             if w.spec.node.is_empty() {
@@ -45,40 +44,24 @@ pub(super) fn check_object(object: &Object) -> Result<(), (String, String)> {
             }
         }
         Object::PeerAuthentication(p) => {
-            check_dns_label(&p.metadata.name).map_err(|e| ("metadata.name".to_owned(), e))?;
-            check_dns_label(p.metadata.namespace())
-                .map_err(|e| ("metadata.namespace".to_owned(), e))?;
-            if p.metadata.namespace() == ROOT_NAMESPACE && p.spec.selector.is_some() {
-                return Err((
-                    "spec.selector".to_owned(),
-                    format!(
-                        "a PeerAuthentication in the root namespace {ROOT_NAMESPACE} applies \
-                         to the whole mesh and takes no selector; put it in the workloads' \
-                         namespace"
-                    ),
-                ));
-            }
+            check_names(&p.metadata.name, p.metadata.namespace())?;
+            check_mesh_wide(
+                "a PeerAuthentication",
+                p.metadata.namespace(),
+                p.spec.selector.is_some(),
+            )?;
         }
         Object::AuthorizationPolicy(p) => {
-            check_dns_label(&p.metadata.name).map_err(|e| ("metadata.name".to_owned(), e))?;
-            check_dns_label(p.metadata.namespace())
-                .map_err(|e| ("metadata.namespace".to_owned(), e))?;
-            if p.metadata.namespace() == ROOT_NAMESPACE && p.spec.selector.is_some() {
-                return Err((
-                    "spec.selector".to_owned(),
-                    format!(
-                        "an AuthorizationPolicy in the root namespace {ROOT_NAMESPACE} applies \
-                         to the whole mesh and takes no selector; put it in the workloads' \
-                         namespace"
-                    ),
-                ));
-            }
+            check_names(&p.metadata.name, p.metadata.namespace())?;
+            check_mesh_wide(
+                "an AuthorizationPolicy",
+                p.metadata.namespace(),
+                p.spec.selector.is_some(),
+            )?;
             p.validate()?;
         }
         Object::Service(svc) => {
-            check_dns_label(&svc.metadata.name).map_err(|e| ("metadata.name".to_owned(), e))?;
-            check_dns_label(svc.metadata.namespace())
-                .map_err(|e| ("metadata.namespace".to_owned(), e))?;
+            check_names(&svc.metadata.name, svc.metadata.namespace())?;
             svc.validate()?;
         }
         Object::MeshSettings(m) => {
@@ -108,6 +91,30 @@ pub(super) fn check_object(object: &Object) -> Result<(), (String, String)> {
                 ));
             }
         }
+    }
+    Ok(())
+}
+
+/// The name and namespace of a namespaced object are DNS labels.
+fn check_names(name: &str, namespace: &str) -> Result<(), (String, String)> {
+    check_dns_label(name).map_err(|e| ("metadata.name".to_owned(), e))?;
+    check_dns_label(namespace).map_err(|e| ("metadata.namespace".to_owned(), e))
+}
+
+/// A policy in the root namespace applies to the whole mesh, so it takes no selector.
+fn check_mesh_wide(
+    kind: &str,
+    namespace: &str,
+    has_selector: bool,
+) -> Result<(), (String, String)> {
+    if namespace == ROOT_NAMESPACE && has_selector {
+        return Err((
+            "spec.selector".to_owned(),
+            format!(
+                "{kind} in the root namespace {ROOT_NAMESPACE} applies to the whole mesh and \
+                 takes no selector; put it in the workloads' namespace"
+            ),
+        ));
     }
     Ok(())
 }
