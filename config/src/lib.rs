@@ -7,7 +7,10 @@
 #![forbid(unsafe_code)]
 
 mod authorization_policy;
+mod backend_traffic_policy;
+mod duration;
 mod error;
+mod http_route;
 mod load;
 mod mesh;
 mod mesh_settings;
@@ -24,8 +27,24 @@ pub use authorization_policy::{
     Action, AuthorizationPolicy, AuthorizationPolicySpec, Condition, ConditionKey,
     DRY_RUN_ANNOTATION, From, Operation, Rule, Source, To, parse_ip_block,
 };
+pub use backend_traffic_policy::{
+    BackOffPolicy, BackendTrafficPolicy, BackendTrafficPolicySpec, CircuitBreaker, ConsistentHash,
+    ConsistentHashType, HashHeader, HeaderMatch, HeaderMatchType, HealthCheck, HttpTimeout,
+    LoadBalancer, LoadBalancerType, LocalRateLimit, MethodMatch, POLICY_API_VERSION,
+    PassiveHealthCheck, PathMatch, PathMatchKind, PerRetryPolicy, PolicyTargetReference, RateLimit,
+    RateLimitRule, RateLimitSelectCondition, RateLimitType, RateLimitUnit, RateLimitValue, Retry,
+    RetryBudget, RetryOn, RetryTrigger, SourceMatch, SourceMatchType, StringMatchType, TargetKind,
+    TcpTimeout, Timeout,
+};
+pub use duration::GatewayDuration;
 pub use error::{ConfigError, ConfigErrors};
-pub use load::{SourceFingerprint, load_dir, load_path};
+pub use http_route::{
+    FilterType, GATEWAY_API_VERSION, HeaderModifier, HttpBackendRef, HttpHeader, HttpHeaderMatch,
+    HttpPathMatch, HttpQueryParamMatch, HttpRoute, HttpRouteFilter, HttpRouteMatch, HttpRouteRetry,
+    HttpRouteRule, HttpRouteSpec, HttpRouteTimeouts, ParentReference, PathMatchType, PathModifier,
+    PathModifierType, RequestRedirect, UrlRewrite, ValueMatchType,
+};
+pub use load::{SourceFingerprint, load_dir, load_path, load_str};
 pub use mesh::{EffectiveMtls, MeshConfig};
 pub use mesh_settings::{Egress, EgressPolicy, MeshSettings, MeshSettingsSpec, Telemetry, Tracing};
 pub use meta::ObjectMeta;
@@ -33,7 +52,7 @@ pub use namespace::Namespace;
 pub use peer_authentication::{
     Mtls, MtlsMode, PeerAuthentication, PeerAuthenticationSpec, WorkloadSelector,
 };
-pub use service::{Service, ServicePort, ServiceSpec};
+pub use service::{AppProtocol, Service, ServicePort, ServiceSpec};
 #[cfg(feature = "watch")]
 pub use watch::LocalSource;
 pub use workload::{Workload, WorkloadSpec};

@@ -11,11 +11,13 @@ use serde::de::DeserializeOwned;
 use serde_yaml::Value;
 
 use crate::{
-    API_VERSION, AuthorizationPolicy, ConfigError, ConfigErrors, MeshConfig, MeshSettings,
-    Namespace, PeerAuthentication, SECURITY_API_VERSION, Service, Workload,
+    API_VERSION, AuthorizationPolicy, BackendTrafficPolicy, ConfigError, ConfigErrors,
+    GATEWAY_API_VERSION, HttpRoute, MeshConfig, MeshSettings, Namespace, POLICY_API_VERSION,
+    PeerAuthentication, SECURITY_API_VERSION, Service, Workload,
 };
 
 mod check;
+mod references;
 
 /// Loads a configuration from a directory of YAML files (or from one file).
 pub fn load_path(path: &Path) -> Result<MeshConfig, ConfigErrors> {
@@ -26,6 +28,13 @@ pub fn load_path(path: &Path) -> Result<MeshConfig, ConfigErrors> {
         let objects = parse_documents(path, &text).map_err(|e| ConfigErrors(vec![e]))?;
         build(objects)
     }
+}
+
+/// Loads a configuration from YAML text, as if read from `name`; for tests and tools that
+/// hold the objects in memory.
+pub fn load_str(name: &Path, text: &str) -> Result<MeshConfig, ConfigErrors> {
+    let objects = parse_documents(name, text).map_err(|e| ConfigErrors(vec![e]))?;
+    build(objects)
 }
 
 /// Loads every `*.yaml` and `*.yml` file of a directory, in name order. Hidden files and other
@@ -91,17 +100,24 @@ pub(crate) enum Object {
     AuthorizationPolicy(AuthorizationPolicy),
     Service(Service),
     MeshSettings(MeshSettings),
+    HttpRoute(HttpRoute),
+    BackendTrafficPolicy(Box<BackendTrafficPolicy>),
 }
 
 /// The kinds nodemesh reads and the apiVersion of each.
-const KINDS: [(&str, &str); 6] = [
+const KINDS: [(&str, &str); 8] = [
     ("Namespace", "v1"),
     ("Service", "v1"),
     ("Workload", API_VERSION),
     ("PeerAuthentication", SECURITY_API_VERSION),
     ("AuthorizationPolicy", SECURITY_API_VERSION),
     ("MeshSettings", API_VERSION),
+    ("HTTPRoute", GATEWAY_API_VERSION),
+    ("BackendTrafficPolicy", POLICY_API_VERSION),
 ];
+
+/// Gateway API serves HTTPRoute at v1beta1 too, with the same schema.
+const HTTP_ROUTE_V1BETA1: &str = "gateway.networking.k8s.io/v1beta1";
 
 /// An object and the file it came from.
 #[derive(Debug, Clone)]
@@ -184,7 +200,7 @@ fn parse_object(file: &Path, value: Value) -> Result<Object, ConfigError> {
             ),
         ));
     };
-    if api_version != *expected {
+    if api_version != *expected && !(kind == "HTTPRoute" && api_version == HTTP_ROUTE_V1BETA1) {
         return Err(error(
             Some(object),
             "apiVersion",
@@ -197,6 +213,10 @@ fn parse_object(file: &Path, value: Value) -> Result<Object, ConfigError> {
         "PeerAuthentication" => Object::PeerAuthentication(typed(file, &object, value)?),
         "AuthorizationPolicy" => Object::AuthorizationPolicy(typed(file, &object, value)?),
         "Service" => Object::Service(typed(file, &object, value)?),
+        "HTTPRoute" => Object::HttpRoute(typed(file, &object, value)?),
+        "BackendTrafficPolicy" => {
+            Object::BackendTrafficPolicy(Box::new(typed(file, &object, value)?))
+        }
         _ => Object::MeshSettings(typed(file, &object, value)?),
     };
     check::check_object(&parsed)
@@ -255,6 +275,24 @@ fn build(objects: Vec<Located>) -> Result<MeshConfig, ConfigErrors> {
                 config.authorization_policies.insert(p.key(), p);
             }
             Object::Service(svc) => services.push((file, svc)),
+            Object::HttpRoute(route) => {
+                let key = format!("HTTPRoute {}", route.key());
+                if let Some(first) = origin.get(&key) {
+                    errors.push(duplicate(&file, &key, first));
+                    continue;
+                }
+                origin.insert(key, file);
+                config.http_routes.insert(route.key(), route);
+            }
+            Object::BackendTrafficPolicy(policy) => {
+                let key = format!("BackendTrafficPolicy {}", policy.key());
+                if let Some(first) = origin.get(&key) {
+                    errors.push(duplicate(&file, &key, first));
+                    continue;
+                }
+                origin.insert(key, file);
+                config.backend_traffic_policies.insert(policy.key(), *policy);
+            }
             Object::MeshSettings(m) => {
                 let key = "MeshSettings nodemesh-system/default".to_owned();
                 if let Some(first) = origin.get(&key) {
@@ -330,6 +368,7 @@ fn build(objects: Vec<Located>) -> Result<MeshConfig, ConfigErrors> {
         origin.insert(key, file);
         config.services.insert(svc.key(), svc);
     }
+    errors.extend(references::check(&config, &origin));
     if errors.is_empty() {
         Ok(config)
     } else {
@@ -377,3 +416,5 @@ impl SourceFingerprint {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod traffic_tests;

@@ -3,8 +3,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    AuthorizationPolicy, ENROLLED_LABEL, EgressPolicy, MeshSettingsSpec, MtlsMode, Namespace,
-    PeerAuthentication, ROOT_NAMESPACE, Service, Workload,
+    AuthorizationPolicy, BackendTrafficPolicy, ENROLLED_LABEL, EgressPolicy, HttpRoute,
+    MeshSettingsSpec, MtlsMode, Namespace, PeerAuthentication, ROOT_NAMESPACE, Service, Workload,
 };
 
 /// A whole, validated configuration: what one load of a directory (or one snapshot of the
@@ -22,6 +22,10 @@ pub struct MeshConfig {
     pub authorization_policies: BTreeMap<String, AuthorizationPolicy>,
     /// Services by `namespace/name`.
     pub services: BTreeMap<String, Service>,
+    /// HTTPRoutes by `namespace/name`.
+    pub http_routes: BTreeMap<String, HttpRoute>,
+    /// BackendTrafficPolicies by `namespace/name`.
+    pub backend_traffic_policies: BTreeMap<String, BackendTrafficPolicy>,
     /// The mesh-wide settings (defaults when no MeshSettings object exists).
     pub settings: MeshSettingsSpec,
 }

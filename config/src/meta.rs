@@ -13,6 +13,9 @@ pub struct ObjectMeta {
     pub labels: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
+    /// RFC 3339, as the API server writes it; orders HTTPRoutes of equal precedence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creation_timestamp: Option<String>,
 }
 
 impl ObjectMeta {
@@ -23,6 +26,16 @@ impl ObjectMeta {
 
     pub fn label(&self, key: &str) -> Option<&str> {
         self.labels.get(key).map(String::as_str)
+    }
+}
+
+/// A field that is read only to be refused or ignored by name: whatever it holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ignored;
+
+impl<'de> Deserialize<'de> for Ignored {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        serde::de::IgnoredAny::deserialize(deserializer).map(|_| Ignored)
     }
 }
 
@@ -44,6 +57,16 @@ pub(crate) fn check_dns_label(value: &str) -> Result<(), String> {
              starting and ending with a letter or digit"
         ))
     }
+}
+
+/// Checks a regular expression (RE2 syntax, as Gateway API and Envoy use).
+pub(crate) fn check_regex(at: &str, pattern: &str) -> Result<(), (String, String)> {
+    regex::Regex::new(pattern).map(drop).map_err(|e| {
+        (
+            at.to_owned(),
+            format!("{pattern:?} is not a valid regular expression: {e}"),
+        )
+    })
 }
 
 #[cfg(test)]

@@ -42,6 +42,32 @@ pub struct ServicePort {
     pub target_port: Option<serde_yaml::Value>,
     #[serde(default = "tcp")]
     pub protocol: String,
+    /// The application protocol: `http`, `h2c` or `grpc` (or Kubernetes' `kubernetes.io/h2c`)
+    /// make the client's node proxy read HTTP on this port, for per-request balancing,
+    /// retries and the other HTTP settings of a BackendTrafficPolicy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_protocol: Option<String>,
+}
+
+/// What the client's node proxy reads on a Service port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum AppProtocol {
+    /// Bytes, unless an HTTPRoute attaches to the port (then HTTP, detected).
+    Opaque,
+    /// HTTP/1.1 or HTTP/2, detected from the first bytes.
+    Http,
+    /// HTTP/2 without TLS (h2c), gRPC included.
+    Http2,
+}
+
+impl ServicePort {
+    pub fn app_protocol(&self) -> AppProtocol {
+        match self.app_protocol.as_deref() {
+            Some("http") => AppProtocol::Http,
+            Some("h2c" | "grpc" | "kubernetes.io/h2c") => AppProtocol::Http2,
+            _ => AppProtocol::Opaque,
+        }
+    }
 }
 
 fn tcp() -> String {
@@ -51,6 +77,10 @@ fn tcp() -> String {
 impl Service {
     pub fn key(&self) -> String {
         format!("{}/{}", self.metadata.namespace(), self.metadata.name)
+    }
+
+    pub fn port(&self, port: u16) -> Option<&ServicePort> {
+        self.spec.ports.iter().find(|p| p.port == port)
     }
 
     /// The workloads' port behind `port`.

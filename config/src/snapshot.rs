@@ -75,6 +75,10 @@ impl MeshConfig {
             namespaces: self.namespaces.clone(),
             workloads: self.workloads.clone(),
             services: self.services.clone(),
+            // Any client on the node may address any Service, and rate limits are enforced at
+            // the destination: routes and traffic policies all travel.
+            http_routes: self.http_routes.clone(),
+            backend_traffic_policies: self.backend_traffic_policies.clone(),
             settings: self.settings.clone(),
             peer_authentications,
             authorization_policies,

@@ -64,6 +64,14 @@ pub(super) fn check_object(object: &Object) -> Result<(), (String, String)> {
             check_names(&svc.metadata.name, svc.metadata.namespace())?;
             svc.validate()?;
         }
+        Object::HttpRoute(route) => {
+            check_names(&route.metadata.name, route.metadata.namespace())?;
+            route.validate()?;
+        }
+        Object::BackendTrafficPolicy(policy) => {
+            check_names(&policy.metadata.name, policy.metadata.namespace())?;
+            policy.validate()?;
+        }
         Object::MeshSettings(m) => {
             if let Some(tracing) = &m.spec.telemetry.tracing {
                 tracing
