@@ -5,11 +5,19 @@ use std::sync::Arc;
 
 use nodemesh_admin::{Body, Router, json, not_found, prometheus, readiness, text};
 
-use crate::{identity::IdentityManager, metrics::ScrapeInputs, state::AgentState};
+use crate::{
+    identity::IdentityManager, metrics::ScrapeInputs, proxy::http::state::TrafficState,
+    state::AgentState,
+};
 
-pub fn admin(state: Arc<AgentState>, identities: Arc<IdentityManager>) -> Router {
+pub fn admin(
+    state: Arc<AgentState>,
+    identities: Arc<IdentityManager>,
+    traffic: Arc<TrafficState>,
+) -> Router {
     Arc::new(move |path| match path {
         "/certs" => json(&identities.status()),
+        "/endpoints" => json(&traffic.report()),
         "/readyz" => readiness(ready_state(&state, &identities)),
         other => route_admin(other, &state),
     })
@@ -66,7 +74,8 @@ fn route_admin(path: &str, state: &AgentState) -> http::Response<Body> {
     match path {
         "/" => text(
             http::StatusCode::OK,
-            "nodemesh agent admin: /healthz /readyz /config_dump /workloads /connections /certs /stats\n",
+            "nodemesh agent admin: /healthz /readyz /config_dump /workloads /connections /certs \
+             /endpoints /stats\n",
         ),
         "/healthz" => text(http::StatusCode::OK, "ok\n"),
         "/config_dump" => json(&state.config_dump()),

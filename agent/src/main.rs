@@ -35,7 +35,11 @@ use crate::{
     controller_client::ControllerClient,
     datapath::Datapath,
     identity::IdentityManager,
-    proxy::{HbonePool, ProxyShared},
+    mesh::SharedMesh,
+    proxy::{
+        HbonePool, ProxyShared,
+        http::{Sinks, outbound::HttpStacks, state::TrafficState, upstream::MeshConnector},
+    },
     state::{AgentState, DatapathView},
     workloads::WorkloadRegistry,
 };
@@ -121,12 +125,13 @@ async fn run(config: Arc<Config>) -> anyhow::Result<()> {
             cgroup: datapath.cgroup().display().to_string(),
         },
     )?);
+    let traffic = Arc::new(TrafficState::new(state.metrics.registry()));
     let stop = CancellationToken::new();
     for (what, addr, router) in [
         (
             "admin",
             config.admin_addr,
-            admin::admin(state.clone(), identities.clone()),
+            admin::admin(state.clone(), identities.clone(), traffic.clone()),
         ),
         (
             "metrics",
@@ -141,7 +146,13 @@ async fn run(config: Arc<Config>) -> anyhow::Result<()> {
     ] {
         nodemesh_admin::spawn(what, addr, router, stop.clone()).await?;
     }
-    let shared = Arc::new(ProxyShared {
+    let mesh = Arc::new(SharedMesh::default());
+    let sinks = Sinks {
+        istio: state.istio.clone(),
+        access_log: state.access_log.clone(),
+        tracer: Some(state.tracer.clone()),
+    };
+    let shared = Arc::new_cyclic(|shared| ProxyShared {
         original_dst: datapath.original_dst_table(),
         transparent: datapath.transparent_connects(),
         mark: config.proxy_mark,
@@ -149,8 +160,14 @@ async fn run(config: Arc<Config>) -> anyhow::Result<()> {
         hbone_port: config.ports.hbone,
         state: state.clone(),
         identities,
-        mesh: Default::default(),
+        mesh: mesh.clone(),
         pool: HbonePool::default(),
+        http: HttpStacks::new(
+            mesh,
+            traffic,
+            Arc::new(MeshConnector::new(shared.clone())),
+            sinks,
+        ),
     });
     let mut registry = WorkloadRegistry::new(config.clone(), datapath, shared);
     let source = Arc::new(SnapshotSource::new(controller, &config.state_dir));

@@ -12,9 +12,10 @@
 //! application sees who is calling. Plain TCP is a byte copy with half-close carried through.
 
 mod authz;
+mod baggage;
 mod hbone_inbound;
+pub mod http;
 mod inbound;
-mod l7;
 mod listener;
 mod outbound;
 mod pool;
@@ -70,8 +71,10 @@ pub struct ProxyShared {
     pub hbone_port: u16,
     pub state: Arc<AgentState>,
     pub identities: Arc<IdentityManager>,
-    pub mesh: SharedMesh,
+    pub mesh: Arc<SharedMesh>,
     pub pool: HbonePool,
+    /// The HTTP stack and the traffic state it keeps.
+    pub http: http::outbound::HttpStacks,
 }
 
 impl std::fmt::Debug for OriginalDstTable {
@@ -103,6 +106,8 @@ pub struct PodContext {
     pub policies: RwLock<Arc<WorkloadPolicies>>,
     /// Byte-stream connections a policy change may have to close.
     pub active: ActiveConnections,
+    /// The local rate limits of the Services that select the workload, and their buckets.
+    pub rate_limits: Arc<http::PodRateLimits>,
 }
 
 impl PodContext {
@@ -176,6 +181,12 @@ pub enum ProxyError {
     PlaintextRefused { policy: String },
     #[error("{reason}")]
     NoEndpoint { reason: String },
+    #[error("upstream overflow: {limit} ({value}) of Service {service} reached")]
+    Overflow {
+        service: String,
+        limit: &'static str,
+        value: u32,
+    },
     #[error("denied by {by}")]
     Denied { by: String },
     #[error("closed: the authorization policies no longer allow this connection")]
@@ -203,6 +214,7 @@ impl ProxyError {
             ProxyError::PlaintextRefused { .. } => "plaintext_refused",
             ProxyError::Denied { .. } => "denied",
             ProxyError::NoEndpoint { .. } => "no_endpoint",
+            ProxyError::Overflow { .. } => "overflow",
             ProxyError::Revoked => "revoked",
             ProxyError::Http(_) => "http",
             ProxyError::Io(_) => "io",
@@ -211,7 +223,7 @@ impl ProxyError {
 }
 
 /// Connects to `dst` from inside the pod's namespace with the proxy mark.
-async fn connect_from_pod(
+pub(crate) async fn connect_from_pod(
     pod: &PodContext,
     mark: u32,
     dst: SocketAddr,
@@ -297,15 +309,17 @@ async fn deliver<S>(
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    if pod.policies().needs_http() || shared.mesh.load().reads_http {
-        let connection = l7::Connection {
+    let reads_http =
+        pod.policies().needs_http() || shared.mesh.load().reads_http || !pod.rate_limits.is_empty();
+    if reads_http {
+        let connection = http::inbound::Connection {
             peer,
             dst,
             labels,
             pod: pod.clone(),
             shared: shared.clone(),
         };
-        return l7::serve(client, upstream, connection).await;
+        return http::inbound::serve(client, upstream, connection).await;
     }
     let registration = pod.active.register(peer, dst.port(), &pod.cancel);
     tokio::select! {

@@ -28,7 +28,7 @@ pub struct AgentState {
     pub config: Arc<Config>,
     pub metrics: Metrics,
     pub istio: IstioMetrics,
-    pub access_log: Option<AccessLog>,
+    pub access_log: Option<Arc<AccessLog>>,
     pub tracer: Arc<Tracer>,
     pub connections: ConnectionLog,
     pub datapath: DatapathView,
@@ -95,11 +95,11 @@ impl AgentState {
         let metrics = Metrics::new();
         let istio = IstioMetrics::new(metrics.registry());
         let access_log = match &config.access_log {
-            Some(target) => Some(AccessLog::start(
+            Some(target) => Some(Arc::new(AccessLog::start(
                 target,
                 config.access_log_sample,
                 metrics.registry(),
-            )?),
+            )?)),
             None => None,
         };
         let tracer = Tracer::start(&config.node, metrics.registry());

@@ -111,6 +111,30 @@ impl WorkloadRegistry {
         for enrolled in self.enrolled.values() {
             apply_policies(&mesh, enrolled, &self.shared);
         }
+        self.forget_traffic_state();
+    }
+
+    /// Drops the traffic state (limits, budgets, endpoint health, pooled connections) of
+    /// backends the configuration no longer has and of clients no longer here.
+    fn forget_traffic_state(&self) {
+        let view = self.shared.mesh.load();
+        let mut keys = std::collections::HashSet::new();
+        for service in &view.traffic.services {
+            for port in &service.ports {
+                keys.insert(port.service_target.state_key.clone());
+                let Some(routes) = &port.routes else { continue };
+                for m in routes
+                    .producer
+                    .iter()
+                    .chain(routes.consumers.values().flatten())
+                {
+                    keys.extend(m.rule.backends.iter().map(|b| b.state_key.clone()));
+                }
+            }
+        }
+        let clients: std::collections::HashSet<String> = self.enrolled.keys().cloned().collect();
+        self.shared.http.traffic.retain(&keys, &clients);
+        self.shared.http.pools.retain(&keys, &clients);
     }
 
     /// Tries again to enroll the workloads that failed (their namespace may exist now).
@@ -192,6 +216,7 @@ impl WorkloadRegistry {
             policies: RwLock::default(),
             active: Default::default(),
             cancel: CancellationToken::new(),
+            rate_limits: Default::default(),
         });
         let shared = &self.shared;
         tokio::spawn(serve(
@@ -252,6 +277,13 @@ fn apply_policies(mesh: &MeshConfig, enrolled: &Enrolled, shared: &ProxyShared) 
     *enrolled.pod.mtls.write().unwrap_or_else(|e| e.into_inner()) = mtls;
     let policies = WorkloadPolicies::new(mesh.authorization_policies_for(&enrolled.workload));
     enrolled.pod.set_policies(shared, policies);
+    enrolled
+        .pod
+        .rate_limits
+        .set(nodemesh_traffic::rate_limit::for_workload(
+            mesh,
+            &enrolled.workload,
+        ));
 }
 
 fn describe(

@@ -9,7 +9,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{GatewayDuration, ObjectMeta, meta::Ignored};
+use crate::{GatewayDuration, GoDuration, ObjectMeta, meta::Ignored};
 
 mod validate;
 
@@ -281,9 +281,10 @@ pub struct PassiveHealthCheck {
     /// Count connect failures, resets and timeouts apart from answers (false when unset).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub split_external_local_origin_errors: Option<bool>,
-    /// How often ejections are reviewed (3s when unset).
+    /// How often ejections are reviewed (3s when unset). Go's duration format, as
+    /// Envoy Gateway's `metav1.Duration`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub interval: Option<GatewayDuration>,
+    pub interval: Option<GoDuration>,
     /// With split errors: local failures in a row that eject (5 when unset).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consecutive_local_origin_failures: Option<u32>,
@@ -301,7 +302,7 @@ pub struct PassiveHealthCheck {
     /// An ejection lasts this times the number of times the endpoint was ejected (30s when
     /// unset).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub base_ejection_time: Option<GatewayDuration>,
+    pub base_ejection_time: Option<GoDuration>,
     /// The most endpoints of the backend that may be ejected at once, in percent (10 when
     /// unset).
     #[serde(default, skip_serializing_if = "Option::is_none")]

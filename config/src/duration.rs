@@ -96,9 +96,112 @@ fn parse(text: &str) -> Result<Duration, String> {
     Ok(total)
 }
 
+/// A duration as Kubernetes' `metav1.Duration` writes it (Go's format): decimal numbers with
+/// an optional fraction and a unit each, `ns`, `us`, `µs`, `ms`, `s`, `m` or `h`, as in `3s`,
+/// `1.5s` or `1m30s`. Envoy Gateway uses it for passive health check intervals.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GoDuration {
+    text: String,
+    value: Duration,
+}
+
+impl GoDuration {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        parse_go(text).map(|value| Self {
+            text: text.to_owned(),
+            value,
+        })
+    }
+
+    pub fn get(&self) -> Duration {
+        self.value
+    }
+}
+
+impl fmt::Display for GoDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl Serialize for GoDuration {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.text)
+    }
+}
+
+impl<'de> Deserialize<'de> for GoDuration {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Self::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+fn parse_go(text: &str) -> Result<Duration, String> {
+    let bad = || {
+        format!(
+            "{text:?} is not a duration: write numbers with units, such as 3s, 1.5s, 500ms or \
+             1m30s"
+        )
+    };
+    if text == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let mut rest = text;
+    let mut total = 0f64;
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let number_len = rest
+            .bytes()
+            .take_while(|b| b.is_ascii_digit() || *b == b'.')
+            .count();
+        let number: f64 = rest[..number_len].parse().map_err(|_| bad())?;
+        rest = &rest[number_len..];
+        let units = [
+            ("ns", 1e-9),
+            ("us", 1e-6),
+            ("\u{b5}s", 1e-6),
+            ("ms", 1e-3),
+            ("s", 1.0),
+            ("m", 60.0),
+            ("h", 3600.0),
+        ];
+        let (unit, scale) = units
+            .iter()
+            .find(|(unit, _)| rest.starts_with(unit))
+            .ok_or_else(bad)?;
+        rest = &rest[unit.len()..];
+        total += number * scale;
+    }
+    Duration::try_from_secs_f64(total).map_err(|_| bad())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_go_durations() {
+        for (text, ms) in [
+            ("3s", 3000),
+            ("1.5s", 1500),
+            ("1m30s", 90_000),
+            ("300ms", 300),
+            ("0", 0),
+            ("2h", 7_200_000),
+        ] {
+            assert_eq!(
+                GoDuration::parse(text).map(|d| d.get().as_millis()),
+                Ok(ms),
+                "{text}"
+            );
+        }
+        for text in ["", "3", "1d", "s", "-1s", "1.2.3s"] {
+            assert!(GoDuration::parse(text).is_err(), "{text:?}");
+        }
+    }
 
     #[test]
     fn parses_gateway_api_durations() {

@@ -36,7 +36,7 @@ pub use backend_traffic_policy::{
     RetryBudget, RetryOn, RetryTrigger, SourceMatch, SourceMatchType, StringMatchType, TargetKind,
     TcpTimeout, Timeout,
 };
-pub use duration::GatewayDuration;
+pub use duration::{GatewayDuration, GoDuration};
 pub use error::{ConfigError, ConfigErrors};
 pub use http_route::{
     FilterType, GATEWAY_API_VERSION, HeaderModifier, HttpBackendRef, HttpHeader, HttpHeaderMatch,

@@ -291,7 +291,9 @@ fn build(objects: Vec<Located>) -> Result<MeshConfig, ConfigErrors> {
                     continue;
                 }
                 origin.insert(key, file);
-                config.backend_traffic_policies.insert(policy.key(), *policy);
+                config
+                    .backend_traffic_policies
+                    .insert(policy.key(), *policy);
             }
             Object::MeshSettings(m) => {
                 let key = "MeshSettings nodemesh-system/default".to_owned();

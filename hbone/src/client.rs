@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 
 use bytes::Bytes;
-use http::{Method, Request, StatusCode};
+use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::Empty;
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -40,12 +40,23 @@ pub async fn open_tunnel(
     sender: &mut HboneSender,
     authority: SocketAddr,
 ) -> Result<Tunnel, HboneError> {
+    open_tunnel_with(sender, authority, HeaderMap::new()).await
+}
+
+/// Opens a tunnel carrying `headers` on its CONNECT request (ztunnel's `baggage` and
+/// `forwarded`, say).
+pub async fn open_tunnel_with(
+    sender: &mut HboneSender,
+    authority: SocketAddr,
+    headers: HeaderMap,
+) -> Result<Tunnel, HboneError> {
     sender.ready().await.map_err(|_| HboneError::Closed)?;
-    let request = Request::builder()
+    let mut request = Request::builder()
         .method(Method::CONNECT)
         .uri(authority.to_string())
         .body(Empty::new())
         .expect("a CONNECT request to a socket address is well-formed");
+    *request.headers_mut() = headers;
     let response = sender
         .send_request(request)
         .await

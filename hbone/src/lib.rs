@@ -10,7 +10,7 @@
 mod client;
 mod server;
 
-pub use client::{HboneSender, handshake, open_tunnel};
+pub use client::{HboneSender, handshake, open_tunnel, open_tunnel_with};
 pub use server::{ConnectRequest, serve, status};
 
 /// The port HBONE listens on inside every pod.

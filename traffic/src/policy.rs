@@ -226,7 +226,7 @@ impl BackendSettings {
                 interval: passive
                     .interval
                     .as_ref()
-                    .map_or(Duration::from_secs(3), |d| d.get()),
+                    .map_or(Duration::from_secs(3), nodemesh_config::GoDuration::get),
                 consecutive_local_origin_failures: passive
                     .consecutive_local_origin_failures
                     .unwrap_or(5),
@@ -235,7 +235,7 @@ impl BackendSettings {
                 base_ejection_time: passive
                     .base_ejection_time
                     .as_ref()
-                    .map_or(Duration::from_secs(30), |d| d.get()),
+                    .map_or(Duration::from_secs(30), nodemesh_config::GoDuration::get),
                 max_ejection_percent: passive.max_ejection_percent.unwrap_or(10).clamp(0, 100)
                     as u32,
             });

@@ -1,8 +1,9 @@
 //! Local rate limits with Envoy Gateway's semantics: each rule is a token bucket holding
-//! `requests` tokens, filled up again every `unit`; a request takes a token from every rule
-//! whose client selectors it meets (all of them must hold), and is refused when one of those
-//! buckets is empty. `Distinct` selectors give each distinct header value or client address a
-//! bucket of its own.
+//! `requests` tokens, filled up again every `unit`. A request takes a token from every rule
+//! whose client selectors it meets (all of a rule's selectors must hold); a request no such
+//! rule selects takes one from the rule without selectors, if there is one. It is refused
+//! when one of its buckets is empty. `Distinct` selectors give each distinct header value or
+//! client address a bucket of its own.
 
 use std::{
     net::IpAddr,
@@ -230,6 +231,12 @@ fn in_block(ip: IpAddr, network: IpAddr, prefix: u8) -> bool {
 }
 
 impl RateLimitRule {
+    /// Whether the rule selects clients; the one rule that does not is the limit of requests
+    /// no other rule selects (Envoy Gateway's default bucket).
+    pub fn selects(&self) -> bool {
+        !self.selectors.is_empty()
+    }
+
     /// The key of the bucket a request takes from; `None` when the rule does not apply to it.
     /// Rules without selectors apply to every request, with one shared bucket.
     pub fn bucket_key(&self, request: &RateLimitRequest<'_>) -> Option<String> {
@@ -304,6 +311,10 @@ impl TokenBucket {
 
     pub fn max(&self) -> u32 {
         self.max
+    }
+
+    pub fn interval(&self) -> Duration {
+        self.interval
     }
 }
 

@@ -1,5 +1,7 @@
 //! Which route rule a request to a Service port gets, and which backend of the rule.
 
+use std::sync::Arc;
+
 use crate::{
     matching::RequestHead,
     table::{BackendTarget, CompiledRule, PortEntry, RuleMatch},
@@ -46,7 +48,7 @@ pub fn route<'a>(
 impl CompiledRule {
     /// The backend for a request, by weight: `draw` is a uniform random number. `None` when
     /// the rule has no backend with weight (a redirect, or every weight 0).
-    pub fn pick_backend(&self, draw: u64) -> Option<&BackendTarget> {
+    pub fn pick_backend(&self, draw: u64) -> Option<&Arc<BackendTarget>> {
         if self.total_weight == 0 {
             return None;
         }

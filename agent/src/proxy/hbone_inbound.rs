@@ -83,6 +83,10 @@ async fn open(
     }
     pod.counters.inbound.fetch_add(1, Ordering::Relaxed);
     let mut tracker = ConnectionTracker::start(&shared, &pod, Direction::Inbound, peer, dst);
+    if tracker.record.source_workload.is_none() {
+        // A client the mesh does not know (another mesh's, say) may name itself.
+        tracker.record.source_workload = super::baggage::source_workload(connect.headers());
+    }
     tracker.record.security = "mtls";
     tracker.record.source_identity = Some(client_identity.to_string());
     let labels = tracker.open();

@@ -1,25 +1,41 @@
 //! Outbound: a connection the capture redirected to the pod's outbound listener. To an
 //! enrolled workload it travels in an HBONE tunnel; to anything else as plain TCP, unless the
-//! mesh denies egress.
+//! mesh denies egress. To a Service address, it goes to an endpoint the Service's balancer
+//! picks, within its connection limit; on a port that reads HTTP (an HTTPRoute attaches, or
+//! appProtocol says so), each request is routed on its own by the HTTP stack.
 
 use std::{
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, SocketAddr, SocketAddrV4},
     sync::{Arc, atomic::Ordering},
+    time::Instant,
 };
 
 use nodemesh_config::EgressPolicy;
-use nodemesh_hbone::HboneSender;
+use nodemesh_hbone::{HboneSender, Tunnel};
 use nodemesh_identity::SpiffeId;
+use nodemesh_traffic::{outlier::Outcome, policy::BudgetSettings};
 use rustls_pki_types::ServerName;
-use tokio::net::TcpStream;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+};
 use tokio_rustls::TlsConnector;
-
-use crate::mesh::Route;
 
 use super::{
     CONNECT_TIMEOUT, ConnectionTracker, Direction, PodContext, ProxyError, ProxyShared,
-    connect_from_pod, pool::PoolKey, splice,
+    connect_from_pod,
+    http::{
+        self,
+        balance::{self, PickInput},
+        counted::Counted,
+        detect::{Protocol, detect},
+        outbound::OutboundConnection,
+        state::ClientState,
+    },
+    pool::PoolKey,
+    splice,
 };
+use crate::mesh::{Destination, MeshView};
 
 /// Handles one connection accepted on the pod's outbound listener.
 pub async fn handle(
@@ -28,7 +44,7 @@ pub async fn handle(
     pod: Arc<PodContext>,
     shared: Arc<ProxyShared>,
 ) {
-    let (pod, shared) = (&*pod, &shared);
+    let shared = &shared;
     pod.counters.outbound.fetch_add(1, Ordering::Relaxed);
     let listener = match client.local_addr() {
         Ok(addr) => addr,
@@ -38,64 +54,211 @@ pub async fn handle(
         }
     };
     let Some(dst) = shared.original_dst.lookup(peer, listener) else {
-        ConnectionTracker::start(shared, pod, Direction::Outbound, peer, listener)
+        ConnectionTracker::start(shared, &pod, Direction::Outbound, peer, listener)
             .finish(Err(ProxyError::NoOriginalDst { client: peer }));
         return;
     };
     let mesh = shared.mesh.load();
     let original = SocketAddr::V4(dst);
-    let mut tracker = ConnectionTracker::start(shared, pod, Direction::Outbound, peer, original);
-    let (target, destination) = match mesh.route(dst) {
-        Route::Direct(destination) => (original, destination),
-        Route::Service {
-            service,
-            endpoint,
-            destination,
-        } => {
-            tracker.record.destination_service = Some(service.to_owned());
-            (SocketAddr::V4(endpoint), destination)
-        }
-        Route::Unavailable { service, reason } => {
-            tracker.record.destination_service = Some(service.to_owned());
-            tracker.finish(Err(ProxyError::NoEndpoint { reason }));
-            return;
-        }
-    };
-    tracker.record.destination_workload = destination.map(|d| d.key.clone());
+    let mut tracker = ConnectionTracker::start(shared, &pod, Direction::Outbound, peer, original);
+    if let Some(service) = mesh.service_port(dst) {
+        tracker.record.destination_service = Some(service.service.key.clone());
+        let result = to_service(client, peer, dst, &mesh, &pod, shared, &mut tracker).await;
+        tracker.finish(result);
+        return;
+    }
+    let destination = mesh.workload(*dst.ip()).cloned();
+    let result = to_address(
+        client,
+        original,
+        destination,
+        &mesh,
+        &pod,
+        shared,
+        &mut tracker,
+    )
+    .await;
+    tracker.finish(result);
+}
+
+/// A connection to a workload's own address, or to an address the mesh does not know.
+async fn to_address<S>(
+    mut client: S,
+    target: SocketAddr,
+    destination: Option<Arc<Destination>>,
+    mesh: &MeshView,
+    pod: &PodContext,
+    shared: &Arc<ProxyShared>,
+    tracker: &mut ConnectionTracker,
+) -> Result<(u64, u64), ProxyError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    tracker.record.destination_workload = destination.as_ref().map(|d| d.key.clone());
     let identity = destination.and_then(|d| d.identity.clone());
     if let Some(identity) = &identity {
         tracker.record.security = "mtls";
         tracker.record.destination_identity = Some(identity.to_string());
     }
     tracker.open();
-    let result = match identity {
-        Some(identity) => through_hbone(client, target, identity, pod, shared, &mut tracker).await,
+    match identity {
+        Some(identity) => {
+            let from = tracker.record.client;
+            let service = tracker.record.destination_service.clone();
+            let mut tunnel =
+                open_hbone_tunnel(pod, shared, target, identity, from, service.as_deref()).await?;
+            tracker.record.hbone = Some(SocketAddr::new(target.ip(), shared.hbone_port));
+            splice(&mut client, &mut tunnel).await
+        }
         None if mesh.egress == EgressPolicy::Deny => Err(ProxyError::EgressDenied { dst: target }),
-        None => passthrough(client, target, pod, shared, &mut tracker).await,
-    };
-    tracker.finish(result);
+        None => {
+            let mut upstream = connect_from_pod(pod, shared.mark, target).await?;
+            tracker.record.upstream_local = upstream.local_addr().ok();
+            splice(&mut client, &mut upstream).await
+        }
+    }
 }
 
-async fn passthrough(
-    mut client: TcpStream,
-    dst: SocketAddr,
-    pod: &PodContext,
-    shared: &ProxyShared,
-    tracker: &mut ConnectionTracker,
-) -> Result<(u64, u64), ProxyError> {
-    let mut upstream = connect_from_pod(pod, shared.mark, dst).await?;
-    tracker.record.upstream_local = upstream.local_addr().ok();
-    splice(&mut client, &mut upstream).await
-}
-
-async fn through_hbone(
-    mut client: TcpStream,
-    dst: SocketAddr,
-    destination_identity: SpiffeId,
-    pod: &PodContext,
+/// A connection to a Service address: HTTP routed per request when the port reads HTTP and
+/// the client speaks it, else bytes to one endpoint.
+async fn to_service(
+    client: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddrV4,
+    mesh: &Arc<MeshView>,
+    pod: &Arc<PodContext>,
     shared: &Arc<ProxyShared>,
     tracker: &mut ConnectionTracker,
 ) -> Result<(u64, u64), ProxyError> {
+    let Some(service) = mesh.service_port(dst) else {
+        return Err(ProxyError::NoEndpoint {
+            reason: format!("{dst} is no longer a Service address"),
+        });
+    };
+    let Some(port) = service.port else {
+        return Err(ProxyError::NoEndpoint {
+            reason: format!("Service {} has no port {}", service.service.key, dst.port()),
+        });
+    };
+    if port.reads_http() {
+        let (protocol, client) = detect(client).await?;
+        if protocol != Protocol::Opaque {
+            let labels = tracker.open();
+            let (client, counts) = Counted::new(client);
+            let connection = OutboundConnection {
+                pod: pod.clone(),
+                client_ip: peer.ip(),
+                service: service.id,
+                dst,
+                http2_upstream: port.protocol == nodemesh_config::AppProtocol::Http2,
+                labels,
+            };
+            http::outbound::serve(client, protocol, connection, shared.http.outbound()).await?;
+            return Ok(counts.get());
+        }
+        // Not HTTP after all: carried as bytes, with what was read put back.
+        return to_endpoint(client, peer, port, mesh, pod, shared, tracker).await;
+    }
+    to_endpoint(client, peer, port, mesh, pod, shared, tracker).await
+}
+
+/// Plain TCP to a Service: one endpoint by the Service's balancer, skipping ejected ones, within
+/// `maxConnections`, connected within `connectTimeout`; a failed connect counts toward the
+/// endpoint's ejection.
+async fn to_endpoint<S>(
+    client: S,
+    peer: SocketAddr,
+    port: &nodemesh_traffic::PortEntry,
+    mesh: &MeshView,
+    pod: &PodContext,
+    shared: &Arc<ProxyShared>,
+    tracker: &mut ConnectionTracker,
+) -> Result<(u64, u64), ProxyError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let target = &port.service_target;
+    let traffic = &shared.http.traffic;
+    let client_state: Arc<ClientState> =
+        traffic.client(&pod.key, &target.state_key, BudgetSettings::default());
+    let limits = target.settings.limits;
+    let Some(_connection) = client_state.try_hold(|c| &c.connections, limits.max_connections)
+    else {
+        traffic
+            .metrics
+            .overflows
+            .with_label_values(&[&target.service_key, "max_connections"])
+            .inc();
+        return Err(ProxyError::Overflow {
+            service: target.service_key.clone(),
+            limit: "maxConnections",
+            value: limits.max_connections,
+        });
+    };
+    let health = traffic.backend(&target.state_key);
+    let input = PickInput {
+        client_ip: peer.ip(),
+        headers: None,
+    };
+    let started = Instant::now();
+    let Some(endpoint) = balance::pick(mesh, target, &health, input, started) else {
+        return Err(ProxyError::NoEndpoint {
+            reason: format!("Service {} selects no workload", target.service_key),
+        });
+    };
+    let addr = SocketAddr::V4(endpoint.addr);
+    let connected = tokio::time::timeout(
+        target.settings.connect_timeout,
+        to_address(
+            client,
+            addr,
+            endpoint.destination.clone(),
+            mesh,
+            pod,
+            shared,
+            tracker,
+        ),
+    );
+    // The outcome of connecting is what outlier detection counts for TCP; the connection's
+    // own end says nothing of the endpoint.
+    let result = match connected.await {
+        Ok(result) => result,
+        Err(_) => Err(ProxyError::ConnectTimeout {
+            dst: addr,
+            timeout: target.settings.connect_timeout,
+        }),
+    };
+    let outcome = match &result {
+        Err(
+            ProxyError::Connect { .. }
+            | ProxyError::ConnectTimeout { .. }
+            | ProxyError::HboneTimeout { .. }
+            | ProxyError::Tls { .. }
+            | ProxyError::Hbone(_),
+        ) => Outcome::LocalFailure,
+        _ => Outcome::Answered(200),
+    };
+    balance::record(
+        traffic,
+        target,
+        &health,
+        endpoint.addr,
+        Some(outcome),
+        started,
+    );
+    result
+}
+
+/// A tunnel from the pod to `dst` (an enrolled workload proving `destination_identity`), on
+/// the pooled HBONE connection to it. `client` and `service` go in its `forwarded` header.
+pub async fn open_hbone_tunnel(
+    pod: &PodContext,
+    shared: &Arc<ProxyShared>,
+    dst: SocketAddr,
+    destination_identity: SpiffeId,
+    client: SocketAddr,
+    service: Option<&str>,
+) -> Result<Tunnel, ProxyError> {
     let hbone_addr = SocketAddr::new(dst.ip(), shared.hbone_port);
     let key = PoolKey {
         source: pod.key.clone(),
@@ -111,9 +274,8 @@ async fn through_hbone(
             connect_hbone(pod, shared, identity, destination_identity, hbone_addr)
         })
         .await?;
-    let mut tunnel = nodemesh_hbone::open_tunnel(&mut sender, dst).await?;
-    tracker.record.hbone = Some(hbone_addr);
-    splice(&mut client, &mut tunnel).await
+    let headers = super::baggage::connect_headers(&pod.key, client, service);
+    Ok(nodemesh_hbone::open_tunnel_with(&mut sender, dst, headers).await?)
 }
 
 /// A new HBONE connection from the pod to a destination pod's :15008, proving the pod's

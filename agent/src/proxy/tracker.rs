@@ -30,6 +30,7 @@ fn response_flags(error: &ProxyError) -> &'static str {
         | ProxyError::PlaintextRefused { .. }
         | ProxyError::EgressDenied { .. } => "RBAC",
         ProxyError::NoEndpoint { .. } => "UH",
+        ProxyError::Overflow { .. } => "UO",
         ProxyError::Connect { .. }
         | ProxyError::ConnectTimeout { .. }
         | ProxyError::HboneTimeout { .. }

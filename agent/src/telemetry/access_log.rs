@@ -42,9 +42,11 @@ impl std::str::FromStr for AccessLogTarget {
     }
 }
 
-/// One HTTP request, as the destination's proxy saw it.
+/// One HTTP request, as the source's or the destination's proxy saw it.
 #[derive(Debug, Clone, Serialize)]
 pub struct RequestLogEntry {
+    /// `outbound` at the client's node, `inbound` at the server's.
+    pub direction: &'static str,
     pub start_unix_ms: u64,
     pub duration_ms: f64,
     pub workload: String,
@@ -55,11 +57,20 @@ pub struct RequestLogEntry {
     pub authority: String,
     pub protocol: &'static str,
     pub response_code: u16,
-    pub response_flags: &'static str,
+    pub response_flags: std::borrow::Cow<'static, str>,
     pub request_bytes: u64,
     pub response_bytes: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
+    /// Outbound: the endpoint the request went to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
+    /// Outbound: the HTTPRoute rule that routed the request, `namespace/name#index`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub route: Option<String>,
+    /// Outbound: the Service's host name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destination_service: Option<String>,
 }
 
 #[derive(Debug, Serialize)]

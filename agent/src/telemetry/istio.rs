@@ -171,6 +171,14 @@ pub struct Labels {
     security: &'static str,
 }
 
+/// A Service's host name as Istio labels it, from its `namespace/name`.
+fn service_host(key: &str) -> String {
+    match key.split_once('/') {
+        Some((ns, name)) => format!("{name}.{ns}.svc.cluster.local"),
+        None => "unknown".to_owned(),
+    }
+}
+
 /// `namespace/name` split into (name, namespace), `unknown` when absent.
 fn workload(key: Option<&str>) -> (String, String) {
     match key.and_then(|k| k.split_once('/')) {
@@ -189,11 +197,7 @@ impl Labels {
         let destination_service = record
             .destination_service
             .as_deref()
-            .and_then(|key| key.split_once('/'))
-            .map_or_else(
-                || "unknown".to_owned(),
-                |(ns, name)| format!("{name}.{ns}.svc.cluster.local"),
-            );
+            .map_or_else(|| "unknown".to_owned(), service_host);
         let principal = |id: &Option<String>| id.clone().unwrap_or_else(|| "unknown".to_owned());
         Self {
             reporter: if record.direction == "outbound" {
@@ -214,6 +218,33 @@ impl Labels {
                 "none"
             },
         }
+    }
+
+    /// The labels of an outbound request: these (the client's side) with the destination the
+    /// request reached.
+    pub fn with_destination(
+        &self,
+        workload: Option<&str>,
+        principal: Option<String>,
+        service: Option<&str>,
+    ) -> Self {
+        let (destination_workload, destination_namespace) = self::workload(workload);
+        Self {
+            destination_workload,
+            destination_namespace,
+            security: if principal.is_some() {
+                "mutual_tls"
+            } else {
+                "none"
+            },
+            destination_principal: principal.unwrap_or_else(|| "unknown".to_owned()),
+            destination_service: service.map_or_else(|| "unknown".to_owned(), service_host),
+            ..self.clone()
+        }
+    }
+
+    pub fn destination_service(&self) -> &str {
+        &self.destination_service
     }
 
     pub fn source_workload(&self) -> &str {

@@ -188,11 +188,16 @@ impl BackendTrafficPolicy {
         let Some(passive) = &health.passive else {
             return Ok(());
         };
-        if let Some(interval) = &passive.interval {
-            positive("spec.healthCheck.passive.interval", interval)?;
-        }
-        if let Some(base) = &passive.base_ejection_time {
-            positive("spec.healthCheck.passive.baseEjectionTime", base)?;
+        for (field, duration) in [
+            ("spec.healthCheck.passive.interval", &passive.interval),
+            (
+                "spec.healthCheck.passive.baseEjectionTime",
+                &passive.base_ejection_time,
+            ),
+        ] {
+            if duration.as_ref().is_some_and(|d| d.get().is_zero()) {
+                return Err((field.to_owned(), "must be longer than 0s".into()));
+            }
         }
         if let Some(percent) = passive.max_ejection_percent
             && !(0..=100).contains(&percent)
@@ -280,6 +285,20 @@ impl BackendTrafficPolicy {
                 "is missing; type Local needs its rules".into(),
             ));
         };
+        if local
+            .rules
+            .iter()
+            .filter(|r| r.client_selectors.is_empty())
+            .count()
+            > 1
+        {
+            return Err((
+                "spec.rateLimit.local.rules".into(),
+                "has more than one rule without clientSelectors; the one such rule is the \
+                 limit for all requests no other rule selects"
+                    .into(),
+            ));
+        }
         if local.rules.is_empty() {
             return Err((
                 "spec.rateLimit.local.rules".into(),

@@ -1,0 +1,142 @@
+//! The proxy's HTTP stack: one tower layer per concern, composed by both directions.
+//!
+//! ```text
+//! outbound (client's node), for Service ports an HTTPRoute attaches to or whose appProtocol
+//! is http, h2c or grpc:
+//!   detect -> telemetry -> route -> timeout -> retry -> balance -> circuit breaker
+//!          -> upstream (pooled per endpoint: HTTP/1.1 keep-alive or HTTP/2, in HBONE or plain)
+//! inbound (server's node), for pods whose policies look at HTTP or with HTTP processing on:
+//!   detect -> telemetry -> authorization -> rate limit -> the application
+//! ```
+//!
+//! Telemetry is outermost in both directions, so that requests the mesh answers itself (403,
+//! 404, 429, 503, 504) are counted and logged with their response flags like any other.
+//! Every layer answers with a response, never an error: what went wrong travels as
+//! [`ResponseFlags`] and, for an attempt that got no answer, as a [`retry::Attempt`] in the
+//! response's extensions.
+
+mod app;
+mod authz;
+pub mod balance;
+mod body;
+mod breaker;
+pub mod counted;
+pub mod detect;
+mod flags;
+pub mod inbound;
+pub mod outbound;
+mod prefixed;
+mod rate_limit;
+mod retry;
+mod route;
+pub mod state;
+mod telemetry;
+#[cfg(test)]
+mod testing;
+mod timeout;
+pub mod upstream;
+
+use std::{convert::Infallible, future::Future, pin::Pin};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt as _, Full, combinators::UnsyncBoxBody};
+
+pub use self::{flags::ResponseFlags, rate_limit::PodRateLimits, telemetry::Sinks};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Every body in the stack, requests and responses. A named type rather than an alias of a
+/// boxed trait object, so that the layers' futures are `Send` for every lifetime the compiler
+/// asks about.
+#[derive(Debug)]
+pub struct Body(UnsyncBoxBody<Bytes, BoxError>);
+
+impl Body {
+    pub fn new<B>(body: B) -> Self
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        Self(body.map_err(Into::into).boxed_unsync())
+    }
+}
+
+impl hyper::body::Body for Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.0).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.0.size_hint()
+    }
+}
+pub type HttpRequest = Request<Body>;
+pub type HttpResponse = Response<Body>;
+/// What each layer's service returns: always a response.
+pub type ResponseFuture = Pin<Box<dyn Future<Output = Result<HttpResponse, Infallible>> + Send>>;
+
+/// A body from hyper's, boxed.
+pub fn boxed<B>(body: B) -> Body
+where
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    Body::new(body)
+}
+
+pub fn full_body(bytes: impl Into<Bytes>) -> Body {
+    Body::new(Full::new(bytes.into()))
+}
+
+/// A response the proxy makes itself, with a text body saying why and the flags that say it
+/// in metrics and logs.
+pub fn local_reply(
+    status: StatusCode,
+    flags: ResponseFlags,
+    text: impl Into<String>,
+) -> HttpResponse {
+    let mut text = text.into();
+    text.push('\n');
+    let mut response = Response::new(full_body(text));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response.extensions_mut().insert(flags);
+    response
+}
+
+/// The flags a response carries so far.
+pub fn flags_of(response: &HttpResponse) -> ResponseFlags {
+    response
+        .extensions()
+        .get::<ResponseFlags>()
+        .copied()
+        .unwrap_or_default()
+}
+
+/// Adds flags to a response.
+pub fn add_flags(response: &mut HttpResponse, flags: ResponseFlags) {
+    let current = flags_of(response);
+    response.extensions_mut().insert(current | flags);
+}
+
+/// Boxes a layer's future.
+fn respond<F>(future: F) -> ResponseFuture
+where
+    F: Future<Output = HttpResponse> + Send + 'static,
+{
+    Box::pin(async move { Ok(future.await) })
+}

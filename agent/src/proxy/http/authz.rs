@@ -1,0 +1,165 @@
+//! Authorization of each request at the destination: the pod's AuthorizationPolicies judge its
+//! HTTP attributes; a denied request gets 403 naming the policy, flag `RBAC`.
+
+use std::{
+    convert::Infallible,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use http::{StatusCode, header};
+use nodemesh_policy::{Decision, HttpAttributes};
+use tower::{Layer, Service};
+
+use super::{HttpRequest, HttpResponse, ResponseFlags, ResponseFuture, local_reply, respond};
+
+/// Judges requests for one connection's peer and destination port.
+pub trait Judge: Send + Sync + std::fmt::Debug {
+    fn decide(&self, http: &HttpAttributes) -> Decision;
+}
+
+/// The judge of a connection's requests, set per connection.
+#[derive(Debug, Clone)]
+pub struct Judging(pub Arc<dyn Judge>);
+
+#[derive(Debug, Clone, Default)]
+pub struct AuthzLayer;
+
+impl<S> Layer<S> for AuthzLayer {
+    type Service = Authz<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Authz { inner }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Authz<S> {
+    inner: S,
+}
+
+/// A request's attributes as policies see them.
+pub fn attributes(req: &HttpRequest) -> HttpAttributes {
+    let host = req
+        .uri()
+        .authority()
+        .map(|a| a.host().to_owned())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(|h| h.rsplit_once(':').map_or(h, |(host, _)| host).to_owned())
+        })
+        .unwrap_or_default();
+    HttpAttributes {
+        method: req.method().as_str().to_owned(),
+        path: req.uri().path().to_owned(),
+        host,
+        headers: req
+            .headers()
+            .iter()
+            .filter_map(|(name, value)| {
+                Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned()))
+            })
+            .collect(),
+    }
+}
+
+impl<S> Service<HttpRequest> for Authz<S>
+where
+    S: Service<HttpRequest, Response = HttpResponse, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send,
+{
+    type Response = HttpResponse;
+    type Error = Infallible;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: HttpRequest) -> Self::Future {
+        let mut inner = self.inner.clone();
+        respond(async move {
+            let Some(Judging(judge)) = req.extensions().get::<Judging>().cloned() else {
+                return local_reply(
+                    StatusCode::FORBIDDEN,
+                    ResponseFlags::RBAC,
+                    "RBAC: access denied: the request reached authorization without a judge",
+                );
+            };
+            let decision = judge.decide(&attributes(&req));
+            if !decision.allowed {
+                let by = decision.denied_by().unwrap_or_default();
+                return local_reply(
+                    StatusCode::FORBIDDEN,
+                    ResponseFlags::RBAC,
+                    format!("RBAC: access denied by {by}"),
+                );
+            }
+            let Ok(response) = inner.call(req).await;
+            response
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use nodemesh_policy::{Peer, Request, WorkloadPolicies};
+    use tower::ServiceExt as _;
+
+    use super::*;
+    use crate::proxy::http::{flags_of, testing};
+
+    /// Judges with policies as the destination's proxy would, for one peer.
+    #[derive(Debug)]
+    struct Policies(WorkloadPolicies, Peer);
+
+    impl Judge for Policies {
+        fn decide(&self, http: &HttpAttributes) -> Decision {
+            self.0.decide(&Request {
+                peer: &self.1,
+                destination_port: 8080,
+                http: Some(http),
+            })
+        }
+    }
+
+    fn judging(yaml: &str) -> Judging {
+        let policy: nodemesh_config::AuthorizationPolicy =
+            serde_yaml::from_str(yaml).expect("policy");
+        let peer = Peer::authenticated(
+            "spiffe://cluster.local/ns/shop/sa/frontend",
+            IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
+        );
+        Judging(Arc::new(Policies(WorkloadPolicies::new([&policy]), peer)))
+    }
+
+    const GET_PUBLIC: &str = "apiVersion: security.nodemesh.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: public, namespace: shop}\nspec:\n  action: ALLOW\n  rules:\n  - to: [{operation: {methods: [GET], paths: [\"/public/*\"]}}]\n";
+
+    #[tokio::test]
+    async fn an_allowed_request_goes_on_and_a_denied_one_gets_403_naming_the_policy() {
+        let service = AuthzLayer.layer(testing::status_service(200));
+        let mut allowed = testing::request("/public/x");
+        allowed.extensions_mut().insert(judging(GET_PUBLIC));
+        let Ok(response) = service.clone().oneshot(allowed).await;
+        assert_eq!(response.status(), StatusCode::OK);
+
+        let mut denied = testing::request("/private");
+        denied.extensions_mut().insert(judging(GET_PUBLIC));
+        let Ok(response) = service.oneshot(denied).await;
+        assert_eq!(response.status(), StatusCode::FORBIDDEN);
+        assert_eq!(flags_of(&response), ResponseFlags::RBAC);
+        let body = testing::body_text(response).await;
+        assert!(body.contains("AuthorizationPolicy shop/public"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn without_a_judge_nothing_passes() {
+        let service = AuthzLayer.layer(testing::status_service(200));
+        let Ok(response) = service.oneshot(testing::request("/")).await;
+        assert_eq!(response.status(), StatusCode::FORBIDDEN, "fails closed");
+    }
+}

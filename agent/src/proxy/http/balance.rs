@@ -1,0 +1,304 @@
+//! Load balancing, per request (and per connection for plain TCP), at the client's node: an
+//! endpoint of the backend Service by the policy's balancer (by default power of two choices
+//! over peak-EWMA latency times requests in flight), skipping endpoints outlier detection has
+//! ejected, and counting each outcome toward their ejection. No endpoint gives 503 `UH`.
+
+use std::{
+    convert::Infallible,
+    net::{IpAddr, Ipv4Addr, SocketAddrV4},
+    sync::{Arc, atomic::Ordering},
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use http::{HeaderMap, StatusCode};
+use nodemesh_traffic::{
+    BackendTarget,
+    balance::{self, cost},
+    outlier::{self, Outcome},
+    policy::{Balancer, HashKey},
+    retry::Attempt,
+};
+use tower::{Layer, Service};
+
+use super::{
+    HttpRequest, HttpResponse, ResponseFlags, ResponseFuture, local_reply, respond,
+    route::Routed,
+    state::{BackendHealth, ClientWorkload, EndpointStats, TrafficState},
+};
+use crate::mesh::{Destination, MeshView};
+
+/// The endpoint a request (or connection) was sent to.
+#[derive(Debug, Clone)]
+pub struct ChosenEndpoint {
+    pub addr: SocketAddrV4,
+    /// The workload there, when the mesh knows it.
+    pub destination: Option<Arc<Destination>>,
+}
+
+/// What the balancer needs to know of the caller.
+#[derive(Debug, Clone, Copy)]
+pub struct PickInput<'a> {
+    pub client_ip: IpAddr,
+    pub headers: Option<&'a HeaderMap>,
+}
+
+/// Picks an endpoint of `target` and counts it as in flight; `None` when the backend has no
+/// endpoint. Pure apart from the backend's counters.
+pub fn pick(
+    mesh: &MeshView,
+    target: &BackendTarget,
+    health: &BackendHealth,
+    input: PickInput<'_>,
+    now: Instant,
+) -> Option<ChosenEndpoint> {
+    let service = &mesh.traffic.services[target.service?];
+    if service.endpoints.is_empty() {
+        return None;
+    }
+    let port = target.target_port;
+    let mut stats = health.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+    let all: Vec<SocketAddrV4> = service
+        .endpoints
+        .iter()
+        .map(|e| SocketAddrV4::new(e.ip, port))
+        .collect();
+    let mut candidates: Vec<SocketAddrV4> = all
+        .iter()
+        .copied()
+        .filter(|addr| !stats.get(addr).is_some_and(|s| s.health.is_ejected(now)))
+        .collect();
+    if candidates.is_empty() {
+        // Every endpoint ejected: Envoy's panic mode, all of them rather than none.
+        candidates = all;
+    }
+    let index = match &target.settings.balancer {
+        Balancer::LeastRequest => balance::p2c(
+            candidates.len(),
+            (fastrand::u64(..), fastrand::u64(..)),
+            |i| {
+                stats
+                    .get(&candidates[i])
+                    .map_or(cost(balance::DEFAULT_RTT.as_nanos() as f64, 0), |s| {
+                        cost(s.ewma.get(now), s.in_flight)
+                    })
+            },
+        ),
+        Balancer::RoundRobin => health.next.fetch_add(1, Ordering::Relaxed) % candidates.len(),
+        Balancer::Random => fastrand::usize(..candidates.len()),
+        Balancer::ConsistentHash(key) => {
+            let ips: Vec<Ipv4Addr> = candidates.iter().map(|a| *a.ip()).collect();
+            balance::rendezvous(hash_key(key, input), &ips)
+        }
+    };
+    let addr = candidates[index];
+    stats
+        .entry(addr)
+        .or_insert_with(|| EndpointStats::new(now))
+        .in_flight += 1;
+    Some(ChosenEndpoint {
+        addr,
+        destination: mesh.workload(*addr.ip()).cloned(),
+    })
+}
+
+fn hash_key(key: &HashKey, input: PickInput<'_>) -> u64 {
+    match key {
+        HashKey::SourceIp => balance::stable_hash(input.client_ip.to_string().as_bytes()),
+        HashKey::Headers(names) => {
+            let mut text = Vec::new();
+            for name in names {
+                if let Some(value) = input.headers.and_then(|h| h.get(name.as_str())) {
+                    text.extend_from_slice(value.as_bytes());
+                }
+                text.push(0);
+            }
+            balance::stable_hash(&text)
+        }
+    }
+}
+
+/// Counts the end of a request (or connection attempt) to `endpoint`: its latency, and its
+/// outcome for outlier detection, ejecting it when it has failed too often.
+pub fn record(
+    state: &TrafficState,
+    target: &BackendTarget,
+    health: &BackendHealth,
+    endpoint: SocketAddrV4,
+    outcome: Option<Outcome>,
+    started: Instant,
+) {
+    let now = Instant::now();
+    let mut stats = health.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(entry) = stats.get_mut(&endpoint) else {
+        return;
+    };
+    entry.in_flight = entry.in_flight.saturating_sub(1);
+    if matches!(outcome, Some(Outcome::Answered(_))) {
+        entry
+            .ewma
+            .observe(now.saturating_duration_since(started), now);
+    }
+    let Some(settings) = &target.settings.outlier else {
+        return;
+    };
+    let Some(outcome) = outcome else {
+        return;
+    };
+    if !entry.health.record(outcome, settings, now) {
+        return;
+    }
+    let total = stats.len();
+    let ejected = stats.values().filter(|s| s.health.is_ejected(now)).count();
+    if !outlier::may_eject(ejected, total, settings.max_ejection_percent) {
+        return;
+    }
+    if let Some(entry) = stats.get_mut(&endpoint) {
+        entry.health.eject(settings, now);
+        tracing::info!(
+            service = %target.service_key,
+            %endpoint,
+            times = entry.health.ejections_total,
+            "endpoint ejected after consecutive failures"
+        );
+    }
+    let service = target.service_key.as_str();
+    state.metrics.ejections.with_label_values(&[service]).inc();
+    state
+        .metrics
+        .ejections_active
+        .with_label_values(&[service])
+        .set((ejected + 1) as i64);
+}
+
+/// What outlier detection counts of a response: `None` for outcomes that say nothing of the
+/// endpoint (a circuit breaker refusing before sending).
+pub fn outcome_of(response: &HttpResponse) -> Option<Outcome> {
+    match super::retry::outcome(response) {
+        Attempt::Answered { status, .. } => Some(Outcome::Answered(status)),
+        Attempt::Overflow => None,
+        Attempt::ConnectFailure | Attempt::Reset | Attempt::RefusedStream | Attempt::Timeout => {
+            Some(Outcome::LocalFailure)
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BalanceLayer {
+    state: Arc<TrafficState>,
+}
+
+impl BalanceLayer {
+    pub fn new(state: Arc<TrafficState>) -> Self {
+        Self { state }
+    }
+}
+
+impl<S> Layer<S> for BalanceLayer {
+    type Service = Balance<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Balance {
+            inner,
+            state: self.state.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Balance<S> {
+    inner: S,
+    state: Arc<TrafficState>,
+}
+
+impl<S> Service<HttpRequest> for Balance<S>
+where
+    S: Service<HttpRequest, Response = HttpResponse, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send,
+{
+    type Response = HttpResponse;
+    type Error = Infallible;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: HttpRequest) -> Self::Future {
+        let mut inner = self.inner.clone();
+        let state = self.state.clone();
+        respond(async move {
+            let Some(routed) = req.extensions().get::<Routed>().cloned() else {
+                return local_reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    ResponseFlags::NO_HEALTHY_UPSTREAM,
+                    "the request reached balancing without a backend",
+                );
+            };
+            let target = &routed.target;
+            let health = state.backend(&target.state_key);
+            let client_ip = req
+                .extensions()
+                .get::<ClientWorkload>()
+                .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.ip);
+            let input = PickInput {
+                client_ip,
+                headers: Some(req.headers()),
+            };
+            let started = Instant::now();
+            let Some(endpoint) = pick(&routed.mesh, target, &health, input, started) else {
+                return local_reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ResponseFlags::NO_HEALTHY_UPSTREAM,
+                    format!(
+                        "no healthy upstream: Service {} has no endpoint",
+                        target.service_key
+                    ),
+                );
+            };
+            let addr = endpoint.addr;
+            req.extensions_mut().insert(endpoint.clone());
+            // Counted as finished even when the client goes away mid-request.
+            let guard = InFlight {
+                state: state.clone(),
+                target: target.clone(),
+                health: health.clone(),
+                addr,
+                started,
+                outcome: None,
+            };
+            let Ok(mut response) = inner.call(req).await;
+            let mut guard = guard;
+            guard.outcome = Some(outcome_of(&response));
+            response.extensions_mut().insert(endpoint);
+            response
+        })
+    }
+}
+
+/// Records the end of a request to an endpoint when dropped.
+struct InFlight {
+    state: Arc<TrafficState>,
+    target: Arc<BackendTarget>,
+    health: Arc<BackendHealth>,
+    addr: SocketAddrV4,
+    started: Instant,
+    /// `None` while in flight: dropped then, the request was cancelled.
+    outcome: Option<Option<Outcome>>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        record(
+            &self.state,
+            &self.target,
+            &self.health,
+            self.addr,
+            self.outcome.flatten(),
+            self.started,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests;

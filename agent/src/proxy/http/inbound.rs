@@ -1,0 +1,187 @@
+//! HTTP at the destination, for pods whose AuthorizationPolicies look at HTTP attributes, that
+//! a rate limit covers, or with HTTP processing on: the protocol is detected from the client's
+//! first bytes (no per-port declaration), then each HTTP/1.1 or HTTP/2 request goes through
+//! telemetry, authorization and the rate limit to the application. Traffic that is not HTTP is
+//! judged as a connection.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use http::Request;
+use hyper::{
+    body::Incoming,
+    client::conn::{http1 as client_h1, http2 as client_h2},
+    server::conn::{http1 as server_h1, http2 as server_h2},
+    service::service_fn,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use nodemesh_policy::{Decision, HttpAttributes, Peer};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+    sync::Mutex,
+};
+use tower::{ServiceBuilder, ServiceExt as _};
+
+use super::{
+    app::{App, AppConnection},
+    authz::{AuthzLayer, Judge, Judging},
+    boxed,
+    counted::Counted,
+    detect::{Protocol, detect},
+    rate_limit::{Limited, PodLimits, RateLimitLayer},
+    telemetry::{Reporter, TelemetryLayer},
+};
+use crate::{
+    proxy::{Direction, PodContext, ProxyError, ProxyShared, authz, splice},
+    telemetry::Labels,
+};
+
+/// One inbound connection and what its requests are judged and reported with.
+#[derive(Debug)]
+pub struct Connection {
+    pub peer: Peer,
+    pub dst: SocketAddr,
+    pub labels: Arc<Labels>,
+    pub pod: Arc<PodContext>,
+    pub shared: Arc<ProxyShared>,
+}
+
+/// The pod's policies, judging this connection's requests (counted and logged).
+#[derive(Debug)]
+struct PodJudge {
+    peer: Peer,
+    port: u16,
+    pod: Arc<PodContext>,
+    shared: Arc<ProxyShared>,
+}
+
+impl Judge for PodJudge {
+    fn decide(&self, http: &HttpAttributes) -> Decision {
+        decide(&self.pod, &self.shared, &self.peer, self.port, Some(http))
+    }
+}
+
+fn decide(
+    pod: &PodContext,
+    shared: &ProxyShared,
+    peer: &Peer,
+    port: u16,
+    http: Option<&HttpAttributes>,
+) -> Decision {
+    let policies = pod.policies();
+    let request = nodemesh_policy::Request {
+        peer,
+        destination_port: port,
+        http,
+    };
+    authz::decide(pod, shared, &policies, &request)
+}
+
+/// Serves one inbound connection whose pod reads HTTP. `upstream` is already connected to the
+/// application from the client's address.
+pub async fn serve<S>(
+    client: S,
+    mut upstream: TcpStream,
+    conn: Connection,
+) -> Result<(u64, u64), ProxyError>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (protocol, mut client) = detect(client).await?;
+    let app = match protocol {
+        Protocol::Opaque => {
+            // Not HTTP: judged as a connection, HTTP-only ALLOW rules cannot match.
+            let decision = decide(&conn.pod, &conn.shared, &conn.peer, conn.dst.port(), None);
+            if !decision.allowed {
+                return Err(ProxyError::Denied {
+                    by: decision.denied_by().unwrap_or_default(),
+                });
+            }
+            let registration =
+                conn.pod
+                    .active
+                    .register(conn.peer.clone(), conn.dst.port(), &conn.pod.cancel);
+            return tokio::select! {
+                () = registration.cancel.cancelled() => Err(ProxyError::Revoked),
+                result = splice(&mut client, &mut upstream) => result,
+            };
+        }
+        Protocol::Http1 => {
+            let (sender, connection) = client_h1::handshake(TokioIo::new(upstream))
+                .await
+                .map_err(|e| ProxyError::Http(e.to_string()))?;
+            tokio::spawn(connection);
+            AppConnection::Http1(Mutex::new(sender))
+        }
+        Protocol::Http2 => {
+            let (sender, connection) =
+                client_h2::handshake(TokioExecutor::new(), TokioIo::new(upstream))
+                    .await
+                    .map_err(|e| ProxyError::Http(e.to_string()))?;
+            tokio::spawn(connection);
+            AppConnection::Http2(sender)
+        }
+    };
+    let workload: Arc<str> = Arc::from(conn.pod.key.as_str());
+    let http = &conn.shared.http;
+    let stack = ServiceBuilder::new()
+        .layer(TelemetryLayer::new(http.sinks.clone()))
+        .layer(AuthzLayer)
+        .layer(RateLimitLayer::new(http.traffic.metrics.clone()))
+        .service(App::new(app, workload.clone()));
+    let reporter = Reporter {
+        direction: Direction::Inbound,
+        workload: workload.clone(),
+        peer_ip: conn.peer.ip,
+        peer_identity: conn
+            .peer
+            .principal
+            .as_deref()
+            .map(|p| Arc::from(format!("spiffe://{p}").as_str())),
+        labels: conn.labels.clone(),
+    };
+    let judging = Judging(Arc::new(PodJudge {
+        peer: conn.peer.clone(),
+        port: conn.dst.port(),
+        pod: conn.pod.clone(),
+        shared: conn.shared.clone(),
+    }));
+    let limits = PodLimits {
+        workload,
+        limits: conn.pod.rate_limits.clone(),
+    };
+    let limited = Limited {
+        port: conn.dst.port(),
+        source: conn.peer.ip,
+    };
+    let service = service_fn(move |req: Request<Incoming>| {
+        let mut req = req.map(boxed);
+        let extensions = req.extensions_mut();
+        extensions.insert(reporter.clone());
+        extensions.insert(judging.clone());
+        extensions.insert(limits.clone());
+        extensions.insert(limited);
+        let stack = stack.clone();
+        let answer: super::ResponseFuture = Box::pin(async move {
+            let Ok(response) = stack.oneshot(req).await;
+            Ok(response)
+        });
+        answer
+    });
+    let (client, counts) = Counted::new(client);
+    let io = TokioIo::new(client);
+    let served = match protocol {
+        Protocol::Http2 => {
+            server_h2::Builder::new(TokioExecutor::new())
+                .serve_connection(io, service)
+                .await
+        }
+        _ => {
+            server_h1::Builder::new()
+                .serve_connection(io, service)
+                .await
+        }
+    };
+    served.map_err(|e| ProxyError::Http(e.to_string()))?;
+    Ok(counts.get())
+}

@@ -1,0 +1,306 @@
+//! What the traffic layers remember between requests: per client workload and backend, the
+//! circuit breaker counts and the retry budget; per backend, each endpoint's latency estimate,
+//! requests in flight and health. Also their metrics.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddrV4,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::Instant,
+};
+
+use nodemesh_traffic::{balance::PeakEwma, outlier::EndpointHealth, policy::BudgetSettings};
+use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
+use tower::retry::budget::{Budget as _, TpsBudget};
+
+/// Everything the traffic layers share on one node.
+#[derive(Debug)]
+pub struct TrafficState {
+    pub metrics: TrafficMetrics,
+    clients: Mutex<HashMap<(String, String), Arc<ClientState>>>,
+    backends: Mutex<HashMap<String, Arc<BackendHealth>>>,
+}
+
+/// One client workload's use of one backend: what its circuit breakers count and its retry
+/// budget. Per client, as each pod's own sidecar would count, so that one busy pod does not
+/// use up the limits of the others on its node.
+#[derive(Debug)]
+pub struct ClientState {
+    pub requests: Counter,
+    pub pending: Counter,
+    pub retries: Counter,
+    pub connections: Counter,
+    budget: TpsBudget,
+    budget_settings: BudgetSettings,
+}
+
+/// A count of things in use, with a guard that gives back on drop.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU32);
+
+/// Holds one unit of a [`Counter`].
+pub struct Held(Arc<ClientState>, fn(&ClientState) -> &Counter);
+
+impl std::fmt::Debug for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Held")
+    }
+}
+
+/// The client of a request: its workload (`namespace/name`), for the state it is counted in,
+/// and its address, for hashing.
+#[derive(Debug, Clone)]
+pub struct ClientWorkload {
+    pub key: Arc<str>,
+    pub ip: std::net::IpAddr,
+}
+
+impl ClientState {
+    pub fn new(budget: BudgetSettings) -> Self {
+        Self {
+            requests: Counter::default(),
+            pending: Counter::default(),
+            retries: Counter::default(),
+            connections: Counter::default(),
+            budget: TpsBudget::new(
+                budget.ttl.clamp(
+                    std::time::Duration::from_secs(1),
+                    std::time::Duration::from_secs(60),
+                ),
+                budget.min_retries_per_second,
+                budget.percent as f32 / 100.0,
+            ),
+            budget_settings: budget,
+        }
+    }
+
+    /// Takes one unit of `which` if fewer than `limit` are in use.
+    pub fn try_hold(
+        self: &Arc<Self>,
+        which: fn(&ClientState) -> &Counter,
+        limit: u32,
+    ) -> Option<Held> {
+        let counter = &which(self).0;
+        let mut current = counter.load(Ordering::Relaxed);
+        loop {
+            if current >= limit {
+                return None;
+            }
+            match counter.compare_exchange_weak(
+                current,
+                current + 1,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Some(Held(self.clone(), which)),
+                Err(now) => current = now,
+            }
+        }
+    }
+
+    /// An original request: it earns retries for the budget.
+    pub fn deposit(&self) {
+        self.budget.deposit();
+    }
+
+    /// Whether the budget allows one more retry (and spends it).
+    pub fn withdraw(&self) -> bool {
+        self.budget.withdraw()
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        (self.1)(&self.0).0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The endpoints of one backend (a Service under one set of policies), as this node sees them.
+#[derive(Debug, Default)]
+pub struct BackendHealth {
+    pub endpoints: Mutex<HashMap<SocketAddrV4, EndpointStats>>,
+    /// Round-robin position.
+    pub next: std::sync::atomic::AtomicUsize,
+}
+
+#[derive(Debug, Clone)]
+pub struct EndpointStats {
+    pub ewma: PeakEwma,
+    pub in_flight: u64,
+    pub health: EndpointHealth,
+}
+
+impl EndpointStats {
+    pub fn new(now: Instant) -> Self {
+        Self {
+            ewma: PeakEwma::new(now),
+            in_flight: 0,
+            health: EndpointHealth::default(),
+        }
+    }
+}
+
+impl TrafficState {
+    pub fn new(registry: &Registry) -> Self {
+        Self {
+            metrics: TrafficMetrics::new(registry),
+            clients: Mutex::default(),
+            backends: Mutex::default(),
+        }
+    }
+
+    /// The state of `client` (a workload key) toward the backend `state_key`.
+    pub fn client(
+        &self,
+        client: &str,
+        state_key: &str,
+        budget: BudgetSettings,
+    ) -> Arc<ClientState> {
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (client.to_owned(), state_key.to_owned());
+        match clients.get(&key) {
+            Some(state) if state.budget_settings == budget => state.clone(),
+            _ => {
+                let state = Arc::new(ClientState::new(budget));
+                clients.insert(key, state.clone());
+                state
+            }
+        }
+    }
+
+    pub fn backend(&self, state_key: &str) -> Arc<BackendHealth> {
+        let mut backends = self.backends.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(backend) = backends.get(state_key) {
+            return backend.clone();
+        }
+        let backend = Arc::new(BackendHealth::default());
+        backends.insert(state_key.to_owned(), backend.clone());
+        backend
+    }
+
+    /// Every backend's endpoints as this node sees them, for `/endpoints` and `nodemesh
+    /// explain`.
+    pub fn report(&self) -> Vec<BackendReport> {
+        let now = Instant::now();
+        let backends = self.backends.lock().unwrap_or_else(|e| e.into_inner());
+        let mut all: Vec<BackendReport> = backends
+            .iter()
+            .map(|(key, backend)| {
+                let stats = backend.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+                let mut endpoints: Vec<EndpointReport> = stats
+                    .iter()
+                    .map(|(addr, s)| EndpointReport {
+                        address: addr.to_string(),
+                        health: s.health.state(now),
+                        ejections_total: s.health.ejections_total,
+                        in_flight: s.in_flight,
+                        latency_ewma_ms: s.ewma.get(now) / 1e6,
+                    })
+                    .collect();
+                endpoints.sort_by(|a, b| a.address.cmp(&b.address));
+                BackendReport {
+                    backend: key.clone(),
+                    endpoints,
+                }
+            })
+            .collect();
+        all.sort_by(|a, b| a.backend.cmp(&b.backend));
+        all
+    }
+
+    /// Forgets backends and clients the configuration no longer has, and clients that left.
+    pub fn retain(
+        &self,
+        state_keys: &std::collections::HashSet<String>,
+        clients: &std::collections::HashSet<String>,
+    ) {
+        self.backends
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|key, _| state_keys.contains(key));
+        self.clients
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(client, key), _| clients.contains(client) && state_keys.contains(key));
+    }
+}
+
+/// One backend (policies and Service, as `state_key`) in `/endpoints`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BackendReport {
+    pub backend: String,
+    pub endpoints: Vec<EndpointReport>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EndpointReport {
+    pub address: String,
+    pub health: nodemesh_traffic::outlier::HealthState,
+    pub ejections_total: u64,
+    pub in_flight: u64,
+    pub latency_ewma_ms: f64,
+}
+
+/// Metrics of the traffic layers. Labels are Services and policies, bounded by configuration.
+#[derive(Debug, Clone)]
+pub struct TrafficMetrics {
+    /// Retries by backend Service and outcome: `sent`, `budget_exhausted`, `overflow`.
+    pub retries: IntCounterVec,
+    /// Endpoints ejected now, by backend Service.
+    pub ejections_active: IntGaugeVec,
+    pub ejections: IntCounterVec,
+    /// Requests and connections refused at once by a circuit breaker, by Service and limit.
+    pub overflows: IntCounterVec,
+    /// Requests refused by a local rate limit, by destination workload and policy.
+    pub rate_limited: IntCounterVec,
+}
+
+impl TrafficMetrics {
+    pub fn new(registry: &Registry) -> Self {
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("metric registered once");
+            metric
+        };
+        let ejections_active = IntGaugeVec::new(
+            Opts::new(
+                "nodemesh_outlier_ejections_active",
+                "Endpoints out of service after failing, by backend Service",
+            ),
+            &["service"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(ejections_active.clone()))
+            .expect("metric registered once");
+        Self {
+            retries: counter(
+                "nodemesh_http_retries_total",
+                "Retries by backend Service and outcome (sent, budget_exhausted, overflow)",
+                &["service", "outcome"],
+            ),
+            ejections_active,
+            ejections: counter(
+                "nodemesh_outlier_ejections_total",
+                "Endpoints taken out of service after failing, by backend Service",
+                &["service"],
+            ),
+            overflows: counter(
+                "nodemesh_circuit_breaker_overflows_total",
+                "Requests and connections refused at once by a circuit breaker, by Service and \
+                 limit",
+                &["service", "limit"],
+            ),
+            rate_limited: counter(
+                "nodemesh_rate_limited_requests_total",
+                "Requests refused by a local rate limit, by destination workload and policy",
+                &["workload", "policy"],
+            ),
+        }
+    }
+}

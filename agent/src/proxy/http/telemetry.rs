@@ -1,0 +1,259 @@
+//! Reporting each request: Istio's request metrics with the response flags, a JSON access log
+//! line, and (at the destination, with tracing on) a server span. The outbound proxy reports
+//! as `source`, with the endpoint the balancer chose as destination; the inbound one as
+//! `destination`.
+
+use std::{
+    borrow::Cow,
+    collections::HashMap,
+    convert::Infallible,
+    net::IpAddr,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+    time::{Instant, SystemTime},
+};
+
+use http::header;
+use tower::{Layer, Service};
+
+use super::{
+    HttpRequest, HttpResponse, ResponseFuture, balance::ChosenEndpoint, flags_of, respond,
+    route::Routed,
+};
+use crate::{
+    state::unix_millis,
+    telemetry::{AccessLog, FinishedSpan, IstioMetrics, Labels, RequestLogEntry, Tracer},
+};
+
+/// Where reports go.
+#[derive(Debug, Clone)]
+pub struct Sinks {
+    pub istio: IstioMetrics,
+    pub access_log: Option<Arc<AccessLog>>,
+    pub tracer: Option<Arc<Tracer>>,
+}
+
+/// Who a request's reports are about, set per connection.
+#[derive(Debug, Clone)]
+pub struct Reporter {
+    pub direction: crate::proxy::Direction,
+    /// `namespace/name` of the workload the proxy serves.
+    pub workload: Arc<str>,
+    pub peer_ip: IpAddr,
+    pub peer_identity: Option<Arc<str>>,
+    /// Inbound: the connection's labels. Outbound: the client's side of them; the
+    /// destination comes from the endpoint each request reaches.
+    pub labels: Arc<Labels>,
+}
+
+/// (client workload, destination workload, Service).
+type LabelKey = (Arc<str>, String, String);
+
+#[derive(Debug, Clone)]
+pub struct TelemetryLayer {
+    sinks: Arc<Sinks>,
+    /// Outbound labels by (destination workload, Service): built once per pair.
+    labels: Arc<Mutex<HashMap<LabelKey, Arc<Labels>>>>,
+}
+
+impl TelemetryLayer {
+    pub fn new(sinks: Sinks) -> Self {
+        Self {
+            sinks: Arc::new(sinks),
+            labels: Arc::default(),
+        }
+    }
+}
+
+impl<S> Layer<S> for TelemetryLayer {
+    type Service = Telemetry<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Telemetry {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Telemetry<S> {
+    inner: S,
+    layer: TelemetryLayer,
+}
+
+/// The size a message announces (Content-Length or an exact body size), else 0.
+fn announced_size<B: hyper::body::Body>(headers: &http::HeaderMap, body: &B) -> u64 {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+        .or_else(|| body.size_hint().exact())
+        .unwrap_or(0)
+}
+
+impl<S> Service<HttpRequest> for Telemetry<S>
+where
+    S: Service<HttpRequest, Response = HttpResponse, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send,
+{
+    type Response = HttpResponse;
+    type Error = Infallible;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: HttpRequest) -> Self::Future {
+        let mut inner = self.inner.clone();
+        let layer = self.layer.clone();
+        respond(async move {
+            let Some(reporter) = req.extensions().get::<Reporter>().cloned() else {
+                let Ok(response) = inner.call(req).await;
+                return response;
+            };
+            let started = Instant::now();
+            let started_at = SystemTime::now();
+            let method = req.method().as_str().to_owned();
+            let path = req.uri().path().to_owned();
+            let authority =
+                nodemesh_traffic::filters::request_host(req.uri(), req.headers()).to_owned();
+            let request_bytes = announced_size(req.headers(), req.body());
+            let grpc = req
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+            let protocol = if grpc { "grpc" } else { "http" };
+            let inbound = reporter.direction == crate::proxy::Direction::Inbound;
+            let span = match (&layer.sinks.tracer, inbound) {
+                (Some(tracer), true) => tracer.begin(req.headers()),
+                _ => None,
+            };
+            if let Some(span) = &span {
+                Tracer::propagate(span, req.headers_mut());
+            }
+            let traceparent = req
+                .headers()
+                .get("traceparent")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let Ok(response) = inner.call(req).await;
+            let code = response.status().as_u16();
+            let flags = flags_of(&response).text();
+            let response_bytes = announced_size(response.headers(), response.body());
+            let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+            let labels = if inbound {
+                reporter.labels.clone()
+            } else {
+                layer.outbound_labels(&reporter, &response)
+            };
+            layer.sinks.istio.http_request(
+                &labels,
+                protocol,
+                code,
+                &flags,
+                duration_ms,
+                request_bytes,
+                response_bytes,
+            );
+            if let (Some(context), Some(tracer)) = (span, &layer.sinks.tracer) {
+                tracer.finish(FinishedSpan {
+                    context,
+                    name: format!("{method} {authority}"),
+                    start: started_at,
+                    end: SystemTime::now(),
+                    attributes: vec![
+                        ("http.request.method", method.clone()),
+                        ("url.path", path.clone()),
+                        ("server.address", authority.clone()),
+                        ("http.response.status_code", code.to_string()),
+                        ("network.peer.address", reporter.peer_ip.to_string()),
+                        ("source.workload", labels.source_workload().to_owned()),
+                        ("source.principal", labels.source_principal().to_owned()),
+                        (
+                            "destination.workload",
+                            labels.destination_workload().to_owned(),
+                        ),
+                        (
+                            "destination.principal",
+                            labels.destination_principal().to_owned(),
+                        ),
+                        ("nodemesh.response_flags", flags.to_string()),
+                    ],
+                    error: code >= 500,
+                });
+            }
+            if let Some(log) = &layer.sinks.access_log {
+                let endpoint = response.extensions().get::<ChosenEndpoint>();
+                log.request(RequestLogEntry {
+                    direction: reporter.direction.as_str(),
+                    start_unix_ms: unix_millis(started_at),
+                    duration_ms,
+                    workload: reporter.workload.to_string(),
+                    client: reporter.peer_ip.to_string(),
+                    source_identity: reporter.peer_identity.as_deref().map(str::to_owned),
+                    method,
+                    path,
+                    authority,
+                    protocol,
+                    response_code: code,
+                    response_flags: Cow::Owned(flags.into_owned()),
+                    request_bytes,
+                    response_bytes,
+                    traceparent,
+                    upstream: endpoint.map(|e| e.addr.to_string()),
+                    route: response
+                        .extensions()
+                        .get::<Routed>()
+                        .and_then(|r| r.rule.as_ref())
+                        .map(|(route, index)| format!("{route}#{index}")),
+                    destination_service: (!inbound)
+                        .then(|| labels.destination_service().to_owned()),
+                });
+            }
+            response
+        })
+    }
+}
+
+impl TelemetryLayer {
+    /// The labels of an outbound request: the client's, and the endpoint's workload and
+    /// Service it reached (`unknown` when it reached none).
+    fn outbound_labels(&self, reporter: &Reporter, response: &HttpResponse) -> Arc<Labels> {
+        let endpoint = response.extensions().get::<ChosenEndpoint>();
+        let service = response
+            .extensions()
+            .get::<Routed>()
+            .map(|r| r.target.service_key.clone());
+        let destination = endpoint.and_then(|e| e.destination.clone());
+        let key = (
+            reporter.workload.clone(),
+            destination
+                .as_ref()
+                .map_or_else(String::new, |d| d.key.clone()),
+            service.clone().unwrap_or_default(),
+        );
+        let mut cache = self.labels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(labels) = cache.get(&key) {
+            return labels.clone();
+        }
+        let labels = Arc::new(
+            reporter.labels.with_destination(
+                destination.as_deref().map(|d| d.key.as_str()),
+                destination
+                    .as_deref()
+                    .and_then(|d| d.identity.as_ref())
+                    .map(|id| id.to_string()),
+                service.as_deref(),
+            ),
+        );
+        if cache.len() > 10_000 {
+            cache.clear();
+        }
+        cache.insert(key, labels.clone());
+        labels
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,100 @@
+use std::net::Ipv4Addr;
+
+use prometheus::Registry;
+use tower::{Layer as _, ServiceExt as _};
+
+use super::*;
+use crate::{
+    mesh::Destination,
+    proxy::{
+        Direction,
+        http::{ResponseFlags, local_reply, testing},
+    },
+    state::ConnectionRecord,
+};
+
+fn client_labels() -> Arc<Labels> {
+    Arc::new(Labels::of(&ConnectionRecord {
+        id: 1,
+        direction: "outbound",
+        workload: "shop/client".into(),
+        client: "10.0.0.9:40000".parse().expect("addr"),
+        original_dst: "10.96.0.10:80".parse().expect("addr"),
+        source_workload: Some("shop/client".into()),
+        destination_workload: None,
+        destination_service: Some("shop/web".into()),
+        upstream_local: None,
+        hbone: None,
+        security: "plaintext",
+        source_identity: Some("spiffe://cluster.local/ns/shop/sa/client".into()),
+        destination_identity: None,
+        bytes_from_client: 0,
+        bytes_to_client: 0,
+        started_unix_ms: 0,
+        duration_ms: 0,
+        error: None,
+    }))
+}
+
+#[tokio::test]
+async fn an_outbound_request_is_counted_with_the_endpoint_it_reached_and_its_flags() {
+    let registry = Registry::new();
+    let istio = IstioMetrics::new(&registry);
+    let layer = TelemetryLayer::new(Sinks {
+        istio,
+        access_log: None,
+        tracer: None,
+    });
+    let mesh = testing::mesh(1, "");
+    let target = Arc::new(testing::web_target(&mesh));
+    let inner = tower::service_fn(move |_req: HttpRequest| {
+        let (mesh, target) = (mesh.clone(), target.clone());
+        async move {
+            let mut response = local_reply(
+                http::StatusCode::GATEWAY_TIMEOUT,
+                ResponseFlags::UPSTREAM_TIMEOUT,
+                "timeout",
+            );
+            response.extensions_mut().insert(ChosenEndpoint {
+                addr: "10.0.0.1:8080".parse().expect("addr"),
+                destination: Some(Arc::new(Destination {
+                    key: "shop/web-1".into(),
+                    identity: None,
+                })),
+            });
+            response.extensions_mut().insert(Routed {
+                mesh,
+                target,
+                rule: None,
+            });
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let mut req = testing::request("/x");
+    req.extensions_mut().insert(Reporter {
+        direction: Direction::Outbound,
+        workload: Arc::from("shop/client"),
+        peer_ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 9)),
+        peer_identity: None,
+        labels: client_labels(),
+    });
+    let Ok(response) = layer.layer(inner).oneshot(req).await;
+    assert_eq!(response.status(), http::StatusCode::GATEWAY_TIMEOUT);
+    let text = prometheus::TextEncoder::new()
+        .encode_to_string(&registry.gather())
+        .expect("exposition");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("istio_requests_total{"))
+        .expect("a request counted");
+    for label in [
+        "reporter=\"source\"",
+        "source_workload=\"client\"",
+        "destination_workload=\"web-1\"",
+        "destination_service=\"web.shop.svc.cluster.local\"",
+        "response_code=\"504\"",
+        "response_flags=\"UT\"",
+    ] {
+        assert!(line.contains(label), "{label} in {line}");
+    }
+}

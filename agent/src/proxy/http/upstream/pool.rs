@@ -1,0 +1,477 @@
+//! Connections to endpoints, kept for the next request. HTTP/1.1: a connection carries one
+//! request at a time and goes back to the pool when its response body ends; when every
+//! connection is busy and `maxConnections` are open, the request waits (at most
+//! `maxPendingRequests` wait; more get 503 `UO`). HTTP/2: one connection per endpoint carries
+//! every request at once. A connection is replaced after `maxRequestsPerConnection` requests
+//! or `maxConnectionDuration`, and closed after `connectionIdleTimeout` unused.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddrV4,
+    pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use hyper::{
+    body::{Frame, Incoming, SizeHint},
+    client::conn::{http1, http2},
+};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use nodemesh_traffic::{BackendTarget, policy::BudgetSettings};
+// Tokio's clock, which tests can pause and advance.
+use tokio::{sync::Notify, time::Instant};
+
+use super::{ConnectTarget, Connector, UpstreamProtocol, connect_failed, reset};
+use crate::proxy::http::{
+    Body, BoxError, HttpRequest, HttpResponse, boxed,
+    breaker::overflow,
+    state::{ClientState, Held},
+};
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct PoolKey {
+    client: Arc<str>,
+    state_key: String,
+    endpoint: SocketAddrV4,
+    protocol: UpstreamProtocol,
+}
+
+/// Every pooled connection of the node proxy.
+#[derive(Debug)]
+pub struct UpstreamPools {
+    connector: Arc<dyn Connector>,
+    pools: Mutex<HashMap<PoolKey, Arc<EndpointPool>>>,
+}
+
+/// The connections of one client workload to one endpoint of one backend.
+#[derive(Debug, Default)]
+struct EndpointPool {
+    idle: Mutex<Vec<(http1::SendRequest<Body>, Arc<ConnInfo>)>>,
+    /// Signalled when a connection goes back to the pool or closes.
+    changed: Notify,
+    h2: tokio::sync::Mutex<Option<(http2::SendRequest<Body>, Arc<ConnInfo>)>>,
+}
+
+/// What the pool knows of one connection.
+#[derive(Debug)]
+struct ConnInfo {
+    born: Instant,
+    requests: AtomicU32,
+    /// Requests in flight on it.
+    busy: AtomicU32,
+    /// When it last became unused.
+    idle_since: Mutex<Instant>,
+    closed: AtomicBool,
+}
+
+/// Limits that decide whether a connection is kept.
+#[derive(Debug, Clone, Copy)]
+struct Reuse {
+    max_requests: Option<u32>,
+    max_age: Option<Duration>,
+    idle_timeout: Duration,
+}
+
+impl ConnInfo {
+    fn new() -> Arc<Self> {
+        let now = Instant::now();
+        Arc::new(Self {
+            born: now,
+            requests: AtomicU32::new(0),
+            busy: AtomicU32::new(0),
+            idle_since: Mutex::new(now),
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    /// Whether it may carry another request.
+    fn reusable(&self, reuse: Reuse, now: Instant) -> bool {
+        !self.closed.load(Ordering::Acquire)
+            && reuse
+                .max_requests
+                .is_none_or(|max| self.requests.load(Ordering::Relaxed) < max)
+            && reuse
+                .max_age
+                .is_none_or(|max| now.saturating_duration_since(self.born) < max)
+    }
+
+    fn start(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.busy.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn finish(&self) {
+        if self.busy.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self.idle_since.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        }
+    }
+
+    /// How long it has been unused, `None` while busy.
+    fn idle_for(&self, now: Instant) -> Option<Duration> {
+        if self.busy.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let since = *self.idle_since.lock().unwrap_or_else(|e| e.into_inner());
+        Some(now.saturating_duration_since(since))
+    }
+}
+
+/// Ends when the connection has been unused for `idle_timeout` (or, past its maximum age,
+/// as soon as it is unused).
+async fn idle_close(info: Arc<ConnInfo>, reuse: Reuse) {
+    loop {
+        let now = Instant::now();
+        let old = reuse
+            .max_age
+            .is_some_and(|max| now.saturating_duration_since(info.born) >= max);
+        let wait = match info.idle_for(now) {
+            Some(_) if old => return,
+            Some(idle) if idle >= reuse.idle_timeout => return,
+            Some(idle) => reuse.idle_timeout - idle,
+            None if old => Duration::from_millis(100),
+            None => reuse.idle_timeout,
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
+impl UpstreamPools {
+    pub fn new(connector: Arc<dyn Connector>) -> Self {
+        Self {
+            connector,
+            pools: Mutex::default(),
+        }
+    }
+
+    fn pool(&self, key: PoolKey) -> Arc<EndpointPool> {
+        self.pools
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key)
+            .or_default()
+            .clone()
+    }
+
+    /// Forgets the pools of clients and backends the configuration no longer has; their
+    /// connections close once their requests are done.
+    pub fn retain(
+        &self,
+        state_keys: &std::collections::HashSet<String>,
+        clients: &std::collections::HashSet<String>,
+    ) {
+        self.pools
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|key, _| clients.contains(&*key.client) && state_keys.contains(&key.state_key));
+    }
+
+    /// Sends `req` to `target`'s endpoint on a pooled connection.
+    pub async fn send(
+        &self,
+        client: &Arc<str>,
+        backend: &BackendTarget,
+        target: ConnectTarget,
+        protocol: UpstreamProtocol,
+        client_state: Option<Arc<ClientState>>,
+        req: HttpRequest,
+    ) -> HttpResponse {
+        let pool = self.pool(PoolKey {
+            client: client.clone(),
+            state_key: backend.state_key.clone(),
+            endpoint: target.endpoint.addr,
+            protocol,
+        });
+        let client_state =
+            client_state.unwrap_or_else(|| Arc::new(ClientState::new(BudgetSettings::default())));
+        let settings = &backend.settings;
+        let reuse = Reuse {
+            max_requests: settings.limits.max_requests_per_connection,
+            max_age: settings.max_connection_duration,
+            idle_timeout: settings.idle_timeout,
+        };
+        match protocol {
+            UpstreamProtocol::Http1 => {
+                self.send_http1(&pool, backend, target, &client_state, reuse, req)
+                    .await
+            }
+            UpstreamProtocol::Http2 => {
+                self.send_http2(&pool, backend, target, &client_state, reuse, req)
+                    .await
+            }
+        }
+    }
+
+    async fn send_http1(
+        &self,
+        pool: &Arc<EndpointPool>,
+        backend: &BackendTarget,
+        target: ConnectTarget,
+        client_state: &Arc<ClientState>,
+        reuse: Reuse,
+        req: HttpRequest,
+    ) -> HttpResponse {
+        let limits = backend.settings.limits;
+        let mut pending: Option<Held> = None;
+        let (mut sender, info) = loop {
+            let changed = pool.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if let Some((mut sender, info)) = take_idle(pool, reuse) {
+                if sender.ready().await.is_ok() {
+                    break (sender, info);
+                }
+                continue;
+            }
+            if let Some(held) = client_state.try_hold(|c| &c.connections, limits.max_connections) {
+                let io = match self.connector.connect(target.clone()).await {
+                    Ok(io) => io,
+                    Err(e) => return connect_failed(&target.endpoint, &e),
+                };
+                let (sender, connection) = match http1::handshake(TokioIo::new(io)).await {
+                    Ok(pair) => pair,
+                    Err(e) => return connect_failed(&target.endpoint, &e),
+                };
+                let info = ConnInfo::new();
+                spawn_driver(pool.clone(), info.clone(), held, reuse, connection);
+                break (sender, info);
+            }
+            if pending.is_none() {
+                let Some(held) = client_state.try_hold(|c| &c.pending, limits.max_pending_requests)
+                else {
+                    return overflow(
+                        &backend.service_key,
+                        "maxPendingRequests",
+                        limits.max_pending_requests,
+                    );
+                };
+                pending = Some(held);
+            }
+            changed.await;
+        };
+        drop(pending);
+        info.start();
+        match sender.send_request(req).await {
+            Ok(response) => response.map(|body| {
+                boxed(Pooled::new(
+                    body,
+                    Some(Return {
+                        pool: pool.clone(),
+                        sender,
+                        info,
+                        reuse,
+                    }),
+                ))
+            }),
+            Err(e) => {
+                info.finish();
+                reset(&target.endpoint, &e)
+            }
+        }
+    }
+
+    async fn send_http2(
+        &self,
+        pool: &Arc<EndpointPool>,
+        backend: &BackendTarget,
+        target: ConnectTarget,
+        client_state: &Arc<ClientState>,
+        reuse: Reuse,
+        req: HttpRequest,
+    ) -> HttpResponse {
+        let (mut sender, info) = {
+            let mut slot = pool.h2.lock().await;
+            let now = Instant::now();
+            match slot.as_ref() {
+                Some((sender, info)) if !sender.is_closed() && info.reusable(reuse, now) => {
+                    (sender.clone(), info.clone())
+                }
+                _ => {
+                    let limits = backend.settings.limits;
+                    let Some(held) =
+                        client_state.try_hold(|c| &c.connections, limits.max_connections)
+                    else {
+                        return overflow(
+                            &backend.service_key,
+                            "maxConnections",
+                            limits.max_connections,
+                        );
+                    };
+                    let io = match self.connector.connect(target.clone()).await {
+                        Ok(io) => io,
+                        Err(e) => return connect_failed(&target.endpoint, &e),
+                    };
+                    let handshake = http2::Builder::new(TokioExecutor::new())
+                        .handshake(TokioIo::new(io))
+                        .await;
+                    let (sender, connection) = match handshake {
+                        Ok(pair) => pair,
+                        Err(e) => return connect_failed(&target.endpoint, &e),
+                    };
+                    let info = ConnInfo::new();
+                    spawn_driver(pool.clone(), info.clone(), held, reuse, connection);
+                    *slot = Some((sender.clone(), info.clone()));
+                    (sender, info)
+                }
+            }
+        };
+        if sender.ready().await.is_err() {
+            return reset(&target.endpoint, &"the HTTP/2 connection closed");
+        }
+        info.start();
+        match sender.send_request(req).await {
+            Ok(response) => response.map(|body| boxed(Pooled::new(body, None).watching(info))),
+            Err(e) => {
+                info.finish();
+                reset(&target.endpoint, &e)
+            }
+        }
+    }
+}
+
+fn take_idle(
+    pool: &EndpointPool,
+    reuse: Reuse,
+) -> Option<(http1::SendRequest<Body>, Arc<ConnInfo>)> {
+    let now = Instant::now();
+    let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
+    while let Some((sender, info)) = idle.pop() {
+        if !sender.is_closed() && info.reusable(reuse, now) {
+            return Some((sender, info));
+        }
+    }
+    None
+}
+
+/// Drives a connection until it ends or has been idle too long; gives back its place in
+/// `maxConnections` and wakes waiting requests when it ends.
+fn spawn_driver<F>(
+    pool: Arc<EndpointPool>,
+    info: Arc<ConnInfo>,
+    held: Held,
+    reuse: Reuse,
+    connection: F,
+) where
+    F: std::future::Future + Send + 'static,
+{
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = connection => {}
+            () = idle_close(info.clone(), reuse) => {}
+        }
+        info.closed.store(true, Ordering::Release);
+        drop(held);
+        pool.changed.notify_waiters();
+    });
+}
+
+/// An HTTP/1.1 connection going back to its pool when the response it carries has ended.
+struct Return {
+    pool: Arc<EndpointPool>,
+    sender: http1::SendRequest<Body>,
+    info: Arc<ConnInfo>,
+    reuse: Reuse,
+}
+
+/// A response body from a pooled connection: at its end the connection is free again.
+struct Pooled {
+    body: Incoming,
+    back: Option<Return>,
+    /// An HTTP/2 stream's connection, to count it unused at the end.
+    watched: Option<Arc<ConnInfo>>,
+}
+
+impl Pooled {
+    fn new(body: Incoming, back: Option<Return>) -> Self {
+        let mut pooled = Self {
+            body,
+            back,
+            watched: None,
+        };
+        if hyper::body::Body::is_end_stream(&pooled.body) {
+            pooled.done();
+        }
+        pooled
+    }
+
+    fn watching(mut self, info: Arc<ConnInfo>) -> Self {
+        if hyper::body::Body::is_end_stream(&self.body) {
+            info.finish();
+        } else {
+            self.watched = Some(info);
+        }
+        self
+    }
+
+    /// The body ended whole: the connection can carry another request.
+    fn done(&mut self) {
+        if let Some(back) = self.back.take() {
+            back.info.finish();
+            if back.info.reusable(back.reuse, Instant::now()) {
+                back.pool
+                    .idle
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((back.sender, back.info));
+                back.pool.changed.notify_one();
+            }
+        }
+        if let Some(info) = self.watched.take() {
+            info.finish();
+        }
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        // Dropped before its end: an HTTP/1.1 connection cannot be reused, hyper closes it
+        // when its sender goes.
+        if let Some(back) = self.back.take() {
+            back.info.finish();
+        }
+        if let Some(info) = self.watched.take() {
+            info.finish();
+        }
+    }
+}
+
+impl hyper::body::Body for Pooled {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.done(),
+            Poll::Ready(Some(Ok(_))) if hyper::body::Body::is_end_stream(&self.body) => {
+                self.done();
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(back) = self.back.take() {
+                    back.info.finish();
+                }
+            }
+            _ => {}
+        }
+        polled.map(|frame| frame.map(|f| f.map_err(Into::into)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        hyper::body::Body::is_end_stream(&self.body)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        hyper::body::Body::size_hint(&self.body)
+    }
+}
+
+#[cfg(test)]
+mod tests;
