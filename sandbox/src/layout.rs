@@ -37,6 +37,8 @@ pub struct Layout {
     pub workload_cert_ttl: std::time::Duration,
     pub prometheus: bool,
     pub legacy_pods: usize,
+    /// Extra labels, as (pod, key, value).
+    pub labels: Vec<(String, String, String)>,
 }
 
 #[derive(Debug, Clone)]
@@ -61,6 +63,8 @@ pub struct PodPlan {
     /// The pod's veth as seen in the node's namespace.
     pub host_if: String,
     pub enrolled: bool,
+    /// `app=<name>` and the extra labels given for it.
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 impl Layout {
@@ -73,6 +77,7 @@ impl Layout {
             workload_cert_ttl: spec.workload_cert_ttl,
             prometheus: spec.prometheus,
             legacy_pods: spec.legacy_pods,
+            labels: spec.labels.clone(),
         }
     }
 
@@ -88,7 +93,29 @@ impl Layout {
             prometheus: status.prometheus.is_some(),
             legacy_pods: status.pods.iter().filter(|p| !p.enrolled).count()
                 / status.nodes.len().max(1),
+            labels: status
+                .pods
+                .iter()
+                .flat_map(|p| {
+                    p.labels
+                        .iter()
+                        .filter(|(k, _)| *k != "app")
+                        .map(|(k, v)| (p.name.clone(), k.clone(), v.clone()))
+                })
+                .collect(),
         }
+    }
+
+    /// `app=<name>` and the extra labels of pod `name`.
+    fn labels_of(&self, name: &str) -> std::collections::BTreeMap<String, String> {
+        let mut labels: std::collections::BTreeMap<String, String> =
+            [("app".to_owned(), name.to_owned())].into();
+        for (pod, key, value) in &self.labels {
+            if pod == name {
+                labels.insert(key.clone(), value.clone());
+            }
+        }
+        labels
     }
 
     pub fn state_dir(&self) -> PathBuf {
@@ -166,6 +193,7 @@ impl Layout {
             gateway: node.gateway,
             host_if: format!("p{j}"),
             enrolled: true,
+            labels: self.labels_of(&format!("n{n}-p{j}")),
         });
         let legacy = (1..=self.legacy_pods).map(|k| {
             let suffix = if k == 1 { String::new() } else { k.to_string() };
@@ -180,6 +208,7 @@ impl Layout {
                 gateway: node.gateway,
                 host_if: format!("legacy{suffix}"),
                 enrolled: false,
+                labels: self.labels_of(&format!("n{n}-legacy{suffix}")),
             }
         });
         enrolled.chain(legacy).collect()

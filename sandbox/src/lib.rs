@@ -62,6 +62,22 @@ pub struct Spec {
     pub prometheus: bool,
     /// Pods per node outside the mesh (namespace `legacy`); the benchmark uses two.
     pub legacy_pods: usize,
+    /// Labels beyond `app=<pod name>`, as (pod, key, value): so that Services can select
+    /// several pods (`version=v1`, `tier=web`).
+    pub labels: Vec<(String, String, String)>,
+}
+
+/// Parses `POD=KEY=VALUE`, as `sandbox up --label` takes it.
+pub fn parse_label(text: &str) -> Result<(String, String, String), String> {
+    let mut parts = text.splitn(3, '=');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(pod), Some(key), Some(value)) if !pod.is_empty() && !key.is_empty() => {
+            Ok((pod.to_owned(), key.to_owned(), value.to_owned()))
+        }
+        _ => Err(format!(
+            "{text:?} is not POD=KEY=VALUE, such as n2-p1=version=v1"
+        )),
+    }
 }
 
 impl Spec {
@@ -74,6 +90,7 @@ impl Spec {
             workload_cert_ttl: Duration::from_secs(24 * 3600),
             prometheus: false,
             legacy_pods: 1,
+            labels: Vec::new(),
         }
     }
 
@@ -104,6 +121,19 @@ impl Spec {
         }
         if !(1..=150).contains(&self.pods) {
             bail!("--pods must be between 1 and 150, not {}", self.pods);
+        }
+        let layout = Layout::new(self);
+        let pods: Vec<String> = layout.all_pods().into_iter().map(|p| p.name).collect();
+        for (pod, key, _) in &self.labels {
+            if !pods.contains(pod) {
+                bail!(
+                    "--label names pod {pod:?}, which this sandbox does not have ({})",
+                    pods.join(", ")
+                );
+            }
+            if key == "app" || key == "nodemesh.dev/enabled" {
+                bail!("--label cannot set {key:?} on {pod}: the sandbox sets it");
+            }
         }
         for binary in BINARIES {
             let path = self.bin_dir.join(binary);

@@ -38,10 +38,15 @@ fn write_file(layout: &Layout, name: &str, text: &str) -> anyhow::Result<()> {
 }
 
 pub fn workload_yaml(pod: &PodPlan) -> String {
+    let labels: String = pod
+        .labels
+        .iter()
+        .map(|(key, value)| format!("    {key}: {value:?}\n"))
+        .collect();
     format!(
         "apiVersion: nodemesh.dev/v1alpha1\n\
          kind: Workload\n\
-         metadata:\n  name: {name}\n  namespace: {namespace}\n  labels:\n    app: {name}\n\
+         metadata:\n  name: {name}\n  namespace: {namespace}\n  labels:\n{labels}\
          spec:\n  node: {node}\n  netns: {netns}\n  ip: {ip}\n  serviceAccount: {sa}\n",
         name = pod.name,
         namespace = pod.namespace,

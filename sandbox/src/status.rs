@@ -143,7 +143,7 @@ impl Status {
                         pod.namespace, pod.service_account
                     )
                 }),
-                labels: [("app".to_owned(), pod.name.clone())].into(),
+                labels: pod.labels.clone(),
                 server: ServerStatus {
                     pid: 0,
                     http: SocketAddr::from((pod.ip, layout::HTTP_PORT)),
@@ -219,6 +219,13 @@ impl Status {
             && layout.workload_cert_ttl == spec.workload_cert_ttl
             && layout.prometheus == spec.prometheus
             && layout.legacy_pods == spec.legacy_pods
+            && {
+                let mut mine = layout.labels.clone();
+                let mut wanted = spec.labels.clone();
+                mine.sort();
+                wanted.sort();
+                mine == wanted
+            }
     }
 
     /// Every process alive and every namespace present.

@@ -8,12 +8,19 @@
 //! - `/status/<code>` answers with that status code;
 //! - `/bytes/<n>` returns n bytes;
 //! - `/v1/traces` is a minimal OTLP/HTTP JSON receiver: POST stores an export, GET returns
-//!   the stored ones (for tests of span export).
+//!   the stored ones (for tests of span export);
+//! - `/fault`: `PUT` with `{"status": 503, "ratio": 1.0, "count": null, "delayMs": 0}` makes
+//!   later requests fail that way with that probability (or only the next `count`),
+//!   `DELETE` clears it, `GET` shows it.
+//!
+//! Every answer carries `x-pod` (the pod's name) and `x-served` (how many requests, other than
+//! `/fault`, this server has answered), so that a test can count attempts.
 //!
 //! Port 9000 echoes TCP.
 #![forbid(unsafe_code)]
 
 mod body;
+mod fault;
 
 use std::{
     convert::Infallible,
@@ -35,7 +42,13 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use crate::body::{ResponseBody, full};
+use crate::{
+    body::{ResponseBody, full},
+    fault::{Fault, FaultSwitch},
+};
+
+/// The fault to inject, and the count of requests served.
+static FAULTS: FaultSwitch = FaultSwitch::new();
 
 const MAX_DELAY: Duration = Duration::from_secs(60);
 
@@ -110,6 +123,71 @@ async fn respond(req: Request<Incoming>, client: SocketAddr, pod: &str) -> Respo
     if path == "/v1/traces" {
         return with_pod(traces(req).await, pod);
     }
+    if path == "/fault" {
+        return with_pod(fault(req).await, pod);
+    }
+    let (served, injected) = FAULTS.next(fastrand::f64());
+    if let Some(injected) = injected {
+        tokio::time::sleep(injected.delay).await;
+        if let Some(status) = injected.status.and_then(|s| StatusCode::from_u16(s).ok()) {
+            let response = Response::builder()
+                .status(status)
+                .body(full(format!(
+                    "fault injected: status {}\n",
+                    status.as_u16()
+                )))
+                .unwrap_or_default();
+            return with_served(with_pod(response, pod), served);
+        }
+    }
+    let response = answer(req, client, pod).await;
+    with_served(response, served)
+}
+
+/// `PUT` sets the fault from JSON, `DELETE` clears it, `GET` shows it.
+async fn fault(req: Request<Incoming>) -> Response<ResponseBody> {
+    use http_body_util::BodyExt as _;
+    match *req.method() {
+        http::Method::PUT => {
+            let body = match req.into_body().collect().await {
+                Ok(body) => body.to_bytes(),
+                Err(e) => return bad_request(&format!("cannot read the body: {e}")),
+            };
+            let fault: Fault = match serde_json::from_slice(&body) {
+                Ok(fault) => fault,
+                Err(e) => {
+                    return bad_request(&format!(
+                        "not a fault: {e}; send {{\"status\": 503, \"ratio\": 1.0, \"count\": null, \"delayMs\": 0}}"
+                    ));
+                }
+            };
+            match FAULTS.set(fault) {
+                Ok(()) => json(StatusCode::OK, &serde_json::json!({ "fault": fault })),
+                Err(e) => bad_request(&e),
+            }
+        }
+        http::Method::DELETE => {
+            FAULTS.clear();
+            json(StatusCode::OK, &serde_json::json!({ "fault": null }))
+        }
+        http::Method::GET => json(
+            StatusCode::OK,
+            &serde_json::json!({ "fault": FAULTS.get() }),
+        ),
+        _ => bad_request("use PUT, DELETE or GET on /fault"),
+    }
+}
+
+fn with_served(mut response: Response<ResponseBody>, served: u64) -> Response<ResponseBody> {
+    if let Ok(value) = HeaderValue::from_str(&served.to_string()) {
+        response.headers_mut().insert("x-served", value);
+    }
+    response
+}
+
+/// The answer of a request without a fault.
+async fn answer(req: Request<Incoming>, client: SocketAddr, pod: &str) -> Response<ResponseBody> {
+    let path = req.uri().path().to_owned();
     let mut segments = path.trim_start_matches('/').splitn(2, '/');
     let response = match (segments.next().unwrap_or(""), segments.next()) {
         ("", None) => echo(&req, client, pod),

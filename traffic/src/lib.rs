@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod balance;
+pub mod budget;
 pub mod explain;
 pub mod filters;
 pub mod matching;

@@ -61,6 +61,9 @@ pub struct PortEntry {
     /// The Service itself on this port, with its own policy: where requests go when no route
     /// attaches, and where plain TCP goes.
     pub service_target: Arc<BackendTarget>,
+    /// The Service's BackendTrafficPolicy sets what only HTTP can do (retries, a request
+    /// timeout): the port reads HTTP for it.
+    pub http_policy: bool,
 }
 
 /// The rules attached to one Service port.
@@ -126,6 +129,14 @@ impl TrafficTable {
         for (id, service) in mesh.services.values().enumerate() {
             let key = service.key();
             let (settings, request) = policies.for_service(&key);
+            let http_policy = policies.service.get(&key).is_some_and(|p| {
+                p.spec.retry.is_some()
+                    || p.spec
+                        .timeout
+                        .as_ref()
+                        .and_then(|t| t.http.as_ref())
+                        .is_some_and(|h| h.request_timeout.is_some())
+            });
             let endpoints = mesh
                 .endpoints(service)
                 .map(|w| Endpoint {
@@ -144,6 +155,7 @@ impl TrafficTable {
                         target_port,
                         protocol: p.app_protocol(),
                         routes: None,
+                        http_policy,
                         service_target: Arc::new(BackendTarget {
                             service: Some(id),
                             service_key: key.clone(),
@@ -347,9 +359,10 @@ impl ServiceEntry {
 }
 
 impl PortEntry {
-    /// Whether the client's proxy reads HTTP on this port.
+    /// Whether the client's proxy reads HTTP on this port: an HTTPRoute attaches, the
+    /// appProtocol says HTTP, or the Service's policy retries or times out requests.
     pub fn reads_http(&self) -> bool {
-        self.routes.is_some() || self.protocol != AppProtocol::Opaque
+        self.routes.is_some() || self.protocol != AppProtocol::Opaque || self.http_policy
     }
 }
 

@@ -21,6 +21,10 @@ pub enum SandboxCommand {
         /// Also run a Prometheus server scraping every agent and the controller.
         #[arg(long)]
         prometheus: bool,
+        /// A label beyond app=<pod>, as POD=KEY=VALUE (e.g. n2-p1=version=v1), so that
+        /// Services can select several pods; repeat for more.
+        #[arg(long = "label", value_name = "POD=KEY=VALUE", value_parser = nodemesh_sandbox::parse_label)]
+        labels: Vec<(String, String, String)>,
         #[arg(long, default_value = DEFAULT_NAME)]
         name: String,
     },
@@ -46,6 +50,7 @@ pub fn run(command: SandboxCommand) -> anyhow::Result<()> {
             pods,
             release,
             prometheus,
+            labels,
             name,
         } => {
             require_root("the sandbox")?;
@@ -60,6 +65,7 @@ pub fn run(command: SandboxCommand) -> anyhow::Result<()> {
                 nodes,
                 pods,
                 prometheus,
+                labels,
                 ..Spec::new(&name, bin_dir)
             };
             let sandbox = Sandbox::up(&spec)?;

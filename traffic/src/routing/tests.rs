@@ -238,4 +238,14 @@ fn settings_come_from_the_rule_then_the_route_policy_then_the_backend_service() 
     );
     assert_eq!(direct.request.retry, None);
     assert_eq!(direct.settings.limits.max_parallel_requests, 4);
+    assert!(
+        !v1.port(80).expect("port").reads_http(),
+        "limits alone keep the port TCP"
+    );
+    let retrying = with(&[&policy_yaml(
+        "name: p\nspec:\n  targetRefs: [{group: \"\", kind: Service, name: web-v2}]\n  retry: {numRetries: 1}\n",
+    )]);
+    let table = TrafficTable::new(&retrying);
+    let (_, v2) = table.service("shop/web-v2").expect("v2");
+    assert!(v2.port(80).expect("port").reads_http(), "retries need HTTP");
 }

@@ -142,14 +142,24 @@ pub fn record(
     let Some(settings) = &target.settings.outlier else {
         return;
     };
+    let service = target.service_key.as_str();
+    let ejected = |stats: &std::collections::HashMap<SocketAddrV4, EndpointStats>| {
+        stats.values().filter(|s| s.health.is_ejected(now)).count()
+    };
     let Some(outcome) = outcome else {
         return;
     };
     if !entry.health.record(outcome, settings, now) {
+        // Ejections end by time: the gauge catches up with each request.
+        state
+            .metrics
+            .ejections_active
+            .with_label_values(&[service])
+            .set(ejected(&stats) as i64);
         return;
     }
     let total = stats.len();
-    let ejected = stats.values().filter(|s| s.health.is_ejected(now)).count();
+    let ejected = ejected(&stats);
     if !outlier::may_eject(ejected, total, settings.max_ejection_percent) {
         return;
     }
@@ -162,7 +172,6 @@ pub fn record(
             "endpoint ejected after consecutive failures"
         );
     }
-    let service = target.service_key.as_str();
     state.metrics.ejections.with_label_values(&[service]).inc();
     state
         .metrics

@@ -12,9 +12,10 @@ use std::{
     time::Instant,
 };
 
-use nodemesh_traffic::{balance::PeakEwma, outlier::EndpointHealth, policy::BudgetSettings};
+use nodemesh_traffic::{
+    balance::PeakEwma, budget::RetryBudget, outlier::EndpointHealth, policy::BudgetSettings,
+};
 use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
-use tower::retry::budget::{Budget as _, TpsBudget};
 
 /// Everything the traffic layers share on one node.
 #[derive(Debug)]
@@ -33,8 +34,7 @@ pub struct ClientState {
     pub pending: Counter,
     pub retries: Counter,
     pub connections: Counter,
-    budget: TpsBudget,
-    budget_settings: BudgetSettings,
+    budget: Mutex<RetryBudget>,
 }
 
 /// A count of things in use, with a guard that gives back on drop.
@@ -58,6 +58,11 @@ pub struct ClientWorkload {
     pub ip: std::net::IpAddr,
 }
 
+/// Tokio's clock (which tests can pause) as a std instant.
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
 impl ClientState {
     pub fn new(budget: BudgetSettings) -> Self {
         Self {
@@ -65,15 +70,7 @@ impl ClientState {
             pending: Counter::default(),
             retries: Counter::default(),
             connections: Counter::default(),
-            budget: TpsBudget::new(
-                budget.ttl.clamp(
-                    std::time::Duration::from_secs(1),
-                    std::time::Duration::from_secs(60),
-                ),
-                budget.min_retries_per_second,
-                budget.percent as f32 / 100.0,
-            ),
-            budget_settings: budget,
+            budget: Mutex::new(RetryBudget::new(budget, now())),
         }
     }
 
@@ -103,12 +100,25 @@ impl ClientState {
 
     /// An original request: it earns retries for the budget.
     pub fn deposit(&self) {
-        self.budget.deposit();
+        self.budget
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .deposit(now());
     }
 
     /// Whether the budget allows one more retry (and spends it).
     pub fn withdraw(&self) -> bool {
-        self.budget.withdraw()
+        self.budget
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .withdraw(now())
+    }
+
+    fn budget_settings(&self) -> BudgetSettings {
+        self.budget
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .settings()
     }
 }
 
@@ -162,7 +172,7 @@ impl TrafficState {
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         let key = (client.to_owned(), state_key.to_owned());
         match clients.get(&key) {
-            Some(state) if state.budget_settings == budget => state.clone(),
+            Some(state) if state.budget_settings() == budget => state.clone(),
             _ => {
                 let state = Arc::new(ClientState::new(budget));
                 clients.insert(key, state.clone());

@@ -111,7 +111,8 @@ async fn what_the_triggers_do_not_name_is_not_retried() {
 async fn the_budget_bounds_retries_whatever_the_policy_says() {
     let (layer, state) = layer();
     let inner = Scripted::statuses(&[503]);
-    // 20 % of the requests plus 1 a second over 10 s: 100 requests earn 20 retries plus 10.
+    // 20 % of the requests, plus 1 a second: 100 requests earn 20 retries, and the paused
+    // clock hardly moves.
     let budget = BudgetSettings {
         percent: 20,
         min_retries_per_second: 1,
