@@ -1,4 +1,8 @@
-//! `nodemesh explain`.
+//! `nodemesh explain`: what the mesh does with a connection or request, to a workload or to
+//! a Service (then: the route rule, the backends and their weights, the settings, each
+//! endpoint's verdict and health).
+
+mod route;
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
@@ -17,7 +21,8 @@ pub struct ExplainArgs {
     /// The client: a workload (`name` or `namespace/name`) or an IPv4 address.
     #[arg(long)]
     from: String,
-    /// The destination: `workload:port`, `namespace/workload:port` or `ip:port`.
+    /// The destination: `workload:port`, `namespace/workload:port`, a Service
+    /// (`service:port`, `namespace/service:port`, `clusterIP:port`) or `ip:port`.
     #[arg(long)]
     to: String,
     /// Judge an HTTP request with this method (otherwise a TCP connection).
@@ -44,6 +49,9 @@ pub struct ExplainArgs {
     controller: Option<String>,
     #[arg(long)]
     trust_domain: Option<String>,
+    /// The source node's agent admin endpoint (http://host:15000), for endpoint health.
+    #[arg(long)]
+    agent: Option<String>,
     /// Print the explanation as JSON.
     #[arg(long)]
     json: bool,
@@ -64,13 +72,106 @@ pub fn run(args: &ExplainArgs) -> anyhow::Result<ExitCode> {
     let port: u16 = to_port
         .parse()
         .with_context(|| format!("--to {:?}: {to_port:?} is not a port", args.to))?;
-    let to = resolve_ip(&mesh, to_host)?;
     let http = http_attributes(args, to_host)?;
+    if let Some(service) = resolve_service(&mesh, to_host, &args.from)? {
+        return explain_service(args, &mesh, &trust_domain, from, &service, port, http);
+    }
+    let to = resolve_ip(&mesh, to_host)?;
     let explanation = explain_path(&mesh, &trust_domain, from, to, port, http.as_ref());
     if args.json {
         println!("{}", serde_json::to_string_pretty(&explanation)?);
     } else {
         print!("{}", render(&explanation, http.as_ref()));
+    }
+    Ok(if explanation.allowed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// The Service `name` names (`namespace/name`, a name in the client's namespace, or a cluster
+/// IP), when it names one.
+fn resolve_service(mesh: &MeshConfig, name: &str, from: &str) -> anyhow::Result<Option<String>> {
+    if let Ok(ip) = name.parse::<Ipv4Addr>() {
+        return Ok(mesh
+            .services
+            .values()
+            .find(|s| s.spec.cluster_ip == ip)
+            .map(|s| s.key()));
+    }
+    if mesh.services.contains_key(name) {
+        return Ok(Some(name.to_owned()));
+    }
+    let workload_named = mesh
+        .workloads
+        .values()
+        .any(|w| w.key() == name || w.name() == name);
+    let client_namespace = client_namespace(mesh, from);
+    let in_namespace = format!("{client_namespace}/{name}");
+    if mesh.services.contains_key(&in_namespace) && !workload_named {
+        return Ok(Some(in_namespace));
+    }
+    let named: Vec<String> = mesh
+        .services
+        .values()
+        .filter(|s| s.metadata.name == name)
+        .map(|s| s.key())
+        .collect();
+    match named.as_slice() {
+        [one] if !workload_named => Ok(Some(one.clone())),
+        [] | [_] => Ok(None),
+        several => bail!(
+            "{name:?} names several Services ({}); give namespace/name",
+            several.join(", ")
+        ),
+    }
+}
+
+/// The namespace of the client `from` (a workload, or `default` for an address).
+fn client_namespace(mesh: &MeshConfig, from: &str) -> String {
+    mesh.workloads
+        .values()
+        .find(|w| w.key() == from || w.name() == from)
+        .or_else(|| {
+            let ip = from.parse::<Ipv4Addr>().ok()?;
+            mesh.workloads.values().find(|w| w.spec.ip == ip)
+        })
+        .map_or_else(|| "default".to_owned(), |w| w.namespace().to_owned())
+}
+
+fn explain_service(
+    args: &ExplainArgs,
+    mesh: &MeshConfig,
+    trust_domain: &str,
+    from: Ipv4Addr,
+    service: &str,
+    port: u16,
+    http: Option<HttpAttributes>,
+) -> anyhow::Result<ExitCode> {
+    let health = match &args.agent {
+        Some(url) => Some(route::health_from(&source::get_json(url, "/endpoints")?)),
+        None => None,
+    };
+    let namespace = client_namespace(mesh, &args.from);
+    let explanation = route::explain(
+        mesh,
+        trust_domain,
+        from,
+        &namespace,
+        service,
+        port,
+        http.as_ref(),
+        health.as_ref(),
+    )?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&explanation)?);
+    } else {
+        let what = match &http {
+            Some(h) => format!("HTTP {} {}", h.method, h.path),
+            None => "A connection".to_owned(),
+        };
+        print!("{}", route::render(&explanation, &what, &args.from));
     }
     Ok(if explanation.allowed {
         ExitCode::SUCCESS
