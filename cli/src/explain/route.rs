@@ -52,7 +52,10 @@ pub fn health_from(report: &serde_json::Value) -> Health {
     health
 }
 
-#[expect(clippy::too_many_arguments, reason = "the question has that many parts")]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the question has that many parts"
+)]
 pub fn explain(
     mesh: &MeshConfig,
     trust_domain: &str,
