@@ -160,7 +160,79 @@ fn explain_reports_strict_and_egress_before_authorization() {
 
 #[test]
 fn the_shipped_examples_are_valid() {
-    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/policies");
-    let (code, out, err) = nodemesh(&["check", examples]);
-    assert_eq!(code, 0, "{out}{err}");
+    for examples in [
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/policies"),
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/traffic"),
+    ] {
+        let (code, out, err) = nodemesh(&["check", examples]);
+        assert_eq!(code, 0, "{examples}: {out}{err}");
+    }
+}
+
+const ROUTED: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: front, namespace: shop}
+spec: {clusterIP: 10.96.0.10, selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: front, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: front, port: 80}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /public}}]
+    backendRefs: [{name: front, port: 80}]
+    timeouts: {request: 2s}
+"#;
+
+#[test]
+fn check_refuses_a_route_to_a_service_that_does_not_exist() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = config(
+        dir.path(),
+        &ROUTED.replace("backendRefs: [{name: front", "backendRefs: [{name: nowhere"),
+    );
+    let (code, _, err) = nodemesh(&["check", &path]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("extra.yaml: HTTPRoute shop/front: field `spec.rules[0].backendRefs[0].name`: no Service shop/nowhere exists"),
+        "{err}"
+    );
+}
+
+#[test]
+fn explain_follows_a_request_to_a_service_through_its_route() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = config(dir.path(), ROUTED);
+    let explain = |extra: &[&str]| {
+        let mut args = vec![
+            "explain", "--config", &path, "--from", "api", "--to", "front:80",
+        ];
+        args.extend_from_slice(extra);
+        nodemesh(&args)
+    };
+    let (code, out, _) = explain(&["--method", "GET", "--path", "/public/x"]);
+    assert_eq!(code, 0, "{out}");
+    for says in [
+        "to Service shop/front port 80",
+        "the client's proxy reads HTTP: yes (an HTTPRoute attaches to the port)",
+        "HTTPRoute shop/front rule 0 match 0 (path /public): matches",
+        "decision: rule 0 of HTTPRoute shop/front",
+        "backend Service shop/front port 80 -> 8080, weight 1 (100.0 %)",
+        "request timeout 2s",
+        "endpoint shop/web 10.0.0.2:8080: health unknown",
+        "its proxy: allowed",
+        "verdict: SERVED",
+    ] {
+        assert!(out.contains(says), "{says:?} in:\n{out}");
+    }
+    let (code, out, _) = explain(&["--method", "GET", "--path", "/private"]);
+    assert_eq!(code, 1);
+    assert!(out.contains("decision: 404 (NR)"), "{out}");
+    let (code, out, _) = explain(&["--method", "POST", "--path", "/public/x", "--json"]);
+    assert_eq!(code, 1, "routed, but the policy allows only GET: {out}");
+    let json: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(json["route"]["decision"]["kind"], "rule");
+    assert_eq!(json["endpoints"][0]["authorization"]["allowed"], false);
 }

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod capture;
+pub mod curl;
 mod http;
 mod layout;
 mod mesh_config;

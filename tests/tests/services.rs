@@ -1,5 +1,6 @@
 //! Service addresses: a connection to a Service's virtual IP is captured and carried to one of
-//! the workloads its selector picks, in turn, with mTLS when that workload is in the mesh.
+//! the workloads its selector picks (least connections open, ties at random), with mTLS when
+//! that workload is in the mesh.
 
 use std::{collections::BTreeSet, fs, time::Duration};
 
@@ -9,7 +10,7 @@ use nodemesh_tests::{curl, sandbox};
 const SOON: Duration = Duration::from_secs(10);
 
 #[test]
-fn a_service_address_reaches_the_selected_workloads_in_turn() {
+fn a_service_address_reaches_every_selected_workload() {
     let Some(sb) = sandbox("tsvc") else { return };
     // Label two pods on different nodes as the web tier.
     for pod in ["n1-p2", "n2-p2"] {

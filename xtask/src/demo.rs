@@ -12,6 +12,8 @@ use serde_json::Value;
 
 use crate::{Profile, build, require_root, setup};
 
+mod traffic;
+
 const NAME: &str = "demo";
 
 pub fn run() -> anyhow::Result<()> {
@@ -19,7 +21,12 @@ pub fn run() -> anyhow::Result<()> {
     setup::run()?;
     let bin_dir = build::run(Profile::Dev)?;
     println!("\n== bringing up sandbox {NAME:?}: 2 nodes, 2 enrolled pods and 1 legacy pod each");
-    let sandbox = Sandbox::up(&Spec::new(NAME, bin_dir))?;
+    let mut spec = Spec::new(NAME, bin_dir);
+    spec.labels = traffic::LABELS
+        .iter()
+        .map(|(pod, key, value)| ((*pod).to_owned(), (*key).to_owned(), (*value).to_owned()))
+        .collect();
+    let sandbox = Sandbox::up(&spec)?;
     let result = show(&sandbox);
     let down = sandbox.down();
     result?;
@@ -94,7 +101,9 @@ fn show(sandbox: &Sandbox) -> anyhow::Result<()> {
                 .unwrap_or_default()
         );
     }
-    show_telemetry(sandbox)
+    show_telemetry(sandbox)?;
+    traffic::show_canary(sandbox)?;
+    traffic::show_failure(sandbox, &status.bin_dir.join("nodemesh"))
 }
 
 /// Istio's connection metric as each agent reports it, and an access log line.

@@ -83,7 +83,7 @@ pub async fn handle(
 
 /// A connection to a workload's own address, or to an address the mesh does not know.
 async fn to_address<S>(
-    mut client: S,
+    client: S,
     target: SocketAddr,
     destination: Option<Arc<Destination>>,
     mesh: &MeshView,
@@ -94,6 +94,36 @@ async fn to_address<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let upstream = connect(target, destination, mesh, pod, shared, tracker).await?;
+    splice_to(client, upstream).await
+}
+
+/// Where a connection goes on: a tunnel to an enrolled workload, or plain TCP.
+enum Upstream {
+    Tunnel(Tunnel),
+    Tcp(TcpStream),
+}
+
+async fn splice_to<S>(mut client: S, upstream: Upstream) -> Result<(u64, u64), ProxyError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match upstream {
+        Upstream::Tunnel(mut tunnel) => splice(&mut client, &mut tunnel).await,
+        Upstream::Tcp(mut stream) => splice(&mut client, &mut stream).await,
+    }
+}
+
+/// Connects to `target`: in an HBONE tunnel when it is an enrolled workload, as plain TCP
+/// otherwise (unless egress is denied).
+async fn connect(
+    target: SocketAddr,
+    destination: Option<Arc<Destination>>,
+    mesh: &MeshView,
+    pod: &PodContext,
+    shared: &Arc<ProxyShared>,
+    tracker: &mut ConnectionTracker,
+) -> Result<Upstream, ProxyError> {
     tracker.record.destination_workload = destination.as_ref().map(|d| d.key.clone());
     let identity = destination.and_then(|d| d.identity.clone());
     if let Some(identity) = &identity {
@@ -105,16 +135,16 @@ where
         Some(identity) => {
             let from = tracker.record.client;
             let service = tracker.record.destination_service.clone();
-            let mut tunnel =
+            let tunnel =
                 open_hbone_tunnel(pod, shared, target, identity, from, service.as_deref()).await?;
             tracker.record.hbone = Some(SocketAddr::new(target.ip(), shared.hbone_port));
-            splice(&mut client, &mut tunnel).await
+            Ok(Upstream::Tunnel(tunnel))
         }
         None if mesh.egress == EgressPolicy::Deny => Err(ProxyError::EgressDenied { dst: target }),
         None => {
-            let mut upstream = connect_from_pod(pod, shared.mark, target).await?;
+            let upstream = connect_from_pod(pod, shared.mark, target).await?;
             tracker.record.upstream_local = upstream.local_addr().ok();
-            splice(&mut client, &mut upstream).await
+            Ok(Upstream::Tcp(upstream))
         }
     }
 }
@@ -199,18 +229,19 @@ where
     let input = PickInput {
         client_ip: peer.ip(),
         headers: None,
+        avoid: &[],
     };
-    let started = Instant::now();
-    let Some(endpoint) = balance::pick(mesh, target, &health, input, started) else {
+    let Some(endpoint) = balance::pick(mesh, target, &health, input, Instant::now()) else {
         return Err(ProxyError::NoEndpoint {
             reason: format!("Service {} selects no workload", target.service_key),
         });
     };
     let addr = SocketAddr::V4(endpoint.addr);
-    let connected = tokio::time::timeout(
+    // Connections open count as in flight; only connecting says anything of the endpoint.
+    let _open = Open(&health, endpoint.addr);
+    let connect = tokio::time::timeout(
         target.settings.connect_timeout,
-        to_address(
-            client,
+        connect(
             addr,
             endpoint.destination.clone(),
             mesh,
@@ -219,16 +250,15 @@ where
             tracker,
         ),
     );
-    // The outcome of connecting is what outlier detection counts for TCP; the connection's
-    // own end says nothing of the endpoint.
-    let result = match connected.await {
+    let upstream = match connect.await {
         Ok(result) => result,
         Err(_) => Err(ProxyError::ConnectTimeout {
             dst: addr,
             timeout: target.settings.connect_timeout,
         }),
     };
-    let outcome = match &result {
+    let outcome = match &upstream {
+        Ok(_) => Outcome::Answered(200),
         Err(
             ProxyError::Connect { .. }
             | ProxyError::ConnectTimeout { .. }
@@ -236,17 +266,24 @@ where
             | ProxyError::Tls { .. }
             | ProxyError::Hbone(_),
         ) => Outcome::LocalFailure,
-        _ => Outcome::Answered(200),
+        Err(_) => Outcome::Answered(200),
     };
-    balance::record(
-        traffic,
-        target,
-        &health,
-        endpoint.addr,
-        Some(outcome),
-        started,
-    );
-    result
+    let finished = balance::Finished {
+        outcome: Some(outcome),
+        latency: None,
+        release: false,
+    };
+    balance::record(traffic, target, &health, endpoint.addr, finished);
+    splice_to(client, upstream?).await
+}
+
+/// Gives back the endpoint's count of open connections when the connection ends.
+struct Open<'a>(&'a Arc<http::state::BackendHealth>, SocketAddrV4);
+
+impl Drop for Open<'_> {
+    fn drop(&mut self) {
+        balance::release(self.0, self.1);
+    }
 }
 
 /// A tunnel from the pod to `dst` (an enrolled workload proving `destination_identity`), on

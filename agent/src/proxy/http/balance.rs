@@ -1,7 +1,8 @@
 //! Load balancing, per request (and per connection for plain TCP), at the client's node: an
 //! endpoint of the backend Service by the policy's balancer (by default power of two choices
-//! over peak-EWMA latency times requests in flight), skipping endpoints outlier detection has
-//! ejected, and counting each outcome toward their ejection. No endpoint gives 503 `UH`.
+//! over peak-EWMA latency times requests in flight; for plain TCP over connections open, as
+//! Envoy's least request counts them), skipping endpoints outlier detection has ejected, and
+//! counting each outcome toward their ejection. No endpoint gives 503 `UH`.
 
 use std::{
     convert::Infallible,
@@ -41,7 +42,13 @@ pub struct ChosenEndpoint {
 pub struct PickInput<'a> {
     pub client_ip: IpAddr,
     pub headers: Option<&'a HeaderMap>,
+    /// Endpoints this request already tried: a retry goes elsewhere when it can.
+    pub avoid: &'a [SocketAddrV4],
 }
+
+/// The endpoints a request's earlier attempts went to, shared by its attempts.
+#[derive(Debug, Clone, Default)]
+pub struct Tried(pub Arc<std::sync::Mutex<Vec<SocketAddrV4>>>);
 
 /// Picks an endpoint of `target` and counts it as in flight; `None` when the backend has no
 /// endpoint. Pure apart from the backend's counters.
@@ -71,6 +78,9 @@ pub fn pick(
     if candidates.is_empty() {
         // Every endpoint ejected: Envoy's panic mode, all of them rather than none.
         candidates = all;
+    }
+    if candidates.iter().any(|c| !input.avoid.contains(c)) {
+        candidates.retain(|c| !input.avoid.contains(c));
     }
     let index = match &target.settings.balancer {
         Balancer::LeastRequest => balance::p2c(
@@ -118,26 +128,49 @@ fn hash_key(key: &HashKey, input: PickInput<'_>) -> u64 {
     }
 }
 
-/// Counts the end of a request (or connection attempt) to `endpoint`: its latency, and its
+/// How a request or connection to an endpoint went, for [`record`].
+#[derive(Debug, Clone, Copy)]
+pub struct Finished {
+    /// What outlier detection counts; `None` for what says nothing of the endpoint.
+    pub outcome: Option<Outcome>,
+    /// The latency the estimate learns from: a request's, never a connection's lifetime.
+    pub latency: Option<std::time::Duration>,
+    /// Whether it no longer counts as in flight (a TCP connection stays until it closes).
+    pub release: bool,
+}
+
+/// Gives back an endpoint's in-flight count: a TCP connection closed.
+pub fn release(health: &BackendHealth, endpoint: SocketAddrV4) {
+    let mut stats = health.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(entry) = stats.get_mut(&endpoint) {
+        entry.in_flight = entry.in_flight.saturating_sub(1);
+    }
+}
+
+/// Counts the end of a request (or a connection attempt) to `endpoint`: its latency, and its
 /// outcome for outlier detection, ejecting it when it has failed too often.
 pub fn record(
     state: &TrafficState,
     target: &BackendTarget,
     health: &BackendHealth,
     endpoint: SocketAddrV4,
-    outcome: Option<Outcome>,
-    started: Instant,
+    finished: Finished,
 ) {
+    let Finished {
+        outcome,
+        latency,
+        release,
+    } = finished;
     let now = Instant::now();
     let mut stats = health.endpoints.lock().unwrap_or_else(|e| e.into_inner());
     let Some(entry) = stats.get_mut(&endpoint) else {
         return;
     };
-    entry.in_flight = entry.in_flight.saturating_sub(1);
-    if matches!(outcome, Some(Outcome::Answered(_))) {
-        entry
-            .ewma
-            .observe(now.saturating_duration_since(started), now);
+    if release {
+        entry.in_flight = entry.in_flight.saturating_sub(1);
+    }
+    if let (Some(Outcome::Answered(_)), Some(latency)) = (outcome, latency) {
+        entry.ewma.observe(latency, now);
     }
     let Some(settings) = &target.settings.outlier else {
         return;
@@ -250,9 +283,15 @@ where
                 .extensions()
                 .get::<ClientWorkload>()
                 .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.ip);
+            let tried = req.extensions().get::<Tried>().cloned();
+            let avoid = tried
+                .as_ref()
+                .map(|t| t.0.lock().unwrap_or_else(|e| e.into_inner()).clone())
+                .unwrap_or_default();
             let input = PickInput {
                 client_ip,
                 headers: Some(req.headers()),
+                avoid: &avoid,
             };
             let started = Instant::now();
             let Some(endpoint) = pick(&routed.mesh, target, &health, input, started) else {
@@ -266,6 +305,9 @@ where
                 );
             };
             let addr = endpoint.addr;
+            if let Some(tried) = &tried {
+                tried.0.lock().unwrap_or_else(|e| e.into_inner()).push(addr);
+            }
             req.extensions_mut().insert(endpoint.clone());
             // Counted as finished even when the client goes away mid-request.
             let guard = InFlight {
@@ -303,8 +345,11 @@ impl Drop for InFlight {
             &self.target,
             &self.health,
             self.addr,
-            self.outcome.flatten(),
-            self.started,
+            Finished {
+                outcome: self.outcome.flatten(),
+                latency: Some(self.started.elapsed()),
+                release: true,
+            },
         );
     }
 }

@@ -106,7 +106,10 @@ where
                 .map_or_else(|| Arc::from("-"), |c| c.key.clone());
             let budget = state.client(&client, &routed.target.state_key, retry.budget);
             budget.deposit();
-            let (parts, body) = req.into_parts();
+            let (mut parts, body) = req.into_parts();
+            // Retries go to endpoints not tried yet, when there are any (Envoy's
+            // previous_hosts predicate, which Istio sets by default).
+            parts.extensions.insert(super::balance::Tried::default());
             let (data, trailers) = match buffer(body, RETRY_BUFFER_LIMIT).await {
                 Buffered::Complete { data, trailers } => (data, trailers),
                 Buffered::Streaming(body) => {

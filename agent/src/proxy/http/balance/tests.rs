@@ -154,6 +154,7 @@ fn least_request_avoids_the_busy_endpoint() {
     let input = PickInput {
         client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
         headers: None,
+        avoid: &[],
     };
     let first = pick(&mesh, &target, &health, input, now).expect("endpoint");
     // The first stays in flight: with two endpoints, power of two choices sees both.
@@ -173,5 +174,38 @@ fn least_request_avoids_the_busy_endpoint() {
             .as_deref()
             .map(|k| k.starts_with("shop/web-")),
         Some(true)
+    );
+}
+
+#[test]
+fn a_retry_goes_to_another_endpoint_when_there_is_one() {
+    let mesh = testing::mesh(3, "");
+    let target = testing::web_target(&mesh);
+    let health = BackendHealth::default();
+    let now = Instant::now();
+    let tried: Vec<SocketAddrV4> = ["10.0.0.1:8080", "10.0.0.2:8080"]
+        .iter()
+        .map(|a| a.parse().expect("addr"))
+        .collect();
+    for _ in 0..20 {
+        let input = PickInput {
+            client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            headers: None,
+            avoid: &tried,
+        };
+        let chosen = pick(&mesh, &target, &health, input, now).expect("endpoint");
+        assert_eq!(chosen.addr.to_string(), "10.0.0.3:8080");
+    }
+    let all: Vec<SocketAddrV4> = (1..=3)
+        .map(|i| format!("10.0.0.{i}:8080").parse().expect("addr"))
+        .collect();
+    let input = PickInput {
+        client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        headers: None,
+        avoid: &all,
+    };
+    assert!(
+        pick(&mesh, &target, &health, input, now).is_some(),
+        "all tried: any will do"
     );
 }
