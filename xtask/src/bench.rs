@@ -4,6 +4,7 @@
 //! `results.md` and `chart.png`. Figures are never asserted anywhere.
 
 mod report;
+mod routed;
 mod tools;
 
 use std::{fs, net::SocketAddr, time::Duration};
@@ -104,6 +105,8 @@ struct Outcome {
     notes: Vec<String>,
     /// Every tool's own figures.
     raw: serde_json::Value,
+    /// The HTTP-routed path against no mesh and the L4 mesh path, cross node.
+    routed: Vec<routed::RoutedRow>,
 }
 
 fn measure(sandbox: &Sandbox, plan: Plan) -> anyhow::Result<Outcome> {
@@ -150,6 +153,20 @@ fn measure(sandbox: &Sandbox, plan: Plan) -> anyhow::Result<Outcome> {
         measured.push(m);
     }
 
+    println!("== cross node, mesh, HTTP-routed: n1-p1 -> Service routed (n2-p1)");
+    let routed_measured = routed::measure(sandbox, plan, &script)?;
+    for (what, load) in [
+        ("HTTP keep-alive, 1 connection", routed_measured.http_c1),
+        ("HTTP keep-alive, 16 connections", routed_measured.http_c16),
+        ("HTTP at a fixed rate", routed_measured.http_fixed),
+    ] {
+        if load.errors > 0 {
+            notes.push(format!(
+                "cross node, routed: {what}: {} errors, {} requests completed",
+                load.errors, load.requests
+            ));
+        }
+    }
     drop(servers);
     let held = hold_connections(sandbox, 1000)?;
     memory.push((
@@ -307,13 +324,14 @@ fn measure(sandbox: &Sandbox, plan: Plan) -> anyhow::Result<Outcome> {
     ];
     let raw = json!({
         "same_node": { "no_mesh": same_no, "mesh": same_mesh },
-        "cross_node": { "no_mesh": cross_no, "mesh": cross_mesh },
+        "cross_node": { "no_mesh": cross_no, "mesh": cross_mesh, "routed": routed_measured },
     });
     Ok(Outcome {
         rows,
         memory,
         notes,
         raw,
+        routed: routed::rows(&cross_no, &cross_mesh, &routed_measured, rate),
     })
 }
 
@@ -399,6 +417,7 @@ fn write_outputs(outcome: &Outcome, plan: Plan, quick: bool) -> anyhow::Result<(
         memory,
         notes,
         raw,
+        routed,
     } = outcome;
     let dir = target_dir().join("bench");
     fs::create_dir_all(&dir)?;
@@ -410,7 +429,7 @@ fn write_outputs(outcome: &Outcome, plan: Plan, quick: bool) -> anyhow::Result<(
         plan.seconds,
         std::thread::available_parallelism().map_or(0, usize::from)
     );
-    let markdown = report::markdown(rows, memory, notes, &header);
+    let markdown = report::markdown(rows, memory, notes, &header) + &routed::markdown(routed);
 
     fs::write(dir.join("results.md"), &markdown)?;
     fs::write(
@@ -420,6 +439,7 @@ fn write_outputs(outcome: &Outcome, plan: Plan, quick: bool) -> anyhow::Result<(
             "seconds_per_figure": plan.seconds,
             "fixed_rate": plan.fixed_rate,
             "rows": rows,
+            "routed_rows": routed,
             "agent_memory_mb": memory.iter().map(|(k, v)| json!({ "what": k, "mb": v })).collect::<Vec<_>>(),
             "notes": notes,
             "raw": raw,

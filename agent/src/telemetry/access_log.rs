@@ -4,10 +4,7 @@
 
 use std::{
     path::PathBuf,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        mpsc::{self, Receiver, SyncSender, TrySendError},
-    },
+    sync::mpsc::{self, Receiver, SyncSender, TrySendError},
     time::Duration,
 };
 
@@ -89,7 +86,6 @@ pub struct AccessLog {
     queue: SyncSender<Entry>,
     /// Keep an entry when a draw below this threshold comes out (1.0 keeps all).
     threshold: u64,
-    draw: AtomicU64,
     dropped: IntCounter,
 }
 
@@ -130,23 +126,13 @@ impl AccessLog {
         Ok(Self {
             queue,
             threshold: (sample.clamp(0.0, 1.0) * u64::MAX as f64) as u64,
-            draw: AtomicU64::new(0x9e37_79b9_7f4a_7c15),
             dropped,
         })
     }
 
-    /// A cheap pseudo-random draw (xorshift over a shared state) for sampling.
+    /// Whether this entry is kept, by a draw from the proxy's one random source.
     fn sampled(&self) -> bool {
-        if self.threshold == u64::MAX {
-            return true;
-        }
-        let mut x = self
-            .draw
-            .fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
-        x ^= x >> 30;
-        x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        x ^= x >> 27;
-        x < self.threshold
+        self.threshold == u64::MAX || fastrand::u64(..) < self.threshold
     }
 
     fn offer(&self, entry: Entry) {

@@ -3,12 +3,7 @@
 //! collector MeshSettings names. Without a collector configured nothing is touched.
 
 use std::{
-    collections::hash_map::RandomState,
-    hash::BuildHasher as _,
-    sync::{
-        RwLock,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::RwLock,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -96,7 +91,6 @@ struct Settings {
 pub struct Tracer {
     settings: RwLock<Option<Settings>>,
     spans: mpsc::Sender<FinishedSpan>,
-    draw: AtomicU64,
     dropped: IntCounter,
 }
 
@@ -116,7 +110,6 @@ impl Tracer {
         let tracer = std::sync::Arc::new(Self {
             settings: RwLock::new(None),
             spans,
-            draw: AtomicU64::new(RandomState::new().hash_one(SystemTime::now())),
             dropped,
         });
         tokio::spawn(export(tracer.clone(), node.to_owned(), queue));
@@ -137,12 +130,7 @@ impl Tracer {
     }
 
     fn random(&self) -> u64 {
-        let mut x = self
-            .draw
-            .fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
-        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        x ^ (x >> 31)
+        fastrand::u64(..)
     }
 
     fn span_id(&self) -> [u8; 8] {

@@ -94,8 +94,16 @@ pub fn show_failure(sandbox: &Sandbox, nodemesh: &Path) -> anyhow::Result<()> {
         Ok(())
     })?;
     set_fault(sandbox, "n2-p1", Some(r#"{"status": 503}"#))?;
-    let answers = requests(&client, APP, 500, &[])?;
-    println!("   500 requests from n1-p1 to app: {}", counts(&answers));
+    // Eight at a time, so that least request spreads them over both endpoints.
+    let parallel = ["--parallel", "--parallel-immediate", "--parallel-max", "8"];
+    let answers = requests(&client, APP, 500, &parallel)?;
+    println!(
+        "   500 requests from n1-p1 to app, 8 at a time: {}",
+        counts(&answers)
+    );
+    println!(
+        "   (n2-p1's failures were retried on n2-p2 until n2-p1 was ejected; the clients saw none)"
+    );
     let metrics = sandbox.agent_metrics("n1")?;
     for line in metrics.lines().filter(|l| {
         l.starts_with("nodemesh_outlier_ejections_total{")

@@ -1,0 +1,176 @@
+//! The HTTP-routed path: a Service with an HTTPRoute and a BackendTrafficPolicy (a request
+//! timeout and retries), so that every request goes through the client's HTTP stack, measured
+//! in the same run against no mesh and against the L4 mesh path to the same pod.
+
+use std::{fmt::Write as _, path::Path, time::Duration};
+
+use nodemesh_sandbox::{Sandbox, poll_until};
+use serde::Serialize;
+
+use super::{Measured, Plan, tools};
+
+/// The Service's address: n2-p1 behind it, the L4 case's server.
+const ROUTED_URL: &str = "http://10.96.2.10/";
+
+const CONFIG: &str = "apiVersion: v1
+kind: Service
+metadata: {name: routed, namespace: default}
+spec: {clusterIP: 10.96.2.10, selector: {app: n2-p1}, ports: [{name: http, port: 80, targetPort: 8080}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: routed, namespace: default}
+spec:
+  parentRefs: [{group: \"\", kind: Service, name: routed, port: 80}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /}}]
+    backendRefs: [{name: routed, port: 80}]
+---
+apiVersion: policy.nodemesh.dev/v1alpha1
+kind: BackendTrafficPolicy
+metadata: {name: routed, namespace: default}
+spec:
+  targetRefs: [{group: \"\", kind: Service, name: routed}]
+  timeout:
+    http: {requestTimeout: 10s}
+  retry:
+    numRetries: 2
+    retryOn: {triggers: [connect-failure, reset], httpStatusCodes: [503]}
+";
+
+/// What the routed path measured.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Routed {
+    pub http_c1: tools::LoadResult,
+    pub http_c16: tools::LoadResult,
+    pub cpu_ms_per_1000: f64,
+    pub http_fixed: tools::LoadResult,
+}
+
+/// One figure: no mesh, the L4 mesh path, the routed path.
+#[derive(Debug, Clone, Serialize)]
+pub struct RoutedRow {
+    pub figure: String,
+    pub unit: &'static str,
+    pub no_mesh: f64,
+    pub l4_mesh: f64,
+    pub routed: f64,
+}
+
+/// Installs the route and policy, waits until requests go through the HTTP stack, measures.
+pub fn measure(sandbox: &Sandbox, plan: Plan, script: &Path) -> anyhow::Result<Routed> {
+    std::fs::write(sandbox.config_dir().join("bench-routed.yaml"), CONFIG)?;
+    let client = sandbox.pod("n1-p1").netns.clone();
+    poll_until(Duration::from_secs(15), || {
+        let answer = nodemesh_sandbox::curl::requests(&client, ROUTED_URL, 1, &[])?.remove(0);
+        anyhow::ensure!(
+            answer.code == 200,
+            "the routed Service does not answer: {answer:?}"
+        );
+        Ok(())
+    })?;
+    let metrics = sandbox.agent_metrics("n1")?;
+    anyhow::ensure!(
+        metrics.contains("destination_service=\"routed.default.svc.cluster.local\""),
+        "requests to the routed Service did not go through the HTTP stack"
+    );
+    let t = plan.seconds;
+    let http_c1 = tools::wrk(&client, ROUTED_URL, 1, 1, t, false, script)?;
+    let before = tools::host_busy_ms()?;
+    let http_c16 = tools::wrk(&client, ROUTED_URL, 2, 16, t, false, script)?;
+    let cpu_ms = tools::host_busy_ms()? - before;
+    let http_fixed = tools::oha(&client, ROUTED_URL, plan.fixed_rate, 4, t)?;
+    Ok(Routed {
+        cpu_ms_per_1000: if http_c16.requests > 0 {
+            cpu_ms / http_c16.requests as f64 * 1000.0
+        } else {
+            0.0
+        },
+        http_c1,
+        http_c16,
+        http_fixed,
+    })
+}
+
+pub fn rows(no_mesh: &Measured, l4: &Measured, routed: &Routed, rate: u32) -> Vec<RoutedRow> {
+    let row = |figure: String,
+               unit,
+               f: fn(&tools::LoadResult) -> f64,
+               pick: [&tools::LoadResult; 3]| RoutedRow {
+        figure,
+        unit,
+        no_mesh: f(pick[0]),
+        l4_mesh: f(pick[1]),
+        routed: f(pick[2]),
+    };
+    vec![
+        row(
+            "HTTP keep-alive, 1 connection: p50".into(),
+            "µs",
+            |l| l.latency.p50_us,
+            [&no_mesh.http_c1, &l4.http_c1, &routed.http_c1],
+        ),
+        row(
+            "HTTP keep-alive, 16 connections: throughput".into(),
+            "req/s",
+            |l| l.per_second,
+            [&no_mesh.http_c16, &l4.http_c16, &routed.http_c16],
+        ),
+        row(
+            format!("HTTP at {rate} req/s: p50"),
+            "µs",
+            |l| l.latency.p50_us,
+            [&no_mesh.http_fixed, &l4.http_fixed, &routed.http_fixed],
+        ),
+        row(
+            format!("HTTP at {rate} req/s: p99"),
+            "µs",
+            |l| l.latency.p99_us,
+            [&no_mesh.http_fixed, &l4.http_fixed, &routed.http_fixed],
+        ),
+        RoutedRow {
+            figure: "host CPU per 1000 requests (16 conn.)".into(),
+            unit: "ms",
+            no_mesh: no_mesh.cpu_ms_per_1000,
+            l4_mesh: l4.cpu_ms_per_1000,
+            routed: routed.cpu_ms_per_1000,
+        },
+    ]
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if b == 0.0 {
+        "n/a".to_owned()
+    } else {
+        format!("{:.2}x", a / b)
+    }
+}
+
+pub fn markdown(rows: &[RoutedRow]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\nThe HTTP-routed path, cross node: n1-p1 to a Service with an HTTPRoute and a \
+         BackendTrafficPolicy (request timeout, retries) in front of n2-p1, against the same \
+         requests without the mesh and through the L4 mesh path to n2-p1.\n"
+    );
+    let _ = writeln!(
+        out,
+        "| figure | no mesh | L4 mesh | routed | routed / no mesh | routed / L4 mesh |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|");
+    for row in rows {
+        let _ = writeln!(
+            out,
+            "| {} ({}) | {:.1} | {:.1} | {:.1} | {} | {} |",
+            row.figure,
+            row.unit,
+            row.no_mesh,
+            row.l4_mesh,
+            row.routed,
+            ratio(row.routed, row.no_mesh),
+            ratio(row.routed, row.l4_mesh)
+        );
+    }
+    out
+}
