@@ -230,6 +230,7 @@ where
         client_ip: peer.ip(),
         headers: None,
         avoid: &[],
+        by_latency: false,
     };
     let Some(endpoint) = balance::pick(mesh, target, &health, input, Instant::now()) else {
         return Err(ProxyError::NoEndpoint {

@@ -85,3 +85,70 @@ impl Service<HttpRequest> for App {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use http::Response;
+    use hyper::{body::Incoming, service::service_fn};
+    use hyper_util::rt::TokioIo;
+    use tower::ServiceExt as _;
+
+    use super::*;
+    use crate::proxy::http::{flags_of, full_body, testing};
+
+    /// An application on the other end of an in-memory connection, answering with its path.
+    async fn app() -> App {
+        let (client, server) = tokio::io::duplex(16 * 1024);
+        tokio::spawn(async move {
+            let service = service_fn(|req: http::Request<Incoming>| async move {
+                Ok::<_, Infallible>(Response::new(full_body(req.uri().path().to_owned())))
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(server), service)
+                .await;
+        });
+        let (sender, connection) = http1::handshake(TokioIo::new(client))
+            .await
+            .expect("handshake");
+        tokio::spawn(connection);
+        App::new(
+            AppConnection::Http1(Mutex::new(sender)),
+            Arc::from("shop/web-1"),
+        )
+    }
+
+    #[tokio::test]
+    async fn requests_reach_the_application_one_after_another_on_its_connection() {
+        let app = app().await;
+        for path in ["/a", "/b"] {
+            let Ok(response) = app.clone().oneshot(testing::request(path)).await;
+            assert_eq!(response.status(), StatusCode::OK);
+            assert_eq!(testing::body_text(response).await, path);
+        }
+    }
+
+    #[tokio::test]
+    async fn an_upgrade_is_refused_and_a_gone_application_is_502() {
+        let app = app().await;
+        let mut upgrade = testing::request("/ws");
+        upgrade
+            .headers_mut()
+            .insert(header::UPGRADE, "websocket".parse().expect("value"));
+        let Ok(response) = app.oneshot(upgrade).await;
+        assert_eq!(response.status(), StatusCode::NOT_IMPLEMENTED);
+
+        let (client, server) = tokio::io::duplex(1024);
+        drop(server);
+        let (sender, connection) = http1::handshake(TokioIo::new(client))
+            .await
+            .expect("handshake");
+        tokio::spawn(connection);
+        let gone = App::new(
+            AppConnection::Http1(Mutex::new(sender)),
+            Arc::from("shop/web-1"),
+        );
+        let Ok(response) = gone.oneshot(testing::request("/")).await;
+        assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(flags_of(&response), ResponseFlags::UPSTREAM_CONNECT_FAILURE);
+    }
+}

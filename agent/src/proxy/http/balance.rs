@@ -44,6 +44,9 @@ pub struct PickInput<'a> {
     pub headers: Option<&'a HeaderMap>,
     /// Endpoints this request already tried: a retry goes elsewhere when it can.
     pub avoid: &'a [SocketAddrV4],
+    /// Least request weighs latency (HTTP requests) or counts only what is in flight (TCP
+    /// connections, whose lifetime says nothing of the endpoint).
+    pub by_latency: bool,
 }
 
 /// The endpoints a request's earlier attempts went to, shared by its attempts.
@@ -82,16 +85,24 @@ pub fn pick(
     if candidates.iter().any(|c| !input.avoid.contains(c)) {
         candidates.retain(|c| !input.avoid.contains(c));
     }
+    // Every endpoint is known from its first pick on, so that all estimates age alike.
+    for addr in &candidates {
+        stats
+            .entry(*addr)
+            .or_insert_with(|| EndpointStats::new(now));
+    }
     let index = match &target.settings.balancer {
         Balancer::LeastRequest => balance::p2c(
             candidates.len(),
             (fastrand::u64(..), fastrand::u64(..)),
             |i| {
-                stats
-                    .get(&candidates[i])
-                    .map_or(cost(balance::DEFAULT_RTT.as_nanos() as f64, 0), |s| {
+                stats.get(&candidates[i]).map_or(0.0, |s| {
+                    if input.by_latency {
                         cost(s.ewma.get(now), s.in_flight)
-                    })
+                    } else {
+                        s.in_flight as f64
+                    }
+                })
             },
         ),
         Balancer::RoundRobin => health.next.fetch_add(1, Ordering::Relaxed) % candidates.len(),
@@ -292,6 +303,7 @@ where
                 client_ip,
                 headers: Some(req.headers()),
                 avoid: &avoid,
+                by_latency: true,
             };
             let started = Instant::now();
             let Some(endpoint) = pick(&routed.mesh, target, &health, input, started) else {

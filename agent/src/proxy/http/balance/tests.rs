@@ -155,6 +155,7 @@ fn least_request_avoids_the_busy_endpoint() {
         client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
         headers: None,
         avoid: &[],
+        by_latency: true,
     };
     let first = pick(&mesh, &target, &health, input, now).expect("endpoint");
     // The first stays in flight: with two endpoints, power of two choices sees both.
@@ -192,6 +193,7 @@ fn a_retry_goes_to_another_endpoint_when_there_is_one() {
             client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             headers: None,
             avoid: &tried,
+            by_latency: true,
         };
         let chosen = pick(&mesh, &target, &health, input, now).expect("endpoint");
         assert_eq!(chosen.addr.to_string(), "10.0.0.3:8080");
@@ -203,9 +205,37 @@ fn a_retry_goes_to_another_endpoint_when_there_is_one() {
         client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
         headers: None,
         avoid: &all,
+        by_latency: true,
     };
     assert!(
         pick(&mesh, &target, &health, input, now).is_some(),
         "all tried: any will do"
+    );
+}
+
+#[test]
+fn tcp_connections_spread_over_endpoints_with_as_many_open() {
+    let mesh = testing::mesh(2, "");
+    let target = testing::web_target(&mesh);
+    let health = BackendHealth::default();
+    let now = Instant::now();
+    let input = PickInput {
+        client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        headers: None,
+        avoid: &[],
+        by_latency: false,
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..50 {
+        let chosen = pick(&mesh, &target, &health, input, now).expect("endpoint");
+        seen.insert(chosen.addr);
+        release(&health, chosen.addr);
+    }
+    assert_eq!(seen.len(), 2, "sequential connections reach both endpoints");
+    let first = pick(&mesh, &target, &health, input, now).expect("endpoint");
+    let second = pick(&mesh, &target, &health, input, now).expect("endpoint");
+    assert_ne!(
+        first.addr, second.addr,
+        "the one with a connection open is avoided"
     );
 }
