@@ -37,11 +37,32 @@ fn write_file(layout: &Layout, name: &str, text: &str) -> anyhow::Result<()> {
     fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// A label value as YAML: bare when it reads back as the same string, quoted otherwise
+/// (`"true"`, `"10"`, anything with punctuation YAML gives a meaning).
+fn scalar(value: &str) -> String {
+    let plain = value
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-._/".contains(&b))
+        && value
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphabetic())
+        && !matches!(
+            value.to_ascii_lowercase().as_str(),
+            "true" | "false" | "yes" | "no" | "on" | "off" | "null" | "y" | "n"
+        );
+    if plain {
+        value.to_owned()
+    } else {
+        format!("{value:?}")
+    }
+}
+
 pub fn workload_yaml(pod: &PodPlan) -> String {
     let labels: String = pod
         .labels
         .iter()
-        .map(|(key, value)| format!("    {key}: {value:?}\n"))
+        .map(|(key, value)| format!("    {key}: {}\n", scalar(value)))
         .collect();
     format!(
         "apiVersion: nodemesh.dev/v1alpha1\n\

@@ -62,6 +62,27 @@ fn share(answers: &[Answer], pod: &str) -> f64 {
     answers.iter().filter(|a| a.pod == pod).count() as f64 / answers.len().max(1) as f64
 }
 
+/// `nodemesh explain --json` against the sandbox's configuration, with node n1's agent for
+/// endpoint health.
+fn explain(sb: &Sandbox, args: &[&str]) -> serde_json::Value {
+    let config = sb.config_dir().display().to_string();
+    let agent = format!("http://{}", sb.node("n1").agent.admin);
+    let mut all = vec!["explain", "--config", &config, "--agent", &agent, "--json"];
+    all.extend_from_slice(args);
+    let binary = nodemesh_tests::bin_dir()
+        .join("nodemesh")
+        .display()
+        .to_string();
+    let out = nodemesh_sandbox::run_in_netns(&sb.node("n1").netns, &binary, &all)
+        .expect("run nodemesh explain");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "nodemesh explain gave no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
 fn client(sb: &Sandbox) -> String {
     sb.pod("n1-p1").netns.clone()
 }
