@@ -120,6 +120,38 @@ fn a_canary_gets_its_weight_a_header_pins_it_and_weights_shift_under_load_withou
         "x-canary: true always goes to v2"
     );
 
+    // nodemesh explain says what the proxy did, with the endpoints' health from the agent.
+    let explained = explain(
+        &sb,
+        &[
+            "--from",
+            "n1-p1",
+            "--to",
+            "web:80",
+            "--header",
+            "x-canary=true",
+        ],
+    );
+    assert_eq!(explained["route"]["decision"]["rule"], 0, "{explained}");
+    assert_eq!(
+        explained["route"]["backends"][0]["service"],
+        "default/web-v2"
+    );
+    let explained = explain(&sb, &["--from", "n1-p1", "--to", "web:80", "--path", "/"]);
+    assert_eq!(explained["route"]["decision"]["rule"], 1, "{explained}");
+    let shares: Vec<f64> = explained["route"]["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .filter_map(|b| b["share_percent"].as_f64())
+        .collect();
+    assert_eq!(shares, [90.0, 10.0]);
+    assert_eq!(
+        explained["endpoints"][0]["health"]["health"], "healthy",
+        "{explained}"
+    );
+    assert_eq!(explained["allowed"], true);
+
     // 200 requests a second for 5 s while the weights move to 50/50: nothing fails.
     let shifted = std::thread::scope(|scope| {
         let load =
