@@ -22,6 +22,7 @@ mod body;
 mod breaker;
 pub mod counted;
 pub mod detect;
+mod filter;
 mod flags;
 pub mod inbound;
 pub mod outbound;
@@ -133,7 +134,7 @@ pub fn add_flags(response: &mut HttpResponse, flags: ResponseFlags) {
     response.extensions_mut().insert(current | flags);
 }
 
-/// Boxes a layer's future.
+/// Boxes a service's future.
 fn respond<F>(future: F) -> ResponseFuture
 where
     F: Future<Output = HttpResponse> + Send + 'static,

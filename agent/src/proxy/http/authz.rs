@@ -1,17 +1,16 @@
 //! Authorization of each request at the destination: the pod's AuthorizationPolicies judge its
 //! HTTP attributes; a denied request gets 403 naming the policy, flag `RBAC`.
 
-use std::{
-    convert::Infallible,
-    sync::Arc,
-    task::{Context, Poll},
-};
+use std::sync::Arc;
 
 use http::{StatusCode, header};
 use nodemesh_policy::{Decision, HttpAttributes};
-use tower::{Layer, Service};
 
-use super::{HttpRequest, HttpResponse, ResponseFlags, ResponseFuture, local_reply, respond};
+use super::{
+    HttpRequest, HttpResponse, ResponseFlags,
+    filter::{FilterLayer, HttpFilter, Inner, forward},
+    local_reply,
+};
 
 /// Judges requests for one connection's peer and destination port.
 pub trait Judge: Send + Sync + std::fmt::Debug {
@@ -23,20 +22,9 @@ pub trait Judge: Send + Sync + std::fmt::Debug {
 pub struct Judging(pub Arc<dyn Judge>);
 
 #[derive(Debug, Clone, Default)]
-pub struct AuthzLayer;
+pub struct Authz;
 
-impl<S> Layer<S> for AuthzLayer {
-    type Service = Authz<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        Authz { inner }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct Authz<S> {
-    inner: S,
-}
+pub type AuthzLayer = FilterLayer<Authz>;
 
 /// A request's attributes as policies see them.
 pub fn attributes(req: &HttpRequest) -> HttpAttributes {
@@ -65,41 +53,25 @@ pub fn attributes(req: &HttpRequest) -> HttpAttributes {
     }
 }
 
-impl<S> Service<HttpRequest> for Authz<S>
-where
-    S: Service<HttpRequest, Response = HttpResponse, Error = Infallible> + Clone + Send + 'static,
-    S::Future: Send,
-{
-    type Response = HttpResponse;
-    type Error = Infallible;
-    type Future = ResponseFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: HttpRequest) -> Self::Future {
-        let mut inner = self.inner.clone();
-        respond(async move {
-            let Some(Judging(judge)) = req.extensions().get::<Judging>().cloned() else {
-                return local_reply(
-                    StatusCode::FORBIDDEN,
-                    ResponseFlags::RBAC,
-                    "RBAC: access denied: the request reached authorization without a judge",
-                );
-            };
-            let decision = judge.decide(&attributes(&req));
-            if !decision.allowed {
-                let by = decision.denied_by().unwrap_or_default();
-                return local_reply(
-                    StatusCode::FORBIDDEN,
-                    ResponseFlags::RBAC,
-                    format!("RBAC: access denied by {by}"),
-                );
-            }
-            let Ok(response) = inner.call(req).await;
-            response
-        })
+impl HttpFilter for Authz {
+    async fn filter<S: Inner>(&self, inner: S, req: HttpRequest) -> HttpResponse {
+        let Some(Judging(judge)) = req.extensions().get::<Judging>().cloned() else {
+            return local_reply(
+                StatusCode::FORBIDDEN,
+                ResponseFlags::RBAC,
+                "RBAC: access denied: the request reached authorization without a judge",
+            );
+        };
+        let decision = judge.decide(&attributes(&req));
+        if !decision.allowed {
+            let by = decision.denied_by().unwrap_or_default();
+            return local_reply(
+                StatusCode::FORBIDDEN,
+                ResponseFlags::RBAC,
+                format!("RBAC: access denied by {by}"),
+            );
+        }
+        forward(inner, req).await
     }
 }
 
@@ -108,7 +80,7 @@ mod tests {
     use std::net::{IpAddr, Ipv4Addr};
 
     use nodemesh_policy::{Peer, Request, WorkloadPolicies};
-    use tower::ServiceExt as _;
+    use tower::{Layer as _, ServiceExt as _};
 
     use super::*;
     use crate::proxy::http::{flags_of, testing};
@@ -141,7 +113,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_allowed_request_goes_on_and_a_denied_one_gets_403_naming_the_policy() {
-        let service = AuthzLayer.layer(testing::status_service(200));
+        let service = AuthzLayer::default().layer(testing::status_service(200));
         let mut allowed = testing::request("/public/x");
         allowed.extensions_mut().insert(judging(GET_PUBLIC));
         let Ok(response) = service.clone().oneshot(allowed).await;
@@ -158,7 +130,7 @@ mod tests {
 
     #[tokio::test]
     async fn without_a_judge_nothing_passes() {
-        let service = AuthzLayer.layer(testing::status_service(200));
+        let service = AuthzLayer::default().layer(testing::status_service(200));
         let Ok(response) = service.oneshot(testing::request("/")).await;
         assert_eq!(response.status(), StatusCode::FORBIDDEN, "fails closed");
     }

@@ -5,10 +5,8 @@
 //! counting each outcome toward their ejection. No endpoint gives 503 `UH`.
 
 use std::{
-    convert::Infallible,
     net::{IpAddr, Ipv4Addr, SocketAddrV4},
     sync::{Arc, atomic::Ordering},
-    task::{Context, Poll},
     time::Instant,
 };
 
@@ -20,10 +18,11 @@ use nodemesh_traffic::{
     policy::{Balancer, HashKey},
     retry::Attempt,
 };
-use tower::{Layer, Service};
 
 use super::{
-    HttpRequest, HttpResponse, ResponseFlags, ResponseFuture, local_reply, respond,
+    HttpRequest, HttpResponse, ResponseFlags,
+    filter::{FilterLayer, HttpFilter, Inner, forward},
+    local_reply,
     route::Routed,
     state::{BackendHealth, ClientWorkload, EndpointStats, TrafficState},
 };
@@ -237,105 +236,75 @@ pub fn outcome_of(response: &HttpResponse) -> Option<Outcome> {
 }
 
 #[derive(Debug, Clone)]
-pub struct BalanceLayer {
+pub struct Balance {
     state: Arc<TrafficState>,
 }
+
+pub type BalanceLayer = FilterLayer<Balance>;
 
 impl BalanceLayer {
     pub fn new(state: Arc<TrafficState>) -> Self {
-        Self { state }
+        FilterLayer(Balance { state })
     }
 }
 
-impl<S> Layer<S> for BalanceLayer {
-    type Service = Balance<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        Balance {
-            inner,
-            state: self.state.clone(),
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct Balance<S> {
-    inner: S,
-    state: Arc<TrafficState>,
-}
-
-impl<S> Service<HttpRequest> for Balance<S>
-where
-    S: Service<HttpRequest, Response = HttpResponse, Error = Infallible> + Clone + Send + 'static,
-    S::Future: Send,
-{
-    type Response = HttpResponse;
-    type Error = Infallible;
-    type Future = ResponseFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, mut req: HttpRequest) -> Self::Future {
-        let mut inner = self.inner.clone();
+impl HttpFilter for Balance {
+    async fn filter<S: Inner>(&self, inner: S, mut req: HttpRequest) -> HttpResponse {
         let state = self.state.clone();
-        respond(async move {
-            let Some(routed) = req.extensions().get::<Routed>().cloned() else {
-                return local_reply(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    ResponseFlags::NO_HEALTHY_UPSTREAM,
-                    "the request reached balancing without a backend",
-                );
-            };
-            let target = &routed.target;
-            let health = state.backend(&target.state_key);
-            let client_ip = req
-                .extensions()
-                .get::<ClientWorkload>()
-                .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.ip);
-            let tried = req.extensions().get::<Tried>().cloned();
-            let avoid = tried
-                .as_ref()
-                .map(|t| t.0.lock().unwrap_or_else(|e| e.into_inner()).clone())
-                .unwrap_or_default();
-            let input = PickInput {
-                client_ip,
-                headers: Some(req.headers()),
-                avoid: &avoid,
-                by_latency: true,
-            };
-            let started = Instant::now();
-            let Some(endpoint) = pick(&routed.mesh, target, &health, input, started) else {
-                return local_reply(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    ResponseFlags::NO_HEALTHY_UPSTREAM,
-                    format!(
-                        "no healthy upstream: Service {} has no endpoint",
-                        target.service_key
-                    ),
-                );
-            };
-            let addr = endpoint.addr;
-            if let Some(tried) = &tried {
-                tried.0.lock().unwrap_or_else(|e| e.into_inner()).push(addr);
-            }
-            req.extensions_mut().insert(endpoint.clone());
-            // Counted as finished even when the client goes away mid-request.
-            let guard = InFlight {
-                state: state.clone(),
-                target: target.clone(),
-                health: health.clone(),
-                addr,
-                started,
-                outcome: None,
-            };
-            let Ok(mut response) = inner.call(req).await;
-            let mut guard = guard;
-            guard.outcome = Some(outcome_of(&response));
-            response.extensions_mut().insert(endpoint);
-            response
-        })
+        let Some(routed) = req.extensions().get::<Routed>().cloned() else {
+            return local_reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                ResponseFlags::NO_HEALTHY_UPSTREAM,
+                "the request reached balancing without a backend",
+            );
+        };
+        let target = &routed.target;
+        let health = state.backend(&target.state_key);
+        let client_ip = req
+            .extensions()
+            .get::<ClientWorkload>()
+            .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.ip);
+        let tried = req.extensions().get::<Tried>().cloned();
+        let avoid = tried
+            .as_ref()
+            .map(|t| t.0.lock().unwrap_or_else(|e| e.into_inner()).clone())
+            .unwrap_or_default();
+        let input = PickInput {
+            client_ip,
+            headers: Some(req.headers()),
+            avoid: &avoid,
+            by_latency: true,
+        };
+        let started = Instant::now();
+        let Some(endpoint) = pick(&routed.mesh, target, &health, input, started) else {
+            return local_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ResponseFlags::NO_HEALTHY_UPSTREAM,
+                format!(
+                    "no healthy upstream: Service {} has no endpoint",
+                    target.service_key
+                ),
+            );
+        };
+        let addr = endpoint.addr;
+        if let Some(tried) = &tried {
+            tried.0.lock().unwrap_or_else(|e| e.into_inner()).push(addr);
+        }
+        req.extensions_mut().insert(endpoint.clone());
+        // Counted as finished even when the client goes away mid-request.
+        let guard = InFlight {
+            state: state.clone(),
+            target: target.clone(),
+            health: health.clone(),
+            addr,
+            started,
+            outcome: None,
+        };
+        let mut response = forward(inner, req).await;
+        let mut guard = guard;
+        guard.outcome = Some(outcome_of(&response));
+        response.extensions_mut().insert(endpoint);
+        response
     }
 }
 

@@ -3,48 +3,30 @@
 //! never sent. The upstream pools apply `maxConnections` and `maxPendingRequests` with the same
 //! client state, which this layer hands down.
 
-use std::{
-    convert::Infallible,
-    sync::Arc,
-    task::{Context, Poll},
-};
+use std::sync::Arc;
 
 use http::StatusCode;
 use nodemesh_traffic::retry::Attempt;
-use tower::{Layer, Service};
 
 use super::{
-    HttpRequest, HttpResponse, ResponseFlags, ResponseFuture, local_reply, respond,
+    HttpRequest, HttpResponse, ResponseFlags,
+    filter::{FilterLayer, HttpFilter, Inner, forward},
+    local_reply,
     route::Routed,
     state::{ClientState, ClientWorkload, TrafficState},
 };
 
 #[derive(Debug, Clone)]
-pub struct BreakerLayer {
+pub struct Breaker {
     state: Arc<TrafficState>,
 }
+
+pub type BreakerLayer = FilterLayer<Breaker>;
 
 impl BreakerLayer {
     pub fn new(state: Arc<TrafficState>) -> Self {
-        Self { state }
+        FilterLayer(Breaker { state })
     }
-}
-
-impl<S> Layer<S> for BreakerLayer {
-    type Service = Breaker<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        Breaker {
-            inner,
-            state: self.state.clone(),
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct Breaker<S> {
-    inner: S,
-    state: Arc<TrafficState>,
 }
 
 /// A 503 `UO` for a limit that is full.
@@ -58,52 +40,35 @@ pub fn overflow(service: &str, limit: &str, value: u32) -> HttpResponse {
     response
 }
 
-impl<S> Service<HttpRequest> for Breaker<S>
-where
-    S: Service<HttpRequest, Response = HttpResponse, Error = Infallible> + Clone + Send + 'static,
-    S::Future: Send,
-{
-    type Response = HttpResponse;
-    type Error = Infallible;
-    type Future = ResponseFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, mut req: HttpRequest) -> Self::Future {
-        let mut inner = self.inner.clone();
+impl HttpFilter for Breaker {
+    async fn filter<S: Inner>(&self, inner: S, mut req: HttpRequest) -> HttpResponse {
         let state = self.state.clone();
-        respond(async move {
-            let Some(routed) = req.extensions().get::<Routed>().cloned() else {
-                let Ok(response) = inner.call(req).await;
-                return response;
-            };
-            let target = &routed.target;
-            let client = req
-                .extensions()
-                .get::<ClientWorkload>()
-                .map_or_else(|| Arc::from("-"), |c| c.key.clone());
-            let budget = target
-                .request
-                .retry
-                .as_ref()
-                .map(|r| r.budget)
-                .unwrap_or_default();
-            let client_state = state.client(&client, &target.state_key, budget);
-            let limit = target.settings.limits.max_parallel_requests;
-            let Some(_held) = client_state.try_hold(|c: &ClientState| &c.requests, limit) else {
-                state
-                    .metrics
-                    .overflows
-                    .with_label_values(&[&target.service_key, "max_parallel_requests"])
-                    .inc();
-                return overflow(&target.service_key, "maxParallelRequests", limit);
-            };
-            req.extensions_mut().insert(client_state);
-            let Ok(response) = inner.call(req).await;
-            response
-        })
+        let Some(routed) = req.extensions().get::<Routed>().cloned() else {
+            return forward(inner, req).await;
+        };
+        let target = &routed.target;
+        let client = req
+            .extensions()
+            .get::<ClientWorkload>()
+            .map_or_else(|| Arc::from("-"), |c| c.key.clone());
+        let budget = target
+            .request
+            .retry
+            .as_ref()
+            .map(|r| r.budget)
+            .unwrap_or_default();
+        let client_state = state.client(&client, &target.state_key, budget);
+        let limit = target.settings.limits.max_parallel_requests;
+        let Some(_held) = client_state.try_hold(|c: &ClientState| &c.requests, limit) else {
+            state
+                .metrics
+                .overflows
+                .with_label_values(&[&target.service_key, "max_parallel_requests"])
+                .inc();
+            return overflow(&target.service_key, "maxParallelRequests", limit);
+        };
+        req.extensions_mut().insert(client_state);
+        forward(inner, req).await
     }
 }
 
@@ -111,7 +76,7 @@ where
 mod tests {
     use std::time::Duration;
 
-    use tower::ServiceExt as _;
+    use tower::{Layer as _, ServiceExt as _};
 
     use super::*;
     use crate::proxy::http::{flags_of, testing};

@@ -126,7 +126,7 @@ where
     let http = &conn.shared.http;
     let stack = ServiceBuilder::new()
         .layer(TelemetryLayer::new(http.sinks.clone()))
-        .layer(AuthzLayer)
+        .layer(AuthzLayer::default())
         .layer(RateLimitLayer::new(http.traffic.metrics.clone()))
         .service(App::new(app, workload.clone()));
     let reporter = Reporter {

@@ -58,7 +58,7 @@ impl HttpStacks {
         let outbound = ServiceBuilder::new()
             .layer(TelemetryLayer::new(sinks.clone()))
             .layer(RouteLayer::new(mesh))
-            .layer(TimeoutLayer)
+            .layer(TimeoutLayer::default())
             .layer(RetryLayer::new(traffic.clone()))
             .layer(BalanceLayer::new(traffic.clone()))
             .layer(BreakerLayer::new(traffic.clone()))

@@ -5,19 +5,18 @@
 
 use std::{
     collections::HashMap,
-    convert::Infallible,
     net::IpAddr,
     sync::{Arc, Mutex, RwLock},
-    task::{Context, Poll},
     time::{Duration, Instant},
 };
 
 use http::{HeaderValue, StatusCode};
 use nodemesh_traffic::rate_limit::{PodRateLimit, RateLimitRequest, TokenBucket};
-use tower::{Layer, Service};
 
 use super::{
-    HttpRequest, HttpResponse, ResponseFlags, ResponseFuture, local_reply, respond,
+    HttpRequest, HttpResponse, ResponseFlags,
+    filter::{FilterLayer, HttpFilter, Inner, forward},
+    local_reply,
     state::TrafficMetrics,
 };
 
@@ -158,31 +157,16 @@ fn set(response: &mut HttpResponse, name: &'static str, value: u64) {
 }
 
 #[derive(Debug, Clone)]
-pub struct RateLimitLayer {
+pub struct RateLimit {
     metrics: TrafficMetrics,
 }
+
+pub type RateLimitLayer = FilterLayer<RateLimit>;
 
 impl RateLimitLayer {
     pub fn new(metrics: TrafficMetrics) -> Self {
-        Self { metrics }
+        FilterLayer(RateLimit { metrics })
     }
-}
-
-impl<S> Layer<S> for RateLimitLayer {
-    type Service = RateLimit<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        RateLimit {
-            inner,
-            metrics: self.metrics.clone(),
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct RateLimit<S> {
-    inner: S,
-    metrics: TrafficMetrics,
 }
 
 /// The pod's limits, set per connection with the workload's name for metrics.
@@ -192,82 +176,63 @@ pub struct PodLimits {
     pub limits: Arc<PodRateLimits>,
 }
 
-impl<S> Service<HttpRequest> for RateLimit<S>
-where
-    S: Service<HttpRequest, Response = HttpResponse, Error = Infallible> + Clone + Send + 'static,
-    S::Future: Send,
-{
-    type Response = HttpResponse;
-    type Error = Infallible;
-    type Future = ResponseFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: HttpRequest) -> Self::Future {
-        let mut inner = self.inner.clone();
+impl HttpFilter for RateLimit {
+    async fn filter<S: Inner>(&self, inner: S, req: HttpRequest) -> HttpResponse {
         let metrics = self.metrics.clone();
-        respond(async move {
-            let extensions = req.extensions();
-            let (Some(pod), Some(limited)) = (
-                extensions.get::<PodLimits>().cloned(),
-                extensions.get::<Limited>().copied(),
-            ) else {
-                let Ok(response) = inner.call(req).await;
-                return response;
-            };
-            let verdict = pod.limits.check(
-                limited.port,
-                &RateLimitRequest {
-                    source: limited.source,
-                    method: req.method(),
-                    path: req.uri().path(),
-                    headers: req.headers(),
-                },
-                Instant::now(),
-            );
-            match verdict {
-                Verdict::Unlimited => {
-                    let Ok(response) = inner.call(req).await;
-                    response
-                }
-                Verdict::Refused {
-                    policy,
-                    limit,
-                    retry_after,
-                } => {
-                    metrics
-                        .rate_limited
-                        .with_label_values(&[&*pod.workload, policy.as_str()])
-                        .inc();
-                    let mut response = local_reply(
-                        StatusCode::TOO_MANY_REQUESTS,
-                        ResponseFlags::RATE_LIMITED,
-                        format!("local rate limit of BackendTrafficPolicy {policy} reached"),
-                    );
-                    response
-                        .headers_mut()
-                        .insert("x-envoy-ratelimited", HeaderValue::from_static("true"));
-                    set(&mut response, "retry-after", seconds(retry_after));
-                    set(&mut response, "x-ratelimit-limit", u64::from(limit));
-                    set(&mut response, "x-ratelimit-remaining", 0);
-                    set(&mut response, "x-ratelimit-reset", seconds(retry_after));
-                    response
-                }
-                Verdict::Admitted {
-                    limit,
-                    remaining,
-                    reset,
-                } => {
-                    let Ok(mut response) = inner.call(req).await;
-                    set(&mut response, "x-ratelimit-limit", u64::from(limit));
-                    set(&mut response, "x-ratelimit-remaining", u64::from(remaining));
-                    set(&mut response, "x-ratelimit-reset", seconds(reset));
-                    response
-                }
+        let extensions = req.extensions();
+        let (Some(pod), Some(limited)) = (
+            extensions.get::<PodLimits>().cloned(),
+            extensions.get::<Limited>().copied(),
+        ) else {
+            return forward(inner, req).await;
+        };
+        let verdict = pod.limits.check(
+            limited.port,
+            &RateLimitRequest {
+                source: limited.source,
+                method: req.method(),
+                path: req.uri().path(),
+                headers: req.headers(),
+            },
+            Instant::now(),
+        );
+        match verdict {
+            Verdict::Unlimited => forward(inner, req).await,
+            Verdict::Refused {
+                policy,
+                limit,
+                retry_after,
+            } => {
+                metrics
+                    .rate_limited
+                    .with_label_values(&[&*pod.workload, policy.as_str()])
+                    .inc();
+                let mut response = local_reply(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    ResponseFlags::RATE_LIMITED,
+                    format!("local rate limit of BackendTrafficPolicy {policy} reached"),
+                );
+                response
+                    .headers_mut()
+                    .insert("x-envoy-ratelimited", HeaderValue::from_static("true"));
+                set(&mut response, "retry-after", seconds(retry_after));
+                set(&mut response, "x-ratelimit-limit", u64::from(limit));
+                set(&mut response, "x-ratelimit-remaining", 0);
+                set(&mut response, "x-ratelimit-reset", seconds(retry_after));
+                response
             }
-        })
+            Verdict::Admitted {
+                limit,
+                remaining,
+                reset,
+            } => {
+                let mut response = forward(inner, req).await;
+                set(&mut response, "x-ratelimit-limit", u64::from(limit));
+                set(&mut response, "x-ratelimit-remaining", u64::from(remaining));
+                set(&mut response, "x-ratelimit-reset", seconds(reset));
+                response
+            }
+        }
     }
 }
 

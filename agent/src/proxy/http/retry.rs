@@ -6,21 +6,16 @@
 //! Request bodies are kept for a retry up to 64 KiB; a larger one is sent once. Retries used
 //! up on a failure add flag `URX`.
 
-use std::{
-    convert::Infallible,
-    sync::Arc,
-    task::{Context, Poll},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use http::{Request, StatusCode, request::Parts};
 use nodemesh_traffic::retry::{Attempt, backoff, retriable};
-use tower::{Layer, Service};
 
 use super::{
-    HttpRequest, HttpResponse, ResponseFlags, ResponseFuture, add_flags,
+    HttpRequest, HttpResponse, ResponseFlags, add_flags,
     body::{Buffered, RETRY_BUFFER_LIMIT, buffer},
-    local_reply, respond,
+    filter::{FilterLayer, HttpFilter, Inner, forward},
+    local_reply,
     route::Routed,
     state::{ClientState, ClientWorkload, TrafficState},
 };
@@ -30,31 +25,16 @@ use super::{
 pub struct AttemptNumber(pub u32);
 
 #[derive(Debug, Clone)]
-pub struct RetryLayer {
+pub struct Retry {
     state: Arc<TrafficState>,
 }
+
+pub type RetryLayer = FilterLayer<Retry>;
 
 impl RetryLayer {
     pub fn new(state: Arc<TrafficState>) -> Self {
-        Self { state }
+        FilterLayer(Retry { state })
     }
-}
-
-impl<S> Layer<S> for RetryLayer {
-    type Service = Retry<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        Retry {
-            inner,
-            state: self.state.clone(),
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct Retry<S> {
-    inner: S,
-    state: Arc<TrafficState>,
 }
 
 /// The outcome of a response for retrying: a local failure the layers below recorded, else
@@ -76,116 +56,97 @@ fn failed(attempt: Attempt) -> bool {
     !matches!(attempt, Attempt::Answered { status, grpc_status } if status < 500 && grpc_status.is_none_or(|c| c == 0))
 }
 
-impl<S> Service<HttpRequest> for Retry<S>
-where
-    S: Service<HttpRequest, Response = HttpResponse, Error = Infallible> + Clone + Send + 'static,
-    S::Future: Send,
-{
-    type Response = HttpResponse;
-    type Error = Infallible;
-    type Future = ResponseFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: HttpRequest) -> Self::Future {
-        let inner = self.inner.clone();
+impl HttpFilter for Retry {
+    async fn filter<S: Inner>(&self, inner: S, req: HttpRequest) -> HttpResponse {
         let state = self.state.clone();
-        respond(async move {
-            let Some(routed) = req.extensions().get::<Routed>().cloned() else {
-                return attempt(inner, req, None).await;
-            };
-            let request = routed.target.request.clone();
-            let Some(retry) = request.retry.clone() else {
+        let Some(routed) = req.extensions().get::<Routed>().cloned() else {
+            return attempt(inner, req, None).await;
+        };
+        let request = routed.target.request.clone();
+        let Some(retry) = request.retry.clone() else {
+            return attempt(inner, req, request.attempt_timeout).await;
+        };
+        let client = req
+            .extensions()
+            .get::<ClientWorkload>()
+            .map_or_else(|| Arc::from("-"), |c| c.key.clone());
+        let budget = state.client(&client, &routed.target.state_key, retry.budget);
+        budget.deposit();
+        let (mut parts, body) = req.into_parts();
+        // Retries go to endpoints not tried yet, when there are any (Envoy's
+        // previous_hosts predicate, which Istio sets by default).
+        parts.extensions.insert(super::balance::Tried::default());
+        let (data, trailers) = match buffer(body, RETRY_BUFFER_LIMIT).await {
+            Buffered::Complete { data, trailers } => (data, trailers),
+            Buffered::Streaming(body) => {
+                // Too large to keep: sent once.
+                let req = Request::from_parts(parts, body);
                 return attempt(inner, req, request.attempt_timeout).await;
-            };
-            let client = req
-                .extensions()
-                .get::<ClientWorkload>()
-                .map_or_else(|| Arc::from("-"), |c| c.key.clone());
-            let budget = state.client(&client, &routed.target.state_key, retry.budget);
-            budget.deposit();
-            let (mut parts, body) = req.into_parts();
-            // Retries go to endpoints not tried yet, when there are any (Envoy's
-            // previous_hosts predicate, which Istio sets by default).
-            parts.extensions.insert(super::balance::Tried::default());
-            let (data, trailers) = match buffer(body, RETRY_BUFFER_LIMIT).await {
-                Buffered::Complete { data, trailers } => (data, trailers),
-                Buffered::Streaming(body) => {
-                    // Too large to keep: sent once.
-                    let req = Request::from_parts(parts, body);
-                    return attempt(inner, req, request.attempt_timeout).await;
+            }
+        };
+        let service = routed.target.service_key.as_str();
+        let mut held_retry = None;
+        let mut n = 0;
+        loop {
+            let mut req =
+                Request::from_parts(copy_parts(&parts), Buffered::replay(&data, &trailers));
+            req.extensions_mut().insert(AttemptNumber(n));
+            let mut response = attempt(inner.clone(), req, request.attempt_timeout).await;
+            drop(held_retry.take());
+            let result = outcome(&response);
+            if !retriable(&retry, result) {
+                return response;
+            }
+            if n >= retry.num_retries {
+                if n > 0 && failed(result) {
+                    add_flags(&mut response, ResponseFlags::RETRY_LIMIT_EXCEEDED);
                 }
-            };
-            let service = routed.target.service_key.as_str();
-            let mut held_retry = None;
-            let mut n = 0;
-            loop {
-                let mut req =
-                    Request::from_parts(copy_parts(&parts), Buffered::replay(&data, &trailers));
-                req.extensions_mut().insert(AttemptNumber(n));
-                let mut response = attempt(inner.clone(), req, request.attempt_timeout).await;
-                drop(held_retry.take());
-                let result = outcome(&response);
-                if !retriable(&retry, result) {
-                    return response;
-                }
-                if n >= retry.num_retries {
-                    if n > 0 && failed(result) {
-                        add_flags(&mut response, ResponseFlags::RETRY_LIMIT_EXCEEDED);
-                    }
-                    return response;
-                }
-                if !budget.withdraw() {
-                    state
-                        .metrics
-                        .retries
-                        .with_label_values(&[service, "budget_exhausted"])
-                        .inc();
-                    return response;
-                }
-                let limit = routed.target.settings.limits.max_parallel_retries;
-                let Some(held) = budget.try_hold(|c: &ClientState| &c.retries, limit) else {
-                    state
-                        .metrics
-                        .retries
-                        .with_label_values(&[service, "overflow"])
-                        .inc();
-                    state
-                        .metrics
-                        .overflows
-                        .with_label_values(&[service, "max_parallel_retries"])
-                        .inc();
-                    return response;
-                };
-                held_retry = Some(held);
+                return response;
+            }
+            if !budget.withdraw() {
                 state
                     .metrics
                     .retries
-                    .with_label_values(&[service, "sent"])
+                    .with_label_values(&[service, "budget_exhausted"])
                     .inc();
-                n += 1;
-                let wait = backoff(retry.backoff, n, fastrand::f64());
-                if wait > Duration::ZERO {
-                    tokio::time::sleep(wait).await;
-                }
+                return response;
             }
-        })
+            let limit = routed.target.settings.limits.max_parallel_retries;
+            let Some(held) = budget.try_hold(|c: &ClientState| &c.retries, limit) else {
+                state
+                    .metrics
+                    .retries
+                    .with_label_values(&[service, "overflow"])
+                    .inc();
+                state
+                    .metrics
+                    .overflows
+                    .with_label_values(&[service, "max_parallel_retries"])
+                    .inc();
+                return response;
+            };
+            held_retry = Some(held);
+            state
+                .metrics
+                .retries
+                .with_label_values(&[service, "sent"])
+                .inc();
+            n += 1;
+            let wait = backoff(retry.backoff, n, fastrand::f64());
+            if wait > Duration::ZERO {
+                tokio::time::sleep(wait).await;
+            }
+        }
     }
 }
 
 /// One attempt, with its timeout.
-async fn attempt<S>(mut inner: S, req: HttpRequest, timeout: Option<Duration>) -> HttpResponse
-where
-    S: Service<HttpRequest, Response = HttpResponse, Error = Infallible>,
-{
+async fn attempt<S: Inner>(inner: S, req: HttpRequest, timeout: Option<Duration>) -> HttpResponse {
     let Some(timeout) = timeout else {
-        let Ok(response) = inner.call(req).await;
-        return response;
+        return forward(inner, req).await;
     };
-    match tokio::time::timeout(timeout, inner.call(req)).await {
-        Ok(Ok(response)) => response,
+    match tokio::time::timeout(timeout, forward(inner, req)).await {
+        Ok(response) => response,
         Err(_) => {
             let mut response = local_reply(
                 StatusCode::GATEWAY_TIMEOUT,

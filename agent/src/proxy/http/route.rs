@@ -3,20 +3,19 @@
 //! matches gets 404 (`NR`); a redirect is answered here; a backend that names no Service gets
 //! 500.
 
-use std::{
-    convert::Infallible,
-    sync::Arc,
-    task::{Context, Poll},
-};
+use std::sync::Arc;
 
 use http::{HeaderValue, StatusCode, Uri, header};
 use nodemesh_traffic::{
     BackendTarget, RequestHead, RouteDecision,
     filters::{self, RedirectInput},
 };
-use tower::{Layer, Service};
 
-use super::{HttpRequest, HttpResponse, ResponseFlags, ResponseFuture, local_reply, respond};
+use super::{
+    HttpRequest, HttpResponse, ResponseFlags,
+    filter::{FilterLayer, HttpFilter, Inner, forward},
+    local_reply,
+};
 use crate::mesh::MeshView;
 
 /// What routing decided, for the layers below and for telemetry.
@@ -37,81 +36,51 @@ pub struct Destination {
 }
 
 #[derive(Debug, Clone)]
-pub struct RouteLayer {
+pub struct Route {
     mesh: Arc<crate::mesh::SharedMesh>,
 }
+
+pub type RouteLayer = FilterLayer<Route>;
 
 impl RouteLayer {
     pub fn new(mesh: Arc<crate::mesh::SharedMesh>) -> Self {
-        Self { mesh }
+        FilterLayer(Route { mesh })
     }
 }
 
-impl<S> Layer<S> for RouteLayer {
-    type Service = RouteService<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        RouteService {
-            inner,
-            mesh: self.mesh.clone(),
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct RouteService<S> {
-    inner: S,
-    mesh: Arc<crate::mesh::SharedMesh>,
-}
-
-impl<S> Service<HttpRequest> for RouteService<S>
-where
-    S: Service<HttpRequest, Response = HttpResponse, Error = Infallible> + Clone + Send + 'static,
-    S::Future: Send,
-{
-    type Response = HttpResponse;
-    type Error = Infallible;
-    type Future = ResponseFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, mut req: HttpRequest) -> Self::Future {
+impl HttpFilter for Route {
+    async fn filter<S: Inner>(&self, inner: S, mut req: HttpRequest) -> HttpResponse {
         // The mesh as it is now: a weight change applies to the next request.
         let mesh = self.mesh.load();
-        let mut inner = self.inner.clone();
-        respond(async move {
-            let Some(destination) = req.extensions().get::<Destination>().cloned() else {
-                return local_reply(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    ResponseFlags::NO_ROUTE,
-                    "the request reached routing without a destination",
-                );
-            };
-            let plan = match plan(&mesh, &destination, &mut req) {
-                Ok(plan) => plan,
-                Err(reply) => return *reply,
-            };
-            let Plan {
-                target,
-                rule,
-                response_headers,
-            } = plan;
-            let routed = Routed {
-                mesh: mesh.clone(),
-                target,
-                rule,
-            };
-            req.extensions_mut().insert(routed.clone());
-            let Ok(mut response) = inner.call(req).await;
-            if let Some(edit) = response_headers {
-                edit.apply(response.headers_mut());
-            }
-            // For telemetry: which Service the request went to.
-            response.extensions_mut().insert(routed);
-            response
-        })
+        let Some(destination) = req.extensions().get::<Destination>().cloned() else {
+            return local_reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                ResponseFlags::NO_ROUTE,
+                "the request reached routing without a destination",
+            );
+        };
+        let plan = match plan(&mesh, &destination, &mut req) {
+            Ok(plan) => plan,
+            Err(reply) => return *reply,
+        };
+        let Plan {
+            target,
+            rule,
+            response_headers,
+        } = plan;
+        let routed = Routed {
+            mesh: mesh.clone(),
+            target,
+            rule,
+        };
+        req.extensions_mut().insert(routed.clone());
+        let mut response = forward(inner, req).await;
+        if let Some(edit) = response_headers {
+            edit.apply(response.headers_mut());
+        }
+        // For telemetry: which Service the request went to.
+        response.extensions_mut().insert(routed);
+        response
     }
 }
 

@@ -6,18 +6,18 @@
 use std::{
     borrow::Cow,
     collections::HashMap,
-    convert::Infallible,
     net::IpAddr,
     sync::{Arc, Mutex},
-    task::{Context, Poll},
     time::{Instant, SystemTime},
 };
 
 use http::header;
-use tower::{Layer, Service};
 
 use super::{
-    HttpRequest, HttpResponse, ResponseFuture, balance::ChosenEndpoint, flags_of, respond,
+    HttpRequest, HttpResponse,
+    balance::ChosenEndpoint,
+    filter::{FilterLayer, HttpFilter, Inner, forward},
+    flags_of,
     route::Routed,
 };
 use crate::{
@@ -50,36 +50,21 @@ pub struct Reporter {
 type LabelKey = (Arc<str>, String, String);
 
 #[derive(Debug, Clone)]
-pub struct TelemetryLayer {
+pub struct Telemetry {
     sinks: Arc<Sinks>,
     /// Outbound labels by (destination workload, Service): built once per pair.
     labels: Arc<Mutex<HashMap<LabelKey, Arc<Labels>>>>,
 }
 
+pub type TelemetryLayer = FilterLayer<Telemetry>;
+
 impl TelemetryLayer {
     pub fn new(sinks: Sinks) -> Self {
-        Self {
+        FilterLayer(Telemetry {
             sinks: Arc::new(sinks),
             labels: Arc::default(),
-        }
+        })
     }
-}
-
-impl<S> Layer<S> for TelemetryLayer {
-    type Service = Telemetry<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        Telemetry {
-            inner,
-            layer: self.clone(),
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct Telemetry<S> {
-    inner: S,
-    layer: TelemetryLayer,
 }
 
 /// The size a message announces (Content-Length or an exact body size), else 0.
@@ -91,132 +76,115 @@ fn announced_size<B: hyper::body::Body>(headers: &http::HeaderMap, body: &B) -> 
         .unwrap_or(0)
 }
 
-impl<S> Service<HttpRequest> for Telemetry<S>
-where
-    S: Service<HttpRequest, Response = HttpResponse, Error = Infallible> + Clone + Send + 'static,
-    S::Future: Send,
-{
-    type Response = HttpResponse;
-    type Error = Infallible;
-    type Future = ResponseFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, mut req: HttpRequest) -> Self::Future {
-        let mut inner = self.inner.clone();
-        let layer = self.layer.clone();
-        respond(async move {
-            let Some(reporter) = req.extensions().get::<Reporter>().cloned() else {
-                let Ok(response) = inner.call(req).await;
-                return response;
-            };
-            let started = Instant::now();
-            let started_at = SystemTime::now();
-            let method = req.method().as_str().to_owned();
-            let path = req.uri().path().to_owned();
-            let authority =
-                nodemesh_traffic::filters::request_host(req.uri(), req.headers()).to_owned();
-            let request_bytes = announced_size(req.headers(), req.body());
-            let grpc = req
-                .headers()
-                .get(header::CONTENT_TYPE)
-                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-            let protocol = if grpc { "grpc" } else { "http" };
-            let inbound = reporter.direction == crate::proxy::Direction::Inbound;
-            let span = match (&layer.sinks.tracer, inbound) {
-                (Some(tracer), true) => tracer.begin(req.headers()),
-                _ => None,
-            };
-            if let Some(span) = &span {
-                Tracer::propagate(span, req.headers_mut());
-            }
-            let traceparent = req
-                .headers()
-                .get("traceparent")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
-            let Ok(response) = inner.call(req).await;
-            let code = response.status().as_u16();
-            let flags = flags_of(&response).text();
-            let response_bytes = announced_size(response.headers(), response.body());
-            let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
-            let labels = if inbound {
-                reporter.labels.clone()
-            } else {
-                layer.outbound_labels(&reporter, &response)
-            };
-            layer.sinks.istio.http_request(
-                &labels,
-                protocol,
-                code,
-                &flags,
+impl HttpFilter for Telemetry {
+    async fn filter<S: Inner>(&self, inner: S, mut req: HttpRequest) -> HttpResponse {
+        let layer = self;
+        let Some(reporter) = req.extensions().get::<Reporter>().cloned() else {
+            return forward(inner, req).await;
+        };
+        let started = Instant::now();
+        let started_at = SystemTime::now();
+        let method = req.method().as_str().to_owned();
+        let path = req.uri().path().to_owned();
+        let authority =
+            nodemesh_traffic::filters::request_host(req.uri(), req.headers()).to_owned();
+        let request_bytes = announced_size(req.headers(), req.body());
+        let grpc = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        let protocol = if grpc { "grpc" } else { "http" };
+        let inbound = reporter.direction == crate::proxy::Direction::Inbound;
+        let span = match (&layer.sinks.tracer, inbound) {
+            (Some(tracer), true) => tracer.begin(req.headers()),
+            _ => None,
+        };
+        if let Some(span) = &span {
+            Tracer::propagate(span, req.headers_mut());
+        }
+        let traceparent = req
+            .headers()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let response = forward(inner, req).await;
+        let code = response.status().as_u16();
+        let flags = flags_of(&response).text();
+        let response_bytes = announced_size(response.headers(), response.body());
+        let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let labels = if inbound {
+            reporter.labels.clone()
+        } else {
+            layer.outbound_labels(&reporter, &response)
+        };
+        layer.sinks.istio.http_request(
+            &labels,
+            protocol,
+            code,
+            &flags,
+            duration_ms,
+            request_bytes,
+            response_bytes,
+        );
+        if let (Some(context), Some(tracer)) = (span, &layer.sinks.tracer) {
+            tracer.finish(FinishedSpan {
+                context,
+                name: format!("{method} {authority}"),
+                start: started_at,
+                end: SystemTime::now(),
+                attributes: vec![
+                    ("http.request.method", method.clone()),
+                    ("url.path", path.clone()),
+                    ("server.address", authority.clone()),
+                    ("http.response.status_code", code.to_string()),
+                    ("network.peer.address", reporter.peer_ip.to_string()),
+                    ("source.workload", labels.source_workload().to_owned()),
+                    ("source.principal", labels.source_principal().to_owned()),
+                    (
+                        "destination.workload",
+                        labels.destination_workload().to_owned(),
+                    ),
+                    (
+                        "destination.principal",
+                        labels.destination_principal().to_owned(),
+                    ),
+                    ("nodemesh.response_flags", flags.to_string()),
+                ],
+                error: code >= 500,
+            });
+        }
+        if let Some(log) = &layer.sinks.access_log {
+            let endpoint = response.extensions().get::<ChosenEndpoint>();
+            log.request(RequestLogEntry {
+                direction: reporter.direction.as_str(),
+                start_unix_ms: unix_millis(started_at),
                 duration_ms,
+                workload: reporter.workload.to_string(),
+                client: reporter.peer_ip.to_string(),
+                source_identity: reporter.peer_identity.as_deref().map(str::to_owned),
+                method,
+                path,
+                authority,
+                protocol,
+                response_code: code,
+                response_flags: Cow::Owned(flags.into_owned()),
                 request_bytes,
                 response_bytes,
-            );
-            if let (Some(context), Some(tracer)) = (span, &layer.sinks.tracer) {
-                tracer.finish(FinishedSpan {
-                    context,
-                    name: format!("{method} {authority}"),
-                    start: started_at,
-                    end: SystemTime::now(),
-                    attributes: vec![
-                        ("http.request.method", method.clone()),
-                        ("url.path", path.clone()),
-                        ("server.address", authority.clone()),
-                        ("http.response.status_code", code.to_string()),
-                        ("network.peer.address", reporter.peer_ip.to_string()),
-                        ("source.workload", labels.source_workload().to_owned()),
-                        ("source.principal", labels.source_principal().to_owned()),
-                        (
-                            "destination.workload",
-                            labels.destination_workload().to_owned(),
-                        ),
-                        (
-                            "destination.principal",
-                            labels.destination_principal().to_owned(),
-                        ),
-                        ("nodemesh.response_flags", flags.to_string()),
-                    ],
-                    error: code >= 500,
-                });
-            }
-            if let Some(log) = &layer.sinks.access_log {
-                let endpoint = response.extensions().get::<ChosenEndpoint>();
-                log.request(RequestLogEntry {
-                    direction: reporter.direction.as_str(),
-                    start_unix_ms: unix_millis(started_at),
-                    duration_ms,
-                    workload: reporter.workload.to_string(),
-                    client: reporter.peer_ip.to_string(),
-                    source_identity: reporter.peer_identity.as_deref().map(str::to_owned),
-                    method,
-                    path,
-                    authority,
-                    protocol,
-                    response_code: code,
-                    response_flags: Cow::Owned(flags.into_owned()),
-                    request_bytes,
-                    response_bytes,
-                    traceparent,
-                    upstream: endpoint.map(|e| e.addr.to_string()),
-                    route: response
-                        .extensions()
-                        .get::<Routed>()
-                        .and_then(|r| r.rule.as_ref())
-                        .map(|(route, index)| format!("{route}#{index}")),
-                    destination_service: (!inbound)
-                        .then(|| labels.destination_service().to_owned()),
-                });
-            }
-            response
-        })
+                traceparent,
+                upstream: endpoint.map(|e| e.addr.to_string()),
+                route: response
+                    .extensions()
+                    .get::<Routed>()
+                    .and_then(|r| r.rule.as_ref())
+                    .map(|(route, index)| format!("{route}#{index}")),
+                destination_service: (!inbound).then(|| labels.destination_service().to_owned()),
+            });
+        }
+        response
     }
 }
 
-impl TelemetryLayer {
+impl Telemetry {
     /// The labels of an outbound request: the client's, and the endpoint's workload and
     /// Service it reached (`unknown` when it reached none).
     fn outbound_labels(&self, reporter: &Reporter, response: &HttpResponse) -> Arc<Labels> {

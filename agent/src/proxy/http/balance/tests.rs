@@ -1,10 +1,14 @@
-use std::collections::BTreeMap;
+use std::{
+    collections::BTreeMap,
+    convert::Infallible,
+    task::{Context, Poll},
+};
 
-use tower::{Layer as _, ServiceExt as _};
+use tower::{Layer as _, Service, ServiceExt as _};
 
 use super::*;
 use crate::proxy::http::{
-    flags_of,
+    ResponseFuture, flags_of,
     testing::{self, Scripted},
 };
 

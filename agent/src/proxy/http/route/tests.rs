@@ -21,7 +21,13 @@ fn route(spec: &str) -> String {
 }
 
 /// A route layer over `extra` configuration, and the service below it.
-fn stack(extra: &str) -> (RouteService<Scripted>, Scripted, Destination) {
+fn stack(
+    extra: &str,
+) -> (
+    super::super::filter::Filtered<Route, Scripted>,
+    Scripted,
+    Destination,
+) {
     let mesh = Arc::new(SharedMesh::default());
     let config = testing::mesh_config(2, extra);
     let view = MeshView::new(&config, "cluster.local");

@@ -1,4 +1,4 @@
-use std::net::Ipv4Addr;
+use std::{convert::Infallible, net::Ipv4Addr};
 
 use prometheus::Registry;
 use tower::{Layer as _, ServiceExt as _};
