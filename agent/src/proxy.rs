@@ -319,7 +319,8 @@ where
             pod: pod.clone(),
             shared: shared.clone(),
         };
-        return http::inbound::serve(client, upstream, connection).await;
+        // Boxed: byte-copy connections should not carry the HTTP server's state.
+        return Box::pin(http::inbound::serve(client, upstream, connection)).await;
     }
     let registration = pod.active.register(peer, dst.port(), &pod.cancel);
     tokio::select! {

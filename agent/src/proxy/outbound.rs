@@ -63,7 +63,18 @@ pub async fn handle(
     let mut tracker = ConnectionTracker::start(shared, &pod, Direction::Outbound, peer, original);
     if let Some(service) = mesh.service_port(dst) {
         tracker.record.destination_service = Some(service.service.key.clone());
-        let result = to_service(client, peer, dst, &mesh, &pod, shared, &mut tracker).await;
+        // Boxed: the HTTP stack's state is large, and plain TCP to a pod should not carry it
+        // in every connection's task.
+        let result = Box::pin(to_service(
+            client,
+            peer,
+            dst,
+            &mesh,
+            &pod,
+            shared,
+            &mut tracker,
+        ))
+        .await;
         tracker.finish(result);
         return;
     }
@@ -183,7 +194,13 @@ async fn to_service(
                 http2_upstream: port.protocol == nodemesh_config::AppProtocol::Http2,
                 labels,
             };
-            http::outbound::serve(client, protocol, connection, shared.http.outbound()).await?;
+            Box::pin(http::outbound::serve(
+                client,
+                protocol,
+                connection,
+                shared.http.outbound(),
+            ))
+            .await?;
             return Ok(counts.get());
         }
         // Not HTTP after all: carried as bytes, with what was read put back.
@@ -308,8 +325,16 @@ pub async fn open_hbone_tunnel(
     let identity = shared.identities.get(&pod.identity).await?;
     let mut sender = shared
         .pool
+        // Boxed: only a new pooled connection runs the handshakes, and their state should
+        // not sit in every connection's task.
         .sender(key, || {
-            connect_hbone(pod, shared, identity, destination_identity, hbone_addr)
+            Box::pin(connect_hbone(
+                pod,
+                shared,
+                identity,
+                destination_identity,
+                hbone_addr,
+            ))
         })
         .await?;
     let headers = super::baggage::connect_headers(&pod.key, client, service);
