@@ -63,13 +63,15 @@ pub fn run(args: &StatusArgs) -> anyhow::Result<ExitCode> {
         }
     );
     println!(
-        "  configuration: version {}, accepted {}; {} workloads, {} services, {} authorization policies, {} peer authentications",
+        "  configuration: version {}, accepted {}; {} workloads, {} services, {} authorization policies, {} peer authentications, {} HTTP routes, {} traffic policies",
         version.map_or_else(|| "-".to_owned(), |v| v.to_string()),
         ago(dump["accepted_at_unix_ms"].as_u64()),
         count("workloads"),
         count("services"),
         count("authorization_policies"),
         count("peer_authentications"),
+        count("http_routes"),
+        count("backend_traffic_policies"),
     );
     if let Some(errors) = dump["last_error"].as_array() {
         healthy = false;
