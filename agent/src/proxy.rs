@@ -12,7 +12,7 @@
 //! application sees who is calling. Plain TCP is a byte copy with half-close carried through.
 
 mod authz;
-mod baggage;
+pub mod baggage;
 mod hbone_inbound;
 pub mod http;
 mod inbound;
@@ -108,6 +108,8 @@ pub struct PodContext {
     pub active: ActiveConnections,
     /// The local rate limits of the Services that select the workload, and their buckets.
     pub rate_limits: Arc<http::PodRateLimits>,
+    /// The `baggage` its HBONE CONNECTs carry, made once.
+    pub baggage: Option<::http::HeaderValue>,
 }
 
 impl PodContext {

@@ -217,6 +217,7 @@ impl WorkloadRegistry {
             active: Default::default(),
             cancel: CancellationToken::new(),
             rate_limits: Default::default(),
+            baggage: crate::proxy::baggage::baggage(&workload.key()),
         });
         let shared = &self.shared;
         tokio::spawn(serve(

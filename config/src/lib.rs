@@ -11,6 +11,7 @@ mod backend_traffic_policy;
 mod duration;
 mod error;
 mod http_route;
+mod ip_block;
 mod load;
 mod mesh;
 mod mesh_settings;
@@ -44,6 +45,7 @@ pub use http_route::{
     HttpRouteRule, HttpRouteSpec, HttpRouteTimeouts, ParentReference, PathMatchType, PathModifier,
     PathModifierType, RequestRedirect, UrlRewrite, ValueMatchType,
 };
+pub use ip_block::IpBlock;
 pub use load::{SourceFingerprint, load_dir, load_path, load_str};
 pub use mesh::{EffectiveMtls, MeshConfig};
 pub use mesh_settings::{Egress, EgressPolicy, MeshSettings, MeshSettingsSpec, Telemetry, Tracing};

@@ -400,3 +400,24 @@ pub fn poll_until<T>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_pod_key_value() {
+        assert_eq!(
+            parse_label("n2-p1=version=v1"),
+            Ok(("n2-p1".into(), "version".into(), "v1".into()))
+        );
+        assert_eq!(
+            parse_label("n2-p1=config=a=b"),
+            Ok(("n2-p1".into(), "config".into(), "a=b".into())),
+            "the value may hold '='"
+        );
+        for bad in ["n2-p1", "n2-p1=version", "=version=v1", "n2-p1==v1"] {
+            assert!(parse_label(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -77,3 +77,25 @@ pub fn workload_yaml(pod: &PodPlan) -> String {
         sa = pod.service_account,
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_read_back_as_the_strings_they_are() {
+        for (value, written) in [
+            ("n1-p1", "n1-p1"),
+            ("v1", "v1"),
+            ("true", "\"true\""),
+            ("10", "\"10\""),
+            ("a b", "\"a b\""),
+            ("", "\"\""),
+        ] {
+            assert_eq!(scalar(value), written, "{value:?}");
+            let read: std::collections::BTreeMap<String, String> =
+                serde_yaml::from_str(&format!("k: {written}")).expect("yaml");
+            assert_eq!(read["k"], value, "{written} reads back");
+        }
+    }
+}

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod hbone;
+pub mod traffic;
 
 use std::{
     io::{Read as _, Write as _},

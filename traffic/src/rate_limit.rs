@@ -12,8 +12,8 @@ use std::{
 
 use http::{HeaderMap, Method};
 use nodemesh_config::{
-    BackendTrafficPolicy, HeaderMatchType, MeshConfig, PathMatchKind, RateLimitSelectCondition,
-    SourceMatchType, StringMatchType, TargetKind, Workload,
+    BackendTrafficPolicy, HeaderMatchType, IpBlock, MeshConfig, PathMatchKind,
+    RateLimitSelectCondition, SourceMatchType, StringMatchType, TargetKind, Workload,
 };
 use regex::Regex;
 
@@ -56,8 +56,7 @@ enum HeaderKind {
 
 #[derive(Debug)]
 struct SourceCondition {
-    network: IpAddr,
-    prefix: u8,
+    block: IpBlock,
     distinct: bool,
 }
 
@@ -129,10 +128,8 @@ impl Selector {
                 })
                 .collect(),
             source: condition.source_cidr.as_ref().and_then(|s| {
-                let (network, prefix) = nodemesh_config::parse_ip_block(&s.value).ok()?;
                 Some(SourceCondition {
-                    network,
-                    prefix,
+                    block: IpBlock::new(&s.value)?,
                     distinct: s.kind == SourceMatchType::Distinct,
                 })
             }),
@@ -182,7 +179,7 @@ impl Selector {
             }
         }
         if let Some(source) = &self.source {
-            in_block(request.source, source.network, source.prefix).then_some(())?;
+            source.block.contains(request.source).then_some(())?;
             if source.distinct {
                 key.push_str(&request.source.to_string());
                 key.push('\0');
@@ -213,20 +210,6 @@ impl StringCondition {
             StringCondition::Exact(expected) => expected == value,
             StringCondition::Regex(regex) => regex.is_match(value),
         }
-    }
-}
-
-fn in_block(ip: IpAddr, network: IpAddr, prefix: u8) -> bool {
-    match (ip, network) {
-        (IpAddr::V4(ip), IpAddr::V4(net)) => {
-            let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
-            u32::from(ip) & mask == u32::from(net) & mask
-        }
-        (IpAddr::V6(ip), IpAddr::V6(net)) => {
-            let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
-            u128::from(ip) & mask == u128::from(net) & mask
-        }
-        _ => false,
     }
 }
 
@@ -464,15 +447,8 @@ mod tests {
             ..request("10.0.0.1", &none)
         };
         assert!(rule.bucket_key(&other).is_none());
-        assert!(in_block(
-            "10.1.2.3".parse().expect("ip"),
-            "10.0.0.0".parse().expect("ip"),
-            8
-        ));
-        assert!(!in_block(
-            "11.1.2.3".parse().expect("ip"),
-            "10.0.0.0".parse().expect("ip"),
-            8
-        ));
+        let block = IpBlock::new("10.0.0.0/8").expect("block");
+        assert!(block.contains("10.1.2.3".parse().expect("ip")));
+        assert!(!block.contains("11.1.2.3".parse().expect("ip")));
     }
 }

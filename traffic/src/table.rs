@@ -35,8 +35,6 @@ pub struct TrafficTable {
 pub struct ServiceEntry {
     /// `namespace/name`.
     pub key: String,
-    pub namespace: String,
-    pub vip: Ipv4Addr,
     pub ports: Vec<PortEntry>,
     pub endpoints: Vec<Endpoint>,
     /// The endpoint settings of the Service's own policy (or the defaults).
@@ -171,8 +169,6 @@ impl TrafficTable {
                 .collect();
             table.services.push(ServiceEntry {
                 key,
-                namespace: service.metadata.namespace().to_owned(),
-                vip: service.spec.cluster_ip,
                 ports,
                 endpoints,
                 settings,

@@ -7,17 +7,26 @@ use std::net::SocketAddr;
 
 use http::{HeaderMap, HeaderValue, header};
 
-/// The CONNECT headers for a connection from the workload `namespace/name` at `client`,
-/// addressed to `service` (`namespace/name`) when it went to a Service.
-pub fn connect_headers(workload: &str, client: SocketAddr, service: Option<&str>) -> HeaderMap {
-    let mut headers = HeaderMap::with_capacity(3);
+/// The `baggage` of the workload `namespace/name`, made once when it is enrolled.
+pub fn baggage(workload: &str) -> Option<HeaderValue> {
     let (namespace, name) = workload.split_once('/').unwrap_or(("default", workload));
-    let baggage = format!(
+    HeaderValue::from_str(&format!(
         "k8s.cluster.name=Kubernetes,k8s.namespace.name={namespace},k8s.pod.name={name},\
          service.name={name},service.version=latest"
-    );
-    if let Ok(value) = HeaderValue::from_str(&baggage) {
-        headers.insert("baggage", value);
+    ))
+    .ok()
+}
+
+/// The CONNECT headers for a connection from a workload with `baggage` at `client`,
+/// addressed to `service` (`namespace/name`) when it went to a Service.
+pub fn connect_headers(
+    baggage: Option<&HeaderValue>,
+    client: SocketAddr,
+    service: Option<&str>,
+) -> HeaderMap {
+    let mut headers = HeaderMap::with_capacity(3);
+    if let Some(baggage) = baggage {
+        headers.insert("baggage", baggage.clone());
     }
     let forwarded = match service.and_then(|s| s.split_once('/')) {
         Some((ns, svc)) => format!("for=\"{client}\";host={svc}.{ns}.svc.cluster.local"),
@@ -77,7 +86,8 @@ mod tests {
     #[test]
     fn connect_headers_are_ztunnels() {
         let client: SocketAddr = "10.88.1.2:43210".parse().expect("addr");
-        let headers = connect_headers("shop/web-1", client, Some("shop/web"));
+        let baggage = baggage("shop/web-1");
+        let headers = connect_headers(baggage.as_ref(), client, Some("shop/web"));
         assert_eq!(
             headers["baggage"],
             "k8s.cluster.name=Kubernetes,k8s.namespace.name=shop,k8s.pod.name=web-1,service.name=web-1,service.version=latest"
@@ -92,7 +102,7 @@ mod tests {
             traceparent.starts_with("00-") && traceparent.ends_with("-00"),
             "{traceparent}"
         );
-        let direct = connect_headers("shop/web-1", client, None);
+        let direct = connect_headers(baggage.as_ref(), client, None);
         assert_eq!(direct[header::FORWARDED], "for=\"10.88.1.2:43210\"");
     }
 
@@ -106,7 +116,11 @@ mod tests {
                 .expect("value"),
         );
         assert_eq!(source_workload(&headers).as_deref(), Some("default/sleep"));
-        let ours = connect_headers("shop/web-1", "10.0.0.1:1".parse().expect("addr"), None);
+        let ours = connect_headers(
+            baggage("shop/web-1").as_ref(),
+            "10.0.0.1:1".parse().expect("addr"),
+            None,
+        );
         assert_eq!(
             source_workload(&ours).as_deref(),
             Some("shop/web-1"),

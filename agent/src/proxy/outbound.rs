@@ -337,7 +337,7 @@ pub async fn open_hbone_tunnel(
             ))
         })
         .await?;
-    let headers = super::baggage::connect_headers(&pod.key, client, service);
+    let headers = super::baggage::connect_headers(pod.baggage.as_ref(), client, service);
     Ok(nodemesh_hbone::open_tunnel_with(&mut sender, dst, headers).await?)
 }
 

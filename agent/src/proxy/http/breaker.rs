@@ -47,17 +47,23 @@ impl HttpFilter for Breaker {
             return forward(inner, req).await;
         };
         let target = &routed.target;
-        let client = req
-            .extensions()
-            .get::<ClientWorkload>()
-            .map_or_else(|| Arc::from("-"), |c| c.key.clone());
-        let budget = target
-            .request
-            .retry
-            .as_ref()
-            .map(|r| r.budget)
-            .unwrap_or_default();
-        let client_state = state.client(&client, &target.state_key, budget);
+        // The retry layer above looked the client's state up already, when it retries.
+        let client_state = match req.extensions().get::<Arc<ClientState>>() {
+            Some(client_state) => client_state.clone(),
+            None => {
+                let client = req
+                    .extensions()
+                    .get::<ClientWorkload>()
+                    .map_or_else(|| Arc::from("-"), |c| c.key.clone());
+                let budget = target
+                    .request
+                    .retry
+                    .as_ref()
+                    .map(|r| r.budget)
+                    .unwrap_or_default();
+                state.client(&client, &target.state_key, budget)
+            }
+        };
         let limit = target.settings.limits.max_parallel_requests;
         let Some(_held) = client_state.try_hold(|c: &ClientState| &c.requests, limit) else {
             state

@@ -24,7 +24,7 @@ use super::{
     breaker::BreakerLayer,
     detect::Protocol as Detected,
     retry::RetryLayer,
-    route::{Destination, RouteLayer},
+    route::{Addressed, RouteLayer},
     state::{ClientWorkload, TrafficState},
     telemetry::{Reporter, Sinks, TelemetryLayer},
     timeout::TimeoutLayer,
@@ -111,7 +111,7 @@ where
         UpstreamProtocol::Http1
     };
     let workload: Arc<str> = Arc::from(connection.pod.key.as_str());
-    let destination = Destination {
+    let destination = Addressed {
         service: connection.service,
         port: connection.dst.port(),
         client_namespace: namespace,

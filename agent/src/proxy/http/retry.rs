@@ -76,6 +76,8 @@ impl HttpFilter for Retry {
         // Retries go to endpoints not tried yet, when there are any (Envoy's
         // previous_hosts predicate, which Istio sets by default).
         parts.extensions.insert(super::balance::Tried::default());
+        // The circuit breaker below counts in the same state.
+        parts.extensions.insert(budget.clone());
         let (data, trailers) = match buffer(body, RETRY_BUFFER_LIMIT).await {
             Buffered::Complete { data, trailers } => (data, trailers),
             Buffered::Streaming(body) => {

@@ -29,7 +29,7 @@ pub struct Routed {
 
 /// Where the client sent the request: a Service port, from a workload of `client_namespace`.
 #[derive(Debug, Clone)]
-pub struct Destination {
+pub struct Addressed {
     pub service: nodemesh_traffic::ServiceId,
     pub port: u16,
     pub client_namespace: String,
@@ -52,7 +52,7 @@ impl HttpFilter for Route {
     async fn filter<S: Inner>(&self, inner: S, mut req: HttpRequest) -> HttpResponse {
         // The mesh as it is now: a weight change applies to the next request.
         let mesh = self.mesh.load();
-        let Some(destination) = req.extensions().get::<Destination>().cloned() else {
+        let Some(destination) = req.extensions().get::<Addressed>().cloned() else {
             return local_reply(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 ResponseFlags::NO_ROUTE,
@@ -94,7 +94,7 @@ struct Plan {
 /// when routing answers itself.
 fn plan(
     mesh: &MeshView,
-    destination: &Destination,
+    destination: &Addressed,
     req: &mut HttpRequest,
 ) -> Result<Plan, Box<HttpResponse>> {
     let service = &mesh.traffic.services[destination.service];

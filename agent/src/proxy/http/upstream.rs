@@ -20,7 +20,7 @@ use nodemesh_traffic::retry::Attempt;
 use tower::Service;
 
 pub use self::{
-    connect::{ConnectTarget, Connector, MeshConnector},
+    connect::{ConnectTarget, Connector, MeshConnector, UpstreamIo},
     pool::UpstreamPools,
 };
 use super::{

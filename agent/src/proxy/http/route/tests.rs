@@ -26,7 +26,7 @@ fn stack(
 ) -> (
     super::super::filter::Filtered<Route, Scripted>,
     Scripted,
-    Destination,
+    Addressed,
 ) {
     let mesh = Arc::new(SharedMesh::default());
     let config = testing::mesh_config(2, extra);
@@ -34,7 +34,7 @@ fn stack(
     let (service, _) = view.traffic.service("shop/web").expect("web");
     mesh.store(view);
     let inner = Scripted::statuses(&[200]);
-    let destination = Destination {
+    let destination = Addressed {
         service,
         port: 80,
         client_namespace: "shop".to_owned(),
@@ -46,7 +46,7 @@ fn stack(
     )
 }
 
-fn request(path: &str, destination: &Destination) -> HttpRequest {
+fn request(path: &str, destination: &Addressed) -> HttpRequest {
     let mut req = testing::request(path);
     req.extensions_mut().insert(destination.clone());
     req

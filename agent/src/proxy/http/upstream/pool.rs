@@ -229,17 +229,13 @@ impl UpstreamPools {
                 continue;
             }
             if let Some(held) = client_state.try_hold(|c| &c.connections, limits.max_connections) {
-                let io = match self.connector.connect(target.clone()).await {
-                    Ok(io) => io,
-                    Err(e) => return connect_failed(&target.endpoint, &e),
-                };
-                let (sender, connection) = match http1::handshake(TokioIo::new(io)).await {
-                    Ok(pair) => pair,
-                    Err(e) => return connect_failed(&target.endpoint, &e),
-                };
-                let info = ConnInfo::new();
-                spawn_driver(pool.clone(), info.clone(), held, reuse, connection);
-                break (sender, info);
+                match self
+                    .open(pool, &target, held, reuse, http1::handshake)
+                    .await
+                {
+                    Ok(opened) => break opened,
+                    Err(refused) => return *refused,
+                }
             }
             if pending.is_none() {
                 let Some(held) = client_state.try_hold(|c| &c.pending, limits.max_pending_requests)
@@ -302,19 +298,12 @@ impl UpstreamPools {
                             limits.max_connections,
                         );
                     };
-                    let io = match self.connector.connect(target.clone()).await {
-                        Ok(io) => io,
-                        Err(e) => return connect_failed(&target.endpoint, &e),
-                    };
-                    let handshake = http2::Builder::new(TokioExecutor::new())
-                        .handshake(TokioIo::new(io))
-                        .await;
-                    let (sender, connection) = match handshake {
-                        Ok(pair) => pair,
-                        Err(e) => return connect_failed(&target.endpoint, &e),
-                    };
-                    let info = ConnInfo::new();
-                    spawn_driver(pool.clone(), info.clone(), held, reuse, connection);
+                    let handshake = |io| http2::Builder::new(TokioExecutor::new()).handshake(io);
+                    let (sender, info) =
+                        match self.open(pool, &target, held, reuse, handshake).await {
+                            Ok(opened) => opened,
+                            Err(refused) => return *refused,
+                        };
                     *slot = Some((sender.clone(), info.clone()));
                     (sender, info)
                 }
@@ -331,6 +320,36 @@ impl UpstreamPools {
                 reset(&target.endpoint, &e)
             }
         }
+    }
+}
+
+impl UpstreamPools {
+    /// Connects to the endpoint and starts HTTP on the stream with `handshake`; the
+    /// connection's driver holds its place in `maxConnections`. The error is the answer.
+    async fn open<Sender, Conn, H, F>(
+        &self,
+        pool: &Arc<EndpointPool>,
+        target: &ConnectTarget,
+        held: Held,
+        reuse: Reuse,
+        handshake: H,
+    ) -> Result<(Sender, Arc<ConnInfo>), Box<HttpResponse>>
+    where
+        H: FnOnce(TokioIo<super::UpstreamIo>) -> F,
+        F: std::future::Future<Output = hyper::Result<(Sender, Conn)>>,
+        Conn: std::future::Future + Send + 'static,
+    {
+        let io = self
+            .connector
+            .connect(target.clone())
+            .await
+            .map_err(|e| Box::new(connect_failed(&target.endpoint, &e)))?;
+        let (sender, connection) = handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| Box::new(connect_failed(&target.endpoint, &e)))?;
+        let info = ConnInfo::new();
+        spawn_driver(pool.clone(), info.clone(), held, reuse, connection);
+        Ok((sender, info))
     }
 }
 
