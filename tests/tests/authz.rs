@@ -230,6 +230,12 @@ spec:
         Ok(())
     })
     .expect("new connections from n1-p1 are cut");
+    // The poll may have ended on a connection the policy change closed; one more, made with
+    // the policy surely in force, is refused as a new connection.
+    let refused = echo_from(&sb.pod("n1-p1").netns, echo, b"x")
+        .map(|e| e.reply)
+        .unwrap_or_default();
+    assert!(refused.is_empty(), "a new connection from n1-p1 is refused");
     assert!(!held.alive(), "the existing connection is closed too");
     assert_eq!(
         echo_from(&sb.pod("n1-p2").netns, echo, b"y")
