@@ -8,7 +8,7 @@ use std::{
     sync::{Arc, RwLock},
 };
 
-use nodemesh_config::{EgressPolicy, MeshConfig};
+use nodemesh_config::{EgressPolicy, MeshConfig, PathNormalization};
 use nodemesh_identity::SpiffeId;
 use nodemesh_traffic::{PortEntry, ServiceEntry, ServiceId, TrafficTable};
 
@@ -29,6 +29,8 @@ pub struct MeshView {
     pub egress: EgressPolicy,
     /// Read HTTP on every inbound connection (MeshSettings telemetry).
     pub reads_http: bool,
+    /// How request paths are normalised before they are judged and routed.
+    pub path_normalization: PathNormalization,
 }
 
 /// A Service port a connection was addressed to.
@@ -66,6 +68,7 @@ impl MeshView {
             traffic: TrafficTable::new(mesh),
             egress: mesh.egress(),
             reads_http: mesh.settings.telemetry.reads_http(),
+            path_normalization: mesh.settings.path_normalization,
         }
     }
 

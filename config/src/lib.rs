@@ -48,7 +48,9 @@ pub use http_route::{
 pub use ip_block::IpBlock;
 pub use load::{SourceFingerprint, load_dir, load_path, load_str};
 pub use mesh::{EffectiveMtls, MeshConfig};
-pub use mesh_settings::{Egress, EgressPolicy, MeshSettings, MeshSettingsSpec, Telemetry, Tracing};
+pub use mesh_settings::{
+    Egress, EgressPolicy, MeshSettings, MeshSettingsSpec, PathNormalization, Telemetry, Tracing,
+};
 pub use meta::ObjectMeta;
 pub use namespace::Namespace;
 pub use peer_authentication::{
@@ -69,7 +71,8 @@ pub const API_VERSION: &str = "nodemesh.dev/v1alpha1";
 /// The API group and version of the security kinds, named as Istio's.
 pub const SECURITY_API_VERSION: &str = "security.nodemesh.dev/v1";
 
-/// The namespace whose policies apply to the whole mesh.
+/// The mesh's own namespace (MeshSettings live there), and the root namespace whose policies
+/// apply to the whole mesh unless MeshSettings names another.
 pub const ROOT_NAMESPACE: &str = "nodemesh-system";
 
 /// The SPIFFE trust domain used when none is configured.

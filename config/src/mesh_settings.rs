@@ -1,9 +1,9 @@
 use serde::{Deserialize, Serialize};
 
-use crate::ObjectMeta;
+use crate::{ObjectMeta, ROOT_NAMESPACE};
 
 /// Mesh-wide settings (`apiVersion: nodemesh.dev/v1alpha1`, `kind: MeshSettings`): at most one,
-/// named `default`, in the root namespace `nodemesh-system`.
+/// named `default`, in the mesh's own namespace `nodemesh-system`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MeshSettings {
@@ -21,6 +21,40 @@ pub struct MeshSettingsSpec {
     pub egress: Egress,
     #[serde(default)]
     pub telemetry: Telemetry,
+    /// How request paths are normalised before authorization and routing judge them (Istio's
+    /// `meshConfig.pathNormalization.normalization`).
+    #[serde(default)]
+    pub path_normalization: PathNormalization,
+    /// The namespace whose AuthorizationPolicies and PeerAuthentications apply to the whole
+    /// mesh (Istio's `rootNamespace`); `nodemesh-system` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_namespace: Option<String>,
+    /// Other trust domains whose identities count as the mesh's own in AuthorizationPolicy
+    /// principals (Istio's `trustDomainAliases`), for a mesh moving from one to another.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trust_domain_aliases: Vec<String>,
+}
+
+impl MeshSettingsSpec {
+    /// The namespace of mesh-wide policies.
+    pub fn root_namespace(&self) -> &str {
+        self.root_namespace.as_deref().unwrap_or(ROOT_NAMESPACE)
+    }
+}
+
+/// Istio's path normalisation options, applied to every request the proxies read as HTTP.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum PathNormalization {
+    /// The path as the client sent it.
+    None,
+    /// RFC 3986: dot segments removed, escaped unreserved characters decoded, `\` as `/`.
+    #[default]
+    Base,
+    /// `BASE`, and runs of `/` merged.
+    MergeSlashes,
+    /// `%2F` and `%5C` decoded too, then `MERGE_SLASHES`.
+    DecodeAndMergeSlashes,
 }
 
 /// What the proxies observe beyond connections.

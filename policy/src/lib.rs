@@ -20,6 +20,7 @@
 mod compile;
 mod explain;
 mod matcher;
+pub mod normalize;
 mod path;
 
 use std::net::IpAddr;

@@ -25,6 +25,7 @@ pub mod detect;
 mod filter;
 mod flags;
 pub mod inbound;
+mod normalize;
 pub mod outbound;
 mod prefixed;
 mod rate_limit;

@@ -28,9 +28,11 @@ impl ResponseFlags {
     pub const RBAC: Self = Self(1 << 8);
     /// The client went away before the response.
     pub const DOWNSTREAM_TERMINATION: Self = Self(1 << 9);
+    /// The client's request was malformed (a path that cannot be normalised).
+    pub const DOWNSTREAM_PROTOCOL_ERROR: Self = Self(1 << 10);
 
     /// In Envoy's order.
-    const NAMES: [(Self, &'static str); 10] = [
+    const NAMES: [(Self, &'static str); 11] = [
         (Self::NO_HEALTHY_UPSTREAM, "UH"),
         (Self::UPSTREAM_TIMEOUT, "UT"),
         (Self::UPSTREAM_CONNECT_FAILURE, "UF"),
@@ -41,6 +43,7 @@ impl ResponseFlags {
         (Self::RATE_LIMITED, "RL"),
         (Self::RBAC, "RBAC"),
         (Self::DOWNSTREAM_TERMINATION, "DC"),
+        (Self::DOWNSTREAM_PROTOCOL_ERROR, "DPE"),
     ];
 
     pub fn contains(self, other: Self) -> bool {

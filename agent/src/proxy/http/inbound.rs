@@ -28,6 +28,7 @@ use super::{
     boxed,
     counted::Counted,
     detect::{Protocol, detect},
+    normalize::NormalizeLayer,
     rate_limit::{Limited, PodLimits, RateLimitLayer},
     telemetry::{Reporter, TelemetryLayer},
 };
@@ -126,6 +127,7 @@ where
     let http = &conn.shared.http;
     let stack = ServiceBuilder::new()
         .layer(TelemetryLayer::new(http.sinks.clone()))
+        .layer(NormalizeLayer::new(conn.shared.mesh.clone()))
         .layer(AuthzLayer::default())
         .layer(RateLimitLayer::new(http.traffic.metrics.clone()))
         .service(App::new(app, workload.clone()));

@@ -23,6 +23,7 @@ use super::{
     boxed,
     breaker::BreakerLayer,
     detect::Protocol as Detected,
+    normalize::NormalizeLayer,
     retry::RetryLayer,
     route::{Addressed, RouteLayer},
     state::{ClientWorkload, TrafficState},
@@ -57,6 +58,7 @@ impl HttpStacks {
         let pools = Arc::new(UpstreamPools::new(connector));
         let outbound = ServiceBuilder::new()
             .layer(TelemetryLayer::new(sinks.clone()))
+            .layer(NormalizeLayer::new(mesh.clone()))
             .layer(RouteLayer::new(mesh))
             .layer(TimeoutLayer::default())
             .layer(RetryLayer::new(traffic.clone()))

@@ -103,6 +103,13 @@ pub fn status_service(status: u16) -> TestService {
 }
 
 /// Answers 200 after `delay`.
+/// Answers 200 with the request's URI as the layers above left it.
+pub fn uri_echo_service() -> TestService {
+    BoxCloneSyncService::new(tower::service_fn(|req: HttpRequest| async move {
+        Ok::<_, Infallible>(Response::new(full_body(req.uri().to_string())))
+    }))
+}
+
 pub fn slow_service(delay: Duration) -> TestService {
     BoxCloneSyncService::new(service_fn(move |_req: HttpRequest| async move {
         tokio::time::sleep(delay).await;

@@ -1,0 +1,130 @@
+//! Path normalisation, in both directions before anything looks at the path: at the client's
+//! node before routing, at the destination before authorization. The request goes on with the
+//! normalised path, so the application serves exactly the path the policies judged. A path
+//! that cannot be normalised gets 400 (`DPE`), as from Envoy.
+
+use std::sync::Arc;
+
+use http::{StatusCode, Uri, uri::PathAndQuery};
+use nodemesh_policy::normalize::{InvalidPath, normalize_path};
+
+use super::{
+    HttpRequest, HttpResponse, ResponseFlags,
+    filter::{FilterLayer, HttpFilter, Inner, forward},
+    local_reply,
+};
+use crate::mesh::SharedMesh;
+
+#[derive(Debug, Clone)]
+pub struct Normalize {
+    mesh: Arc<SharedMesh>,
+}
+
+pub type NormalizeLayer = FilterLayer<Normalize>;
+
+impl NormalizeLayer {
+    pub fn new(mesh: Arc<SharedMesh>) -> Self {
+        FilterLayer(Normalize { mesh })
+    }
+}
+
+/// The request's URI with its path normalised; `None` when nothing changes.
+pub fn normalized_uri(
+    uri: &Uri,
+    mode: nodemesh_config::PathNormalization,
+) -> Result<Option<Uri>, InvalidPath> {
+    let path = uri.path();
+    let normal = normalize_path(path, mode)?;
+    if normal == path {
+        return Ok(None);
+    }
+    let text = match uri.query() {
+        Some(query) => format!("{normal}?{query}"),
+        None => normal.into_owned(),
+    };
+    let mut parts = uri.clone().into_parts();
+    // A normalised path holds only characters the original could hold: it always parses.
+    parts.path_and_query =
+        Some(PathAndQuery::try_from(text).map_err(|_| InvalidPath::NotAbsolute)?);
+    Uri::from_parts(parts)
+        .map(Some)
+        .map_err(|_| InvalidPath::NotAbsolute)
+}
+
+impl HttpFilter for Normalize {
+    async fn filter<S: Inner>(&self, inner: S, mut req: HttpRequest) -> HttpResponse {
+        let mode = self.mesh.load().path_normalization;
+        match normalized_uri(req.uri(), mode) {
+            Ok(None) => {}
+            Ok(Some(uri)) => *req.uri_mut() = uri,
+            Err(e) => {
+                return local_reply(
+                    StatusCode::BAD_REQUEST,
+                    ResponseFlags::DOWNSTREAM_PROTOCOL_ERROR,
+                    format!("invalid path {:?}: {e}", req.uri().path()),
+                );
+            }
+        }
+        forward(inner, req).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use nodemesh_config::PathNormalization;
+    use tower::{Layer as _, ServiceExt as _};
+
+    use super::*;
+    use crate::{
+        mesh::MeshView,
+        proxy::http::{flags_of, testing},
+    };
+
+    fn layer(mode: PathNormalization) -> NormalizeLayer {
+        let mut config = testing::mesh_config(0, "");
+        config.settings.path_normalization = mode;
+        let mesh = SharedMesh::default();
+        mesh.store(MeshView::new(&config, "cluster.local"));
+        NormalizeLayer::new(Arc::new(mesh))
+    }
+
+    #[tokio::test]
+    async fn the_layers_below_see_the_normalised_path_and_the_query_as_sent() {
+        let service = layer(PathNormalization::Base).layer(testing::uri_echo_service());
+        let Ok(response) = service
+            .oneshot(testing::request("/public/%2e%2e/pri%76ate?q=%2e%2e"))
+            .await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(testing::body_text(response).await, "/private?q=%2e%2e");
+    }
+
+    #[tokio::test]
+    async fn an_absolute_form_request_keeps_its_authority() {
+        let service = layer(PathNormalization::MergeSlashes).layer(testing::uri_echo_service());
+        let Ok(response) = service
+            .oneshot(testing::request("http://web.shop:8080//a/./b"))
+            .await;
+        assert_eq!(
+            testing::body_text(response).await,
+            "http://web.shop:8080/a/b"
+        );
+    }
+
+    #[tokio::test]
+    async fn none_forwards_the_path_untouched() {
+        let service = layer(PathNormalization::None).layer(testing::uri_echo_service());
+        let Ok(response) = service.oneshot(testing::request("/a/../b")).await;
+        assert_eq!(testing::body_text(response).await, "/a/../b");
+    }
+
+    #[tokio::test]
+    async fn a_path_that_cannot_be_normalised_gets_400() {
+        let service = layer(PathNormalization::Base).layer(testing::uri_echo_service());
+        let Ok(response) = service.oneshot(testing::request("/a%00")).await;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            flags_of(&response),
+            ResponseFlags::DOWNSTREAM_PROTOCOL_ERROR
+        );
+    }
+}
