@@ -19,6 +19,7 @@ mod inbound;
 mod listener;
 mod outbound;
 mod pool;
+mod sni;
 mod tracker;
 
 use std::{
@@ -28,7 +29,7 @@ use std::{
     time::Duration,
 };
 
-use nodemesh_config::{EffectiveMtls, MtlsMode};
+use nodemesh_config::EffectiveMtls;
 use nodemesh_identity::SpiffeId;
 use nodemesh_policy::{Peer, WorkloadPolicies};
 use tokio::{
@@ -324,7 +325,34 @@ where
         // Boxed: byte-copy connections should not carry the HTTP server's state.
         return Box::pin(http::inbound::serve(client, upstream, connection)).await;
     }
-    let registration = pod.active.register(peer, dst.port(), &pod.cancel);
+    let policies = pod.policies();
+    if !policies.needs_sni() {
+        let registration = pod.active.register(peer, dst, None, &pod.cancel);
+        return tokio::select! {
+            () = registration.cancel.cancelled() => Err(ProxyError::Revoked),
+            result = splice(&mut client, &mut upstream) => result,
+        };
+    }
+    // `connection.sni` conditions: judged once the application's ClientHello is read.
+    let (sni, mut client) = sni::read_server_name(client).await?;
+    let decision = authz::decide(
+        pod,
+        shared,
+        &policies,
+        &nodemesh_policy::Request {
+            peer: &peer,
+            destination_ip: dst.ip(),
+            destination_port: dst.port(),
+            sni: sni.as_deref(),
+            http: None,
+        },
+    );
+    if !decision.allowed {
+        return Err(ProxyError::Denied {
+            by: decision.denied_by().unwrap_or_default(),
+        });
+    }
+    let registration = pod.active.register(peer, dst, sni.as_deref(), &pod.cancel);
     tokio::select! {
         () = registration.cancel.cancelled() => Err(ProxyError::Revoked),
         result = splice(&mut client, &mut upstream) => result,
@@ -333,8 +361,5 @@ where
 
 /// The mode a freshly enrolled pod starts with until the configuration says otherwise.
 pub fn default_mtls() -> EffectiveMtls {
-    EffectiveMtls {
-        mode: MtlsMode::Permissive,
-        policy: None,
-    }
+    EffectiveMtls::default()
 }

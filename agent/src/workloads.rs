@@ -10,7 +10,6 @@ use std::{
 
 use nodemesh_config::{MeshConfig, Workload};
 use nodemesh_identity::SpiffeId;
-use nodemesh_policy::WorkloadPolicies;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -109,7 +108,7 @@ impl WorkloadRegistry {
             }
         }
         for enrolled in self.enrolled.values() {
-            apply_policies(&mesh, enrolled, &self.shared);
+            apply_policies(&mesh, enrolled, &self.shared, &self.config.trust_domain);
         }
         self.forget_traffic_state();
     }
@@ -160,7 +159,7 @@ impl WorkloadRegistry {
         match self.try_enroll(&workload).await {
             Ok(enrolled) => {
                 if let Some(mesh) = &self.mesh {
-                    apply_policies(mesh, &enrolled, &self.shared);
+                    apply_policies(mesh, &enrolled, &self.shared, &self.config.trust_domain);
                 }
                 tracing::info!(
                     workload = %key,
@@ -273,10 +272,15 @@ impl WorkloadRegistry {
 }
 
 /// Puts the workload's mTLS mode and authorization policies from `mesh` in force.
-fn apply_policies(mesh: &MeshConfig, enrolled: &Enrolled, shared: &ProxyShared) {
+fn apply_policies(
+    mesh: &MeshConfig,
+    enrolled: &Enrolled,
+    shared: &ProxyShared,
+    trust_domain: &str,
+) {
     let mtls = mesh.mtls_mode(&enrolled.workload);
     *enrolled.pod.mtls.write().unwrap_or_else(|e| e.into_inner()) = mtls;
-    let policies = WorkloadPolicies::new(mesh.authorization_policies_for(&enrolled.workload));
+    let policies = nodemesh_policy::workload_policies(mesh, trust_domain, &enrolled.workload);
     enrolled.pod.set_policies(shared, policies);
     enrolled
         .pod

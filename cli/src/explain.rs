@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use nodemesh_config::MeshConfig;
-use nodemesh_policy::{HttpAttributes, PathExplanation, Reason, Step, explain_path};
+use nodemesh_policy::{HttpAttributes, PathExplanation, Question, Reason, Step, explain_path};
 
 use crate::source::{self, Loaded};
 
@@ -28,12 +28,17 @@ pub struct ExplainArgs {
     /// Judge an HTTP request with this method (otherwise a TCP connection).
     #[arg(long)]
     method: Option<String>,
-    /// The request's path (the query string is ignored, as by the proxy).
+    /// The request's path as the client sends it (normalised as the proxies normalise it;
+    /// the query string is kept for `request.headers[:path]`).
     #[arg(long)]
     path: Option<String>,
-    /// The request's Host; the destination by default.
+    /// The request's `:authority` (Host), port included; by default the destination as
+    /// curl would send it (`name:port`, or `name` for port 80).
     #[arg(long)]
     host: Option<String>,
+    /// The server name of the application's own TLS handshake (for `connection.sni`).
+    #[arg(long)]
+    sni: Option<String>,
     /// A request header, `name=value`; repeat for more.
     #[arg(long = "header", value_name = "NAME=VALUE")]
     headers: Vec<String>,
@@ -72,12 +77,22 @@ pub fn run(args: &ExplainArgs) -> anyhow::Result<ExitCode> {
     let port: u16 = to_port
         .parse()
         .with_context(|| format!("--to {:?}: {to_port:?} is not a port", args.to))?;
-    let http = http_attributes(args, to_host)?;
+    let http = http_attributes(args, to_host, port)?;
     if let Some(service) = resolve_service(&mesh, to_host, &args.from)? {
         return explain_service(args, &mesh, &trust_domain, from, &service, port, http);
     }
     let to = resolve_ip(&mesh, to_host)?;
-    let explanation = explain_path(&mesh, &trust_domain, from, to, port, http.as_ref());
+    let explanation = explain_path(
+        &mesh,
+        &trust_domain,
+        Question {
+            source: from,
+            destination: to,
+            port,
+            http: http.as_ref(),
+            sni: args.sni.as_deref(),
+        },
+    );
     if args.json {
         println!("{}", serde_json::to_string_pretty(&explanation)?);
     } else {
@@ -162,6 +177,7 @@ fn explain_service(
         service,
         port,
         http.as_ref(),
+        args.sni.as_deref(),
         health.as_ref(),
     )?;
     if args.json {
@@ -203,7 +219,11 @@ fn resolve_ip(mesh: &MeshConfig, name: &str) -> anyhow::Result<Ipv4Addr> {
     }
 }
 
-fn http_attributes(args: &ExplainArgs, to_host: &str) -> anyhow::Result<Option<HttpAttributes>> {
+fn http_attributes(
+    args: &ExplainArgs,
+    to_host: &str,
+    port: u16,
+) -> anyhow::Result<Option<HttpAttributes>> {
     if args.method.is_none()
         && args.path.is_none()
         && args.headers.is_empty()
@@ -216,15 +236,25 @@ fn http_attributes(args: &ExplainArgs, to_host: &str) -> anyhow::Result<Option<H
         .iter()
         .map(|h| {
             h.split_once('=')
-                .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+                .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().as_bytes().to_vec()))
                 .with_context(|| format!("--header {h:?} must be name=value"))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let path = args.path.clone().unwrap_or_else(|| "/".to_owned());
+    let target = args.path.clone().unwrap_or_else(|| "/".to_owned());
+    let (path, query) = match target.split_once('?') {
+        Some((path, query)) => (path.to_owned(), Some(query.to_owned())),
+        None => (target, None),
+    };
+    let authority = args.host.clone().unwrap_or_else(|| match port {
+        80 => to_host.to_owned(),
+        _ => format!("{to_host}:{port}"),
+    });
     Ok(Some(HttpAttributes {
         method: args.method.clone().unwrap_or_else(|| "GET".to_owned()),
-        path: path.split('?').next().unwrap_or("/").to_owned(),
-        host: args.host.clone().unwrap_or_else(|| to_host.to_owned()),
+        path,
+        query,
+        authority: Some(authority),
+        scheme: Some("http".to_owned()),
         headers,
     }))
 }
@@ -249,6 +279,11 @@ fn render(e: &PathExplanation, http: Option<&HttpAttributes>) -> String {
         name(&e.destination),
         SocketAddrV4::new(e.destination.ip, e.port).port()
     ));
+    if let (Some(judged), Some(h)) = (&e.judged_path, http) {
+        if *judged != h.path {
+            out.push_str(&format!("  path judged as: {judged} (normalised)\n"));
+        }
+    }
     out.push_str(&format!(
         "  carried as: {}\n",
         match e.security {
@@ -275,6 +310,9 @@ fn render(e: &PathExplanation, http: Option<&HttpAttributes>) -> String {
         )),
         Step::EgressDenied => out.push_str(&format!(
             "  verdict: {verdict}: the destination is outside the mesh and MeshSettings denies egress\n"
+        )),
+        Step::InvalidPath { reason } => out.push_str(&format!(
+            "  verdict: {verdict}: the proxy answers 400, the path cannot be normalised: {reason}\n"
         )),
         Step::PlaintextRefused { policy } => out.push_str(&format!(
             "  verdict: {verdict}: plaintext refused, the destination is STRICT ({})\n",

@@ -6,12 +6,18 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{ObjectMeta, WorkloadSelector};
+use crate::{ObjectMeta, WorkloadSelector, meta::Ignored};
+
+mod condition;
+mod validate;
+
+pub use condition::ConditionKey;
+pub use validate::parse_port;
 
 /// Annotation that makes a policy report what it would do without enforcing it. Istio's
-/// `istio.io/dry-run` is honoured too.
+/// `istio.io/dry-run` is honoured too; both take Go's boolean forms (`true`, `True`, `1`, ...).
 pub const DRY_RUN_ANNOTATION: &str = "nodemesh.dev/dry-run";
-const ISTIO_DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
+pub const ISTIO_DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -21,6 +27,9 @@ pub struct AuthorizationPolicy {
     pub metadata: ObjectMeta,
     #[serde(default)]
     pub spec: AuthorizationPolicySpec,
+    /// What a cluster wrote back; objects exported from one carry it. Never read.
+    #[serde(default, skip_serializing)]
+    pub status: Option<Ignored>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,11 +37,49 @@ pub struct AuthorizationPolicy {
 pub struct AuthorizationPolicySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<WorkloadSelector>,
+    /// Istio's attachment to a Service (enforced where Istio's waypoint would, here at the
+    /// proxy of each workload the Service selects); not together with `selector`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_ref: Option<PolicyTargetRef>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub target_refs: Vec<PolicyTargetRef>,
     #[serde(default)]
     pub action: Action,
-    /// No rules: an ALLOW policy allows nothing, a DENY policy denies nothing.
+    /// The external authorizer of a CUSTOM policy: refused, nodemesh has none.
+    #[serde(default, skip_serializing)]
+    pub provider: Option<Ignored>,
+    /// No rules: an ALLOW policy allows nothing; a DENY policy needs rules (`- {}` denies all).
     #[serde(default)]
     pub rules: Vec<Rule>,
+}
+
+/// Istio's `PolicyTargetReference`: an object in the policy's own namespace.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PolicyTargetRef {
+    #[serde(default)]
+    pub group: String,
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
+
+impl AuthorizationPolicySpec {
+    /// The Services the policy attaches to by `targetRef`/`targetRefs` (validated to be Services).
+    pub fn target_services(&self) -> impl Iterator<Item = &str> {
+        self.target_ref
+            .iter()
+            .chain(&self.target_refs)
+            .map(|t| t.name.as_str())
+    }
+
+    /// Whether the policy attaches by target references rather than by selector.
+    pub fn has_targets(&self) -> bool {
+        self.target_ref.is_some() || !self.target_refs.is_empty()
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,25 +90,40 @@ pub enum Action {
     Deny,
     /// Logs and counts matching requests; decides nothing.
     Audit,
+    /// Delegates to an external authorizer: refused, nodemesh has none yet.
+    Custom,
 }
 
 /// A rule matches when one of `from` matches (or there is none), one of `to` matches (or
-/// there is none) and every `when` condition holds.
+/// there is none) and every `when` condition holds. `from: []` and `to: []` are refused, as
+/// by Istio: they read as "any" and would match plaintext too.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Rule {
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub from: Vec<From>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub to: Vec<To>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<Vec<From>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<Vec<To>>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub when: Vec<Condition>,
+}
+
+impl Rule {
+    pub fn from(&self) -> &[From] {
+        self.from.as_deref().unwrap_or_default()
+    }
+
+    pub fn to(&self) -> &[To] {
+        self.to.as_deref().unwrap_or_default()
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct From {
-    pub source: Source,
+    /// Required; an entry without one is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<Source>,
 }
 
 /// Every field set must match; within a field, any value.
@@ -78,27 +140,41 @@ pub struct Source {
     pub namespaces: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_namespaces: Vec<String>,
+    /// Service accounts of the peer, `name` (in the policy's namespace) or `namespace/name`,
+    /// from any trust domain; not together with principals or namespaces.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub service_accounts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_service_accounts: Vec<String>,
+    /// Trust domains of the peer's identity.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trust_domains: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_trust_domains: Vec<String>,
     /// Addresses or CIDR blocks of the peer.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ip_blocks: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_ip_blocks: Vec<String>,
-    /// JWT principals and original client addresses are not supported; kept to give a clear
-    /// error instead of "unknown field".
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub request_principals: Vec<String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub not_request_principals: Vec<String>,
+    /// The original client's address. No proxy in front of the mesh is trusted to report
+    /// another, so this is the peer's address, as in Istio without trusted proxies.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub remote_ip_blocks: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_remote_ip_blocks: Vec<String>,
+    /// JWT principals: refused with a message saying so, nodemesh has no JWT authentication.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub request_principals: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_request_principals: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct To {
-    pub operation: Operation,
+    /// Required; an entry without one is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operation: Option<Operation>,
 }
 
 /// Every field set must match; within a field, any value. Hosts, methods and paths are HTTP
@@ -106,6 +182,8 @@ pub struct To {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Operation {
+    /// `:authority` as sent (with its port, if any), compared without regard to case: exact,
+    /// `prefix*`, `*suffix`, or `*` for any; `host:*` covers every port.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hosts: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -119,69 +197,24 @@ pub struct Operation {
     pub methods: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_methods: Vec<String>,
-    /// Exact (`/a`), prefix (`/a/*`), suffix (`*.png`) or any (`*`).
+    /// Exact (`/a`), prefix (`/a/*`), suffix (`*.png`), any (`*`), or a template with `{*}`
+    /// (one segment) and `{**}` (the rest), judged on the normalised path.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub paths: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_paths: Vec<String>,
 }
 
-/// `key` is `request.headers[<name>]`, `source.ip`, `source.namespace`, `source.principal`
-/// or `destination.port`.
+/// `key` is one of Istio's attributes (see [`ConditionKey`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Condition {
+    #[serde(default)]
     pub key: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub values: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_values: Vec<String>,
-}
-
-/// What a `when` key refers to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ConditionKey {
-    /// A request header, its name lower-cased.
-    RequestHeader(String),
-    SourceIp,
-    SourceNamespace,
-    SourcePrincipal,
-    DestinationPort,
-}
-
-impl ConditionKey {
-    pub fn parse(key: &str) -> Result<Self, String> {
-        if let Some(name) = key
-            .strip_prefix("request.headers[")
-            .and_then(|rest| rest.strip_suffix(']'))
-        {
-            if name.is_empty()
-                || !name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
-            {
-                return Err(format!(
-                    "{key:?} names no valid header; use request.headers[<name>]"
-                ));
-            }
-            return Ok(Self::RequestHeader(name.to_ascii_lowercase()));
-        }
-        match key {
-            "source.ip" => Ok(Self::SourceIp),
-            "source.namespace" => Ok(Self::SourceNamespace),
-            "source.principal" => Ok(Self::SourcePrincipal),
-            "destination.port" => Ok(Self::DestinationPort),
-            _ => Err(format!(
-                "{key:?} is not a supported condition key; use request.headers[<name>], \
-                 source.ip, source.namespace, source.principal or destination.port"
-            )),
-        }
-    }
-
-    /// Whether the key needs the HTTP request.
-    pub fn is_http(&self) -> bool {
-        matches!(self, Self::RequestHeader(_))
-    }
 }
 
 /// An address or CIDR block, as `ipBlocks` holds them.
@@ -205,12 +238,22 @@ pub fn parse_ip_block(text: &str) -> Result<(IpAddr, u8), String> {
     Ok((ip, prefix))
 }
 
+/// Go's `strconv.ParseBool`, as Istio reads `istio.io/dry-run`.
+pub fn parse_go_bool(text: &str) -> Option<bool> {
+    match text {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Some(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Some(false),
+        _ => None,
+    }
+}
+
 impl AuthorizationPolicy {
     pub fn key(&self) -> String {
         format!("{}/{}", self.metadata.namespace(), self.metadata.name)
     }
 
-    /// Whether the policy only reports what it would do.
+    /// Whether the policy only reports what it would do: a dry-run annotation that reads as
+    /// true (validation refuses one that reads as neither).
     pub fn dry_run(&self) -> bool {
         [DRY_RUN_ANNOTATION, ISTIO_DRY_RUN_ANNOTATION]
             .iter()
@@ -218,126 +261,8 @@ impl AuthorizationPolicy {
                 self.metadata
                     .annotations
                     .get(*a)
-                    .is_some_and(|v| v == "true")
+                    .and_then(|v| parse_go_bool(v))
+                    .unwrap_or(false)
             })
-    }
-
-    /// Checks the fields that serde cannot: returns the field's path and what is wrong.
-    pub fn validate(&self) -> Result<(), (String, String)> {
-        for (r, rule) in self.spec.rules.iter().enumerate() {
-            for (f, from) in rule.from.iter().enumerate() {
-                let at = |field: &str| format!("spec.rules[{r}].from[{f}].source.{field}");
-                let s = &from.source;
-                for (field, values) in [
-                    ("requestPrincipals", &s.request_principals),
-                    ("notRequestPrincipals", &s.not_request_principals),
-                    ("remoteIpBlocks", &s.remote_ip_blocks),
-                    ("notRemoteIpBlocks", &s.not_remote_ip_blocks),
-                ] {
-                    if !values.is_empty() {
-                        return Err((
-                            at(field),
-                            "is not supported: nodemesh has no JWT authentication and no proxies \
-                             in front of the mesh; use principals or ipBlocks"
-                                .to_owned(),
-                        ));
-                    }
-                }
-                for (field, values) in [
-                    ("ipBlocks", &s.ip_blocks),
-                    ("notIpBlocks", &s.not_ip_blocks),
-                ] {
-                    for (i, v) in values.iter().enumerate() {
-                        parse_ip_block(v).map_err(|e| (format!("{}[{i}]", at(field)), e))?;
-                    }
-                }
-                for (field, values) in [
-                    ("principals", &s.principals),
-                    ("notPrincipals", &s.not_principals),
-                ] {
-                    for (i, v) in values.iter().enumerate() {
-                        check_pattern(v).map_err(|e| (format!("{}[{i}]", at(field)), e))?;
-                    }
-                }
-            }
-            for (t, to) in rule.to.iter().enumerate() {
-                let at = |field: &str| format!("spec.rules[{r}].to[{t}].operation.{field}");
-                let o = &to.operation;
-                for (field, values) in [("ports", &o.ports), ("notPorts", &o.not_ports)] {
-                    for (i, v) in values.iter().enumerate() {
-                        if v.parse::<u16>().map_or(true, |p| p == 0) {
-                            return Err((
-                                format!("{}[{i}]", at(field)),
-                                format!("{v:?} is not a port number (1-65535)"),
-                            ));
-                        }
-                    }
-                }
-                for (field, values) in [("paths", &o.paths), ("notPaths", &o.not_paths)] {
-                    for (i, v) in values.iter().enumerate() {
-                        if v != "*" && !v.starts_with('/') && !v.starts_with('*') {
-                            return Err((
-                                format!("{}[{i}]", at(field)),
-                                format!(
-                                    "{v:?} is not a path pattern; use /exact, /prefix/*, *.suffix or *"
-                                ),
-                            ));
-                        }
-                        check_pattern(v).map_err(|e| (format!("{}[{i}]", at(field)), e))?;
-                    }
-                }
-                for (field, values) in [("hosts", &o.hosts), ("notHosts", &o.not_hosts)] {
-                    for (i, v) in values.iter().enumerate() {
-                        check_pattern(v).map_err(|e| (format!("{}[{i}]", at(field)), e))?;
-                    }
-                }
-                for (field, values) in [("methods", &o.methods), ("notMethods", &o.not_methods)] {
-                    for (i, v) in values.iter().enumerate() {
-                        if v != "*" && !v.bytes().all(|b| b.is_ascii_uppercase()) {
-                            return Err((
-                                format!("{}[{i}]", at(field)),
-                                format!("{v:?} is not an HTTP method; use upper case, such as GET"),
-                            ));
-                        }
-                    }
-                }
-            }
-            for (w, condition) in rule.when.iter().enumerate() {
-                let at = |field: &str| format!("spec.rules[{r}].when[{w}].{field}");
-                let key = ConditionKey::parse(&condition.key).map_err(|e| (at("key"), e))?;
-                if condition.values.is_empty() && condition.not_values.is_empty() {
-                    return Err((
-                        at("values"),
-                        "a condition needs values or notValues".to_owned(),
-                    ));
-                }
-                if matches!(key, ConditionKey::SourceIp) {
-                    for (i, v) in condition
-                        .values
-                        .iter()
-                        .chain(&condition.not_values)
-                        .enumerate()
-                    {
-                        parse_ip_block(v).map_err(|e| (format!("{}[{i}]", at("values")), e))?;
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-/// A pattern may carry one `*`, at its start or its end, or be `*` alone.
-fn check_pattern(value: &str) -> Result<(), String> {
-    let stars = value.matches('*').count();
-    let placed = value == "*" || value.starts_with('*') || value.ends_with('*');
-    if value.is_empty() {
-        Err("is empty".to_owned())
-    } else if stars > 1 || (stars == 1 && !placed) {
-        Err(format!(
-            "{value:?}: `*` may only stand alone, at the start or at the end"
-        ))
-    } else {
-        Ok(())
     }
 }

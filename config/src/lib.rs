@@ -26,7 +26,8 @@ mod workload;
 
 pub use authorization_policy::{
     Action, AuthorizationPolicy, AuthorizationPolicySpec, Condition, ConditionKey,
-    DRY_RUN_ANNOTATION, From, Operation, Rule, Source, To, parse_ip_block,
+    DRY_RUN_ANNOTATION, From, ISTIO_DRY_RUN_ANNOTATION, Operation, PolicyTargetRef, Rule, Source, To, parse_go_bool,
+    parse_ip_block, parse_port,
 };
 pub use backend_traffic_policy::{
     BackOffPolicy, BackendTrafficPolicy, BackendTrafficPolicySpec, CircuitBreaker, ConsistentHash,
@@ -47,14 +48,14 @@ pub use http_route::{
 };
 pub use ip_block::IpBlock;
 pub use load::{SourceFingerprint, load_dir, load_path, load_str};
-pub use mesh::{EffectiveMtls, MeshConfig};
+pub use mesh::{EffectiveMtls, MeshConfig, PortMtls};
 pub use mesh_settings::{
     Egress, EgressPolicy, MeshSettings, MeshSettingsSpec, PathNormalization, Telemetry, Tracing,
 };
 pub use meta::ObjectMeta;
 pub use namespace::Namespace;
 pub use peer_authentication::{
-    Mtls, MtlsMode, PeerAuthentication, PeerAuthenticationSpec, WorkloadSelector,
+    Mtls, MtlsMode, PeerAuthentication, PeerAuthenticationSpec, WorkloadSelector, selects_all,
 };
 pub use service::{AppProtocol, Service, ServicePort, ServiceSpec};
 #[cfg(feature = "watch")]

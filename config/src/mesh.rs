@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     AuthorizationPolicy, BackendTrafficPolicy, ENROLLED_LABEL, EgressPolicy, HttpRoute,
-    MeshSettingsSpec, MtlsMode, Namespace, PeerAuthentication, ROOT_NAMESPACE, Service, Workload,
+    MeshSettingsSpec, MtlsMode, Namespace, PeerAuthentication, Service, Workload, selects_all,
 };
 
 /// A whole, validated configuration: what one load of a directory (or one snapshot of the
@@ -36,6 +36,46 @@ pub struct EffectiveMtls {
     pub mode: MtlsMode,
     /// `namespace/name` of the deciding PeerAuthentication; `None` for the default.
     pub policy: Option<String>,
+    /// Ports of the workload with a mode of their own (`portLevelMtls`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub ports: BTreeMap<u16, PortMtls>,
+}
+
+/// The mode of one port and the policy that set it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PortMtls {
+    pub mode: MtlsMode,
+    pub policy: Option<String>,
+}
+
+impl Default for EffectiveMtls {
+    fn default() -> Self {
+        Self {
+            mode: MtlsMode::Permissive,
+            policy: None,
+            ports: BTreeMap::new(),
+        }
+    }
+}
+
+impl EffectiveMtls {
+    /// The mode for a connection to the workload's `port`, and the policy that set it.
+    pub fn for_port(&self, port: u16) -> (MtlsMode, Option<&str>) {
+        match self.ports.get(&port) {
+            Some(p) => (p.mode, p.policy.as_deref()),
+            None => (self.mode, self.policy.as_deref()),
+        }
+    }
+}
+
+/// The oldest of several policies at one scope (creation time, then name), as Istio picks.
+fn oldest<'a>(policies: impl Iterator<Item = &'a PeerAuthentication>) -> Option<&'a PeerAuthentication> {
+    policies.min_by(|a, b| {
+        let key = |p: &'a PeerAuthentication| {
+            (p.metadata.creation_timestamp.as_deref().unwrap_or(""), &p.metadata.name)
+        };
+        key(a).cmp(&key(b))
+    })
 }
 
 impl MeshConfig {
@@ -49,51 +89,87 @@ impl MeshConfig {
         namespace_in && workload.metadata.label(ENROLLED_LABEL) != Some("false")
     }
 
-    /// The mTLS mode of a workload: a PeerAuthentication selecting it, else its namespace's,
-    /// else the mesh-wide one, else PERMISSIVE. Among several at one scope the first by name
-    /// wins. UNSET defers to the wider scope.
+    /// The mTLS mode of a workload, composed as Istio does: PERMISSIVE, then the mesh-wide
+    /// PeerAuthentication (root namespace, no selector), then the namespace's, then the oldest
+    /// one selecting the workload, each overriding when it sets a mode; the workload's policy
+    /// also sets `portLevelMtls` (an UNSET port takes the workload's mode). A policy with a
+    /// selector in the root namespace has no effect, as in Istio.
     pub fn mtls_mode(&self, workload: &Workload) -> EffectiveMtls {
+        let root = self.settings.root_namespace();
         let namespace = workload.namespace();
-        let scoped = |ns: &str, with_selector: bool| {
+        let at = |ns: &'_ str| {
+            let ns = ns.to_owned();
             self.peer_authentications
                 .values()
-                .filter(|p| p.metadata.namespace() == ns && p.mode() != MtlsMode::Unset)
-                .find(|p| match (&p.spec.selector, with_selector) {
-                    (Some(selector), true) => selector.matches(&workload.metadata.labels),
-                    (None, false) => true,
-                    _ => false,
-                })
+                .filter(move |p| p.metadata.namespace() == ns)
         };
-        scoped(namespace, true)
-            .or_else(|| scoped(namespace, false))
-            .or_else(|| scoped(ROOT_NAMESPACE, false))
-            .map_or(
-                EffectiveMtls {
-                    mode: MtlsMode::Permissive,
-                    policy: None,
-                },
-                |p| EffectiveMtls {
-                    mode: p.mode(),
-                    policy: Some(p.key()),
-                },
-            )
+        let mesh = oldest(at(root).filter(|p| selects_all(p.spec.selector.as_ref())));
+        let in_namespace = (namespace != root)
+            .then(|| oldest(at(namespace).filter(|p| selects_all(p.spec.selector.as_ref()))))
+            .flatten();
+        let selecting = (namespace != root)
+            .then(|| {
+                oldest(at(namespace).filter(|p| {
+                    p.spec
+                        .selector
+                        .as_ref()
+                        .is_some_and(|s| !s.match_labels.is_empty() && s.matches(&workload.metadata.labels))
+                }))
+            })
+            .flatten();
+        let mut effective = EffectiveMtls::default();
+        for policy in [mesh, in_namespace, selecting].into_iter().flatten() {
+            if policy.mode() != MtlsMode::Unset {
+                effective.mode = policy.mode();
+                effective.policy = Some(policy.key());
+            }
+        }
+        if let Some(policy) = selecting {
+            for (port, mtls) in policy.spec.port_level_mtls.iter().flatten() {
+                let Ok(port) = u16::try_from(*port) else {
+                    continue;
+                };
+                let port_mtls = match mtls.mode {
+                    MtlsMode::Unset => PortMtls {
+                        mode: effective.mode,
+                        policy: effective.policy.clone(),
+                    },
+                    mode => PortMtls {
+                        mode,
+                        policy: Some(policy.key()),
+                    },
+                };
+                effective.ports.insert(port, port_mtls);
+            }
+        }
+        effective
     }
 
-    /// The AuthorizationPolicies that apply to a workload: those of its namespace whose
-    /// selector matches it (or that have none), and the mesh-wide ones of the root namespace.
+    /// The AuthorizationPolicies that apply to a workload, as Istio selects them: those of its
+    /// namespace and of the root namespace whose selector matches its labels (or that have
+    /// none); a root-namespace policy with a selector applies in every namespace. A policy
+    /// attached to Services by `targetRefs` applies to the workloads behind them.
     pub fn authorization_policies_for<'a>(
         &'a self,
         workload: &'a Workload,
     ) -> impl Iterator<Item = &'a AuthorizationPolicy> + 'a {
+        let root = self.settings.root_namespace();
         self.authorization_policies.values().filter(move |p| {
             let ns = p.metadata.namespace();
+            if p.spec.has_targets() {
+                return ns == workload.namespace()
+                    && p.spec.target_services().any(|name| {
+                        self.services
+                            .get(&format!("{ns}/{name}"))
+                            .is_some_and(|svc| self.endpoints(svc).any(|w| w.key() == workload.key()))
+                    });
+            }
             let selected = p
                 .spec
                 .selector
                 .as_ref()
                 .is_none_or(|s| s.matches(&workload.metadata.labels));
-            (ns == workload.namespace() && selected)
-                || (ns == ROOT_NAMESPACE && p.spec.selector.is_none())
+            (ns == workload.namespace() || ns == root) && selected
         })
     }
 

@@ -2,11 +2,18 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ObjectMeta;
+use crate::{
+    ISTIO_DRY_RUN_ANNOTATION, ObjectMeta,
+    authorization_policy::DRY_RUN_ANNOTATION,
+    meta::Ignored,
+};
 
 /// Istio's PeerAuthentication (`apiVersion: security.nodemesh.dev/v1`): whether a workload
 /// accepts plaintext. Scope: a workload (with `selector`), a namespace (no selector), or the
-/// whole mesh (no selector, in the root namespace `nodemesh-system`). The narrowest wins.
+/// whole mesh (no selector, in the root namespace, `nodemesh-system` unless MeshSettings names
+/// another). The narrowest that sets a mode wins; `portLevelMtls` of the workload's policy
+/// overrides per port. As in Istio, a policy with a selector in the root namespace has no
+/// effect.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PeerAuthentication {
@@ -15,6 +22,9 @@ pub struct PeerAuthentication {
     pub metadata: ObjectMeta,
     #[serde(default)]
     pub spec: PeerAuthenticationSpec,
+    /// What a cluster wrote back; objects exported from one carry it. Never read.
+    #[serde(default, skip_serializing)]
+    pub status: Option<Ignored>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -24,6 +34,10 @@ pub struct PeerAuthenticationSpec {
     pub selector: Option<WorkloadSelector>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtls: Option<Mtls>,
+    /// Modes for single ports of the selected workloads (the workload's port, not a Service's);
+    /// only with a selector.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_level_mtls: Option<BTreeMap<u32, Mtls>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,6 +53,28 @@ impl WorkloadSelector {
             .iter()
             .all(|(k, v)| labels.get(k) == Some(v))
     }
+
+    /// Istio's checks: no empty key, no `*` in keys or values.
+    pub fn validate(&self, at: &str) -> Result<(), (String, String)> {
+        for (key, value) in &self.match_labels {
+            let field = format!("{at}.matchLabels[{key}]");
+            if key.is_empty() {
+                return Err((field, "an empty label key is not allowed".to_owned()));
+            }
+            if key.contains('*') || value.contains('*') {
+                return Err((
+                    field,
+                    format!("{key}={value}: wildcards are not supported in a selector"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether a selector is absent or selects by nothing: the policy is namespace- or mesh-wide.
+pub fn selects_all(selector: Option<&WorkloadSelector>) -> bool {
+    selector.is_none_or(|s| s.match_labels.is_empty())
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,5 +114,46 @@ impl PeerAuthentication {
 
     pub fn mode(&self) -> MtlsMode {
         self.spec.mtls.as_ref().map_or(MtlsMode::Unset, |m| m.mode)
+    }
+
+    /// Istio's validation: `portLevelMtls` only with a selector, not empty, ports 1-65535.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        for annotation in [ISTIO_DRY_RUN_ANNOTATION, DRY_RUN_ANNOTATION] {
+            if self.metadata.annotations.contains_key(annotation) {
+                return Err((
+                    format!("metadata.annotations[{annotation}]"),
+                    "dry-run is only for AuthorizationPolicies; remove the annotation".to_owned(),
+                ));
+            }
+        }
+        if let Some(selector) = &self.spec.selector {
+            selector.validate("spec.selector")?;
+        }
+        let Some(ports) = &self.spec.port_level_mtls else {
+            return Ok(());
+        };
+        if selects_all(self.spec.selector.as_ref()) {
+            return Err((
+                "spec.portLevelMtls".to_owned(),
+                "a mesh- or namespace-wide PeerAuthentication cannot set port-level mTLS; add a \
+                 selector naming the workloads"
+                    .to_owned(),
+            ));
+        }
+        if ports.is_empty() {
+            return Err((
+                "spec.portLevelMtls".to_owned(),
+                "must have at least one port if defined".to_owned(),
+            ));
+        }
+        for port in ports.keys() {
+            if !(1..=65535).contains(port) {
+                return Err((
+                    format!("spec.portLevelMtls[{port}]"),
+                    "the port must be in the range 1..65535".to_owned(),
+                ));
+            }
+        }
+        Ok(())
     }
 }

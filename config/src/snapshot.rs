@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{MeshConfig, ROOT_NAMESPACE};
+use crate::MeshConfig;
 
 pub const SNAPSHOTS_PATH: &str = "/v1/snapshots";
 pub const ACKS_PATH: &str = "/v1/acks";
@@ -49,7 +49,7 @@ impl MeshConfig {
             .iter()
             .filter(|(_, p)| {
                 let ns = p.metadata.namespace();
-                ns == ROOT_NAMESPACE
+                ns == self.settings.root_namespace()
                     || local.iter().any(|w| {
                         w.namespace() == ns
                             && p.spec

@@ -1,12 +1,73 @@
 //! Policies compiled for one workload, and the decision.
 
-use nodemesh_config::{Action, AuthorizationPolicy, ConditionKey};
+use nodemesh_config::{Action, AuthorizationPolicy, ConditionKey, parse_port};
 
 use crate::{
     Decision, Reason, Request, Verdict,
-    matcher::{Field, IpBlock, Pattern},
+    matcher::{Field, IpBlock, PathPattern, Pattern},
     strict_on_tcp,
 };
+
+/// The mesh's trust domain and its aliases (MeshSettings `trustDomainAliases`): a principal
+/// naming any of them, or `cluster.local`, matches identities of all of them, as in Istio.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustDomains(Vec<String>);
+
+impl TrustDomains {
+    pub fn new(local: &str, aliases: &[String]) -> Self {
+        let mut all = vec![local.to_owned()];
+        all.extend(aliases.iter().filter(|a| *a != local).cloned());
+        Self(all)
+    }
+
+    /// Istio's `ReplaceTrustDomainAliases` for one principal: the forms it stands for.
+    fn expand(&self, principal: &str) -> Vec<String> {
+        let parts: Vec<&str> = principal.split('/').collect();
+        // Not `<td>/ns/<ns>/sa/<sa>`, or any trust domain: the principal as written.
+        if parts.len() != 5 || parts[0] == "*" {
+            return vec![principal.to_owned()];
+        }
+        let from = parts[0];
+        let known = from == "cluster.local" || self.0.iter().any(|td| loose_match(from, td));
+        if !known {
+            return vec![principal.to_owned()];
+        }
+        let rest = parts[1..].join("/");
+        let mut out: Vec<String> = Vec::new();
+        for td in &self.0 {
+            // A policy trust domain `*suffix` that covers this one stays as written.
+            let kept = from
+                .strip_prefix('*')
+                .is_some_and(|suffix| td.ends_with(suffix));
+            let form = if kept {
+                principal.to_owned()
+            } else {
+                format!("{td}/{rest}")
+            };
+            if !out.contains(&form) {
+                out.push(form);
+            }
+        }
+        out
+    }
+}
+
+/// Istio's `stringMatch` of a trust domain against a listed one: equal, or either a prefix or
+/// suffix pattern of the other.
+fn loose_match(a: &str, b: &str) -> bool {
+    let prefix = |s: &str, p: &str| p.strip_suffix('*').is_some_and(|p| s.starts_with(p));
+    let suffix = |s: &str, p: &str| p.strip_prefix('*').is_some_and(|p| s.ends_with(p));
+    a == b || b == "*" || prefix(a, b) || prefix(b, a) || suffix(a, b) || suffix(b, a)
+}
+
+/// A glob where `*` stands for any text, matched against the whole of `text`.
+fn glob(pattern: &[u8], text: &[u8]) -> bool {
+    match pattern.split_first() {
+        None => text.is_empty(),
+        Some((b'*', rest)) => (0..=text.len()).any(|n| glob(rest, &text[n..])),
+        Some((c, rest)) => text.split_first().is_some_and(|(t, more)| t == c && glob(rest, more)),
+    }
+}
 
 /// Why one element of a rule did not match: the field, and whether a `not` form excluded it.
 /// `NeedsHttp` when the field is an HTTP attribute and the traffic is not HTTP.
@@ -23,24 +84,69 @@ fn field<T>(name: &'static str, field: &Field<T>, hit: impl Fn(&T) -> bool) -> R
     })
 }
 
+/// How a source field names the peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum PeerMatch {
+    /// A principal pattern (`principals`, `source.principal`).
+    Principal(Pattern),
+    /// Istio's `.*/ns/<value>/.*` over the peer's SPIFFE ID, `*` standing for any text.
+    Namespace(String),
+    /// `namespace/serviceAccount`.
+    ServiceAccount(String, String),
+    TrustDomain(Pattern),
+}
+
+impl PeerMatch {
+    fn matches(&self, peer: &crate::Peer) -> bool {
+        let Some(principal) = peer.principal.as_deref() else {
+            return false;
+        };
+        match self {
+            PeerMatch::Principal(p) => p.matches(principal),
+            PeerMatch::Namespace(ns) => {
+                let pattern = format!("*/ns/{ns}/*");
+                glob(pattern.as_bytes(), format!("spiffe://{principal}").as_bytes())
+            }
+            PeerMatch::ServiceAccount(ns, sa) => peer
+                .service_account()
+                .is_some_and(|(n, s)| n == ns && s == sa),
+            PeerMatch::TrustDomain(p) => peer.trust_domain().is_some_and(|td| p.matches(td)),
+        }
+    }
+}
+
+impl std::fmt::Display for PeerMatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PeerMatch::Principal(p) | PeerMatch::TrustDomain(p) => p.fmt(f),
+            PeerMatch::Namespace(ns) => f.write_str(ns),
+            PeerMatch::ServiceAccount(ns, sa) => write!(f, "{ns}/{sa}"),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub(crate) struct CompiledSource {
-    pub principals: Field<Pattern>,
-    pub namespaces: Field<Pattern>,
+    pub principals: Field<PeerMatch>,
+    pub namespaces: Field<PeerMatch>,
+    pub service_accounts: Field<PeerMatch>,
+    pub trust_domains: Field<PeerMatch>,
     pub ip_blocks: Field<IpBlock>,
+    pub remote_ip_blocks: Field<IpBlock>,
 }
 
 impl CompiledSource {
     pub fn check(&self, req: &Request<'_>) -> Result<(), Miss> {
-        let principal = req.peer.principal.as_deref();
-        field("principals", &self.principals, |p| {
-            principal.is_some_and(|v| p.matches(v))
-        })?;
-        let namespace = req.peer.namespace();
-        field("namespaces", &self.namespaces, |p| {
-            namespace.is_some_and(|v| p.matches(v))
-        })?;
-        field("ipBlocks", &self.ip_blocks, |b| b.contains(req.peer.ip))
+        let peer = |m: &PeerMatch| m.matches(req.peer);
+        field("principals", &self.principals, peer)?;
+        field("namespaces", &self.namespaces, peer)?;
+        field("serviceAccounts", &self.service_accounts, peer)?;
+        field("trustDomains", &self.trust_domains, peer)?;
+        field("ipBlocks", &self.ip_blocks, |b| b.contains(req.peer.ip))?;
+        // No proxy in front of the mesh is trusted to name another client: the peer's address.
+        field("remoteIpBlocks", &self.remote_ip_blocks, |b| {
+            b.contains(req.peer.ip)
+        })
     }
 }
 
@@ -49,7 +155,7 @@ pub(crate) struct CompiledOperation {
     pub hosts: Field<Pattern>,
     pub ports: Field<u16>,
     pub methods: Field<Pattern>,
-    pub paths: Field<Pattern>,
+    pub paths: Field<PathPattern>,
 }
 
 impl CompiledOperation {
@@ -62,20 +168,23 @@ impl CompiledOperation {
         let Some(http) = req.http else {
             // Not HTTP: an ALLOW rule cannot be satisfied, a DENY rule applies regardless.
             return match [
-                ("hosts", &self.hosts),
-                ("methods", &self.methods),
-                ("paths", &self.paths),
+                ("hosts", self.hosts.is_empty()),
+                ("methods", self.methods.is_empty()),
+                ("paths", self.paths.is_empty()),
             ]
             .into_iter()
-            .find(|(_, f)| !f.is_empty())
+            .find(|(_, empty)| !empty)
             {
                 Some((name, _)) if strict => Err(Miss::NeedsHttp { field: name }),
                 _ => Ok(()),
             };
         };
-        let host = http.host.to_ascii_lowercase();
-        field("hosts", &self.hosts, |p| p.matches(&host))?;
-        field("methods", &self.methods, |p| p.matches(&http.method))?;
+        field("hosts", &self.hosts, |p| {
+            p.matches_host(http.authority.as_deref())
+        })?;
+        field("methods", &self.methods, |p| {
+            p.matches_header(Some(http.method.as_bytes()))
+        })?;
         field("paths", &self.paths, |p| p.matches(&http.path))
     }
 }
@@ -83,7 +192,9 @@ impl CompiledOperation {
 #[derive(Debug, Clone)]
 pub(crate) enum ConditionValues {
     Patterns(Field<Pattern>),
+    Peers(Field<PeerMatch>),
     Blocks(Field<IpBlock>),
+    Ports(Field<u16>),
 }
 
 #[derive(Debug, Clone)]
@@ -94,29 +205,31 @@ pub(crate) struct CompiledCondition {
 
 impl CompiledCondition {
     pub fn check(&self, req: &Request<'_>, strict: bool) -> Result<(), Miss> {
-        let patterns = |f: &Field<Pattern>, value: Option<&str>| {
-            field("values", f, |p| value.is_some_and(|v| p.matches(v)))
-        };
+        let at = "values";
         match (&self.key, &self.values) {
-            (ConditionKey::SourceIp, ConditionValues::Blocks(f)) => {
-                field("values", f, |b| b.contains(req.peer.ip))
+            (ConditionKey::SourceIp | ConditionKey::RemoteIp, ConditionValues::Blocks(f)) => {
+                field(at, f, |b| b.contains(req.peer.ip))
             }
-            (ConditionKey::SourceNamespace, ConditionValues::Patterns(f)) => {
-                patterns(f, req.peer.namespace())
+            (ConditionKey::DestinationIp, ConditionValues::Blocks(f)) => {
+                field(at, f, |b| b.contains(req.destination_ip))
             }
-            (ConditionKey::SourcePrincipal, ConditionValues::Patterns(f)) => {
-                patterns(f, req.peer.principal.as_deref())
+            (ConditionKey::DestinationPort, ConditionValues::Ports(f)) => {
+                field(at, f, |p| *p == req.destination_port)
             }
-            (ConditionKey::DestinationPort, ConditionValues::Patterns(f)) => {
-                patterns(f, Some(&req.destination_port.to_string()))
+            (_, ConditionValues::Peers(f)) => field(at, f, |m| m.matches(req.peer)),
+            (ConditionKey::ConnectionSni, ConditionValues::Patterns(f)) => {
+                field(at, f, |p| req.sni.is_some_and(|sni| p.matches(sni)))
             }
             (ConditionKey::RequestHeader(name), ConditionValues::Patterns(f)) => match req.http {
-                Some(http) => patterns(f, http.header(name)),
+                Some(http) => {
+                    let value = http.header(name);
+                    field(at, f, |p| p.matches_header(value.as_deref()))
+                }
                 None if strict => Err(Miss::NeedsHttp { field: "key" }),
                 None => Ok(()),
             },
             _ => Err(Miss::Field {
-                field: "values",
+                field: at,
                 negated: false,
             }),
         }
@@ -141,6 +254,12 @@ impl CompiledRule {
         self.to.iter().any(CompiledOperation::needs_http)
             || self.when.iter().any(|c| c.key.is_http())
     }
+
+    fn needs_sni(&self) -> bool {
+        self.when
+            .iter()
+            .any(|c| c.key == ConditionKey::ConnectionSni)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -159,15 +278,7 @@ impl CompiledPolicy {
     }
 }
 
-fn patterns(values: &[String], not_values: &[String], make: fn(&str) -> Pattern) -> Field<Pattern> {
-    Field {
-        values: values.iter().map(|v| make(v)).collect(),
-        not_values: not_values.iter().map(|v| make(v)).collect(),
-    }
-}
-
-fn principals(values: &[String], not_values: &[String]) -> Field<Pattern> {
-    let make = |v: &str| Pattern::new(v.strip_prefix("spiffe://").unwrap_or(v));
+fn each<T>(values: &[String], not_values: &[String], make: impl Fn(&str) -> T) -> Field<T> {
     Field {
         values: values.iter().map(|v| make(v)).collect(),
         not_values: not_values.iter().map(|v| make(v)).collect(),
@@ -183,40 +294,78 @@ fn blocks(values: &[String], not_values: &[String]) -> Field<IpBlock> {
 
 fn ports(values: &[String], not_values: &[String]) -> Field<u16> {
     Field {
-        values: values.iter().filter_map(|v| v.parse().ok()).collect(),
-        not_values: not_values.iter().filter_map(|v| v.parse().ok()).collect(),
+        values: values.iter().filter_map(|v| parse_port(v)).collect(),
+        not_values: not_values.iter().filter_map(|v| parse_port(v)).collect(),
     }
 }
 
-fn compile(policy: &AuthorizationPolicy) -> CompiledPolicy {
+/// What the compiler needs besides the policy.
+struct Context<'a> {
+    trust_domains: &'a TrustDomains,
+    /// The policy's namespace: a bare service account name is in it.
+    namespace: &'a str,
+}
+
+impl Context<'_> {
+    fn principals(&self, values: &[String], not_values: &[String]) -> Field<PeerMatch> {
+        let expand = |list: &[String]| {
+            list.iter()
+                .flat_map(|v| self.trust_domains.expand(v))
+                .map(|v| PeerMatch::Principal(Pattern::new(&v)))
+                .collect()
+        };
+        Field {
+            values: expand(values),
+            not_values: expand(not_values),
+        }
+    }
+
+    fn service_account(&self, value: &str) -> PeerMatch {
+        match value.split_once('/') {
+            Some((ns, sa)) => PeerMatch::ServiceAccount(ns.to_owned(), sa.to_owned()),
+            None => PeerMatch::ServiceAccount(self.namespace.to_owned(), value.to_owned()),
+        }
+    }
+}
+
+fn compile(policy: &AuthorizationPolicy, trust_domains: &TrustDomains) -> CompiledPolicy {
+    let cx = Context {
+        trust_domains,
+        namespace: policy.metadata.namespace(),
+    };
     let rules = policy
         .spec
         .rules
         .iter()
         .map(|rule| CompiledRule {
             from: rule
-                .from
+                .from()
                 .iter()
-                .map(|f| {
-                    let s = &f.source;
-                    CompiledSource {
-                        principals: principals(&s.principals, &s.not_principals),
-                        namespaces: patterns(&s.namespaces, &s.not_namespaces, Pattern::new),
-                        ip_blocks: blocks(&s.ip_blocks, &s.not_ip_blocks),
-                    }
+                .filter_map(|f| f.source.as_ref())
+                .map(|s| CompiledSource {
+                    principals: cx.principals(&s.principals, &s.not_principals),
+                    namespaces: each(&s.namespaces, &s.not_namespaces, |v| {
+                        PeerMatch::Namespace(v.to_owned())
+                    }),
+                    service_accounts: each(&s.service_accounts, &s.not_service_accounts, |v| {
+                        cx.service_account(v)
+                    }),
+                    trust_domains: each(&s.trust_domains, &s.not_trust_domains, |v| {
+                        PeerMatch::TrustDomain(Pattern::new(v))
+                    }),
+                    ip_blocks: blocks(&s.ip_blocks, &s.not_ip_blocks),
+                    remote_ip_blocks: blocks(&s.remote_ip_blocks, &s.not_remote_ip_blocks),
                 })
                 .collect(),
             to: rule
-                .to
+                .to()
                 .iter()
-                .map(|t| {
-                    let o = &t.operation;
-                    CompiledOperation {
-                        hosts: patterns(&o.hosts, &o.not_hosts, Pattern::new_lowercase),
-                        ports: ports(&o.ports, &o.not_ports),
-                        methods: patterns(&o.methods, &o.not_methods, Pattern::new),
-                        paths: patterns(&o.paths, &o.not_paths, Pattern::new),
-                    }
+                .filter_map(|t| t.operation.as_ref())
+                .map(|o| CompiledOperation {
+                    hosts: each(&o.hosts, &o.not_hosts, Pattern::new_lowercase),
+                    ports: ports(&o.ports, &o.not_ports),
+                    methods: each(&o.methods, &o.not_methods, Pattern::new),
+                    paths: each(&o.paths, &o.not_paths, PathPattern::new),
                 })
                 .collect(),
             when: rule
@@ -224,18 +373,22 @@ fn compile(policy: &AuthorizationPolicy) -> CompiledPolicy {
                 .iter()
                 .filter_map(|c| {
                     let key = ConditionKey::parse(&c.key).ok()?;
+                    let (v, n) = (&c.values, &c.not_values);
                     let values = match key {
-                        ConditionKey::SourceIp => {
-                            ConditionValues::Blocks(blocks(&c.values, &c.not_values))
+                        ConditionKey::SourceIp
+                        | ConditionKey::RemoteIp
+                        | ConditionKey::DestinationIp => ConditionValues::Blocks(blocks(v, n)),
+                        ConditionKey::DestinationPort => ConditionValues::Ports(ports(v, n)),
+                        ConditionKey::SourcePrincipal => ConditionValues::Peers(cx.principals(v, n)),
+                        ConditionKey::SourceNamespace => ConditionValues::Peers(each(v, n, |v| {
+                            PeerMatch::Namespace(v.to_owned())
+                        })),
+                        ConditionKey::SourceServiceAccount => {
+                            ConditionValues::Peers(each(v, n, |v| cx.service_account(v)))
                         }
-                        ConditionKey::SourcePrincipal => {
-                            ConditionValues::Patterns(principals(&c.values, &c.not_values))
+                        ConditionKey::RequestHeader(_) | ConditionKey::ConnectionSni => {
+                            ConditionValues::Patterns(each(v, n, Pattern::new))
                         }
-                        _ => ConditionValues::Patterns(patterns(
-                            &c.values,
-                            &c.not_values,
-                            Pattern::new,
-                        )),
                     };
                     Some(CompiledCondition { key, values })
                 })
@@ -255,19 +408,28 @@ fn compile(policy: &AuthorizationPolicy) -> CompiledPolicy {
 pub struct WorkloadPolicies {
     pub(crate) policies: Vec<CompiledPolicy>,
     needs_http: bool,
+    needs_sni: bool,
 }
 
 impl WorkloadPolicies {
     /// Compiles the policies that apply to a workload (see
-    /// `MeshConfig::authorization_policies_for`).
-    pub fn new<'a>(policies: impl IntoIterator<Item = &'a AuthorizationPolicy>) -> Self {
-        let policies: Vec<CompiledPolicy> = policies.into_iter().map(compile).collect();
-        let needs_http = policies
-            .iter()
-            .any(|p| p.rules.iter().any(CompiledRule::needs_http));
+    /// `MeshConfig::authorization_policies_for`), for a mesh of `trust_domains`.
+    pub fn new<'a>(
+        policies: impl IntoIterator<Item = &'a AuthorizationPolicy>,
+        trust_domains: &TrustDomains,
+    ) -> Self {
+        let policies: Vec<CompiledPolicy> = policies
+            .into_iter()
+            .filter(|p| p.spec.action != Action::Custom)
+            .map(|p| compile(p, trust_domains))
+            .collect();
+        let any = |f: fn(&CompiledRule) -> bool| policies.iter().any(|p| p.rules.iter().any(f));
+        let needs_http = any(CompiledRule::needs_http);
+        let needs_sni = any(CompiledRule::needs_sni);
         Self {
             policies,
             needs_http,
+            needs_sni,
         }
     }
 
@@ -279,6 +441,11 @@ impl WorkloadPolicies {
     /// Whether some rule looks at HTTP attributes, so the proxy must read requests to decide.
     pub fn needs_http(&self) -> bool {
         self.needs_http
+    }
+
+    /// Whether some rule looks at `connection.sni`, so the proxy must read the TLS hello.
+    pub fn needs_sni(&self) -> bool {
+        self.needs_sni
     }
 
     /// The keys (`namespace/name`) of the policies, in evaluation order.
@@ -315,7 +482,7 @@ fn decide<'a>(policies: impl Iterator<Item = &'a CompiledPolicy>, req: &Request<
         };
         match policy.action {
             Action::Deny if denied.is_none() => denied = verdict(),
-            Action::Deny => {}
+            Action::Deny | Action::Custom => {}
             Action::Allow => {
                 allow_policies.push(policy.key.clone());
                 if allowed.is_none() {
@@ -342,5 +509,44 @@ fn decide<'a>(policies: impl Iterator<Item = &'a CompiledPolicy>, req: &Request<
         reason,
         audited,
         dry_run: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trust_domain_aliases_expand_as_istio_does() {
+        let tds = TrustDomains::new("td2", &["td1".to_owned()]);
+        assert_eq!(
+            tds.expand("td1/ns/foo/sa/bar"),
+            ["td2/ns/foo/sa/bar", "td1/ns/foo/sa/bar"]
+        );
+        assert_eq!(
+            tds.expand("cluster.local/ns/foo/sa/bar"),
+            ["td2/ns/foo/sa/bar", "td1/ns/foo/sa/bar"],
+            "cluster.local stands for the mesh's own trust domains"
+        );
+        assert_eq!(tds.expand("other/ns/foo/sa/bar"), ["other/ns/foo/sa/bar"]);
+        assert_eq!(tds.expand("*/ns/foo/sa/bar"), ["*/ns/foo/sa/bar"]);
+        assert_eq!(tds.expand("*"), ["*"]);
+        assert_eq!(
+            tds.expand("*td1/ns/foo/sa/bar"),
+            ["td2/ns/foo/sa/bar", "*td1/ns/foo/sa/bar"]
+        );
+        let local = TrustDomains::new("cluster.local", &[]);
+        assert_eq!(
+            local.expand("cluster.local/ns/a/sa/b"),
+            ["cluster.local/ns/a/sa/b"]
+        );
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob(b"*/ns/foo/*", b"spiffe://td/ns/foo/sa/x"));
+        assert!(!glob(b"*/ns/foo/*", b"spiffe://td/ns/foobar/sa/x"));
+        assert!(glob(b"*/ns/foo*/*", b"spiffe://td/ns/foobar/sa/x"));
+        assert!(!glob(b"*/ns/f.o/*", b"spiffe://td/ns/foo/sa/x"), "a dot is a dot");
     }
 }

@@ -1,6 +1,6 @@
 //! The reasons behind a decision, policy by policy and rule by rule.
 
-use nodemesh_config::Action;
+use nodemesh_config::{Action, ConditionKey};
 use serde::Serialize;
 
 use crate::{
@@ -121,42 +121,58 @@ fn verdict(negated: bool, actual: &str, values: String, not_values: String) -> S
     }
 }
 
+fn negated_name(field: &str, negated: bool) -> String {
+    if negated {
+        format!("not{}{}", &field[..1].to_uppercase(), &field[1..])
+    } else {
+        field.to_owned()
+    }
+}
+
 fn describe_source(source: &CompiledSource, miss: Miss, req: &Request<'_>) -> String {
     let Miss::Field { field, negated } = miss else {
         return "needs HTTP".to_owned();
     };
-    let principal = req
-        .peer
-        .principal
-        .clone()
-        .unwrap_or_else(|| "no principal (plaintext)".to_owned());
-    let namespace = req
-        .peer
-        .namespace()
-        .map_or_else(|| "no namespace (plaintext)".to_owned(), str::to_owned);
+    let peer = req.peer;
+    let plaintext = |what: &str| format!("no {what} (plaintext)");
     let (actual, values, not_values) = match field {
         "principals" => (
-            principal,
+            peer.principal.clone().unwrap_or_else(|| plaintext("principal")),
             list(&source.principals.values),
             list(&source.principals.not_values),
         ),
         "namespaces" => (
-            namespace,
+            peer.namespace().map_or_else(|| plaintext("namespace"), str::to_owned),
             list(&source.namespaces.values),
             list(&source.namespaces.not_values),
         ),
+        "serviceAccounts" => (
+            peer.service_account()
+                .map_or_else(|| plaintext("service account"), |(ns, sa)| format!("{ns}/{sa}")),
+            list(&source.service_accounts.values),
+            list(&source.service_accounts.not_values),
+        ),
+        "trustDomains" => (
+            peer.trust_domain().map_or_else(|| plaintext("trust domain"), str::to_owned),
+            list(&source.trust_domains.values),
+            list(&source.trust_domains.not_values),
+        ),
+        "remoteIpBlocks" => (
+            peer.ip.to_string(),
+            list(&source.remote_ip_blocks.values),
+            list(&source.remote_ip_blocks.not_values),
+        ),
         _ => (
-            req.peer.ip.to_string(),
+            peer.ip.to_string(),
             list(&source.ip_blocks.values),
             list(&source.ip_blocks.not_values),
         ),
     };
-    let name = if negated {
-        format!("not{}{}", &field[..1].to_uppercase(), &field[1..])
-    } else {
-        field.to_owned()
-    };
-    format!("{name}: {}", verdict(negated, &actual, values, not_values))
+    format!(
+        "{}: {}",
+        negated_name(field, negated),
+        verdict(negated, &actual, values, not_values)
+    )
 }
 
 fn describe_operation(operation: &CompiledOperation, miss: Miss, req: &Request<'_>) -> String {
@@ -175,7 +191,8 @@ fn describe_operation(operation: &CompiledOperation, miss: Miss, req: &Request<'
                     list(&operation.ports.not_values),
                 ),
                 "hosts" => (
-                    http.map_or_else(String::new, |h| h.host.clone()),
+                    http.and_then(|h| h.authority.clone())
+                        .unwrap_or_else(|| "no :authority".to_owned()),
                     list(&operation.hosts.values),
                     list(&operation.hosts.not_values),
                 ),
@@ -190,48 +207,49 @@ fn describe_operation(operation: &CompiledOperation, miss: Miss, req: &Request<'
                     list(&operation.paths.not_values),
                 ),
             };
-            let name = if negated {
-                format!("not{}{}", &field[..1].to_uppercase(), &field[1..])
-            } else {
-                field.to_owned()
-            };
-            format!("{name}: {}", verdict(negated, &actual, values, not_values))
+            format!(
+                "{}: {}",
+                negated_name(field, negated),
+                verdict(negated, &actual, values, not_values)
+            )
         }
     }
 }
 
 fn describe_condition(condition: &CompiledCondition, miss: Miss, req: &Request<'_>) -> String {
-    let key = match &condition.key {
-        nodemesh_config::ConditionKey::RequestHeader(name) => format!("request.headers[{name}]"),
-        nodemesh_config::ConditionKey::SourceIp => "source.ip".to_owned(),
-        nodemesh_config::ConditionKey::SourceNamespace => "source.namespace".to_owned(),
-        nodemesh_config::ConditionKey::SourcePrincipal => "source.principal".to_owned(),
-        nodemesh_config::ConditionKey::DestinationPort => "destination.port".to_owned(),
-    };
+    let key = condition.key.name();
     let Miss::Field { negated, .. } = miss else {
         return format!(
             "({key}): the traffic is not HTTP, so an ALLOW rule on request headers cannot match"
         );
     };
+    let peer = req.peer;
     let actual = match &condition.key {
-        nodemesh_config::ConditionKey::RequestHeader(name) => req
+        ConditionKey::RequestHeader(name) => req
             .http
             .and_then(|h| h.header(name))
-            .map_or_else(|| "no such header".to_owned(), str::to_owned),
-        nodemesh_config::ConditionKey::SourceIp => req.peer.ip.to_string(),
-        nodemesh_config::ConditionKey::SourceNamespace => {
-            req.peer.namespace().unwrap_or("no namespace").to_owned()
-        }
-        nodemesh_config::ConditionKey::SourcePrincipal => req
-            .peer
+            .map_or_else(
+                || "no such header".to_owned(),
+                |v| String::from_utf8_lossy(&v).into_owned(),
+            ),
+        ConditionKey::SourceIp | ConditionKey::RemoteIp => peer.ip.to_string(),
+        ConditionKey::DestinationIp => req.destination_ip.to_string(),
+        ConditionKey::SourceNamespace => peer.namespace().unwrap_or("no namespace").to_owned(),
+        ConditionKey::SourceServiceAccount => peer
+            .service_account()
+            .map_or_else(|| "no service account".to_owned(), |(ns, sa)| format!("{ns}/{sa}")),
+        ConditionKey::SourcePrincipal => peer
             .principal
             .clone()
             .unwrap_or_else(|| "no principal".to_owned()),
-        nodemesh_config::ConditionKey::DestinationPort => req.destination_port.to_string(),
+        ConditionKey::DestinationPort => req.destination_port.to_string(),
+        ConditionKey::ConnectionSni => req.sni.unwrap_or("no SNI").to_owned(),
     };
     let (values, not_values) = match &condition.values {
         ConditionValues::Patterns(f) => (list(&f.values), list(&f.not_values)),
+        ConditionValues::Peers(f) => (list(&f.values), list(&f.not_values)),
         ConditionValues::Blocks(f) => (list(&f.values), list(&f.not_values)),
+        ConditionValues::Ports(f) => (list(&f.values), list(&f.not_values)),
     };
     format!("({key}): {}", verdict(negated, &actual, values, not_values))
 }

@@ -8,8 +8,8 @@
 //!   denied;
 //! - otherwise the request is allowed.
 //!
-//! AUDIT policies and dry-run policies (annotation `nodemesh.dev/dry-run: "true"`) are
-//! evaluated and reported but never change the outcome. On traffic that is not HTTP, HTTP
+//! AUDIT policies and dry-run policies (annotation `istio.io/dry-run` or `nodemesh.dev/dry-run`
+//! read as Go reads a boolean) are evaluated and reported but never change the outcome. On traffic that is not HTTP, HTTP
 //! attributes (hosts, methods, paths, request headers) cannot be checked: an ALLOW rule that
 //! needs them does not match, and a DENY rule ignores them, so that both fail closed.
 //!
@@ -29,9 +29,9 @@ use nodemesh_config::Action;
 use serde::Serialize;
 
 pub use self::{
-    compile::WorkloadPolicies,
+    compile::{TrustDomains, WorkloadPolicies},
     explain::{Explanation, PolicyTrace, RuleTrace},
-    path::{Endpoint, PathExplanation, Step, explain_path},
+    path::{Endpoint, PathExplanation, Question, Step, explain_path, workload_policies},
 };
 
 /// Who is calling.
@@ -64,32 +64,102 @@ impl Peer {
         }
     }
 
+    /// The parts of a principal of the standard form `<td>/ns/<ns>/sa/<sa>`.
+    fn parts(&self) -> Option<(&str, &str, &str)> {
+        let principal = self.principal.as_deref()?;
+        let mut parts = principal.split('/');
+        match (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) {
+            (Some(td), Some("ns"), Some(ns), Some("sa"), Some(sa), None) => Some((td, ns, sa)),
+            _ => None,
+        }
+    }
+
     /// The peer's namespace, from its principal.
     pub fn namespace(&self) -> Option<&str> {
-        let principal = self.principal.as_deref()?;
-        let (_, rest) = principal.split_once("/ns/")?;
-        rest.split('/').next()
+        self.parts().map(|(_, ns, _)| ns)
+    }
+
+    /// The peer's trust domain, from its principal.
+    pub fn trust_domain(&self) -> Option<&str> {
+        self.principal.as_deref()?.split('/').next()
+    }
+
+    /// The peer's `namespace/serviceAccount`.
+    pub fn service_account(&self) -> Option<(&str, &str)> {
+        self.parts().map(|(_, ns, sa)| (ns, sa))
     }
 }
 
-/// The HTTP attributes of a request.
+/// The HTTP attributes of a request, as the policies judge them.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct HttpAttributes {
     pub method: String,
-    /// The path without its query string.
+    /// The normalised path, without its query string.
     pub path: String,
-    /// The Host header or `:authority`, without a port.
-    pub host: String,
-    /// Header names lower-cased.
-    pub headers: Vec<(String, String)>,
+    /// The query string, without `?`, when the request has one (it is part of `:path`).
+    pub query: Option<String>,
+    /// `:authority` (or the Host header) as sent, port included; `None` when there is none.
+    pub authority: Option<String>,
+    pub scheme: Option<String>,
+    /// Every header line, names lower-cased, values as bytes (they need not be UTF-8).
+    pub headers: Vec<(String, Vec<u8>)>,
 }
 
 impl HttpAttributes {
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
+    /// A header as Envoy's matchers see it: a pseudo-header, or the values of every line with
+    /// that name joined by `,`; `None` when absent.
+    pub fn header(&self, name: &str) -> Option<std::borrow::Cow<'_, [u8]>> {
+        use std::borrow::Cow;
+        match name {
+            ":method" => return Some(Cow::Borrowed(self.method.as_bytes())),
+            ":authority" => return self.authority.as_deref().map(|a| Cow::Borrowed(a.as_bytes())),
+            ":scheme" => return self.scheme.as_deref().map(|s| Cow::Borrowed(s.as_bytes())),
+            ":path" => {
+                return Some(match &self.query {
+                    Some(query) => Cow::Owned(format!("{}?{query}", self.path).into_bytes()),
+                    None => Cow::Borrowed(self.path.as_bytes()),
+                });
+            }
+            _ => {}
+        }
+        let mut values = self
+            .headers
             .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v.as_slice());
+        let first = values.next()?;
+        match values.next() {
+            None => Some(Cow::Borrowed(first)),
+            Some(second) => {
+                let mut joined = [first, second].join(&b","[..]);
+                for more in values {
+                    joined.push(b',');
+                    joined.extend_from_slice(more);
+                }
+                Some(Cow::Owned(joined))
+            }
+        }
+    }
+}
+
+impl HttpAttributes {
+    /// The attributes with the path normalised as the proxies normalise it.
+    pub fn normalized(
+        &self,
+        mode: nodemesh_config::PathNormalization,
+    ) -> Result<Self, normalize::InvalidPath> {
+        let path = normalize::normalize_path(&self.path, mode)?.into_owned();
+        Ok(Self {
+            path,
+            ..self.clone()
+        })
     }
 }
 
@@ -97,7 +167,11 @@ impl HttpAttributes {
 #[derive(Debug, Clone, Copy)]
 pub struct Request<'a> {
     pub peer: &'a Peer,
+    /// The address the client connected to (the destination pod's).
+    pub destination_ip: IpAddr,
     pub destination_port: u16,
+    /// The server name of the application's own TLS handshake, when the traffic is TLS.
+    pub sni: Option<&'a str>,
     pub http: Option<&'a HttpAttributes>,
 }
 

@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use nodemesh_config::{EgressPolicy, MeshConfig, MtlsMode, Workload};
 use serde::Serialize;
 
-use crate::{Explanation, HttpAttributes, Peer, Request, WorkloadPolicies};
+use crate::{Explanation, HttpAttributes, Peer, Request, TrustDomains, WorkloadPolicies};
 
 /// One side of a connection, as the mesh knows it.
 #[derive(Debug, Clone, Serialize)]
@@ -31,6 +31,8 @@ pub enum Step {
     DestinationOutsideMesh,
     /// The destination refuses plaintext (STRICT), decided by this PeerAuthentication.
     PlaintextRefused { policy: Option<String> },
+    /// The request's path cannot be normalised: the proxy answers 400.
+    InvalidPath { reason: String },
     /// The destination's AuthorizationPolicies decided.
     Authorization { explanation: Box<Explanation> },
 }
@@ -42,9 +44,12 @@ pub struct PathExplanation {
     pub port: u16,
     /// `mtls` when both ends are in the mesh (HBONE), else `plaintext`.
     pub security: &'static str,
-    /// The destination's mTLS mode and the policy that set it.
+    /// The destination's mTLS mode on this port and the policy that set it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub destination_mtls: Option<(MtlsMode, Option<String>)>,
+    /// The request as the policies judged it: its path normalised.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub judged_path: Option<String>,
     pub allowed: bool,
     pub step: Step,
 }
@@ -66,16 +71,35 @@ fn endpoint<'a>(
     (endpoint, workload.filter(|w| mesh.is_enrolled(w)))
 }
 
-/// Judges a connection from `source_ip` to `destination_ip:port` (an HTTP request when
-/// `http` is given) the way the mesh would.
-pub fn explain_path(
-    mesh: &MeshConfig,
-    trust_domain: &str,
-    source_ip: Ipv4Addr,
-    destination_ip: Ipv4Addr,
-    port: u16,
-    http: Option<&HttpAttributes>,
-) -> PathExplanation {
+/// What is asked of [`explain_path`]: a connection from `source` to `destination:port`, an
+/// HTTP request when `http` is given (its path as the client sends it), with the application's
+/// TLS server name when `sni` is given.
+#[derive(Debug, Clone, Copy)]
+pub struct Question<'a> {
+    pub source: Ipv4Addr,
+    pub destination: Ipv4Addr,
+    pub port: u16,
+    pub http: Option<&'a HttpAttributes>,
+    pub sni: Option<&'a str>,
+}
+
+/// The policies of `target` compiled as its node's agent compiles them.
+pub fn workload_policies(mesh: &MeshConfig, trust_domain: &str, target: &Workload) -> WorkloadPolicies {
+    WorkloadPolicies::new(
+        mesh.authorization_policies_for(target),
+        &TrustDomains::new(trust_domain, &mesh.settings.trust_domain_aliases),
+    )
+}
+
+/// Judges a connection or request the way the mesh would.
+pub fn explain_path(mesh: &MeshConfig, trust_domain: &str, question: Question<'_>) -> PathExplanation {
+    let Question {
+        source: source_ip,
+        destination: destination_ip,
+        port,
+        http,
+        sni,
+    } = question;
     let (source, source_enrolled) = endpoint(mesh, trust_domain, source_ip);
     let (destination, destination_enrolled) = endpoint(mesh, trust_domain, destination_ip);
     let security = if source_enrolled.is_some() && destination_enrolled.is_some() {
@@ -89,6 +113,7 @@ pub fn explain_path(
         port,
         security,
         destination_mtls: None,
+        judged_path: None,
         allowed: true,
         step: Step::SourceOutsideMesh,
     };
@@ -104,24 +129,38 @@ pub fn explain_path(
         return result;
     };
     let mtls = mesh.mtls_mode(target);
-    result.destination_mtls = Some((mtls.mode, mtls.policy.clone()));
-    if security == "plaintext" && !mtls.mode.accepts_plaintext() {
+    let (mode, mode_policy) = mtls.for_port(port);
+    result.destination_mtls = Some((mode, mode_policy.map(str::to_owned)));
+    if security == "plaintext" && !mode.accepts_plaintext() {
         result.allowed = false;
         result.step = Step::PlaintextRefused {
-            policy: mtls.policy,
+            policy: mode_policy.map(str::to_owned),
         };
         return result;
     }
+    let http = match http.map(|h| h.normalized(mesh.settings.path_normalization)) {
+        Some(Err(e)) => {
+            result.allowed = false;
+            result.step = Step::InvalidPath {
+                reason: e.to_string(),
+            };
+            return result;
+        }
+        Some(Ok(h)) => Some(h),
+        None => None,
+    };
+    result.judged_path = http.as_ref().map(|h| h.path.clone());
     let peer = match &result.source.identity {
         Some(id) => Peer::authenticated(id, IpAddr::V4(source_ip)),
         None => Peer::plaintext(IpAddr::V4(source_ip)),
     };
-    let explanation =
-        WorkloadPolicies::new(mesh.authorization_policies_for(target)).explain(&Request {
-            peer: &peer,
-            destination_port: port,
-            http,
-        });
+    let explanation = workload_policies(mesh, trust_domain, target).explain(&Request {
+        peer: &peer,
+        destination_ip: IpAddr::V4(destination_ip),
+        destination_port: port,
+        sni,
+        http: http.as_ref(),
+    });
     result.allowed = explanation.decision.allowed;
     result.step = Step::Authorization {
         explanation: Box::new(explanation),

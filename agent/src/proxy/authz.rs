@@ -80,10 +80,12 @@ pub fn authorize_connection(
     pod: &PodContext,
     shared: &ProxyShared,
     peer: &Peer,
-    port: u16,
+    dst: SocketAddr,
+    sni: Option<&str>,
 ) -> Result<(), ProxyError> {
     let policies = pod.policies();
-    if policies.is_empty() || policies.needs_http() {
+    // HTTP attributes are judged per request, a TLS server name once the hello is read.
+    if policies.is_empty() || policies.needs_http() || (policies.needs_sni() && sni.is_none()) {
         return Ok(());
     }
     let decision = decide(
@@ -92,7 +94,9 @@ pub fn authorize_connection(
         &policies,
         &Request {
             peer,
-            destination_port: port,
+            destination_ip: dst.ip(),
+            destination_port: dst.port(),
+            sni,
             http: None,
         },
     );
@@ -109,7 +113,8 @@ pub fn authorize_connection(
 #[derive(Debug)]
 struct Tracked {
     peer: Peer,
-    port: u16,
+    dst: SocketAddr,
+    sni: Option<Box<str>>,
     cancel: CancellationToken,
 }
 
@@ -139,7 +144,13 @@ impl Drop for Registration<'_> {
 }
 
 impl ActiveConnections {
-    pub fn register(&self, peer: Peer, port: u16, parent: &CancellationToken) -> Registration<'_> {
+    pub fn register(
+        &self,
+        peer: Peer,
+        dst: SocketAddr,
+        sni: Option<&str>,
+        parent: &CancellationToken,
+    ) -> Registration<'_> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let cancel = parent.child_token();
         self.connections
@@ -149,7 +160,8 @@ impl ActiveConnections {
                 id,
                 Tracked {
                     peer,
-                    port,
+                    dst,
+                    sni: sni.map(Box::from),
                     cancel: cancel.clone(),
                 },
             );
@@ -172,7 +184,9 @@ impl ActiveConnections {
         for tracked in connections.values() {
             let req = Request {
                 peer: &tracked.peer,
-                destination_port: tracked.port,
+                destination_ip: tracked.dst.ip(),
+                destination_port: tracked.dst.port(),
+                sni: tracked.sni.as_deref(),
                 http: None,
             };
             if !policies.is_empty() && !decide(pod, shared, policies, &req).allowed {

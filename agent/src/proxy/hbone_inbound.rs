@@ -91,7 +91,7 @@ async fn open(
     tracker.record.source_identity = Some(client_identity.to_string());
     let labels = tracker.open();
     let client_peer = authz::peer(Some(&client_identity), peer);
-    if let Err(denied) = authz::authorize_connection(&pod, &shared, &client_peer, dst.port()) {
+    if let Err(denied) = authz::authorize_connection(&pod, &shared, &client_peer, dst, None) {
         tracker.finish(Err(denied));
         return status(StatusCode::FORBIDDEN);
     }

@@ -27,7 +27,7 @@ mod flags;
 pub mod inbound;
 mod normalize;
 pub mod outbound;
-mod prefixed;
+pub mod prefixed;
 mod rate_limit;
 mod retry;
 mod route;

@@ -31,13 +31,14 @@ pub async fn handle(
     let labels = tracker.open();
     let result = async {
         let mtls = pod.mtls();
-        if !mtls.mode.accepts_plaintext() {
+        let (mode, policy) = mtls.for_port(dst.port());
+        if !mode.accepts_plaintext() {
             return Err(ProxyError::PlaintextRefused {
-                policy: mtls.policy.unwrap_or_else(|| "mesh default".to_owned()),
+                policy: policy.unwrap_or("mesh default").to_owned(),
             });
         }
         let client_peer = authz::peer(None, peer);
-        authz::authorize_connection(&pod, shared, &client_peer, dst.port())?;
+        authz::authorize_connection(&pod, shared, &client_peer, dst, None)?;
         let upstream = connect_to_app(&pod, shared, peer, dst).await?;
         tracker.record.upstream_local = upstream.local_addr().ok();
         deliver(client, upstream, client_peer, dst, labels, &pod, shared).await

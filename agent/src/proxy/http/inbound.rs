@@ -33,7 +33,7 @@ use super::{
     telemetry::{Reporter, TelemetryLayer},
 };
 use crate::{
-    proxy::{Direction, PodContext, ProxyError, ProxyShared, authz, splice},
+    proxy::{Direction, PodContext, ProxyError, ProxyShared, authz, sni, splice},
     telemetry::Labels,
 };
 
@@ -51,14 +51,14 @@ pub struct Connection {
 #[derive(Debug)]
 struct PodJudge {
     peer: Peer,
-    port: u16,
+    dst: SocketAddr,
     pod: Arc<PodContext>,
     shared: Arc<ProxyShared>,
 }
 
 impl Judge for PodJudge {
     fn decide(&self, http: &HttpAttributes) -> Decision {
-        decide(&self.pod, &self.shared, &self.peer, self.port, Some(http))
+        decide(&self.pod, &self.shared, &self.peer, self.dst, None, Some(http))
     }
 }
 
@@ -66,46 +66,66 @@ fn decide(
     pod: &PodContext,
     shared: &ProxyShared,
     peer: &Peer,
-    port: u16,
+    dst: SocketAddr,
+    sni: Option<&str>,
     http: Option<&HttpAttributes>,
 ) -> Decision {
     let policies = pod.policies();
     let request = nodemesh_policy::Request {
         peer,
-        destination_port: port,
+        destination_ip: dst.ip(),
+        destination_port: dst.port(),
+        sni,
         http,
     };
     authz::decide(pod, shared, &policies, &request)
+}
+
+/// Judges a connection that is not HTTP and carries it as bytes.
+async fn serve_opaque<S>(
+    mut client: S,
+    mut upstream: TcpStream,
+    conn: &Connection,
+    sni: Option<&str>,
+) -> Result<(u64, u64), ProxyError>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin,
+{
+    let decision = decide(&conn.pod, &conn.shared, &conn.peer, conn.dst, sni, None);
+    if !decision.allowed {
+        return Err(ProxyError::Denied {
+            by: decision.denied_by().unwrap_or_default(),
+        });
+    }
+    let registration = conn
+        .pod
+        .active
+        .register(conn.peer.clone(), conn.dst, sni, &conn.pod.cancel);
+    tokio::select! {
+        () = registration.cancel.cancelled() => Err(ProxyError::Revoked),
+        result = splice(&mut client, &mut upstream) => result,
+    }
 }
 
 /// Serves one inbound connection whose pod reads HTTP. `upstream` is already connected to the
 /// application from the client's address.
 pub async fn serve<S>(
     client: S,
-    mut upstream: TcpStream,
+    upstream: TcpStream,
     conn: Connection,
 ) -> Result<(u64, u64), ProxyError>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let (protocol, mut client) = detect(client).await?;
+    let (protocol, client) = detect(client).await?;
     let app = match protocol {
         Protocol::Opaque => {
             // Not HTTP: judged as a connection, HTTP-only ALLOW rules cannot match.
-            let decision = decide(&conn.pod, &conn.shared, &conn.peer, conn.dst.port(), None);
-            if !decision.allowed {
-                return Err(ProxyError::Denied {
-                    by: decision.denied_by().unwrap_or_default(),
-                });
+            if conn.pod.policies().needs_sni() {
+                let (sni, client) = sni::read_server_name(client).await?;
+                return serve_opaque(client, upstream, &conn, sni.as_deref()).await;
             }
-            let registration =
-                conn.pod
-                    .active
-                    .register(conn.peer.clone(), conn.dst.port(), &conn.pod.cancel);
-            return tokio::select! {
-                () = registration.cancel.cancelled() => Err(ProxyError::Revoked),
-                result = splice(&mut client, &mut upstream) => result,
-            };
+            return serve_opaque(client, upstream, &conn, None).await;
         }
         Protocol::Http1 => {
             let (sender, connection) = client_h1::handshake(TokioIo::new(upstream))
@@ -144,7 +164,7 @@ where
     };
     let judging = Judging(Arc::new(PodJudge {
         peer: conn.peer.clone(),
-        port: conn.dst.port(),
+        dst: conn.dst,
         pod: conn.pod.clone(),
         shared: conn.shared.clone(),
     }));
