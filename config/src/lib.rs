@@ -26,8 +26,8 @@ mod workload;
 
 pub use authorization_policy::{
     Action, AuthorizationPolicy, AuthorizationPolicySpec, Condition, ConditionKey,
-    DRY_RUN_ANNOTATION, From, ISTIO_DRY_RUN_ANNOTATION, Operation, PolicyTargetRef, Rule, Source, To, parse_go_bool,
-    parse_ip_block, parse_port,
+    DRY_RUN_ANNOTATION, From, ISTIO_DRY_RUN_ANNOTATION, Operation, PolicyTargetRef, Rule, Source,
+    To, parse_go_bool, parse_ip_block, parse_port,
 };
 pub use backend_traffic_policy::{
     BackOffPolicy, BackendTrafficPolicy, BackendTrafficPolicySpec, CircuitBreaker, ConsistentHash,

@@ -69,10 +69,15 @@ impl EffectiveMtls {
 }
 
 /// The oldest of several policies at one scope (creation time, then name), as Istio picks.
-fn oldest<'a>(policies: impl Iterator<Item = &'a PeerAuthentication>) -> Option<&'a PeerAuthentication> {
+fn oldest<'a>(
+    policies: impl Iterator<Item = &'a PeerAuthentication>,
+) -> Option<&'a PeerAuthentication> {
     policies.min_by(|a, b| {
         let key = |p: &'a PeerAuthentication| {
-            (p.metadata.creation_timestamp.as_deref().unwrap_or(""), &p.metadata.name)
+            (
+                p.metadata.creation_timestamp.as_deref().unwrap_or(""),
+                &p.metadata.name,
+            )
         };
         key(a).cmp(&key(b))
     })
@@ -110,10 +115,9 @@ impl MeshConfig {
         let selecting = (namespace != root)
             .then(|| {
                 oldest(at(namespace).filter(|p| {
-                    p.spec
-                        .selector
-                        .as_ref()
-                        .is_some_and(|s| !s.match_labels.is_empty() && s.matches(&workload.metadata.labels))
+                    p.spec.selector.as_ref().is_some_and(|s| {
+                        !s.match_labels.is_empty() && s.matches(&workload.metadata.labels)
+                    })
                 }))
             })
             .flatten();
@@ -161,7 +165,9 @@ impl MeshConfig {
                     && p.spec.target_services().any(|name| {
                         self.services
                             .get(&format!("{ns}/{name}"))
-                            .is_some_and(|svc| self.endpoints(svc).any(|w| w.key() == workload.key()))
+                            .is_some_and(|svc| {
+                                self.endpoints(svc).any(|w| w.key() == workload.key())
+                            })
                     });
             }
             let selected = p

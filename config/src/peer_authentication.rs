@@ -3,9 +3,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    ISTIO_DRY_RUN_ANNOTATION, ObjectMeta,
-    authorization_policy::DRY_RUN_ANNOTATION,
-    meta::Ignored,
+    ISTIO_DRY_RUN_ANNOTATION, ObjectMeta, authorization_policy::DRY_RUN_ANNOTATION, meta::Ignored,
 };
 
 /// Istio's PeerAuthentication (`apiVersion: security.nodemesh.dev/v1`): whether a workload

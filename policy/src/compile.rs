@@ -65,7 +65,9 @@ fn glob(pattern: &[u8], text: &[u8]) -> bool {
     match pattern.split_first() {
         None => text.is_empty(),
         Some((b'*', rest)) => (0..=text.len()).any(|n| glob(rest, &text[n..])),
-        Some((c, rest)) => text.split_first().is_some_and(|(t, more)| t == c && glob(rest, more)),
+        Some((c, rest)) => text
+            .split_first()
+            .is_some_and(|(t, more)| t == c && glob(rest, more)),
     }
 }
 
@@ -105,7 +107,10 @@ impl PeerMatch {
             PeerMatch::Principal(p) => p.matches(principal),
             PeerMatch::Namespace(ns) => {
                 let pattern = format!("*/ns/{ns}/*");
-                glob(pattern.as_bytes(), format!("spiffe://{principal}").as_bytes())
+                glob(
+                    pattern.as_bytes(),
+                    format!("spiffe://{principal}").as_bytes(),
+                )
             }
             PeerMatch::ServiceAccount(ns, sa) => peer
                 .service_account()
@@ -379,7 +384,9 @@ fn compile(policy: &AuthorizationPolicy, trust_domains: &TrustDomains) -> Compil
                         | ConditionKey::RemoteIp
                         | ConditionKey::DestinationIp => ConditionValues::Blocks(blocks(v, n)),
                         ConditionKey::DestinationPort => ConditionValues::Ports(ports(v, n)),
-                        ConditionKey::SourcePrincipal => ConditionValues::Peers(cx.principals(v, n)),
+                        ConditionKey::SourcePrincipal => {
+                            ConditionValues::Peers(cx.principals(v, n))
+                        }
                         ConditionKey::SourceNamespace => ConditionValues::Peers(each(v, n, |v| {
                             PeerMatch::Namespace(v.to_owned())
                         })),
@@ -547,6 +554,9 @@ mod tests {
         assert!(glob(b"*/ns/foo/*", b"spiffe://td/ns/foo/sa/x"));
         assert!(!glob(b"*/ns/foo/*", b"spiffe://td/ns/foobar/sa/x"));
         assert!(glob(b"*/ns/foo*/*", b"spiffe://td/ns/foobar/sa/x"));
-        assert!(!glob(b"*/ns/f.o/*", b"spiffe://td/ns/foo/sa/x"), "a dot is a dot");
+        assert!(
+            !glob(b"*/ns/f.o/*", b"spiffe://td/ns/foo/sa/x"),
+            "a dot is a dot"
+        );
     }
 }

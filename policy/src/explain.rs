@@ -137,23 +137,29 @@ fn describe_source(source: &CompiledSource, miss: Miss, req: &Request<'_>) -> St
     let plaintext = |what: &str| format!("no {what} (plaintext)");
     let (actual, values, not_values) = match field {
         "principals" => (
-            peer.principal.clone().unwrap_or_else(|| plaintext("principal")),
+            peer.principal
+                .clone()
+                .unwrap_or_else(|| plaintext("principal")),
             list(&source.principals.values),
             list(&source.principals.not_values),
         ),
         "namespaces" => (
-            peer.namespace().map_or_else(|| plaintext("namespace"), str::to_owned),
+            peer.namespace()
+                .map_or_else(|| plaintext("namespace"), str::to_owned),
             list(&source.namespaces.values),
             list(&source.namespaces.not_values),
         ),
         "serviceAccounts" => (
-            peer.service_account()
-                .map_or_else(|| plaintext("service account"), |(ns, sa)| format!("{ns}/{sa}")),
+            peer.service_account().map_or_else(
+                || plaintext("service account"),
+                |(ns, sa)| format!("{ns}/{sa}"),
+            ),
             list(&source.service_accounts.values),
             list(&source.service_accounts.not_values),
         ),
         "trustDomains" => (
-            peer.trust_domain().map_or_else(|| plaintext("trust domain"), str::to_owned),
+            peer.trust_domain()
+                .map_or_else(|| plaintext("trust domain"), str::to_owned),
             list(&source.trust_domains.values),
             list(&source.trust_domains.not_values),
         ),
@@ -225,19 +231,17 @@ fn describe_condition(condition: &CompiledCondition, miss: Miss, req: &Request<'
     };
     let peer = req.peer;
     let actual = match &condition.key {
-        ConditionKey::RequestHeader(name) => req
-            .http
-            .and_then(|h| h.header(name))
-            .map_or_else(
-                || "no such header".to_owned(),
-                |v| String::from_utf8_lossy(&v).into_owned(),
-            ),
+        ConditionKey::RequestHeader(name) => req.http.and_then(|h| h.header(name)).map_or_else(
+            || "no such header".to_owned(),
+            |v| String::from_utf8_lossy(&v).into_owned(),
+        ),
         ConditionKey::SourceIp | ConditionKey::RemoteIp => peer.ip.to_string(),
         ConditionKey::DestinationIp => req.destination_ip.to_string(),
         ConditionKey::SourceNamespace => peer.namespace().unwrap_or("no namespace").to_owned(),
-        ConditionKey::SourceServiceAccount => peer
-            .service_account()
-            .map_or_else(|| "no service account".to_owned(), |(ns, sa)| format!("{ns}/{sa}")),
+        ConditionKey::SourceServiceAccount => peer.service_account().map_or_else(
+            || "no service account".to_owned(),
+            |(ns, sa)| format!("{ns}/{sa}"),
+        ),
         ConditionKey::SourcePrincipal => peer
             .principal
             .clone()

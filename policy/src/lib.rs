@@ -21,6 +21,8 @@ mod compile;
 mod explain;
 mod matcher;
 pub mod normalize;
+#[cfg(any(test, feature = "parity"))]
+pub mod parity;
 mod path;
 
 use std::net::IpAddr;
@@ -119,7 +121,12 @@ impl HttpAttributes {
         use std::borrow::Cow;
         match name {
             ":method" => return Some(Cow::Borrowed(self.method.as_bytes())),
-            ":authority" => return self.authority.as_deref().map(|a| Cow::Borrowed(a.as_bytes())),
+            ":authority" => {
+                return self
+                    .authority
+                    .as_deref()
+                    .map(|a| Cow::Borrowed(a.as_bytes()));
+            }
             ":scheme" => return self.scheme.as_deref().map(|s| Cow::Borrowed(s.as_bytes())),
             ":path" => {
                 return Some(match &self.query {

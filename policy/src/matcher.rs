@@ -133,7 +133,10 @@ fn template_matches(parts: &[TemplatePart], path: &[u8]) -> bool {
             (1..=run).any(|n| template_matches(rest, &path[n..]))
         }
         TemplatePart::Rest => {
-            let run = path.iter().take_while(|b| pchar(**b) || **b == b'/').count();
+            let run = path
+                .iter()
+                .take_while(|b| pchar(**b) || **b == b'/')
+                .count();
             (0..=run).any(|n| template_matches(rest, &path[n..]))
         }
     }

@@ -84,7 +84,11 @@ pub struct Question<'a> {
 }
 
 /// The policies of `target` compiled as its node's agent compiles them.
-pub fn workload_policies(mesh: &MeshConfig, trust_domain: &str, target: &Workload) -> WorkloadPolicies {
+pub fn workload_policies(
+    mesh: &MeshConfig,
+    trust_domain: &str,
+    target: &Workload,
+) -> WorkloadPolicies {
     WorkloadPolicies::new(
         mesh.authorization_policies_for(target),
         &TrustDomains::new(trust_domain, &mesh.settings.trust_domain_aliases),
@@ -92,7 +96,11 @@ pub fn workload_policies(mesh: &MeshConfig, trust_domain: &str, target: &Workloa
 }
 
 /// Judges a connection or request the way the mesh would.
-pub fn explain_path(mesh: &MeshConfig, trust_domain: &str, question: Question<'_>) -> PathExplanation {
+pub fn explain_path(
+    mesh: &MeshConfig,
+    trust_domain: &str,
+    question: Question<'_>,
+) -> PathExplanation {
     let Question {
         source: source_ip,
         destination: destination_ip,

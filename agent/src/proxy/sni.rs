@@ -48,7 +48,9 @@ pub fn server_name(bytes: &[u8]) -> Hello {
     if bytes.first().is_some_and(|b| *b != 22) {
         return Hello::NoName;
     }
-    let Some(record_len) = bytes.get(3..5).map(|l| usize::from(l[0]) << 8 | usize::from(l[1]))
+    let Some(record_len) = bytes
+        .get(3..5)
+        .map(|l| usize::from(l[0]) << 8 | usize::from(l[1]))
     else {
         return Hello::Incomplete;
     };
@@ -145,7 +147,11 @@ mod tests {
         body.extend_from_slice(&[0]); // no session id
         body.extend_from_slice(&[0x00, 0x02, 0x13, 0x01]);
         body.extend_from_slice(&[0x01, 0x00]);
-        body.extend_from_slice(&u16::try_from(extensions.len()).expect("short").to_be_bytes());
+        body.extend_from_slice(
+            &u16::try_from(extensions.len())
+                .expect("short")
+                .to_be_bytes(),
+        );
         body.extend_from_slice(&extensions);
         let mut handshake = vec![0x01, 0x00];
         handshake.extend_from_slice(&u16::try_from(body.len()).expect("short").to_be_bytes());

@@ -5,7 +5,7 @@
 use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr, time::Duration};
 
 use nodemesh_config::MeshConfig;
-use nodemesh_policy::{HttpAttributes, PathExplanation, explain_path, Question};
+use nodemesh_policy::{HttpAttributes, PathExplanation, Question, explain_path};
 use nodemesh_traffic::{
     RequestHead, TrafficTable,
     explain::{BackendExplanation, Decision, RouteExplanation, explain_route},
@@ -81,7 +81,10 @@ pub fn explain(
         .unwrap_or(&default)
         .normalized(mesh.settings.path_normalization)
         .map_err(|e| {
-            anyhow::anyhow!("the proxy answers 400: invalid path {:?}: {e}", http.map_or("/", |h| h.path.as_str()))
+            anyhow::anyhow!(
+                "the proxy answers 400: invalid path {:?}: {e}",
+                http.map_or("/", |h| h.path.as_str())
+            )
         })?;
     let attributes = &normalized;
     let mut headers = http::HeaderMap::new();

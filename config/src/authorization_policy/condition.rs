@@ -120,7 +120,12 @@ mod tests {
         assert!(ns.contains("metadata.namespace"), "{ns}");
         let old = ConditionKey::parse("destination.user").unwrap_err();
         assert!(old.contains("deprecated"), "{old}");
-        for bad in ["request.headers[]", "request.headers", "request.headersX[a]", "source.foo"] {
+        for bad in [
+            "request.headers[]",
+            "request.headers",
+            "request.headersX[a]",
+            "source.foo",
+        ] {
             assert!(ConditionKey::parse(bad).is_err(), "{bad}");
         }
         let unknown = ConditionKey::parse("destination.foo").unwrap_err();

@@ -286,8 +286,7 @@ fn check_operation(at: &str, o: &Operation) -> Result<(), Invalid> {
     if lists.iter().all(|(_, values)| values.is_empty()) {
         return Err((
             at.to_owned(),
-            "must not be empty; say which operations match, or leave the `to` entry out"
-                .to_owned(),
+            "must not be empty; say which operations match, or leave the `to` entry out".to_owned(),
         ));
     }
     for (field, values) in lists {

@@ -110,4 +110,3 @@ fn check_names(name: &str, namespace: &str) -> Result<(), (String, String)> {
     check_dns_label(name).map_err(|e| ("metadata.name".to_owned(), e))?;
     check_dns_label(namespace).map_err(|e| ("metadata.namespace".to_owned(), e))
 }
-

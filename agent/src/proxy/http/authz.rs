@@ -113,7 +113,10 @@ mod tests {
             IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
         );
         let trust = TrustDomains::new("cluster.local", &[]);
-        Judging(Arc::new(Policies(WorkloadPolicies::new([&policy], &trust), peer)))
+        Judging(Arc::new(Policies(
+            WorkloadPolicies::new([&policy], &trust),
+            peer,
+        )))
     }
 
     const GET_PUBLIC: &str = "apiVersion: security.nodemesh.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: public, namespace: shop}\nspec:\n  action: ALLOW\n  rules:\n  - to: [{operation: {methods: [GET], paths: [\"/public/*\"]}}]\n";

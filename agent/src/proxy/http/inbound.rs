@@ -58,7 +58,14 @@ struct PodJudge {
 
 impl Judge for PodJudge {
     fn decide(&self, http: &HttpAttributes) -> Decision {
-        decide(&self.pod, &self.shared, &self.peer, self.dst, None, Some(http))
+        decide(
+            &self.pod,
+            &self.shared,
+            &self.peer,
+            self.dst,
+            None,
+            Some(http),
+        )
     }
 }
 

@@ -61,35 +61,180 @@ fn objects_exported_from_a_cluster_pass_with_their_status() {
 /// What Istio refuses, the field each refusal names, and words of the message.
 const REFUSED: [(&str, &str, &str, &str); 30] = [
     ("", "  action: DENY\n", "spec.rules", "never be triggered"),
-    ("", "  action: DENY\n  rules: []\n", "spec.rules", "never be triggered"),
-    ("", "  rules:\n  - from: []\n", "spec.rules[0].from", "must not be empty"),
-    ("", "  rules:\n  - to: []\n", "spec.rules[0].to", "must not be empty"),
-    ("", "  rules:\n  - from:\n    - {}\n", "spec.rules[0].from[0].source", "must be set"),
-    ("", "  rules:\n  - from:\n    - source: {}\n", "spec.rules[0].from[0].source", "must not be empty"),
-    ("", "  rules:\n  - to:\n    - {}\n", "spec.rules[0].to[0].operation", "must be set"),
-    ("", "  rules:\n  - to:\n    - operation: {}\n", "spec.rules[0].to[0].operation", "must not be empty"),
-    ("", "  rules:\n  - from:\n    - source:\n        namespaces: [\"\"]\n", "spec.rules[0].from[0].source.namespaces[0]", "empty"),
-    ("", "  rules:\n  - to:\n    - operation:\n        methods: [\"GET\", \"\"]\n", "spec.rules[0].to[0].operation.methods[1]", "empty"),
-    ("", "  rules:\n  - to:\n    - operation:\n        ports: [\"http\"]\n", "spec.rules[0].to[0].operation.ports[0]", "not a port"),
-    ("", "  rules:\n  - to:\n    - operation:\n        ports: [\"70000\"]\n", "spec.rules[0].to[0].operation.ports[0]", "not a port"),
-    ("", "  rules:\n  - to:\n    - operation:\n        notPorts: [\"+80\"]\n", "spec.rules[0].to[0].operation.notPorts[0]", "not a port"),
-    ("", "  rules:\n  - to:\n    - operation:\n        paths: [\"/a/{**}/{*}\"]\n", "spec.rules[0].to[0].operation.paths[0]", "last operator"),
-    ("", "  rules:\n  - to:\n    - operation:\n        paths: [\"/a/{b}\"]\n", "spec.rules[0].to[0].operation.paths[0]", "whole segments"),
-    ("", "  rules:\n  - to:\n    - operation:\n        paths: [\"/a/*/{*}\"]\n", "spec.rules[0].to[0].operation.paths[0]", "may only hold"),
-    ("", "  selector:\n    matchLabels:\n      \"\": x\n", "spec.selector.matchLabels[]", "empty label key"),
-    ("", "  selector:\n    matchLabels:\n      app: \"*\"\n", "spec.selector.matchLabels[app]", "wildcards"),
-    ("  annotations:\n    istio.io/dry-run: \"yes\"", "  action: DENY\n  rules:\n  - {}\n", "metadata.annotations[istio.io/dry-run]", "not a boolean"),
-    ("  annotations:\n    istio.io/dry-run: \"false\"", "  action: AUDIT\n  rules:\n  - {}\n", "metadata.annotations[istio.io/dry-run]", "only to ALLOW and DENY"),
-    ("", "  rules:\n  - from:\n    - source:\n        ipBlocks: [\"10.0.0.0/33\"]\n", "spec.rules[0].from[0].source.ipBlocks[0]", "prefix length"),
-    ("", "  rules:\n  - from:\n    - source:\n        principals: [\"a\"]\n        serviceAccounts: [\"b\"]\n", "spec.rules[0].from[0].source.serviceAccounts", "cannot be set together"),
-    ("", "  rules:\n  - from:\n    - source:\n        serviceAccounts: [\"ns/*\"]\n", "spec.rules[0].from[0].source.serviceAccounts[0]", "wildcards"),
-    ("", "  rules:\n  - from:\n    - source:\n        serviceAccounts: [\"a/b/c\"]\n", "spec.rules[0].from[0].source.serviceAccounts[0]", "namespace/serviceAccount"),
-    ("", "  rules:\n  - when:\n    - key: source.ip\n", "spec.rules[0].when[0].values", "at least one of"),
-    ("", "  rules:\n  - when:\n    - key: destination.port\n      values: [\"x\"]\n", "spec.rules[0].when[0].values[0]", "not a port"),
-    ("", "  rules:\n  - when:\n    - key: source.foo\n      values: [\"x\"]\n", "spec.rules[0].when[0].key", "unknown attribute"),
-    ("", "  rules:\n  - when:\n    - values: [\"x\"]\n", "spec.rules[0].when[0].key", "must not be empty"),
-    ("", "  selector:\n    matchLabels: {app: a}\n  targetRefs:\n  - {kind: Service, name: a}\n", "spec", "only one of"),
-    ("", "  targetRef:\n    kind: Service\n    name: a\n    namespace: other\n", "spec.targetRef.namespace", "cross-namespace"),
+    (
+        "",
+        "  action: DENY\n  rules: []\n",
+        "spec.rules",
+        "never be triggered",
+    ),
+    (
+        "",
+        "  rules:\n  - from: []\n",
+        "spec.rules[0].from",
+        "must not be empty",
+    ),
+    (
+        "",
+        "  rules:\n  - to: []\n",
+        "spec.rules[0].to",
+        "must not be empty",
+    ),
+    (
+        "",
+        "  rules:\n  - from:\n    - {}\n",
+        "spec.rules[0].from[0].source",
+        "must be set",
+    ),
+    (
+        "",
+        "  rules:\n  - from:\n    - source: {}\n",
+        "spec.rules[0].from[0].source",
+        "must not be empty",
+    ),
+    (
+        "",
+        "  rules:\n  - to:\n    - {}\n",
+        "spec.rules[0].to[0].operation",
+        "must be set",
+    ),
+    (
+        "",
+        "  rules:\n  - to:\n    - operation: {}\n",
+        "spec.rules[0].to[0].operation",
+        "must not be empty",
+    ),
+    (
+        "",
+        "  rules:\n  - from:\n    - source:\n        namespaces: [\"\"]\n",
+        "spec.rules[0].from[0].source.namespaces[0]",
+        "empty",
+    ),
+    (
+        "",
+        "  rules:\n  - to:\n    - operation:\n        methods: [\"GET\", \"\"]\n",
+        "spec.rules[0].to[0].operation.methods[1]",
+        "empty",
+    ),
+    (
+        "",
+        "  rules:\n  - to:\n    - operation:\n        ports: [\"http\"]\n",
+        "spec.rules[0].to[0].operation.ports[0]",
+        "not a port",
+    ),
+    (
+        "",
+        "  rules:\n  - to:\n    - operation:\n        ports: [\"70000\"]\n",
+        "spec.rules[0].to[0].operation.ports[0]",
+        "not a port",
+    ),
+    (
+        "",
+        "  rules:\n  - to:\n    - operation:\n        notPorts: [\"+80\"]\n",
+        "spec.rules[0].to[0].operation.notPorts[0]",
+        "not a port",
+    ),
+    (
+        "",
+        "  rules:\n  - to:\n    - operation:\n        paths: [\"/a/{**}/{*}\"]\n",
+        "spec.rules[0].to[0].operation.paths[0]",
+        "last operator",
+    ),
+    (
+        "",
+        "  rules:\n  - to:\n    - operation:\n        paths: [\"/a/{b}\"]\n",
+        "spec.rules[0].to[0].operation.paths[0]",
+        "whole segments",
+    ),
+    (
+        "",
+        "  rules:\n  - to:\n    - operation:\n        paths: [\"/a/*/{*}\"]\n",
+        "spec.rules[0].to[0].operation.paths[0]",
+        "may only hold",
+    ),
+    (
+        "",
+        "  selector:\n    matchLabels:\n      \"\": x\n",
+        "spec.selector.matchLabels[]",
+        "empty label key",
+    ),
+    (
+        "",
+        "  selector:\n    matchLabels:\n      app: \"*\"\n",
+        "spec.selector.matchLabels[app]",
+        "wildcards",
+    ),
+    (
+        "  annotations:\n    istio.io/dry-run: \"yes\"",
+        "  action: DENY\n  rules:\n  - {}\n",
+        "metadata.annotations[istio.io/dry-run]",
+        "not a boolean",
+    ),
+    (
+        "  annotations:\n    istio.io/dry-run: \"false\"",
+        "  action: AUDIT\n  rules:\n  - {}\n",
+        "metadata.annotations[istio.io/dry-run]",
+        "only to ALLOW and DENY",
+    ),
+    (
+        "",
+        "  rules:\n  - from:\n    - source:\n        ipBlocks: [\"10.0.0.0/33\"]\n",
+        "spec.rules[0].from[0].source.ipBlocks[0]",
+        "prefix length",
+    ),
+    (
+        "",
+        "  rules:\n  - from:\n    - source:\n        principals: [\"a\"]\n        serviceAccounts: [\"b\"]\n",
+        "spec.rules[0].from[0].source.serviceAccounts",
+        "cannot be set together",
+    ),
+    (
+        "",
+        "  rules:\n  - from:\n    - source:\n        serviceAccounts: [\"ns/*\"]\n",
+        "spec.rules[0].from[0].source.serviceAccounts[0]",
+        "wildcards",
+    ),
+    (
+        "",
+        "  rules:\n  - from:\n    - source:\n        serviceAccounts: [\"a/b/c\"]\n",
+        "spec.rules[0].from[0].source.serviceAccounts[0]",
+        "namespace/serviceAccount",
+    ),
+    (
+        "",
+        "  rules:\n  - when:\n    - key: source.ip\n",
+        "spec.rules[0].when[0].values",
+        "at least one of",
+    ),
+    (
+        "",
+        "  rules:\n  - when:\n    - key: destination.port\n      values: [\"x\"]\n",
+        "spec.rules[0].when[0].values[0]",
+        "not a port",
+    ),
+    (
+        "",
+        "  rules:\n  - when:\n    - key: source.foo\n      values: [\"x\"]\n",
+        "spec.rules[0].when[0].key",
+        "unknown attribute",
+    ),
+    (
+        "",
+        "  rules:\n  - when:\n    - values: [\"x\"]\n",
+        "spec.rules[0].when[0].key",
+        "must not be empty",
+    ),
+    (
+        "",
+        "  selector:\n    matchLabels: {app: a}\n  targetRefs:\n  - {kind: Service, name: a}\n",
+        "spec",
+        "only one of",
+    ),
+    (
+        "",
+        "  targetRef:\n    kind: Service\n    name: a\n    namespace: other\n",
+        "spec.targetRef.namespace",
+        "cross-namespace",
+    ),
 ];
 
 #[test]
@@ -148,8 +293,14 @@ fn peer_authentication_parity() {
         )
     };
     let accepted = [
-        ("  name: default\n  namespace: nodemesh-system", "  mtls:\n    mode: STRICT\n"),
-        ("  name: default\n  namespace: foo", "  mtls:\n    mode: PERMISSIVE\n"),
+        (
+            "  name: default\n  namespace: nodemesh-system",
+            "  mtls:\n    mode: STRICT\n",
+        ),
+        (
+            "  name: default\n  namespace: foo",
+            "  mtls:\n    mode: PERMISSIVE\n",
+        ),
         (
             "  name: finance\n  namespace: foo",
             "  selector:\n    matchLabels:\n      app: finance\n  mtls:\n    mode: STRICT\n  portLevelMtls:\n    8080:\n      mode: DISABLE\n",
@@ -167,10 +318,26 @@ fn peer_authentication_parity() {
         check(&pa(meta, spec)).unwrap_or_else(|e| panic!("{spec}\n{e}"));
     }
     let refused = [
-        ("  mtls:\n    mode: STRICT\n  portLevelMtls:\n    8080:\n      mode: DISABLE\n", "spec.portLevelMtls", "add a selector"),
-        ("  selector:\n    matchLabels: {app: a}\n  portLevelMtls: {}\n", "spec.portLevelMtls", "at least one"),
-        ("  selector:\n    matchLabels: {app: a}\n  portLevelMtls:\n    0:\n      mode: STRICT\n", "spec.portLevelMtls[0]", "1..65535"),
-        ("  selector:\n    matchLabels: {app: \"*\"}\n", "spec.selector.matchLabels[app]", "wildcards"),
+        (
+            "  mtls:\n    mode: STRICT\n  portLevelMtls:\n    8080:\n      mode: DISABLE\n",
+            "spec.portLevelMtls",
+            "add a selector",
+        ),
+        (
+            "  selector:\n    matchLabels: {app: a}\n  portLevelMtls: {}\n",
+            "spec.portLevelMtls",
+            "at least one",
+        ),
+        (
+            "  selector:\n    matchLabels: {app: a}\n  portLevelMtls:\n    0:\n      mode: STRICT\n",
+            "spec.portLevelMtls[0]",
+            "1..65535",
+        ),
+        (
+            "  selector:\n    matchLabels: {app: \"*\"}\n",
+            "spec.selector.matchLabels[app]",
+            "wildcards",
+        ),
     ];
     for (spec, field, says) in refused {
         let error = check(&pa("  name: p\n  namespace: foo", spec)).expect_err(spec);
