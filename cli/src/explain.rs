@@ -10,6 +10,8 @@ use std::{
     process::ExitCode,
 };
 
+use std::os::unix::ffi::OsStrExt as _;
+
 use anyhow::{Context as _, bail};
 use nodemesh_config::MeshConfig;
 use nodemesh_policy::{HttpAttributes, PathExplanation, Question, Reason, Step, explain_path};
@@ -39,9 +41,10 @@ pub struct ExplainArgs {
     /// The server name of the application's own TLS handshake (for `connection.sni`).
     #[arg(long)]
     sni: Option<String>,
-    /// A request header, `name=value`; repeat for more.
+    /// A request header, `name=value` (the value as bytes, UTF-8 or not); repeat for more,
+    /// the same name too.
     #[arg(long = "header", value_name = "NAME=VALUE")]
-    headers: Vec<String>,
+    headers: Vec<std::ffi::OsString>,
     /// Read the configuration from this directory.
     #[arg(
         long,
@@ -235,9 +238,15 @@ fn http_attributes(
         .headers
         .iter()
         .map(|h| {
-            h.split_once('=')
-                .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().as_bytes().to_vec()))
-                .with_context(|| format!("--header {h:?} must be name=value"))
+            let bytes = h.as_bytes();
+            let at = bytes
+                .iter()
+                .position(|b| *b == b'=')
+                .with_context(|| format!("--header {h:?} must be name=value"))?;
+            let name = String::from_utf8_lossy(&bytes[..at])
+                .trim()
+                .to_ascii_lowercase();
+            Ok((name, bytes[at + 1..].trim_ascii().to_vec()))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let target = args.path.clone().unwrap_or_else(|| "/".to_owned());
