@@ -288,10 +288,10 @@ fn render(e: &PathExplanation, http: Option<&HttpAttributes>) -> String {
         name(&e.destination),
         SocketAddrV4::new(e.destination.ip, e.port).port()
     ));
-    if let (Some(judged), Some(h)) = (&e.judged_path, http) {
-        if *judged != h.path {
-            out.push_str(&format!("  path judged as: {judged} (normalised)\n"));
-        }
+    if let (Some(judged), Some(h)) = (&e.judged_path, http)
+        && *judged != h.path
+    {
+        out.push_str(&format!("  path judged as: {judged} (normalised)\n"));
     }
     out.push_str(&format!(
         "  carried as: {}\n",

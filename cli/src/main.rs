@@ -34,7 +34,7 @@ enum Command {
     /// Validate a configuration directory (or file) without running anything.
     Check(check::CheckArgs),
     /// Explain whether a connection or HTTP request is allowed, and why.
-    Explain(explain::ExplainArgs),
+    Explain(Box<explain::ExplainArgs>),
     /// Summarise the mesh from the controller's and the agents' admin endpoints.
     Status(status::StatusArgs),
 }

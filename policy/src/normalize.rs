@@ -49,13 +49,13 @@ pub fn normalize_path(path: &str, mode: PathNormalization) -> Result<Cow<'_, str
 
 /// Whether the path has nothing to normalise: the common case, checked without allocating.
 fn is_normal(path: &str, merge: bool) -> bool {
-    !path
+    let clean_bytes = !path
         .bytes()
-        .any(|b| b == b'%' || b == b'\\' || must_escape(b))
-        && !path
-            .split('/')
-            .any(|segment| segment == "." || segment == "..")
-        && !(merge && path.contains("//"))
+        .any(|b| b == b'%' || b == b'\\' || must_escape(b));
+    let no_dots = !path
+        .split('/')
+        .any(|segment| segment == "." || segment == "..");
+    clean_bytes && no_dots && !(merge && path.contains("//"))
 }
 
 /// Unreserved characters (RFC 3986 section 2.3): never need escaping, so their escapes mean

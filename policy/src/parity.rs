@@ -97,16 +97,16 @@ pub fn header_bytes(value: &str) -> Vec<u8> {
     let mut out = Vec::new();
     let mut rest = value.as_bytes();
     while let Some((&b, more)) = rest.split_first() {
-        if b == b'\\' && more.first() == Some(&b'x') {
-            if let Some(byte) = more
+        if b == b'\\'
+            && more.first() == Some(&b'x')
+            && let Some(byte) = more
                 .get(1..3)
                 .and_then(|h| std::str::from_utf8(h).ok())
                 .and_then(|h| u8::from_str_radix(h, 16).ok())
-            {
-                out.push(byte);
-                rest = &more[3..];
-                continue;
-            }
+        {
+            out.push(byte);
+            rest = &more[3..];
+            continue;
         }
         out.push(b);
         rest = more;

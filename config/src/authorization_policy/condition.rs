@@ -114,11 +114,11 @@ mod tests {
             ConditionKey::parse("source.serviceAccount"),
             Ok(ConditionKey::SourceServiceAccount)
         );
-        let jwt = ConditionKey::parse("request.auth.claims[iss]").unwrap_err();
+        let jwt = ConditionKey::parse("request.auth.claims[iss]").expect_err("refused");
         assert!(jwt.contains("JWT"), "{jwt}");
-        let ns = ConditionKey::parse("destination.namespace").unwrap_err();
+        let ns = ConditionKey::parse("destination.namespace").expect_err("refused");
         assert!(ns.contains("metadata.namespace"), "{ns}");
-        let old = ConditionKey::parse("destination.user").unwrap_err();
+        let old = ConditionKey::parse("destination.user").expect_err("refused");
         assert!(old.contains("deprecated"), "{old}");
         for bad in [
             "request.headers[]",
@@ -128,7 +128,7 @@ mod tests {
         ] {
             assert!(ConditionKey::parse(bad).is_err(), "{bad}");
         }
-        let unknown = ConditionKey::parse("destination.foo").unwrap_err();
+        let unknown = ConditionKey::parse("destination.foo").expect_err("refused");
         assert!(unknown.starts_with("unknown attribute"), "{unknown}");
     }
 }

@@ -374,13 +374,13 @@ fn check_service_accounts(at: &str, values: &[String]) -> Result<(), Invalid> {
         if value.len() > 320 {
             return Err((at, "may not be longer than 320 characters".to_owned()));
         }
-        if let Some((ns, sa)) = value.split_once('/') {
-            if ns.is_empty() || sa.is_empty() {
-                return Err((
-                    at,
-                    format!("{value:?}: the namespace and the service account must not be empty"),
-                ));
-            }
+        if let Some((ns, sa)) = value.split_once('/')
+            && (ns.is_empty() || sa.is_empty())
+        {
+            return Err((
+                at,
+                format!("{value:?}: the namespace and the service account must not be empty"),
+            ));
         }
     }
     Ok(())
