@@ -312,8 +312,9 @@ async fn deliver<S>(
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
+    let policies = pod.policies();
     let reads_http =
-        pod.policies().needs_http() || shared.mesh.load().reads_http || !pod.rate_limits.is_empty();
+        policies.needs_http() || shared.mesh.load().reads_http || !pod.rate_limits.is_empty();
     if reads_http {
         let connection = http::inbound::Connection {
             peer,
@@ -325,7 +326,6 @@ where
         // Boxed: byte-copy connections should not carry the HTTP server's state.
         return Box::pin(http::inbound::serve(client, upstream, connection)).await;
     }
-    let policies = pod.policies();
     if !policies.needs_sni() {
         let registration = pod.active.register(peer, dst, None, &pod.cancel);
         return tokio::select! {

@@ -268,6 +268,73 @@ fn mtls_mode_is_decided_by_the_narrowest_peer_authentication() {
 }
 
 #[test]
+fn mtls_is_composed_as_istio_composes_it() {
+    let dir = ConfigDir::new();
+    dir.write("web.yaml", &workload("web", "shop", "10.0.0.2", ""))
+        .write("mesh.yaml", &peer_auth("default", "nodemesh-system", None, "STRICT"))
+        // A selector in the root namespace has no effect, as in Istio.
+        .write(
+            "root-web.yaml",
+            &peer_auth("root-web", "nodemesh-system", Some("web"), "PERMISSIVE"),
+        )
+        // The oldest of two selecting policies wins; its UNSET mode inherits, its ports apply.
+        .write(
+            "old.yaml",
+            &(peer_auth("zz-old", "shop", Some("web"), "UNSET").replace(
+                "  name: zz-old\n",
+                "  name: zz-old\n  creationTimestamp: \"2024-01-01T00:00:00Z\"\n",
+            ) + "  portLevelMtls:\n    8080:\n      mode: PERMISSIVE\n    9090:\n      mode: UNSET\n"),
+        )
+        .write(
+            "new.yaml",
+            &peer_auth("aa-new", "shop", Some("web"), "PERMISSIVE").replace(
+                "  name: aa-new\n",
+                "  name: aa-new\n  creationTimestamp: \"2025-01-01T00:00:00Z\"\n",
+            ),
+        );
+    let config = dir.load().expect("valid");
+    let mtls = config.mtls_mode(&config.workloads["shop/web"]);
+    assert_eq!(
+        mtls.for_port(80),
+        (crate::MtlsMode::Strict, Some("nodemesh-system/default")),
+        "the workload's policy sets no mode: the mesh's holds"
+    );
+    assert_eq!(
+        mtls.for_port(8080),
+        (crate::MtlsMode::Permissive, Some("shop/zz-old"))
+    );
+    assert_eq!(
+        mtls.for_port(9090),
+        (crate::MtlsMode::Strict, Some("nodemesh-system/default")),
+        "an UNSET port takes the workload's mode"
+    );
+}
+
+#[test]
+fn a_root_namespace_set_in_mesh_settings_makes_its_policies_mesh_wide() {
+    let dir = ConfigDir::new();
+    dir.write("web.yaml", &workload("web", "shop", "10.0.0.2", ""))
+        .write(
+            "settings.yaml",
+            "apiVersion: nodemesh.dev/v1alpha1\nkind: MeshSettings\nmetadata:\n  name: default\n  namespace: nodemesh-system\nspec:\n  rootNamespace: mesh-root\n",
+        )
+        .write("mesh.yaml", &peer_auth("default", "mesh-root", None, "STRICT"))
+        .write("ignored.yaml", &peer_auth("default", "nodemesh-system", None, "DISABLE"));
+    let config = dir.load().expect("valid");
+    let mtls = config.mtls_mode(&config.workloads["shop/web"]);
+    assert_eq!(
+        mtls.for_port(80),
+        (crate::MtlsMode::Strict, Some("mesh-root/default"))
+    );
+    assert!(
+        config
+            .for_node("n1")
+            .peer_authentications
+            .contains_key("mesh-root/default")
+    );
+}
+
+#[test]
 fn mesh_settings_and_peer_authentication_are_validated() {
     let dir = ConfigDir::new();
     dir.write(
