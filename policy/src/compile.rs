@@ -2,74 +2,13 @@
 
 use nodemesh_config::{Action, AuthorizationPolicy, ConditionKey, parse_port};
 
+pub use crate::trust_domains::TrustDomains;
 use crate::{
     Decision, Reason, Request, Verdict,
     matcher::{Field, IpBlock, PathPattern, Pattern},
+    peer_match::PeerMatch,
     strict_on_tcp,
 };
-
-/// The mesh's trust domain and its aliases (MeshSettings `trustDomainAliases`): a principal
-/// naming any of them, or `cluster.local`, matches identities of all of them, as in Istio.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TrustDomains(Vec<String>);
-
-impl TrustDomains {
-    pub fn new(local: &str, aliases: &[String]) -> Self {
-        let mut all = vec![local.to_owned()];
-        all.extend(aliases.iter().filter(|a| *a != local).cloned());
-        Self(all)
-    }
-
-    /// Istio's `ReplaceTrustDomainAliases` for one principal: the forms it stands for.
-    fn expand(&self, principal: &str) -> Vec<String> {
-        let parts: Vec<&str> = principal.split('/').collect();
-        // Not `<td>/ns/<ns>/sa/<sa>`, or any trust domain: the principal as written.
-        if parts.len() != 5 || parts[0] == "*" {
-            return vec![principal.to_owned()];
-        }
-        let from = parts[0];
-        let known = from == "cluster.local" || self.0.iter().any(|td| loose_match(from, td));
-        if !known {
-            return vec![principal.to_owned()];
-        }
-        let rest = parts[1..].join("/");
-        let mut out: Vec<String> = Vec::new();
-        for td in &self.0 {
-            // A policy trust domain `*suffix` that covers this one stays as written.
-            let kept = from
-                .strip_prefix('*')
-                .is_some_and(|suffix| td.ends_with(suffix));
-            let form = if kept {
-                principal.to_owned()
-            } else {
-                format!("{td}/{rest}")
-            };
-            if !out.contains(&form) {
-                out.push(form);
-            }
-        }
-        out
-    }
-}
-
-/// Istio's `stringMatch` of a trust domain against a listed one: equal, or either a prefix or
-/// suffix pattern of the other.
-fn loose_match(a: &str, b: &str) -> bool {
-    let prefix = |s: &str, p: &str| p.strip_suffix('*').is_some_and(|p| s.starts_with(p));
-    let suffix = |s: &str, p: &str| p.strip_prefix('*').is_some_and(|p| s.ends_with(p));
-    a == b || b == "*" || prefix(a, b) || prefix(b, a) || suffix(a, b) || suffix(b, a)
-}
-
-/// A glob where `*` stands for any text, matched against the whole of `text`.
-fn glob(pattern: &[u8], text: &[u8]) -> bool {
-    match pattern.split_first() {
-        None => text.is_empty(),
-        Some((b'*', rest)) => (0..=text.len()).any(|n| glob(rest, &text[n..])),
-        Some((c, rest)) => text
-            .split_first()
-            .is_some_and(|(t, more)| t == c && glob(rest, more)),
-    }
-}
 
 /// Why one element of a rule did not match: the field, and whether a `not` form excluded it.
 /// `NeedsHttp` when the field is an HTTP attribute and the traffic is not HTTP.
@@ -84,50 +23,6 @@ fn field<T>(name: &'static str, field: &Field<T>, hit: impl Fn(&T) -> bool) -> R
         field: name,
         negated,
     })
-}
-
-/// How a source field names the peer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum PeerMatch {
-    /// A principal pattern (`principals`, `source.principal`).
-    Principal(Pattern),
-    /// Istio's `.*/ns/<value>/.*` over the peer's SPIFFE ID, `*` standing for any text.
-    Namespace(String),
-    /// `namespace/serviceAccount`.
-    ServiceAccount(String, String),
-    TrustDomain(Pattern),
-}
-
-impl PeerMatch {
-    fn matches(&self, peer: &crate::Peer) -> bool {
-        let Some(principal) = peer.principal.as_deref() else {
-            return false;
-        };
-        match self {
-            PeerMatch::Principal(p) => p.matches(principal),
-            PeerMatch::Namespace(ns) => {
-                let pattern = format!("*/ns/{ns}/*");
-                glob(
-                    pattern.as_bytes(),
-                    format!("spiffe://{principal}").as_bytes(),
-                )
-            }
-            PeerMatch::ServiceAccount(ns, sa) => peer
-                .service_account()
-                .is_some_and(|(n, s)| n == ns && s == sa),
-            PeerMatch::TrustDomain(p) => peer.trust_domain().is_some_and(|td| p.matches(td)),
-        }
-    }
-}
-
-impl std::fmt::Display for PeerMatch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            PeerMatch::Principal(p) | PeerMatch::TrustDomain(p) => p.fmt(f),
-            PeerMatch::Namespace(ns) => f.write_str(ns),
-            PeerMatch::ServiceAccount(ns, sa) => write!(f, "{ns}/{sa}"),
-        }
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -516,47 +411,5 @@ fn decide<'a>(policies: impl Iterator<Item = &'a CompiledPolicy>, req: &Request<
         reason,
         audited,
         dry_run: None,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn trust_domain_aliases_expand_as_istio_does() {
-        let tds = TrustDomains::new("td2", &["td1".to_owned()]);
-        assert_eq!(
-            tds.expand("td1/ns/foo/sa/bar"),
-            ["td2/ns/foo/sa/bar", "td1/ns/foo/sa/bar"]
-        );
-        assert_eq!(
-            tds.expand("cluster.local/ns/foo/sa/bar"),
-            ["td2/ns/foo/sa/bar", "td1/ns/foo/sa/bar"],
-            "cluster.local stands for the mesh's own trust domains"
-        );
-        assert_eq!(tds.expand("other/ns/foo/sa/bar"), ["other/ns/foo/sa/bar"]);
-        assert_eq!(tds.expand("*/ns/foo/sa/bar"), ["*/ns/foo/sa/bar"]);
-        assert_eq!(tds.expand("*"), ["*"]);
-        assert_eq!(
-            tds.expand("*td1/ns/foo/sa/bar"),
-            ["td2/ns/foo/sa/bar", "*td1/ns/foo/sa/bar"]
-        );
-        let local = TrustDomains::new("cluster.local", &[]);
-        assert_eq!(
-            local.expand("cluster.local/ns/a/sa/b"),
-            ["cluster.local/ns/a/sa/b"]
-        );
-    }
-
-    #[test]
-    fn globs() {
-        assert!(glob(b"*/ns/foo/*", b"spiffe://td/ns/foo/sa/x"));
-        assert!(!glob(b"*/ns/foo/*", b"spiffe://td/ns/foobar/sa/x"));
-        assert!(glob(b"*/ns/foo*/*", b"spiffe://td/ns/foobar/sa/x"));
-        assert!(
-            !glob(b"*/ns/f.o/*", b"spiffe://td/ns/foo/sa/x"),
-            "a dot is a dot"
-        );
     }
 }

@@ -24,6 +24,8 @@ pub mod normalize;
 #[cfg(any(test, feature = "parity"))]
 pub mod parity;
 mod path;
+mod peer_match;
+mod trust_domains;
 
 use std::net::IpAddr;
 
