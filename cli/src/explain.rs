@@ -320,8 +320,8 @@ fn render(e: &PathExplanation, http: Option<&HttpAttributes>) -> String {
         Step::EgressDenied => out.push_str(&format!(
             "  verdict: {verdict}: the destination is outside the mesh and MeshSettings denies egress\n"
         )),
-        Step::InvalidPath { reason } => out.push_str(&format!(
-            "  verdict: {verdict}: the proxy answers 400, the path cannot be normalised: {reason}\n"
+        Step::InvalidRequest { reason } => out.push_str(&format!(
+            "  verdict: {verdict}: the proxy answers 400, the request cannot be normalised: {reason}\n"
         )),
         Step::PlaintextRefused { policy } => out.push_str(&format!(
             "  verdict: {verdict}: plaintext refused, the destination is STRICT ({})\n",

@@ -55,7 +55,8 @@ pub use mesh_settings::{
 pub use meta::ObjectMeta;
 pub use namespace::Namespace;
 pub use peer_authentication::{
-    Mtls, MtlsMode, PeerAuthentication, PeerAuthenticationSpec, WorkloadSelector, selects_all,
+    Mtls, MtlsMode, PeerAuthentication, PeerAuthenticationSpec, PortKey, WorkloadSelector,
+    selects_all,
 };
 pub use service::{AppProtocol, Service, ServicePort, ServiceSpec};
 #[cfg(feature = "watch")]

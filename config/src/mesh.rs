@@ -130,7 +130,7 @@ impl MeshConfig {
         }
         if let Some(policy) = selecting {
             for (port, mtls) in policy.spec.port_level_mtls.iter().flatten() {
-                let Ok(port) = u16::try_from(*port) else {
+                let Ok(port) = u16::try_from(port.0) else {
                     continue;
                 };
                 let port_mtls = match mtls.mode {

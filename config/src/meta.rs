@@ -59,6 +59,20 @@ pub(crate) fn check_dns_label(value: &str) -> Result<(), String> {
     }
 }
 
+/// Checks a DNS-1123 subdomain (the names of most Kubernetes kinds, policies included):
+/// dot-separated labels, at most 253 characters.
+pub(crate) fn check_dns_subdomain(value: &str) -> Result<(), String> {
+    if value.len() <= 253 && value.split('.').all(|label| check_dns_label(label).is_ok()) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{value:?} is not a valid name: use dot-separated parts of lower-case letters, \
+             digits and '-', each starting and ending with a letter or digit, at most 253 \
+             characters in all"
+        ))
+    }
+}
+
 /// Checks a regular expression (RE2 syntax, as Gateway API and Envoy use).
 pub(crate) fn check_regex(at: &str, pattern: &str) -> Result<(), (String, String)> {
     regex::Regex::new(pattern).map(drop).map_err(|e| {
@@ -80,6 +94,10 @@ mod tests {
         }
         for bad in ["", "-a", "a-", "Web", "a_b", &"a".repeat(64)] {
             assert!(check_dns_label(bad).is_err(), "{bad}");
+        }
+        assert!(check_dns_subdomain("service-httpbin.default.svc.cluster.local").is_ok());
+        for bad in ["a..b", ".a", "A.b", &"a.".repeat(127)] {
+            assert!(check_dns_subdomain(bad).is_err(), "{bad}");
         }
     }
 }

@@ -35,7 +35,44 @@ pub struct PeerAuthenticationSpec {
     /// Modes for single ports of the selected workloads (the workload's port, not a Service's);
     /// only with a selector.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub port_level_mtls: Option<BTreeMap<u32, Mtls>>,
+    pub port_level_mtls: Option<BTreeMap<PortKey, Mtls>>,
+}
+
+/// A port as a map key: a number in YAML, a string in JSON exported from a cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct PortKey(pub u32);
+
+impl<'de> Deserialize<'de> for PortKey {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = PortKey;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a port number")
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<PortKey, E> {
+                u32::try_from(v)
+                    .map(PortKey)
+                    .map_err(|_| E::custom(format!("{v} is not a port number")))
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<PortKey, E> {
+                u32::try_from(v)
+                    .map(PortKey)
+                    .map_err(|_| E::custom(format!("{v} is not a port number")))
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<PortKey, E> {
+                v.parse()
+                    .map(PortKey)
+                    .map_err(|_| E::custom(format!("{v:?} is not a port number")))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -144,7 +181,7 @@ impl PeerAuthentication {
                 "must have at least one port if defined".to_owned(),
             ));
         }
-        for port in ports.keys() {
+        for PortKey(port) in ports.keys() {
             if !(1..=65535).contains(port) {
                 return Err((
                     format!("spec.portLevelMtls[{port}]"),

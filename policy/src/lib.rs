@@ -159,11 +159,13 @@ impl HttpAttributes {
 }
 
 impl HttpAttributes {
-    /// The attributes with the path normalised as the proxies normalise it.
+    /// The attributes with the path normalised as the proxies normalise it; an error when the
+    /// proxies refuse the request instead (400).
     pub fn normalized(
         &self,
         mode: nodemesh_config::PathNormalization,
-    ) -> Result<Self, normalize::InvalidPath> {
+    ) -> Result<Self, normalize::InvalidRequest> {
+        normalize::check_method(&self.method)?;
         let path = normalize::normalize_path(&self.path, mode)?.into_owned();
         Ok(Self {
             path,

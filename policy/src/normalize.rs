@@ -11,29 +11,41 @@
 //! - `DECODE_AND_MERGE_SLASHES`: `%2F` and `%5C` decoded first (so they separate segments),
 //!   then `MERGE_SLASHES`.
 //!
-//! An encoded NUL (`%00`) cannot be normalised: the request is refused with 400.
+//! An encoded NUL (`%00`) cannot be normalised, and a method must be in upper case: such a
+//! request is refused with 400, as Istio documents.
 //! Case is never changed: `/Private` stays `/Private`, as in Istio.
 
 use std::borrow::Cow;
 
 pub use nodemesh_config::PathNormalization;
 
-/// Why a path cannot be normalised; the request is refused with 400.
+/// Why a request cannot be normalised; it is refused with 400, as by Envoy.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum InvalidPath {
+pub enum InvalidRequest {
     #[error("the path does not start with `/`")]
     NotAbsolute,
     #[error("the path holds an encoded NUL (`%00`)")]
     Nul,
+    #[error("the method {0:?} is not in upper case")]
+    MethodCase(String),
+}
+
+/// Istio refuses a method that is not in upper case (`get`) rather than judge it.
+pub fn check_method(method: &str) -> Result<(), InvalidRequest> {
+    if method.bytes().any(|b| b.is_ascii_lowercase()) {
+        Err(InvalidRequest::MethodCase(method.to_owned()))
+    } else {
+        Ok(())
+    }
 }
 
 /// The path (without its query) normalised as `mode` says; borrowed when nothing changes.
-pub fn normalize_path(path: &str, mode: PathNormalization) -> Result<Cow<'_, str>, InvalidPath> {
+pub fn normalize_path(path: &str, mode: PathNormalization) -> Result<Cow<'_, str>, InvalidRequest> {
     if mode == PathNormalization::None || path == "*" {
         return Ok(Cow::Borrowed(path));
     }
     if !path.starts_with('/') {
-        return Err(InvalidPath::NotAbsolute);
+        return Err(InvalidRequest::NotAbsolute);
     }
     let merge = mode != PathNormalization::Base;
     if is_normal(path, merge) {
@@ -103,7 +115,7 @@ fn decoded_at(bytes: &[u8], i: usize) -> Option<(u8, usize)> {
 
 /// Decodes the escapes that normalisation decodes (keeping the others as written), escapes
 /// what may not stay raw, turns `\` into `/`.
-fn decode(path: &str, slashes: bool) -> Result<String, InvalidPath> {
+fn decode(path: &str, slashes: bool) -> Result<String, InvalidRequest> {
     let bytes = path.as_bytes();
     let mut out = String::with_capacity(path.len());
     let mut i = 0;
@@ -111,7 +123,7 @@ fn decode(path: &str, slashes: bool) -> Result<String, InvalidPath> {
         let byte = bytes[i];
         if byte == b'%' {
             match escape_at(bytes, i) {
-                Some(0) => return Err(InvalidPath::Nul),
+                Some(0) => return Err(InvalidRequest::Nul),
                 Some(b'/') if slashes => out.push('/'),
                 Some(b'\\') if slashes => out.push('/'),
                 Some(c) if unreserved(c) => out.push(char::from(c)),

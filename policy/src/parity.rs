@@ -191,7 +191,7 @@ impl Case {
     /// The verdict an explanation gives.
     pub fn verdict(explanation: &PathExplanation) -> Expect {
         match explanation.step {
-            Step::InvalidPath { .. } => Expect::Bad,
+            Step::InvalidRequest { .. } => Expect::Bad,
             _ if explanation.allowed => Expect::Allow,
             _ => Expect::Deny,
         }

@@ -31,8 +31,8 @@ pub enum Step {
     DestinationOutsideMesh,
     /// The destination refuses plaintext (STRICT), decided by this PeerAuthentication.
     PlaintextRefused { policy: Option<String> },
-    /// The request's path cannot be normalised: the proxy answers 400.
-    InvalidPath { reason: String },
+    /// The request cannot be normalised (its path, or its method's case): the proxy answers 400.
+    InvalidRequest { reason: String },
     /// The destination's AuthorizationPolicies decided.
     Authorization { explanation: Box<Explanation> },
 }
@@ -149,7 +149,7 @@ pub fn explain_path(
     let http = match http.map(|h| h.normalized(mesh.settings.path_normalization)) {
         Some(Err(e)) => {
             result.allowed = false;
-            result.step = Step::InvalidPath {
+            result.step = Step::InvalidRequest {
                 reason: e.to_string(),
             };
             return result;

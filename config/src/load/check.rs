@@ -1,7 +1,10 @@
 //! Checks of one object on its own, beyond what its types enforce.
 
 use super::Object;
-use crate::{ROOT_NAMESPACE, meta::check_dns_label};
+use crate::{
+    ROOT_NAMESPACE,
+    meta::{check_dns_label, check_dns_subdomain},
+};
 
 /// Checks one object on its own. Returns the field and what is wrong with it.
 pub(super) fn check_object(object: &Object) -> Result<(), (String, String)> {
@@ -44,11 +47,11 @@ pub(super) fn check_object(object: &Object) -> Result<(), (String, String)> {
             }
         }
         Object::PeerAuthentication(p) => {
-            check_names(&p.metadata.name, p.metadata.namespace())?;
+            check_policy_names(&p.metadata.name, p.metadata.namespace())?;
             p.validate()?;
         }
         Object::AuthorizationPolicy(p) => {
-            check_names(&p.metadata.name, p.metadata.namespace())?;
+            check_policy_names(&p.metadata.name, p.metadata.namespace())?;
             p.validate()?;
         }
         Object::Service(svc) => {
@@ -108,5 +111,11 @@ pub(super) fn check_object(object: &Object) -> Result<(), (String, String)> {
 /// The name and namespace of a namespaced object are DNS labels.
 fn check_names(name: &str, namespace: &str) -> Result<(), (String, String)> {
     check_dns_label(name).map_err(|e| ("metadata.name".to_owned(), e))?;
+    check_dns_label(namespace).map_err(|e| ("metadata.namespace".to_owned(), e))
+}
+
+/// Policies are named as most Kubernetes kinds are: a DNS subdomain (dots allowed).
+fn check_policy_names(name: &str, namespace: &str) -> Result<(), (String, String)> {
+    check_dns_subdomain(name).map_err(|e| ("metadata.name".to_owned(), e))?;
     check_dns_label(namespace).map_err(|e| ("metadata.namespace".to_owned(), e))
 }

@@ -166,10 +166,13 @@ fn istio_normalisation_table() {
 #[test]
 fn paths_that_cannot_be_normalised_are_refused() {
     for mode in [Base, MergeSlashes, DecodeAndMergeSlashes] {
-        assert_eq!(normalize_path("/admin%00", mode), Err(InvalidPath::Nul));
+        assert_eq!(normalize_path("/admin%00", mode), Err(InvalidRequest::Nul));
     }
     assert_eq!(normal("/admin%00", Raw), "/admin%00");
-    assert_eq!(normalize_path("a/b", Base), Err(InvalidPath::NotAbsolute));
+    assert_eq!(
+        normalize_path("a/b", Base),
+        Err(InvalidRequest::NotAbsolute)
+    );
     assert_eq!(normal("*", Base), "*");
 }
 

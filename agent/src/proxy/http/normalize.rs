@@ -1,12 +1,12 @@
 //! Path normalisation, in both directions before anything looks at the path: at the client's
 //! node before routing, at the destination before authorization. The request goes on with the
 //! normalised path, so the application serves exactly the path the policies judged. A path
-//! that cannot be normalised gets 400 (`DPE`), as from Envoy.
+//! that cannot be normalised, or a method not in upper case, gets 400 (`DPE`), as from Envoy.
 
 use std::sync::Arc;
 
 use http::{StatusCode, Uri, uri::PathAndQuery};
-use nodemesh_policy::normalize::{InvalidPath, normalize_path};
+use nodemesh_policy::normalize::{InvalidRequest, check_method, normalize_path};
 
 use super::{
     HttpRequest, HttpResponse, ResponseFlags,
@@ -32,7 +32,7 @@ impl NormalizeLayer {
 pub fn normalized_uri(
     uri: &Uri,
     mode: nodemesh_config::PathNormalization,
-) -> Result<Option<Uri>, InvalidPath> {
+) -> Result<Option<Uri>, InvalidRequest> {
     let path = uri.path();
     let normal = normalize_path(path, mode)?;
     if normal == path {
@@ -45,15 +45,22 @@ pub fn normalized_uri(
     let mut parts = uri.clone().into_parts();
     // A normalised path holds only characters the original could hold: it always parses.
     parts.path_and_query =
-        Some(PathAndQuery::try_from(text).map_err(|_| InvalidPath::NotAbsolute)?);
+        Some(PathAndQuery::try_from(text).map_err(|_| InvalidRequest::NotAbsolute)?);
     Uri::from_parts(parts)
         .map(Some)
-        .map_err(|_| InvalidPath::NotAbsolute)
+        .map_err(|_| InvalidRequest::NotAbsolute)
 }
 
 impl HttpFilter for Normalize {
     async fn filter<S: Inner>(&self, inner: S, mut req: HttpRequest) -> HttpResponse {
         let mode = self.mesh.load().path_normalization;
+        if let Err(e) = check_method(req.method().as_str()) {
+            return local_reply(
+                StatusCode::BAD_REQUEST,
+                ResponseFlags::DOWNSTREAM_PROTOCOL_ERROR,
+                e.to_string(),
+            );
+        }
         match normalized_uri(req.uri(), mode) {
             Ok(None) => {}
             Ok(Some(uri)) => *req.uri_mut() = uri,
@@ -115,6 +122,15 @@ mod tests {
         let service = layer(PathNormalization::None).layer(testing::uri_echo_service());
         let Ok(response) = service.oneshot(testing::request("/a/../b")).await;
         assert_eq!(testing::body_text(response).await, "/a/../b");
+    }
+
+    #[tokio::test]
+    async fn a_method_not_in_upper_case_gets_400() {
+        let service = layer(PathNormalization::Base).layer(testing::uri_echo_service());
+        let mut request = testing::request("/");
+        *request.method_mut() = http::Method::from_bytes(b"get").expect("method");
+        let Ok(response) = service.oneshot(request).await;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
     }
 
     #[tokio::test]

@@ -49,6 +49,26 @@ fn the_policies_of_istios_documentation_pass() {
     }
 }
 
+/// Shapes of the documentation's examples beyond the spec: dotted names, suffix paths that
+/// do not start with `/`, bare principals, gateway selectors, a namespace left out.
+#[test]
+fn the_documentations_other_shapes_pass() {
+    let documents = [
+        policy(
+            "  name: service-httpbin.default.svc.cluster.local",
+            "  rules:\n  - to:\n    - operation:\n        paths: [\"*/info\"]\n  selector:\n    matchLabels:\n      istio.io/gateway-name: httpbin-gateway\n",
+        ),
+        policy(
+            "  name: frag",
+            "  action: DENY\n  rules:\n  - to:\n    - operation:\n        notPaths: [\"/admin*\"]\n        hosts: [\"*.example.com\"]\n    from:\n    - source:\n        principals: [\"admin\", \"old-td/ns/foo/sa/bar\"]\n        notIpBlocks: [\"10.1.0.0/16\"]\n    when:\n    - key: request.headers[x-token]\n      notValues: [\"admin\"]\n",
+        ),
+        "apiVersion: security.nodemesh.dev/v1\nkind: PeerAuthentication\nmetadata:\n  name: finance\n  namespace: foo\nspec:\n  selector:\n    matchLabels:\n      app: finance\n  portLevelMtls:\n    \"8080\":\n      mode: DISABLE\n    80:\n      mode: UNSET\n---\n".to_owned(),
+    ];
+    for document in documents {
+        check(&document).unwrap_or_else(|e| panic!("refused:\n{document}\n{e}"));
+    }
+}
+
 #[test]
 fn objects_exported_from_a_cluster_pass_with_their_status() {
     let exported = policy(
@@ -263,6 +283,10 @@ fn jwt_and_custom_are_refused_saying_why() {
     let cases = [
         (
             "  rules:\n  - from:\n    - source:\n        requestPrincipals: [\"*\"]\n",
+            "JWT",
+        ),
+        (
+            "  action: DENY\n  rules:\n  - from:\n    - source:\n        notRequestPrincipals: [\"*\"]\n",
             "JWT",
         ),
         (
