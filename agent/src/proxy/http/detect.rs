@@ -37,16 +37,21 @@ fn classify(bytes: &[u8]) -> Option<Protocol> {
         let n = bytes.len().min(expected.len());
         bytes[..n] == expected[..n]
     };
+    // A method in the wrong case is still HTTP: it is answered 400, not carried as bytes.
+    let could_be_method = |method: &[u8]| {
+        let n = bytes.len().min(method.len());
+        bytes[..n].eq_ignore_ascii_case(&method[..n])
+    };
     if bytes.len() >= H2_PREFACE.len() && bytes.starts_with(H2_PREFACE) {
         return Some(Protocol::Http2);
     }
     if METHODS
         .iter()
-        .any(|m| bytes.len() >= m.len() && bytes.starts_with(m))
+        .any(|m| bytes.len() >= m.len() && could_be_method(m))
     {
         return Some(Protocol::Http1);
     }
-    if could_be(H2_PREFACE) || METHODS.iter().any(|m| could_be(m)) {
+    if could_be(H2_PREFACE) || METHODS.iter().any(|m| could_be_method(m)) {
         return None;
     }
     Some(Protocol::Opaque)
@@ -80,6 +85,7 @@ mod tests {
     fn classifies_first_bytes() {
         assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Some(Protocol::Http1));
         assert_eq!(classify(b"DELETE /x"), Some(Protocol::Http1));
+        assert_eq!(classify(b"get / HTTP/1.1\r\n"), Some(Protocol::Http1));
         assert_eq!(classify(H2_PREFACE), Some(Protocol::Http2));
         assert_eq!(classify(b"GE"), None, "could still be GET");
         assert_eq!(
