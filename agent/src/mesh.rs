@@ -31,6 +31,9 @@ pub struct MeshView {
     pub reads_http: bool,
     /// How request paths are normalised before they are judged and routed.
     pub path_normalization: PathNormalization,
+    /// The trust domains whose identities the HBONE server admits: the mesh's own, then the
+    /// aliases MeshSettings federates.
+    pub trust_domains: Vec<String>,
 }
 
 /// A Service port a connection was addressed to.
@@ -69,7 +72,15 @@ impl MeshView {
             egress: mesh.egress(),
             reads_http: mesh.settings.telemetry.reads_http(),
             path_normalization: mesh.settings.path_normalization,
+            trust_domains: std::iter::once(trust_domain.to_owned())
+                .chain(mesh.settings.trust_domain_aliases.iter().cloned())
+                .collect(),
         }
+    }
+
+    /// Whether identities of `trust_domain` may connect to the mesh's pods.
+    pub fn trusts(&self, trust_domain: &str) -> bool {
+        self.trust_domains.iter().any(|td| td == trust_domain)
     }
 
     /// The workload at an address, if the mesh knows one.

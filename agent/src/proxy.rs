@@ -172,6 +172,15 @@ pub enum ProxyError {
     HboneTimeout { dst: SocketAddr, timeout: Duration },
     #[error("mTLS with {peer} failed: {source}")]
     Tls { peer: SocketAddr, source: io::Error },
+    #[error(
+        "mTLS with {peer} refused: its identity {identity} is not of the mesh's trust domains \
+         ({trusted}); list a federated one in MeshSettings trustDomainAliases"
+    )]
+    ForeignTrustDomain {
+        peer: SocketAddr,
+        identity: String,
+        trusted: String,
+    },
     #[error("{0}")]
     Identity(#[from] IdentityError),
     #[error("HBONE: {0}")]
@@ -211,6 +220,7 @@ impl ProxyError {
                 "connect_timeout"
             }
             ProxyError::Tls { .. } => "tls",
+            ProxyError::ForeignTrustDomain { .. } => "foreign_trust_domain",
             ProxyError::Identity(_) => "identity",
             ProxyError::Hbone(_) => "hbone",
             ProxyError::EgressDenied { .. } => "egress_denied",

@@ -46,6 +46,11 @@ pub enum CaError {
     BadCsr(String),
     #[error("the certificate signing request asks for {requested}, not {allowed}")]
     WrongIdentity { requested: String, allowed: String },
+    #[error(
+        "the certificate signing request's key is not ECDSA P-256 (the only key type the mesh \
+         issues certificates for); generate a P-256 key"
+    )]
+    KeyType,
     #[error("signing failed: {0}")]
     Sign(String),
 }
@@ -169,6 +174,9 @@ impl CertificateAuthority {
     ) -> Result<IssuedCertificate, CaError> {
         let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| CaError::BadCsr(e.to_string()))?;
+        if csr.public_key.algorithm() != &rcgen::PKCS_ECDSA_P256_SHA256 {
+            return Err(CaError::KeyType);
+        }
         let requested: Vec<String> = csr
             .params
             .subject_alt_names

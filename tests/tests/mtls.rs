@@ -142,6 +142,17 @@ fn port_15008_admits_only_valid_mesh_certificates() {
     );
     refusal("invalid peer certificate");
 
+    // The mesh's own CA, another trust domain: not the mesh's identity.
+    let outsider: SpiffeId = "spiffe://other.example/ns/default/sa/n1-p1"
+        .parse()
+        .expect("SPIFFE ID");
+    let other_domain = issue(&ca, &outsider, Duration::from_secs(600));
+    assert!(
+        try_with(&other_domain).is_err(),
+        "an identity of another trust domain is refused"
+    );
+    refusal("not of the mesh's trust domains");
+
     let expired = issue(&ca, &mesh_id, Duration::ZERO);
     std::thread::sleep(Duration::from_millis(1100));
     assert!(
@@ -160,6 +171,33 @@ fn port_15008_admits_only_valid_mesh_certificates() {
         hbone_echo(&from, hbone, anonymous, authority, b"x").is_err(),
         "a TLS client without a certificate is refused"
     );
+}
+
+#[test]
+fn a_client_that_never_finishes_its_tls_handshake_is_closed() {
+    let Some(sb) = sandbox("tsilent") else { return };
+    let hbone = SocketAddr::from((sb.pod("n2-p1").ip, 15008));
+    let closed = nodemesh_sandbox::in_netns(&sb.pod("n1-legacy").netns, move || {
+        let mut stream = std::net::TcpStream::connect_timeout(&hbone, Duration::from_secs(5))?;
+        // Longer than the handshake timeout: a read that times out means nobody closed it.
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut buffer = [0u8; 64];
+        anyhow::Ok(match std::io::Read::read(&mut stream, &mut buffer) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        })
+    })
+    .expect("connect to :15008");
+    assert!(closed, "the silent connection is closed by the server");
+    poll_until(SOON, || {
+        connections(&sb, "n2")
+            .into_iter()
+            .filter_map(|c| c["error"].as_str().map(str::to_owned))
+            .find(|e| e.contains("did not finish"))
+            .ok_or_else(|| anyhow::anyhow!("no handshake timeout recorded"))
+    })
+    .expect("the agent records why");
 }
 
 /// POSTs a certificate request to the controller with a node's token; returns (status, body).

@@ -1,10 +1,12 @@
-//! Inbound HBONE: the pod's :15008. A client must present a certificate chaining to the
-//! trust bundle; its SPIFFE identity is kept with the connection. Each CONNECT stream for an
-//! address of this pod becomes a connection to the application, from the client's address.
+//! Inbound HBONE: the pod's :15008. A client must finish its TLS handshake in time and present
+//! a certificate chaining to the trust bundle, of one of the mesh's trust domains; its SPIFFE
+//! identity is kept with the connection. Each CONNECT stream for an address of this pod becomes
+//! a connection to the application, from the client's address.
 
 use std::{
     net::SocketAddr,
     sync::{Arc, atomic::Ordering},
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -19,6 +21,10 @@ use super::{
     ConnectionTracker, Direction, PodContext, ProxyError, ProxyShared, authz, connect_to_app,
     deliver,
 };
+
+/// How long a client may take to finish the TLS handshake: a silent one must not hold a task
+/// and a descriptor for ever.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Handles one connection accepted on the pod's HBONE listener: mTLS, then HTTP/2 until the
 /// client closes it.
@@ -35,12 +41,18 @@ pub async fn handle(
             return;
         }
     };
-    let tls = match TlsAcceptor::from(identity.server_config.clone())
-        .accept(stream)
-        .await
-    {
-        Ok(tls) => tls,
-        Err(source) => {
+    let accept = TlsAcceptor::from(identity.server_config.clone()).accept(stream);
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(source)) => {
+            refused(&shared, &pod, peer, ProxyError::Tls { peer, source });
+            return;
+        }
+        Err(_) => {
+            let source = std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the TLS handshake did not finish within {HANDSHAKE_TIMEOUT:?}"),
+            );
             refused(&shared, &pod, peer, ProxyError::Tls { peer, source });
             return;
         }
@@ -50,6 +62,18 @@ pub async fn handle(
         refused(&shared, &pod, peer, ProxyError::Tls { peer, source });
         return;
     };
+    // The bundle may hold other meshes' roots; only the mesh's own trust domains get in.
+    let mesh = shared.mesh.load();
+    if !mesh.trusts(client_identity.trust_domain()) {
+        let error = ProxyError::ForeignTrustDomain {
+            peer,
+            identity: client_identity.to_string(),
+            trusted: mesh.trust_domains.join(", "),
+        };
+        refused(&shared, &pod, peer, error);
+        return;
+    }
+    drop(mesh);
     let handle = move |connect: ConnectRequest| {
         let (pod, shared, client_identity) = (pod.clone(), shared.clone(), client_identity.clone());
         async move { open(connect, peer, client_identity, pod, shared).await }

@@ -28,6 +28,7 @@ fn response_flags(error: &ProxyError) -> &'static str {
         ProxyError::Denied { .. }
         | ProxyError::Revoked
         | ProxyError::PlaintextRefused { .. }
+        | ProxyError::ForeignTrustDomain { .. }
         | ProxyError::EgressDenied { .. } => "RBAC",
         ProxyError::NoEndpoint { .. } => "UH",
         ProxyError::Overflow { .. } => "UO",

@@ -101,6 +101,20 @@ fn signs_a_workload_certificate_for_exactly_the_requested_identity() {
 }
 
 #[test]
+fn only_ecdsa_p256_keys_are_signed() {
+    let (_dir, ca) = new_ca();
+    let uri: rcgen::string::Ia5String = id("web").to_string().try_into().expect("SAN");
+    for algorithm in [&rcgen::PKCS_ECDSA_P384_SHA384, &rcgen::PKCS_ED25519] {
+        let key = KeyPair::generate_for(algorithm).expect("key");
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(uri.clone())];
+        let csr = params.serialize_request(&key).expect("CSR");
+        let refused = ca.sign_workload(&csr.pem().expect("PEM"), &id("web"), DAY);
+        assert!(matches!(refused, Err(CaError::KeyType)), "{refused:?}");
+    }
+}
+
+#[test]
 fn mutual_tls_checks_both_identities() {
     let (_dir, ca) = new_ca();
     let (client, server) = (issue(&ca, id("web"), DAY), issue(&ca, id("api"), DAY));
