@@ -8,11 +8,18 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+mod accept;
+
+pub use accept::{ACCEPT_ERROR_PAUSE, accept};
+
 pub type Body = Full<Bytes>;
+
+/// How long a client of an operator or API endpoint may take to send a request's headers.
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Answers one GET: the path in, the response out.
 pub type Router = Arc<dyn Fn(&str) -> Response<Body> + Send + Sync>;
@@ -34,17 +41,7 @@ pub async fn spawn(
     })?;
     let bound = listener.local_addr()?;
     tokio::spawn(async move {
-        loop {
-            let (stream, _) = tokio::select! {
-                () = token.cancelled() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        tracing::warn!(error = %e, what, "accept failed");
-                        continue;
-                    }
-                },
-            };
+        while let Some((stream, _)) = accept(&listener, &token, what).await {
             let router = router.clone();
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let response = if req.method() == Method::GET {
@@ -56,6 +53,8 @@ pub async fn spawn(
             });
             tokio::spawn(async move {
                 let connection = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
                     .serve_connection(TokioIo::new(stream), service);
                 if let Err(e) = connection.await {
                     tracing::debug!(error = %e, "admin connection ended");

@@ -20,7 +20,8 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt as _, Either, Full, Limited};
 use hyper::{body::Incoming, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use nodemesh_admin::{HEADER_READ_TIMEOUT, accept};
 use nodemesh_config::snapshot::{ACKS_PATH, SNAPSHOTS_PATH};
 use nodemesh_identity::{
     CertificateAuthority,
@@ -33,6 +34,9 @@ use tokio_util::sync::CancellationToken;
 use self::snapshots::ChannelBody;
 use crate::{node_tokens::NodeTokens, state::ControllerState};
 
+/// How long an agent may take to finish the TLS handshake: a silent client must not hold a
+/// task and a descriptor for ever.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest request body accepted: a CSR or an ack fits in a few kilobytes.
 const MAX_BODY: usize = 64 * 1024;
 /// Lifetime of the controller's own serving certificate; it is re-issued at half of it.
@@ -93,25 +97,21 @@ impl AgentApi {
         tokio::spawn(api.clone().renew_serving_cert(tls.clone()));
         let stop = api.stop.clone();
         tokio::spawn(async move {
-            loop {
-                let (stream, peer) = tokio::select! {
-                    () = stop.cancelled() => return,
-                    accepted = listener.accept() => match accepted {
-                        Ok(accepted) => accepted,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "agent API accept failed");
-                            continue;
-                        }
-                    },
-                };
+            while let Some((stream, peer)) = accept(&listener, &stop, "agent API").await {
                 let acceptor =
                     TlsAcceptor::from(tls.read().unwrap_or_else(|e| e.into_inner()).clone());
                 let api = api.clone();
                 tokio::spawn(async move {
-                    let stream = match acceptor.accept(stream).await {
-                        Ok(stream) => stream,
-                        Err(e) => {
+                    let handshake =
+                        tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+                    let stream = match handshake.await {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(e)) => {
                             tracing::debug!(%peer, error = %e, "agent API TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "agent API TLS handshake timed out");
                             return;
                         }
                     };
@@ -120,6 +120,8 @@ impl AgentApi {
                         async move { Ok::<_, Infallible>(api.route(req, peer).await) }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(HEADER_READ_TIMEOUT)
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
                 });

@@ -173,12 +173,11 @@ fn port_15008_admits_only_valid_mesh_certificates() {
     );
 }
 
-#[test]
-fn a_client_that_never_finishes_its_tls_handshake_is_closed() {
-    let Some(sb) = sandbox("tsilent") else { return };
-    let hbone = SocketAddr::from((sb.pod("n2-p1").ip, 15008));
-    let closed = nodemesh_sandbox::in_netns(&sb.pod("n1-legacy").netns, move || {
-        let mut stream = std::net::TcpStream::connect_timeout(&hbone, Duration::from_secs(5))?;
+/// From `netns`, opens TCP to `addr`, sends nothing, and says whether the server closed it
+/// (rather than leaving it open past the read timeout).
+fn closed_while_silent(netns: &str, addr: SocketAddr) -> bool {
+    nodemesh_sandbox::in_netns(netns, move || {
+        let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
         // Longer than the handshake timeout: a read that times out means nobody closed it.
         stream.set_read_timeout(Some(Duration::from_secs(30)))?;
         let mut buffer = [0u8; 64];
@@ -188,8 +187,31 @@ fn a_client_that_never_finishes_its_tls_handshake_is_closed() {
             Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
         })
     })
-    .expect("connect to :15008");
-    assert!(closed, "the silent connection is closed by the server");
+    .unwrap_or_else(|e| panic!("connect to {addr}: {e:#}"))
+}
+
+#[test]
+fn a_client_that_never_finishes_its_tls_handshake_is_closed() {
+    let Some(sb) = sandbox("tsilent") else { return };
+    let hbone = SocketAddr::from((sb.pod("n2-p1").ip, 15008));
+    let controller = sb.status().controller.ca_api;
+    let (pod, node) = (
+        sb.pod("n1-legacy").netns.clone(),
+        sb.node("n1").netns.clone(),
+    );
+    let (to_pod, to_controller) = std::thread::scope(|s| {
+        let pod = s.spawn(|| closed_while_silent(&pod, hbone));
+        let controller = s.spawn(|| closed_while_silent(&node, controller));
+        (
+            pod.join().expect("pod side"),
+            controller.join().expect("controller side"),
+        )
+    });
+    assert!(to_pod, "a pod's :15008 closes the silent connection");
+    assert!(
+        to_controller,
+        "the controller's API closes the silent connection"
+    );
     poll_until(SOON, || {
         connections(&sb, "n2")
             .into_iter()
