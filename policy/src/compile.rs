@@ -118,7 +118,9 @@ impl CompiledCondition {
             }
             (_, ConditionValues::Peers(f)) => field(at, f, |m| m.matches(req.peer)),
             (ConditionKey::ConnectionSni, ConditionValues::Patterns(f)) => {
-                field(at, f, |p| req.sni.is_some_and(|sni| p.matches(sni)))
+                // Server names compare without regard to case, as DNS names do.
+                let sni = req.sni.map(str::to_ascii_lowercase);
+                field(at, f, |p| sni.as_deref().is_some_and(|sni| p.matches(sni)))
             }
             (ConditionKey::RequestHeader(name), ConditionValues::Patterns(f)) => match req.http {
                 Some(http) => {
@@ -168,11 +170,18 @@ pub(crate) struct CompiledPolicy {
     pub action: Action,
     pub dry_run: bool,
     pub rules: Vec<CompiledRule>,
+    /// Why the policy does not validate, if it does not (a newer controller's field, say).
+    /// Its unreadable values are left out, so that an ALLOW policy then matches nothing and a
+    /// DENY policy matches more: both fail closed, as Istio's builder does.
+    pub invalid: Option<String>,
 }
 
 impl CompiledPolicy {
     /// The first rule that matches.
     pub fn matching_rule(&self, req: &Request<'_>) -> Option<usize> {
+        if self.invalid.is_some() && self.action == Action::Allow {
+            return None;
+        }
         let strict = strict_on_tcp(self.action);
         self.rules.iter().position(|r| r.matches(req, strict))
     }
@@ -288,8 +297,11 @@ fn compile(policy: &AuthorizationPolicy, trust_domains: &TrustDomains) -> Compil
                         ConditionKey::SourceServiceAccount => {
                             ConditionValues::Peers(each(v, n, |v| cx.service_account(v)))
                         }
-                        ConditionKey::RequestHeader(_) | ConditionKey::ConnectionSni => {
+                        ConditionKey::RequestHeader(_) => {
                             ConditionValues::Patterns(each(v, n, Pattern::new))
+                        }
+                        ConditionKey::ConnectionSni => {
+                            ConditionValues::Patterns(each(v, n, Pattern::new_lowercase))
                         }
                     };
                     Some(CompiledCondition { key, values })
@@ -302,6 +314,10 @@ fn compile(policy: &AuthorizationPolicy, trust_domains: &TrustDomains) -> Compil
         action: policy.spec.action,
         dry_run: policy.dry_run(),
         rules,
+        invalid: policy
+            .validate()
+            .err()
+            .map(|(field, message)| format!("{field}: {message}")),
     }
 }
 

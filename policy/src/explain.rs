@@ -55,10 +55,17 @@ impl WorkloadPolicies {
                     .enumerate()
                     .map(|(i, rule)| trace_rule(i, rule, req, strict))
                     .collect();
-                let note = policy.rules.is_empty().then(|| match policy.action {
-                    Action::Allow => "no rules: this ALLOW policy matches nothing".to_owned(),
-                    _ => "no rules: this policy matches nothing".to_owned(),
-                });
+                let note = match (&policy.invalid, policy.rules.is_empty()) {
+                    (Some(why), _) => Some(format!(
+                        "does not validate ({why}): an ALLOW policy matches nothing, other \
+                         actions match without the unreadable values"
+                    )),
+                    (None, true) => Some(match policy.action {
+                        Action::Allow => "no rules: this ALLOW policy matches nothing".to_owned(),
+                        _ => "no rules: this policy matches nothing".to_owned(),
+                    }),
+                    (None, false) => None,
+                };
                 PolicyTrace {
                     policy: policy.key.clone(),
                     action: policy.action,

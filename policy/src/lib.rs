@@ -130,6 +130,8 @@ impl HttpAttributes {
                     .map(|a| Cow::Borrowed(a.as_bytes()));
             }
             ":scheme" => return self.scheme.as_deref().map(|s| Cow::Borrowed(s.as_bytes())),
+            // Envoy moves Host into `:authority`; no `host` header remains to match.
+            "host" => return None,
             ":path" => {
                 return Some(match &self.query {
                     Some(query) => Cow::Owned(format!("{}?{query}", self.path).into_bytes()),

@@ -28,6 +28,14 @@ pub enum InvalidRequest {
     Nul,
     #[error("the method {0:?} is not in upper case")]
     MethodCase(String),
+    #[error("the authority carries user information (`user@`)")]
+    UserInfo,
+    #[error("the request has more than one Host header")]
+    TwoHosts,
+    #[error("the Host header contradicts `:authority`")]
+    HostMismatch,
+    #[error("the normalised request target cannot be written back")]
+    Unrepresentable,
 }
 
 /// Istio refuses a method that is not in upper case (`get`) rather than judge it.
@@ -144,6 +152,8 @@ fn decode(path: &str, slashes: bool) -> Result<String, InvalidRequest> {
         } else if byte == b'\\' {
             out.push('/');
             i += 1;
+        } else if byte == 0 {
+            return Err(InvalidRequest::Nul);
         } else if must_escape(byte) {
             push_escaped(&mut out, byte);
             i += 1;

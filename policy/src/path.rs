@@ -146,6 +146,32 @@ pub fn explain_path(
         };
         return result;
     }
+    let peer = match &result.source.identity {
+        Some(id) => Peer::authenticated(id, IpAddr::V4(source_ip)),
+        None => Peer::plaintext(IpAddr::V4(source_ip)),
+    };
+    let policies = workload_policies(mesh, trust_domain, target);
+    let request = |http| Request {
+        peer: &peer,
+        destination_ip: IpAddr::V4(destination_ip),
+        destination_port: port,
+        sni,
+        http,
+    };
+    // As the destination's proxy: HTTP is read only when its policies or the mesh's telemetry
+    // need it, and policies that do not look at HTTP decide for the whole connection first.
+    let reads_http = policies.needs_http() || mesh.settings.telemetry.reads_http();
+    let http = http.filter(|_| reads_http);
+    if http.is_some() && !policies.needs_http() {
+        let connection = policies.explain(&request(None));
+        if !connection.decision.allowed {
+            result.allowed = false;
+            result.step = Step::Authorization {
+                explanation: Box::new(connection),
+            };
+            return result;
+        }
+    }
     let http = match http.map(|h| h.normalized(mesh.settings.path_normalization)) {
         Some(Err(e)) => {
             result.allowed = false;
@@ -158,17 +184,7 @@ pub fn explain_path(
         None => None,
     };
     result.judged_path = http.as_ref().map(|h| h.path.clone());
-    let peer = match &result.source.identity {
-        Some(id) => Peer::authenticated(id, IpAddr::V4(source_ip)),
-        None => Peer::plaintext(IpAddr::V4(source_ip)),
-    };
-    let explanation = workload_policies(mesh, trust_domain, target).explain(&Request {
-        peer: &peer,
-        destination_ip: IpAddr::V4(destination_ip),
-        destination_port: port,
-        sni,
-        http: http.as_ref(),
-    });
+    let explanation = policies.explain(&request(http.as_ref()));
     result.allowed = explanation.decision.allowed;
     result.step = Step::Authorization {
         explanation: Box::new(explanation),

@@ -290,3 +290,24 @@ fn explain_gives_the_reason_of_every_rule() {
         tcp.policies[0].rules[0]
     );
 }
+
+/// A policy that does not validate (as an agent may receive from a newer controller) never
+/// widens an ALLOW: the rule matches nothing, where dropping the unreadable value would have
+/// matched every address.
+#[test]
+fn an_invalid_allow_policy_matches_nothing() {
+    let text = "apiVersion: security.nodemesh.dev/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: odd\n  namespace: shop\nspec:\n  rules:\n  - from:\n    - source:\n        ipBlocks: [\"not-an-address\"]\n";
+    let odd: AuthorizationPolicy = serde_yaml::from_str(text).expect("policy YAML");
+    assert!(odd.validate().is_err());
+    assert_eq!(
+        outcome(std::slice::from_ref(&odd), &mesh_peer(), 80, None),
+        (false, "no allow matched".into())
+    );
+    let mut deny = odd;
+    deny.spec.action = nodemesh_config::Action::Deny;
+    assert_eq!(
+        outcome(&[deny], &mesh_peer(), 80, None),
+        (false, "denied by shop/odd rule 0".into()),
+        "a DENY rule without its unreadable values matches more"
+    );
+}

@@ -9,20 +9,24 @@ use tokio::io::{AsyncRead, AsyncReadExt as _};
 
 use super::{ProxyError, http::prefixed::Prefixed};
 
-/// TLS clients speak first; one that has said nothing by then is judged without a name.
+/// TLS clients speak first; one that has said nothing by then is not speaking TLS.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(1);
-/// A ClientHello fits one TLS record.
-const MAX_RECORD: usize = 5 + (1 << 14);
+/// The most a ClientHello may take, over however many records (as Envoy's TLS inspector).
+const MAX_HELLO: usize = 64 * 1024;
 
 /// What the first bytes of a connection say about its server name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Hello {
-    /// Not all of the first record yet.
+    /// Not all of the ClientHello yet.
     Incomplete,
-    /// A ClientHello naming this server.
+    /// A ClientHello naming this server (lower-cased: names compare without case).
     Name(String),
-    /// TLS without a server name, or not TLS at all.
+    /// A whole ClientHello without a server name.
     NoName,
+    /// Not TLS at all.
+    NotTls,
+    /// TLS, but no ClientHello that can be read: refused, never judged as nameless.
+    Malformed,
 }
 
 /// Reads the big-endian number of `n` bytes at `at`, moving `at` on.
@@ -42,53 +46,71 @@ fn skip_vector(bytes: &[u8], at: &mut usize, n: usize) -> Option<()> {
     (*at <= bytes.len()).then_some(())
 }
 
-/// Finds the server name in a ClientHello.
+/// Finds the server name in the ClientHello the bytes start with, reassembled from as many
+/// handshake records as it spans.
 pub fn server_name(bytes: &[u8]) -> Hello {
-    // Record header: handshake (22), version, length.
-    if bytes.first().is_some_and(|b| *b != 22) {
-        return Hello::NoName;
+    match bytes.first() {
+        None => return Hello::Incomplete,
+        Some(22) => {}
+        Some(_) => return Hello::NotTls,
     }
-    let Some(record_len) = bytes
-        .get(3..5)
-        .map(|l| usize::from(l[0]) << 8 | usize::from(l[1]))
-    else {
-        return Hello::Incomplete;
-    };
-    if bytes.len() < 5 + record_len {
-        return Hello::Incomplete;
+    let mut handshake = Vec::new();
+    let mut at = 0;
+    loop {
+        let Some(header) = bytes.get(at..at + 5) else {
+            return Hello::Incomplete;
+        };
+        if header[0] != 22 {
+            return Hello::Malformed;
+        }
+        let len = usize::from(header[3]) << 8 | usize::from(header[4]);
+        let Some(fragment) = bytes.get(at + 5..at + 5 + len) else {
+            return Hello::Incomplete;
+        };
+        handshake.extend_from_slice(fragment);
+        at += 5 + len;
+        // The handshake message: type, 3-byte length, body.
+        if let Some(head) = handshake.get(..4) {
+            let message_len =
+                usize::from(head[1]) << 16 | usize::from(head[2]) << 8 | usize::from(head[3]);
+            if handshake.len() >= 4 + message_len {
+                return match parse_hello(&handshake[..4 + message_len]) {
+                    Some(Some(name)) => Hello::Name(name),
+                    Some(None) => Hello::NoName,
+                    None => Hello::Malformed,
+                };
+            }
+        }
     }
-    let record = &bytes[5..5 + record_len];
-    parse_hello(record).map_or(Hello::NoName, |name| match name {
-        Some(name) => Hello::Name(name),
-        None => Hello::NoName,
-    })
 }
 
-fn parse_hello(record: &[u8]) -> Option<Option<String>> {
+fn parse_hello(message: &[u8]) -> Option<Option<String>> {
     let mut at = 0;
     // ClientHello (1), its length, version, random.
-    (number(record, &mut at, 1)? == 1).then_some(())?;
+    (number(message, &mut at, 1)? == 1).then_some(())?;
     at += 3 + 2 + 32;
-    skip_vector(record, &mut at, 1)?; // session id
-    skip_vector(record, &mut at, 2)?; // cipher suites
-    skip_vector(record, &mut at, 1)?; // compression methods
-    if at == record.len() {
+    skip_vector(message, &mut at, 1)?; // session id
+    skip_vector(message, &mut at, 2)?; // cipher suites
+    skip_vector(message, &mut at, 1)?; // compression methods
+    if at == message.len() {
         return Some(None);
     }
-    let extensions_end = at + 2 + number(record, &mut at, 2)?;
-    while at + 4 <= extensions_end.min(record.len()) {
-        let kind = number(record, &mut at, 2)?;
-        let len = number(record, &mut at, 2)?;
-        let data = record.get(at..at + len)?;
+    let extensions_len = number(message, &mut at, 2)?;
+    let extensions = message.get(at..at + extensions_len)?;
+    let mut at = 0;
+    while at < extensions.len() {
+        let kind = number(extensions, &mut at, 2)?;
+        let len = number(extensions, &mut at, 2)?;
+        let data = extensions.get(at..at + len)?;
         at += len;
         if kind != 0 {
             continue;
         }
         // server_name: a list of (type, name); type 0 is a host name.
         let mut i = 2;
-        while i + 3 <= data.len() {
-            let name_type = data[i];
-            let name_len = usize::from(data[i + 1]) << 8 | usize::from(data[i + 2]);
+        while i < data.len() {
+            let name_type = *data.get(i)?;
+            let name_len = number(data, &mut (i + 1), 2)?;
             let name = data.get(i + 3..i + 3 + name_len)?;
             if name_type == 0 {
                 return Some(Some(String::from_utf8_lossy(name).to_ascii_lowercase()));
@@ -99,22 +121,30 @@ fn parse_hello(record: &[u8]) -> Option<Option<String>> {
     Some(None)
 }
 
-/// Reads the client's first record (briefly) and returns its server name, if any, with the
-/// stream those bytes are put back into.
+/// Reads the client's ClientHello (briefly) and returns its server name, if any, with the
+/// stream those bytes are put back into. A connection that starts as TLS but whose hello cannot
+/// be read in time, whole and well formed, is refused: judging it without a name would let it
+/// past a DENY on `connection.sni`.
 pub async fn read_server_name<S: AsyncRead + Unpin>(
     mut stream: S,
 ) -> Result<(Option<String>, Prefixed<S>), ProxyError> {
     let mut buffer = BytesMut::with_capacity(1024);
     let deadline = tokio::time::Instant::now() + HELLO_TIMEOUT;
+    let unreadable = || ProxyError::Denied {
+        by: "connection.sni: the TLS ClientHello could not be read whole".to_owned(),
+    };
     let name = loop {
         match server_name(&buffer) {
             Hello::Name(name) => break Some(name),
-            Hello::NoName if !buffer.is_empty() => break None,
-            _ if buffer.len() >= MAX_RECORD => break None,
-            _ => {}
+            Hello::NoName | Hello::NotTls => break None,
+            Hello::Malformed => return Err(unreadable()),
+            Hello::Incomplete if buffer.len() >= MAX_HELLO => return Err(unreadable()),
+            Hello::Incomplete => {}
         }
         match tokio::time::timeout_at(deadline, stream.read_buf(&mut buffer)).await {
-            Ok(Ok(0)) | Err(_) => break None,
+            // Nothing at all: a protocol where the server speaks first, not TLS.
+            Ok(Ok(0)) | Err(_) if buffer.is_empty() => break None,
+            Ok(Ok(0)) | Err(_) => return Err(unreadable()),
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return Err(ProxyError::Io(e)),
         }
@@ -169,7 +199,54 @@ mod tests {
         assert_eq!(server_name(&hello[..hello.len() - 1]), Hello::Incomplete);
         assert_eq!(server_name(&hello[..3]), Hello::Incomplete);
         assert_eq!(server_name(&client_hello(None)), Hello::NoName);
-        assert_eq!(server_name(b"GET / HTTP/1.1\r\n"), Hello::NoName);
+        assert_eq!(server_name(b"GET / HTTP/1.1\r\n"), Hello::NotTls);
+        assert_eq!(
+            server_name(b"\x16\x03\x01\x00\x04\x02\x00\x00\x00"),
+            Hello::Malformed,
+            "a handshake that is not a ClientHello"
+        );
+    }
+
+    /// The same hello cut into records of `size` bytes, as TLS allows.
+    fn fragmented(hello: &[u8], size: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        for chunk in hello[5..].chunks(size) {
+            out.extend_from_slice(&hello[..3]);
+            out.extend_from_slice(&u16::try_from(chunk.len()).expect("short").to_be_bytes());
+            out.extend_from_slice(chunk);
+        }
+        out
+    }
+
+    #[test]
+    fn a_hello_over_several_records_is_reassembled() {
+        let hello = fragmented(&client_hello(Some("db.internal")), 7);
+        assert_eq!(server_name(&hello), Hello::Name("db.internal".into()));
+        assert_eq!(server_name(&hello[..hello.len() - 3]), Hello::Incomplete);
+    }
+
+    #[tokio::test]
+    async fn a_tls_client_that_stalls_mid_hello_is_refused_not_judged_nameless() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let hello = client_hello(Some("admin.internal"));
+        tokio::io::AsyncWriteExt::write_all(&mut client, &hello[..10])
+            .await
+            .expect("write");
+        let refused = read_server_name(server).await;
+        assert!(
+            matches!(refused, Err(ProxyError::Denied { .. })),
+            "{refused:?}"
+        );
+        drop(client);
+    }
+
+    #[tokio::test]
+    async fn a_silent_client_is_not_tls() {
+        let (_client, server) = tokio::io::duplex(64);
+        let (name, _) = read_server_name(server)
+            .await
+            .expect("judged without a name");
+        assert_eq!(name, None);
     }
 
     #[tokio::test]

@@ -248,8 +248,13 @@ fn check_source(at: &str, s: &Source) -> Result<(), Invalid> {
     ];
     let by_account = [&s.service_accounts, &s.not_service_accounts];
     if by_identity.iter().any(|v| !v.is_empty()) && by_account.iter().any(|v| !v.is_empty()) {
+        let field = if s.service_accounts.is_empty() {
+            "notServiceAccounts"
+        } else {
+            "serviceAccounts"
+        };
         return Err((
-            format!("{at}.serviceAccounts"),
+            format!("{at}.{field}"),
             "cannot be set together with principals or namespaces (or their not forms); use \
              one way of naming the peer per source"
                 .to_owned(),

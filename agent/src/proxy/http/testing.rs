@@ -102,7 +102,6 @@ pub fn status_service(status: u16) -> TestService {
     }))
 }
 
-/// Answers 200 after `delay`.
 /// Answers 200 with the request's URI as the layers above left it.
 pub fn uri_echo_service() -> TestService {
     BoxCloneSyncService::new(tower::service_fn(|req: HttpRequest| async move {
@@ -110,6 +109,19 @@ pub fn uri_echo_service() -> TestService {
     }))
 }
 
+/// Answers 200 with the request's Host header and URI, as `host uri`.
+pub fn host_echo_service() -> TestService {
+    BoxCloneSyncService::new(tower::service_fn(|req: HttpRequest| async move {
+        let host = req
+            .headers()
+            .get(http::header::HOST)
+            .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned())
+            .unwrap_or_default();
+        Ok::<_, Infallible>(Response::new(full_body(format!("{host} {}", req.uri()))))
+    }))
+}
+
+/// Answers 200 after `delay`.
 pub fn slow_service(delay: Duration) -> TestService {
     BoxCloneSyncService::new(service_fn(move |_req: HttpRequest| async move {
         tokio::time::sleep(delay).await;
