@@ -131,7 +131,11 @@ impl PodContext {
         *self.policies.write().unwrap_or_else(|e| e.into_inner()) = policies.clone();
         let closed = self.active.close_denied(self, shared, &policies);
         if closed > 0 {
-            tracing::info!(workload = %self.key, closed, "closed connections the new policies deny");
+            tracing::info!(
+                workload = %self.key,
+                closed,
+                "closed connections the new policies or mTLS mode deny"
+            );
         }
     }
 }

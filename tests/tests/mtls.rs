@@ -455,8 +455,21 @@ fn strict_refuses_plaintext_and_permissive_admits_it() {
         b"a"
     );
 
+    let mut held = LongLived::open(&legacy, p1);
+    assert_eq!(held.round_trip(b"held"), b"held");
+
     let workload_strict = "apiVersion: security.nodemesh.dev/v1\nkind: PeerAuthentication\nmetadata:\n  name: p1-strict\n  namespace: default\nspec:\n  selector:\n    matchLabels:\n      app: n2-p1\n  mtls:\n    mode: STRICT\n";
     set_mode(&sb, "pa-p1.yaml", workload_strict, "n2-p1", "STRICT");
+    poll_until(SOON, || {
+        use std::io::{Read as _, Write as _};
+        let _ = held.0.write_all(b"x");
+        let mut byte = [0u8; 1];
+        match held.0.read(&mut byte) {
+            Ok(0) | Err(_) => Ok(()),
+            Ok(_) => anyhow::bail!("the plaintext connection is still open"),
+        }
+    })
+    .expect("switching to STRICT closes the plaintext connection already open");
     let refused = echo_from(&legacy, p1, b"b");
     assert!(
         refused.is_err() || refused.is_ok_and(|e| e.reply.is_empty()),

@@ -172,16 +172,24 @@ impl ActiveConnections {
         }
     }
 
-    /// Closes the connections that `policies` no longer allow; returns how many.
+    /// Closes the connections that `policies` and the pod's mTLS mode no longer allow (a
+    /// plaintext one on a port now STRICT); returns how many.
     pub fn close_denied(
         &self,
         pod: &PodContext,
         shared: &ProxyShared,
         policies: &WorkloadPolicies,
     ) -> usize {
+        let mtls = pod.mtls();
         let connections = self.connections.lock().unwrap_or_else(|e| e.into_inner());
         let mut closed = 0;
         for tracked in connections.values() {
+            let plaintext = tracked.peer.principal.is_none();
+            if plaintext && !mtls.for_port(tracked.dst.port()).0.accepts_plaintext() {
+                tracked.cancel.cancel();
+                closed += 1;
+                continue;
+            }
             let req = Request {
                 peer: &tracked.peer,
                 destination_ip: tracked.dst.ip(),
