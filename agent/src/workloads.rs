@@ -95,7 +95,10 @@ impl WorkloadRegistry {
         let stale: Vec<String> = self
             .enrolled
             .iter()
-            .filter(|(key, e)| desired.get(*key).is_none_or(|w| **w != e.workload))
+            // Only what enrollment is made of counts: a label or annotation edit changes which
+            // policies and Services select the workload, not its sockets, so its connections
+            // stay.
+            .filter(|(key, e)| desired.get(*key).is_none_or(|w| w.spec != e.workload.spec))
             .map(|(key, _)| key.clone())
             .collect();
         for key in stale {
@@ -103,8 +106,9 @@ impl WorkloadRegistry {
         }
         self.failed.clear();
         for (key, workload) in desired {
-            if !self.enrolled.contains_key(&key) {
-                self.enroll(key, workload.clone()).await;
+            match self.enrolled.get_mut(&key) {
+                Some(enrolled) => enrolled.workload = workload.clone(),
+                None => self.enroll(key, workload.clone()).await,
             }
         }
         for enrolled in self.enrolled.values() {

@@ -338,6 +338,39 @@ impl LongLived {
 }
 
 #[test]
+fn a_label_edit_keeps_the_workloads_connections() {
+    let Some(sb) = sandbox("trelabel") else {
+        return;
+    };
+    let mut mesh = LongLived::open(&sb.pod("n1-p1").netns, sb.pod("n2-p1").server.echo);
+    let mut plain = LongLived::open(&sb.pod("n1-legacy").netns, sb.pod("n2-p1").server.echo);
+    assert_eq!(mesh.round_trip(b"before"), b"before");
+    assert_eq!(plain.round_trip(b"before"), b"before");
+    let file = sb.config_dir().join("workload-n2-p1.yaml");
+    let text = fs::read_to_string(&file).expect("the workload's file");
+    let relabelled = text.replace("    app: n2-p1\n", "    app: n2-p1\n    tier: backend\n");
+    assert_ne!(text, relabelled, "the label was added");
+    fs::write(&file, relabelled).expect("relabel");
+    poll_until(SOON, || {
+        let dump = sb.agent_admin("n2", "/config_dump")?;
+        let labels = &dump["mesh"]["config"]["workloads"]["default/n2-p1"]["metadata"]["labels"];
+        anyhow::ensure!(labels["tier"] == "backend", "not applied yet: {labels}");
+        Ok(())
+    })
+    .expect("the agent applies the new labels");
+    assert_eq!(
+        mesh.round_trip(b"after"),
+        b"after",
+        "the mTLS connection stays"
+    );
+    assert_eq!(
+        plain.round_trip(b"after"),
+        b"after",
+        "the plaintext connection stays"
+    );
+}
+
+#[test]
 fn certificates_rotate_without_breaking_a_long_lived_connection() {
     let Some(sb) = sandbox_with("trotate", |spec| {
         spec.workload_cert_ttl = Duration::from_secs(16)
