@@ -7,7 +7,7 @@
 use std::{
     net::{IpAddr, SocketAddr, SocketAddrV4},
     sync::{Arc, atomic::Ordering},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use nodemesh_config::EgressPolicy;
@@ -338,8 +338,20 @@ pub async fn open_hbone_tunnel(
         })
         .await?;
     let headers = super::baggage::connect_headers(pod.baggage.as_ref(), client, service);
-    Ok(nodemesh_hbone::open_tunnel_with(&mut sender, dst, headers).await?)
+    let answer = nodemesh_hbone::open_tunnel_with(&mut sender, dst, headers);
+    match tokio::time::timeout(HBONE_STEP_TIMEOUT, answer).await {
+        Ok(tunnel) => Ok(tunnel?),
+        Err(_) => Err(ProxyError::HboneTimeout {
+            dst: hbone_addr,
+            timeout: HBONE_STEP_TIMEOUT,
+        }),
+    }
 }
+
+/// How long the TLS and HTTP/2 handshakes of a new HBONE connection, and the answer to a
+/// CONNECT, may take: a peer that accepts TCP and then says nothing must not hold the pool
+/// slot, and every connection waiting on it, for ever.
+const HBONE_STEP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A new HBONE connection from the pod to a destination pod's :15008, proving the pod's
 /// identity and accepting only the expected destination identity.
@@ -364,12 +376,20 @@ async fn connect_hbone(
         IpAddr::V4(ip) => ServerName::IpAddress(ip.into()),
         IpAddr::V6(ip) => ServerName::IpAddress(ip.into()),
     };
-    let tls = TlsConnector::from(config)
-        .connect(name, tcp)
+    let handshakes = async {
+        let tls = TlsConnector::from(config)
+            .connect(name, tcp)
+            .await
+            .map_err(|source| ProxyError::Tls {
+                peer: hbone_addr,
+                source,
+            })?;
+        Ok(nodemesh_hbone::handshake(tls).await?)
+    };
+    tokio::time::timeout(HBONE_STEP_TIMEOUT, handshakes)
         .await
-        .map_err(|source| ProxyError::Tls {
-            peer: hbone_addr,
-            source,
-        })?;
-    Ok(nodemesh_hbone::handshake(tls).await?)
+        .unwrap_or(Err(ProxyError::HboneTimeout {
+            dst: hbone_addr,
+            timeout: HBONE_STEP_TIMEOUT,
+        }))
 }
