@@ -323,11 +323,12 @@ pub async fn open_hbone_tunnel(
     // Checked per connection, so an expired certificate fails closed even on a pooled
     // connection.
     let identity = shared.identities.get(&pod.identity).await?;
+    let certificate = identity.cert.not_before();
     let mut sender = shared
         .pool
         // Boxed: only a new pooled connection runs the handshakes, and their state should
         // not sit in every connection's task.
-        .sender(key, || {
+        .sender(key, certificate, || {
             Box::pin(connect_hbone(
                 pod,
                 shared,

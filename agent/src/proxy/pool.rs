@@ -1,10 +1,13 @@
 //! HBONE connections, pooled: one HTTP/2 connection per (source workload, destination
-//! identity, destination address), shared by every tunnel between them.
+//! identity, destination address), shared by every tunnel between them, and replaced once the
+//! source's certificate has been renewed, so that no pooled connection outlives the
+//! certificate it was opened with (its open tunnels finish on it).
 
 use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{Arc, Mutex},
+    time::SystemTime,
 };
 
 use nodemesh_hbone::HboneSender;
@@ -22,7 +25,8 @@ pub struct PoolKey {
     pub destination: SocketAddr,
 }
 
-type Slot = Arc<tokio::sync::Mutex<Option<HboneSender>>>;
+/// The pooled sender and the start of validity of the certificate it was opened with.
+type Slot = Arc<tokio::sync::Mutex<Option<(HboneSender, SystemTime)>>>;
 
 #[derive(Debug, Default)]
 pub struct HbonePool {
@@ -30,9 +34,15 @@ pub struct HbonePool {
 }
 
 impl HbonePool {
-    /// A sender on the pooled connection for `key`, made with `connect` when there is none or
-    /// it has closed. Concurrent callers wait for one connect instead of each making their own.
-    pub async fn sender<F, Fut>(&self, key: PoolKey, connect: F) -> Result<HboneSender, ProxyError>
+    /// A sender on the pooled connection for `key`, made with `connect` when there is none, it
+    /// has closed, or it was opened with another certificate than the one valid from
+    /// `certificate`. Concurrent callers wait for one connect instead of each making their own.
+    pub async fn sender<F, Fut>(
+        &self,
+        key: PoolKey,
+        certificate: SystemTime,
+        connect: F,
+    ) -> Result<HboneSender, ProxyError>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<HboneSender, ProxyError>>,
@@ -45,11 +55,14 @@ impl HbonePool {
             .or_default()
             .clone();
         let mut pooled = slot.lock().await;
-        if let Some(sender) = pooled.as_ref().filter(|s| !s.is_closed()) {
+        if let Some((sender, _)) = pooled
+            .as_ref()
+            .filter(|(s, opened_with)| !s.is_closed() && *opened_with == certificate)
+        {
             return Ok(sender.clone());
         }
         let sender = connect().await?;
-        *pooled = Some(sender.clone());
+        *pooled = Some((sender.clone(), certificate));
         Ok(sender)
     }
 
@@ -59,5 +72,59 @@ impl HbonePool {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|key, _| key.source != source);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::atomic::{AtomicUsize, Ordering},
+        time::{Duration, UNIX_EPOCH},
+    };
+
+    use super::*;
+
+    /// An HBONE connection over memory, to a server that refuses every CONNECT.
+    async fn connection() -> Result<HboneSender, ProxyError> {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(nodemesh_hbone::serve(server, |_| async {
+            nodemesh_hbone::status(http::StatusCode::SERVICE_UNAVAILABLE)
+        }));
+        Ok(nodemesh_hbone::handshake(client).await?)
+    }
+
+    fn key() -> PoolKey {
+        PoolKey {
+            source: "shop/web".into(),
+            destination_identity: "spiffe://cluster.local/ns/shop/sa/api"
+                .parse()
+                .expect("SPIFFE ID"),
+            destination: "10.0.0.2:15008".parse().expect("address"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_renewed_certificate_gets_a_new_connection_the_same_one_is_reused() {
+        let pool = HbonePool::default();
+        let made = AtomicUsize::new(0);
+        let connect = || {
+            made.fetch_add(1, Ordering::Relaxed);
+            connection()
+        };
+        let first = UNIX_EPOCH + Duration::from_secs(1_000);
+        let renewed = first + Duration::from_secs(600);
+        pool.sender(key(), first, connect).await.expect("connect");
+        pool.sender(key(), first, connect).await.expect("pooled");
+        assert_eq!(
+            made.load(Ordering::Relaxed),
+            1,
+            "one connection per certificate"
+        );
+        pool.sender(key(), renewed, connect).await.expect("connect");
+        assert_eq!(
+            made.load(Ordering::Relaxed),
+            2,
+            "a connection opened with the old certificate is not handed out again"
+        );
     }
 }
