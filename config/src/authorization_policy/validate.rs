@@ -23,19 +23,6 @@ impl AuthorizationPolicy {
                 "only one of selector, targetRef or targetRefs can be set".to_owned(),
             ));
         }
-        let targets = spec
-            .target_ref
-            .iter()
-            .map(|t| ("spec.targetRef".to_owned(), t))
-            .chain(
-                spec.target_refs
-                    .iter()
-                    .enumerate()
-                    .map(|(i, t)| (format!("spec.targetRefs[{i}]"), t)),
-            );
-        for (at, target) in targets {
-            check_target(&at, target)?;
-        }
         if let Some(selector) = &spec.selector {
             selector.validate("spec.selector")?;
         }
@@ -115,6 +102,20 @@ impl AuthorizationPolicy {
                     check_condition_values(&format!("{at}.{field}"), &key, values)?;
                 }
             }
+        }
+        // Last, so that a policy needing JWT or CUSTOM is refused for that first.
+        let targets = spec
+            .target_ref
+            .iter()
+            .map(|t| ("spec.targetRef".to_owned(), t))
+            .chain(
+                spec.target_refs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| (format!("spec.targetRefs[{i}]"), t)),
+            );
+        for (at, target) in targets {
+            check_target(&at, target)?;
         }
         Ok(())
     }

@@ -301,6 +301,11 @@ fn jwt_and_custom_are_refused_saying_why() {
             "  targetRefs:\n  - kind: Gateway\n    group: gateway.networking.k8s.io\n    name: waypoint\n",
             "no gateways",
         ),
+        // The documentation's ingress JWT policy: refused for JWT, before its Gateway target.
+        (
+            "  targetRef:\n    kind: Gateway\n    group: gateway.networking.k8s.io\n    name: ingress\n  action: DENY\n  rules:\n  - from:\n    - source:\n        notRequestPrincipals: [\"*\"]\n",
+            "JWT",
+        ),
     ];
     for (spec, says) in cases {
         let error = check(&policy(META, spec)).expect_err(spec);
