@@ -275,4 +275,13 @@ mod tests {
             );
         }
     }
+
+    proptest::proptest! {
+        /// Any pattern and any path: a verdict, never a panic (the path is the client's).
+        #[test]
+        fn matching_never_panics(pattern in "[/a{}*.]{0,16}", path in "\\PC{0,32}") {
+            let _ = PathPattern::new(&pattern).matches(&path);
+            let _ = Pattern::new(&pattern).matches_host(Some(&path));
+        }
+    }
 }

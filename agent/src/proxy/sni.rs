@@ -259,4 +259,22 @@ mod tests {
         stream.read_to_end(&mut all).await.expect("read back");
         assert_eq!(all, hello);
     }
+
+    proptest::proptest! {
+        /// The client's first bytes, whatever they are: an answer, never a panic.
+        #[test]
+        fn any_first_bytes_get_an_answer(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600)) {
+            let _ = server_name(&bytes);
+            let mut tls = vec![22, 3, 1];
+            tls.extend_from_slice(&bytes);
+            let _ = server_name(&tls);
+        }
+
+        /// A hello cut into records of any size still gives its name.
+        #[test]
+        fn a_fragmented_hello_gives_its_name(size in 1usize..64) {
+            let hello = fragmented(&client_hello(Some("db.internal")), size);
+            proptest::prop_assert_eq!(server_name(&hello), Hello::Name("db.internal".into()));
+        }
+    }
 }

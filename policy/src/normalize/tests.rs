@@ -192,3 +192,66 @@ fn normalising_twice_changes_nothing() {
         }
     }
 }
+
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Paths made of the pieces that normalisation cares about.
+    fn paths() -> impl Strategy<Value = String> {
+        let piece = prop_oneof![
+            Just("/"),
+            Just("."),
+            Just(".."),
+            Just("%"),
+            Just("%2e"),
+            Just("%2E"),
+            Just("%2f"),
+            Just("%5C"),
+            Just("%25"),
+            Just("%41"),
+            Just("%7e"),
+            Just("%zz"),
+            Just("\\"),
+            Just("a"),
+            Just("b"),
+            Just("é"),
+            Just("{"),
+            Just("2"),
+            Just("e"),
+        ];
+        prop::collection::vec(piece, 0..24).prop_map(|pieces| format!("/{}", pieces.concat()))
+    }
+
+    fn modes() -> impl Strategy<Value = PathNormalization> {
+        prop_oneof![Just(Base), Just(MergeSlashes), Just(DecodeAndMergeSlashes)]
+    }
+
+    proptest! {
+        #[test]
+        fn normalising_is_idempotent_and_leaves_no_dot_segment(path in paths(), mode in modes()) {
+            let Ok(once) = normalize_path(&path, mode) else {
+                return Ok(());
+            };
+            let twice = normalize_path(&once, mode).expect("a normal path normalises");
+            prop_assert_eq!(&*twice, &*once, "{} under {:?}", path, mode);
+            prop_assert!(once.starts_with('/'));
+            for segment in once.split('/') {
+                prop_assert!(segment != "." && segment != "..", "{} gave {}", path, once);
+            }
+            if mode != Base {
+                prop_assert!(!once.contains("//"), "{} gave {}", path, once);
+            }
+            if mode == DecodeAndMergeSlashes {
+                let lower = once.to_ascii_lowercase();
+                prop_assert!(!lower.contains("%2f") && !lower.contains("%5c"), "{} gave {}", path, once);
+            }
+        }
+
+        #[test]
+        fn any_text_is_normalised_or_refused_without_panicking(path in "\\PC*", mode in modes()) {
+            let _ = normalize_path(&path, mode);
+        }
+    }
+}

@@ -118,4 +118,18 @@ mod tests {
             "a silent client is opaque after the timeout"
         );
     }
+
+    proptest::proptest! {
+        /// Whatever a client sends first, detection classifies it without panicking, and a
+        /// verdict once given does not change as more bytes arrive.
+        #[test]
+        fn classification_is_stable(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40)) {
+            let verdict = (0..=bytes.len()).find_map(|n| classify(&bytes[..n]).map(|p| (n, p)));
+            if let Some((n, protocol)) = verdict {
+                for more in n..=bytes.len() {
+                    proptest::prop_assert_eq!(classify(&bytes[..more]), Some(protocol));
+                }
+            }
+        }
+    }
 }
