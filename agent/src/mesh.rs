@@ -10,6 +10,7 @@ use std::{
 
 use nodemesh_config::{EgressPolicy, MeshConfig, PathNormalization};
 use nodemesh_identity::SpiffeId;
+use nodemesh_policy::TrustDomains;
 use nodemesh_traffic::{PortEntry, ServiceEntry, ServiceId, TrafficTable};
 
 /// A workload the proxy may send traffic to.
@@ -33,7 +34,7 @@ pub struct MeshView {
     pub path_normalization: PathNormalization,
     /// The trust domains whose identities the HBONE server admits: the mesh's own, then the
     /// aliases MeshSettings federates.
-    pub trust_domains: Vec<String>,
+    pub trust_domains: TrustDomains,
 }
 
 /// A Service port a connection was addressed to.
@@ -72,15 +73,8 @@ impl MeshView {
             egress: mesh.egress(),
             reads_http: mesh.settings.telemetry.reads_http(),
             path_normalization: mesh.settings.path_normalization,
-            trust_domains: std::iter::once(trust_domain.to_owned())
-                .chain(mesh.settings.trust_domain_aliases.iter().cloned())
-                .collect(),
+            trust_domains: TrustDomains::new(trust_domain, &mesh.settings.trust_domain_aliases),
         }
-    }
-
-    /// Whether identities of `trust_domain` may connect to the mesh's pods.
-    pub fn trusts(&self, trust_domain: &str) -> bool {
-        self.trust_domains.iter().any(|td| td == trust_domain)
     }
 
     /// The workload at an address, if the mesh knows one.

@@ -253,9 +253,7 @@ fn compile(policy: &AuthorizationPolicy, trust_domains: &TrustDomains) -> Compil
                 .filter_map(|f| f.source.as_ref())
                 .map(|s| CompiledSource {
                     principals: cx.principals(&s.principals, &s.not_principals),
-                    namespaces: each(&s.namespaces, &s.not_namespaces, |v| {
-                        PeerMatch::Namespace(v.to_owned())
-                    }),
+                    namespaces: each(&s.namespaces, &s.not_namespaces, PeerMatch::namespace),
                     service_accounts: each(&s.service_accounts, &s.not_service_accounts, |v| {
                         cx.service_account(v)
                     }),
@@ -291,9 +289,9 @@ fn compile(policy: &AuthorizationPolicy, trust_domains: &TrustDomains) -> Compil
                         ConditionKey::SourcePrincipal => {
                             ConditionValues::Peers(cx.principals(v, n))
                         }
-                        ConditionKey::SourceNamespace => ConditionValues::Peers(each(v, n, |v| {
-                            PeerMatch::Namespace(v.to_owned())
-                        })),
+                        ConditionKey::SourceNamespace => {
+                            ConditionValues::Peers(each(v, n, PeerMatch::namespace))
+                        }
                         ConditionKey::SourceServiceAccount => {
                             ConditionValues::Peers(each(v, n, |v| cx.service_account(v)))
                         }

@@ -54,11 +54,21 @@ impl Pattern {
         }
     }
 
-    /// As a host matcher: like a header matcher, without regard to ASCII case (the pattern
-    /// was built lower-cased).
+    /// As a host matcher: like a header matcher, without regard to ASCII case.
     pub fn matches_host(&self, authority: Option<&str>) -> bool {
-        let lower = authority.map(str::to_ascii_lowercase);
-        self.matches_header(lower.as_deref().map(str::as_bytes))
+        let Some(value) = authority.map(str::as_bytes) else {
+            return false;
+        };
+        let same = |a: &[u8], b: &str| a.eq_ignore_ascii_case(b.as_bytes());
+        match self {
+            Pattern::Any => true,
+            Pattern::Exact(s) => same(value, s),
+            Pattern::Prefix(p) => value.get(..p.len()).is_some_and(|v| same(v, p)),
+            Pattern::Suffix(s) => value
+                .len()
+                .checked_sub(s.len())
+                .is_some_and(|at| same(&value[at..], s)),
+        }
     }
 }
 

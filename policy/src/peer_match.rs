@@ -7,26 +7,34 @@ use crate::{Peer, matcher::Pattern};
 pub(crate) enum PeerMatch {
     /// A principal pattern (`principals`, `source.principal`).
     Principal(Pattern),
-    /// Istio's `.*/ns/<value>/.*` over the peer's SPIFFE ID, `*` standing for any text.
-    Namespace(String),
+    /// Istio's `.*/ns/<value>/.*` over the peer's SPIFFE ID, `*` standing for any text: the
+    /// value as written, and the glob made of it once.
+    Namespace {
+        value: String,
+        glob: String,
+    },
     /// `namespace/serviceAccount`.
     ServiceAccount(String, String),
     TrustDomain(Pattern),
 }
 
 impl PeerMatch {
+    pub(crate) fn namespace(value: &str) -> Self {
+        PeerMatch::Namespace {
+            value: value.to_owned(),
+            glob: format!("*/ns/{value}/*"),
+        }
+    }
+
     pub(crate) fn matches(&self, peer: &Peer) -> bool {
         let Some(principal) = peer.principal.as_deref() else {
             return false;
         };
         match self {
             PeerMatch::Principal(p) => p.matches(principal),
-            PeerMatch::Namespace(ns) => {
-                let pattern = format!("*/ns/{ns}/*");
-                glob(
-                    pattern.as_bytes(),
-                    format!("spiffe://{principal}").as_bytes(),
-                )
+            // The leading `*` also covers the `spiffe://` the principal is kept without.
+            PeerMatch::Namespace { glob: pattern, .. } => {
+                glob(pattern.as_bytes(), principal.as_bytes())
             }
             PeerMatch::ServiceAccount(ns, sa) => peer
                 .service_account()
@@ -40,7 +48,7 @@ impl std::fmt::Display for PeerMatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             PeerMatch::Principal(p) | PeerMatch::TrustDomain(p) => p.fmt(f),
-            PeerMatch::Namespace(ns) => f.write_str(ns),
+            PeerMatch::Namespace { value, .. } => f.write_str(value),
             PeerMatch::ServiceAccount(ns, sa) => write!(f, "{ns}/{sa}"),
         }
     }

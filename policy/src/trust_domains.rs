@@ -2,7 +2,8 @@
 
 /// The mesh's trust domain and its aliases (MeshSettings `trustDomainAliases`): a principal
 /// naming any of them, or `cluster.local`, matches identities of all of them, as in Istio.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The default holds none: nothing is trusted before the configuration says so.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TrustDomains(Vec<String>);
 
 impl TrustDomains {
@@ -10,6 +11,16 @@ impl TrustDomains {
         let mut all = vec![local.to_owned()];
         all.extend(aliases.iter().filter(|a| *a != local).cloned());
         Self(all)
+    }
+
+    /// Whether `trust_domain` is the mesh's or one of its aliases.
+    pub fn contains(&self, trust_domain: &str) -> bool {
+        self.0.iter().any(|td| td == trust_domain)
+    }
+
+    /// The mesh's own first, then the aliases.
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(String::as_str)
     }
 
     /// Istio's `ReplaceTrustDomainAliases` for one principal: the forms it stands for.
@@ -80,5 +91,17 @@ mod tests {
             local.expand("cluster.local/ns/a/sa/b"),
             ["cluster.local/ns/a/sa/b"]
         );
+    }
+
+    #[test]
+    fn only_the_mesh_and_its_aliases_are_trusted() {
+        let tds = TrustDomains::new("td2", &["td1".to_owned()]);
+        assert!(tds.contains("td2") && tds.contains("td1"));
+        assert!(!tds.contains("other.example") && !tds.contains("*"));
+        assert!(
+            !TrustDomains::default().contains("td2"),
+            "nothing before configuration"
+        );
+        assert_eq!(tds.iter().collect::<Vec<_>>(), ["td2", "td1"]);
     }
 }

@@ -203,3 +203,29 @@ pub fn write_config(sandbox: &Sandbox, name: &str, yaml: &str) {
     std::fs::write(sandbox.config_dir().join(name), yaml)
         .unwrap_or_else(|e| panic!("cannot write {name}: {e}"));
 }
+
+/// A connection that stays open across the test: one line out, one line back, each time.
+#[derive(Debug)]
+pub struct LongLived(pub std::net::TcpStream);
+
+impl LongLived {
+    pub fn open(netns: &str, dst: SocketAddr) -> Self {
+        let stream = nodemesh_sandbox::in_netns(netns, move || {
+            let stream = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            Ok(stream)
+        })
+        .expect("connect");
+        Self(stream)
+    }
+
+    pub fn round_trip(&mut self, message: &[u8]) -> Vec<u8> {
+        use std::io::{Read as _, Write as _};
+        self.0.write_all(message).expect("write");
+        let mut reply = vec![0; message.len()];
+        self.0
+            .read_exact(&mut reply)
+            .expect("the connection still carries bytes");
+        reply
+    }
+}

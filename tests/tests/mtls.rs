@@ -9,7 +9,9 @@ use nodemesh_identity::{
 };
 use nodemesh_sandbox::capture::Capture;
 use nodemesh_sandbox::{Sandbox, poll_until, run_in_netns};
-use nodemesh_tests::{connections, curl, echo_from, hbone::hbone_echo, sandbox, sandbox_with};
+use nodemesh_tests::{
+    LongLived, connections, curl, echo_from, hbone::hbone_echo, sandbox, sandbox_with,
+};
 
 const SOON: Duration = Duration::from_secs(10);
 
@@ -173,55 +175,6 @@ fn port_15008_admits_only_valid_mesh_certificates() {
     );
 }
 
-/// From `netns`, opens TCP to `addr`, sends nothing, and says whether the server closed it
-/// (rather than leaving it open past the read timeout).
-fn closed_while_silent(netns: &str, addr: SocketAddr) -> bool {
-    nodemesh_sandbox::in_netns(netns, move || {
-        let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-        // Longer than the handshake timeout: a read that times out means nobody closed it.
-        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-        let mut buffer = [0u8; 64];
-        anyhow::Ok(match std::io::Read::read(&mut stream, &mut buffer) {
-            Ok(0) => true,
-            Ok(_) => false,
-            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
-        })
-    })
-    .unwrap_or_else(|e| panic!("connect to {addr}: {e:#}"))
-}
-
-#[test]
-fn a_client_that_never_finishes_its_tls_handshake_is_closed() {
-    let Some(sb) = sandbox("tsilent") else { return };
-    let hbone = SocketAddr::from((sb.pod("n2-p1").ip, 15008));
-    let controller = sb.status().controller.ca_api;
-    let (pod, node) = (
-        sb.pod("n1-legacy").netns.clone(),
-        sb.node("n1").netns.clone(),
-    );
-    let (to_pod, to_controller) = std::thread::scope(|s| {
-        let pod = s.spawn(|| closed_while_silent(&pod, hbone));
-        let controller = s.spawn(|| closed_while_silent(&node, controller));
-        (
-            pod.join().expect("pod side"),
-            controller.join().expect("controller side"),
-        )
-    });
-    assert!(to_pod, "a pod's :15008 closes the silent connection");
-    assert!(
-        to_controller,
-        "the controller's API closes the silent connection"
-    );
-    poll_until(SOON, || {
-        connections(&sb, "n2")
-            .into_iter()
-            .filter_map(|c| c["error"].as_str().map(str::to_owned))
-            .find(|e| e.contains("did not finish"))
-            .ok_or_else(|| anyhow::anyhow!("no handshake timeout recorded"))
-    })
-    .expect("the agent records why");
-}
-
 /// POSTs a certificate request to the controller with a node's token; returns (status, body).
 fn request_certificate(sb: &Sandbox, token_node: &str, id: &SpiffeId) -> (u16, serde_json::Value) {
     let status = sb.status();
@@ -310,64 +263,6 @@ fn serial_of(sb: &Sandbox, node: &str, id: &SpiffeId) -> Option<String> {
         .find(|c| c["identity"] == id.to_string().as_str())?["serial"]
         .as_str()
         .map(str::to_owned)
-}
-
-/// A connection that stays open across the test: one line out, one line back, each time.
-struct LongLived(std::net::TcpStream);
-
-impl LongLived {
-    fn open(netns: &str, dst: SocketAddr) -> Self {
-        let stream = nodemesh_sandbox::in_netns(netns, move || {
-            let stream = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
-            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-            Ok(stream)
-        })
-        .expect("connect");
-        Self(stream)
-    }
-
-    fn round_trip(&mut self, message: &[u8]) -> Vec<u8> {
-        use std::io::{Read as _, Write as _};
-        self.0.write_all(message).expect("write");
-        let mut reply = vec![0; message.len()];
-        self.0
-            .read_exact(&mut reply)
-            .expect("the connection still carries bytes");
-        reply
-    }
-}
-
-#[test]
-fn a_label_edit_keeps_the_workloads_connections() {
-    let Some(sb) = sandbox("trelabel") else {
-        return;
-    };
-    let mut mesh = LongLived::open(&sb.pod("n1-p1").netns, sb.pod("n2-p1").server.echo);
-    let mut plain = LongLived::open(&sb.pod("n1-legacy").netns, sb.pod("n2-p1").server.echo);
-    assert_eq!(mesh.round_trip(b"before"), b"before");
-    assert_eq!(plain.round_trip(b"before"), b"before");
-    let file = sb.config_dir().join("workload-n2-p1.yaml");
-    let text = fs::read_to_string(&file).expect("the workload's file");
-    let relabelled = text.replace("    app: n2-p1\n", "    app: n2-p1\n    tier: backend\n");
-    assert_ne!(text, relabelled, "the label was added");
-    fs::write(&file, relabelled).expect("relabel");
-    poll_until(SOON, || {
-        let dump = sb.agent_admin("n2", "/config_dump")?;
-        let labels = &dump["mesh"]["config"]["workloads"]["default/n2-p1"]["metadata"]["labels"];
-        anyhow::ensure!(labels["tier"] == "backend", "not applied yet: {labels}");
-        Ok(())
-    })
-    .expect("the agent applies the new labels");
-    assert_eq!(
-        mesh.round_trip(b"after"),
-        b"after",
-        "the mTLS connection stays"
-    );
-    assert_eq!(
-        plain.round_trip(b"after"),
-        b"after",
-        "the plaintext connection stays"
-    );
 }
 
 #[test]

@@ -81,11 +81,10 @@ pub fn authorize_connection(
     shared: &ProxyShared,
     peer: &Peer,
     dst: SocketAddr,
-    sni: Option<&str>,
 ) -> Result<(), ProxyError> {
     let policies = pod.policies();
     // HTTP attributes are judged per request, a TLS server name once the hello is read.
-    if policies.is_empty() || policies.needs_http() || (policies.needs_sni() && sni.is_none()) {
+    if policies.is_empty() || policies.needs_http() || policies.needs_sni() {
         return Ok(());
     }
     let decision = decide(
@@ -96,7 +95,7 @@ pub fn authorize_connection(
             peer,
             destination_ip: dst.ip(),
             destination_port: dst.port(),
-            sni,
+            sni: None,
             http: None,
         },
     );

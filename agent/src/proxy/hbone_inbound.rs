@@ -64,11 +64,11 @@ pub async fn handle(
     };
     // The bundle may hold other meshes' roots; only the mesh's own trust domains get in.
     let mesh = shared.mesh.load();
-    if !mesh.trusts(client_identity.trust_domain()) {
+    if !mesh.trust_domains.contains(client_identity.trust_domain()) {
         let error = ProxyError::ForeignTrustDomain {
             peer,
             identity: client_identity.to_string(),
-            trusted: mesh.trust_domains.join(", "),
+            trusted: mesh.trust_domains.iter().collect::<Vec<_>>().join(", "),
         };
         refused(&shared, &pod, peer, error);
         return;
@@ -115,7 +115,7 @@ async fn open(
     tracker.record.source_identity = Some(client_identity.to_string());
     let labels = tracker.open();
     let client_peer = authz::peer(Some(&client_identity), peer);
-    if let Err(denied) = authz::authorize_connection(&pod, &shared, &client_peer, dst, None) {
+    if let Err(denied) = authz::authorize_connection(&pod, &shared, &client_peer, dst) {
         tracker.finish(Err(denied));
         return status(StatusCode::FORBIDDEN);
     }

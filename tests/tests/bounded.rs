@@ -1,0 +1,91 @@
+//! Bounded and drained rather than reset: a silent client is closed by the handshake deadline,
+//! a Workload edit that changes nothing about its traffic keeps its connections.
+
+use std::{fs, net::SocketAddr, time::Duration};
+
+use nodemesh_sandbox::poll_until;
+use nodemesh_tests::{LongLived, connections, sandbox};
+
+const SOON: Duration = Duration::from_secs(10);
+
+/// From `netns`, opens TCP to `addr`, sends nothing, and says whether the server closed it
+/// (rather than leaving it open past the read timeout).
+fn closed_while_silent(netns: &str, addr: SocketAddr) -> bool {
+    nodemesh_sandbox::in_netns(netns, move || {
+        let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        // Longer than the handshake timeout: a read that times out means nobody closed it.
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut buffer = [0u8; 64];
+        anyhow::Ok(match std::io::Read::read(&mut stream, &mut buffer) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        })
+    })
+    .unwrap_or_else(|e| panic!("connect to {addr}: {e:#}"))
+}
+
+#[test]
+fn a_client_that_never_finishes_its_tls_handshake_is_closed() {
+    let Some(sb) = sandbox("tsilent") else { return };
+    let hbone = SocketAddr::from((sb.pod("n2-p1").ip, 15008));
+    let controller = sb.status().controller.ca_api;
+    let (pod, node) = (
+        sb.pod("n1-legacy").netns.clone(),
+        sb.node("n1").netns.clone(),
+    );
+    let (to_pod, to_controller) = std::thread::scope(|s| {
+        let pod = s.spawn(|| closed_while_silent(&pod, hbone));
+        let controller = s.spawn(|| closed_while_silent(&node, controller));
+        (
+            pod.join().expect("pod side"),
+            controller.join().expect("controller side"),
+        )
+    });
+    assert!(to_pod, "a pod's :15008 closes the silent connection");
+    assert!(
+        to_controller,
+        "the controller's API closes the silent connection"
+    );
+    poll_until(SOON, || {
+        connections(&sb, "n2")
+            .into_iter()
+            .filter_map(|c| c["error"].as_str().map(str::to_owned))
+            .find(|e| e.contains("did not finish"))
+            .ok_or_else(|| anyhow::anyhow!("no handshake timeout recorded"))
+    })
+    .expect("the agent records why");
+}
+
+#[test]
+fn a_label_edit_keeps_the_workloads_connections() {
+    let Some(sb) = sandbox("trelabel") else {
+        return;
+    };
+    let mut mesh = LongLived::open(&sb.pod("n1-p1").netns, sb.pod("n2-p1").server.echo);
+    let mut plain = LongLived::open(&sb.pod("n1-legacy").netns, sb.pod("n2-p1").server.echo);
+    assert_eq!(mesh.round_trip(b"before"), b"before");
+    assert_eq!(plain.round_trip(b"before"), b"before");
+    let file = sb.config_dir().join("workload-n2-p1.yaml");
+    let text = fs::read_to_string(&file).expect("the workload's file");
+    let relabelled = text.replace("    app: n2-p1\n", "    app: n2-p1\n    tier: backend\n");
+    assert_ne!(text, relabelled, "the label was added");
+    fs::write(&file, relabelled).expect("relabel");
+    poll_until(SOON, || {
+        let dump = sb.agent_admin("n2", "/config_dump")?;
+        let labels = &dump["mesh"]["config"]["workloads"]["default/n2-p1"]["metadata"]["labels"];
+        anyhow::ensure!(labels["tier"] == "backend", "not applied yet: {labels}");
+        Ok(())
+    })
+    .expect("the agent applies the new labels");
+    assert_eq!(
+        mesh.round_trip(b"after"),
+        b"after",
+        "the mTLS connection stays"
+    );
+    assert_eq!(
+        plain.round_trip(b"after"),
+        b"after",
+        "the plaintext connection stays"
+    );
+}
