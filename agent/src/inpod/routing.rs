@@ -4,7 +4,10 @@
 //! on a socket marked with the transparent mark. With `tcp_fwmark_accept`, the application's
 //! accepted socket takes the mark of that SYN, so every reply carries it; a rule sends marked
 //! packets to a table whose only route is `local`, so the replies come back to the proxy's
-//! socket instead of leaving the pod. Nothing else in the pod carries that mark.
+//! socket instead of leaving the pod. With `fwmark_reflect`, the kernel's own answers (the
+//! RST of a port nobody listens on, ICMP errors) carry the mark of what they answer too, so a
+//! refused connect fails at once in the proxy instead of leaking toward the client's address
+//! in plaintext. Nothing else in the pod carries that mark.
 
 use std::net::Ipv4Addr;
 
@@ -26,7 +29,7 @@ const LOOPBACK_IFINDEX: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RoutingError {
-    #[error("cannot enable tcp_fwmark_accept in {netns}: {source}")]
+    #[error("cannot enable tcp_fwmark_accept and fwmark_reflect in {netns}: {source}")]
     Sysctl {
         netns: String,
         source: std::io::Error,
@@ -74,7 +77,10 @@ fn local_route() -> rtnetlink::packet_route::route::RouteMessage {
 pub async fn install_routing(netns: &PodNetns, mark: u32) -> Result<(), RoutingError> {
     let name = || netns.path().display().to_string();
     netns
-        .run(|| std::fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "1"))
+        .run(|| {
+            std::fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "1")?;
+            std::fs::write("/proc/sys/net/ipv4/fwmark_reflect", "1")
+        })
         .map_err(|source| RoutingError::Sysctl {
             netns: name(),
             source,
