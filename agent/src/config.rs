@@ -45,17 +45,43 @@ struct Args {
     #[arg(long, default_value_t = DEFAULT_TRANSPARENT_MARK, value_parser = parse_u32)]
     transparent_mark: u32,
 
+    /// Where the capture programs, links and maps are pinned, so that capture outlives the
+    /// agent. Must be on bpffs. Defaults to /sys/fs/bpf/nodemesh/<node>.
+    #[arg(long, env = "NODEMESH_BPF_PIN_DIR")]
+    bpf_pin_dir: Option<PathBuf>,
+
+    /// Remove the mesh from this node on purpose: detach every capture program this node's
+    /// agent pinned and free its maps, then exit. Stop the agent first.
+    #[arg(long)]
+    uninstall: bool,
+
+    /// On SIGTERM, how long open connections may go on before they are closed (seconds).
+    #[arg(long, default_value_t = 30)]
+    drain_seconds: u64,
+
     /// The controller's certificate API, https://host:port.
-    #[arg(long, env = "NODEMESH_CONTROLLER")]
-    controller: String,
+    #[arg(
+        long,
+        env = "NODEMESH_CONTROLLER",
+        required_unless_present = "uninstall"
+    )]
+    controller: Option<String>,
 
     /// The roots (PEM) the controller's serving certificate chains to.
-    #[arg(long, env = "NODEMESH_CONTROLLER_CA")]
-    controller_ca: PathBuf,
+    #[arg(
+        long,
+        env = "NODEMESH_CONTROLLER_CA",
+        required_unless_present = "uninstall"
+    )]
+    controller_ca: Option<PathBuf>,
 
     /// File holding this node's bootstrap token for the certificate API.
-    #[arg(long, env = "NODEMESH_TOKEN_FILE")]
-    token_file: PathBuf,
+    #[arg(
+        long,
+        env = "NODEMESH_TOKEN_FILE",
+        required_unless_present = "uninstall"
+    )]
+    token_file: Option<PathBuf>,
 
     /// The SPIFFE trust domain of the mesh.
     #[arg(long, default_value = "cluster.local")]
@@ -130,12 +156,25 @@ impl Default for InPodPorts {
     }
 }
 
+/// What the command line asks for.
+#[derive(Debug)]
+pub enum Command {
+    Run(Box<Config>),
+    /// `--uninstall`: remove what the agent pinned in this directory.
+    Uninstall {
+        pin_dir: PathBuf,
+    },
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Config {
     pub node: String,
     pub state_dir: PathBuf,
     pub ebpf_object: PathBuf,
     pub cgroup_root: Option<PathBuf>,
+    pub bpf_pin_dir: PathBuf,
+    /// How long open connections may go on after SIGTERM.
+    pub drain: std::time::Duration,
     pub proxy_mark: u32,
     pub transparent_mark: u32,
     pub controller: String,
@@ -155,14 +194,22 @@ pub struct Config {
 
 impl Config {
     /// Parses the command line; exits with clap's message on bad input.
-    pub fn from_args() -> Result<Self, String> {
-        Self::from_parsed(Args::parse())
+    pub fn from_args() -> Result<Command, String> {
+        let args = Args::parse();
+        let pin_dir = pin_dir(&args)?;
+        if args.uninstall {
+            return Ok(Command::Uninstall { pin_dir });
+        }
+        Self::from_parsed(args).map(|config| Command::Run(Box::new(config)))
     }
 
     fn from_parsed(args: Args) -> Result<Self, String> {
-        if args.node.is_empty() {
-            return Err("--node is empty; give this node's name".to_owned());
-        }
+        let bpf_pin_dir = pin_dir(&args)?;
+        let (Some(controller), Some(controller_ca), Some(token_file)) =
+            (args.controller, args.controller_ca, args.token_file)
+        else {
+            return Err("--controller, --controller-ca and --token-file are required".to_owned());
+        };
         if args.proxy_mark == 0 || args.transparent_mark == 0 {
             return Err(
                 "--proxy-mark and --transparent-mark must not be 0: unmarked sockets would \
@@ -186,11 +233,13 @@ impl Config {
             state_dir: args.state_dir,
             ebpf_object,
             cgroup_root: args.cgroup_root,
+            bpf_pin_dir,
+            drain: std::time::Duration::from_secs(args.drain_seconds),
             proxy_mark: args.proxy_mark,
             transparent_mark: args.transparent_mark,
-            controller: args.controller,
-            controller_ca: args.controller_ca,
-            token_file: args.token_file,
+            controller,
+            controller_ca,
+            token_file,
             trust_domain: args.trust_domain,
             ports: InPodPorts::default(),
             admin_addr: args.admin_addr,
@@ -212,6 +261,24 @@ impl Config {
             log_format: args.log_format,
         })
     }
+}
+
+/// The pin directory: the one given, or one per node under /sys/fs/bpf/nodemesh, so agents of
+/// several nodes on one kernel (the sandbox) keep apart.
+fn pin_dir(args: &Args) -> Result<PathBuf, String> {
+    if args.node.is_empty() {
+        return Err("--node is empty; give this node's name".to_owned());
+    }
+    if args.node.contains('/') || args.node.starts_with('.') {
+        return Err(format!(
+            "--node {:?} cannot name a pin directory; use a Kubernetes node name",
+            args.node
+        ));
+    }
+    Ok(args
+        .bpf_pin_dir
+        .clone()
+        .unwrap_or_else(|| Path::new("/sys/fs/bpf/nodemesh").join(&args.node)))
 }
 
 fn default_ebpf_object() -> Result<PathBuf, String> {
@@ -257,6 +324,23 @@ mod tests {
         assert_eq!(config.metrics_addr.port(), 15020);
         assert_eq!(config.readiness_addr.port(), 15021);
         assert_eq!(config.proxy_mark, DEFAULT_PROXY_MARK);
+        assert_eq!(config.bpf_pin_dir, Path::new("/sys/fs/bpf/nodemesh/n1"));
+        assert_eq!(config.drain, std::time::Duration::from_secs(30));
+    }
+
+    #[test]
+    fn uninstall_needs_only_the_node() {
+        let args = Args::try_parse_from(["nodemesh-agent", "--node", "n1", "--uninstall"])
+            .expect("no controller needed");
+        assert_eq!(
+            pin_dir(&args).expect("valid"),
+            Path::new("/sys/fs/bpf/nodemesh/n1")
+        );
+        let args = Args::try_parse_from(["nodemesh-agent", "--node", "n1"]);
+        assert!(args.is_err(), "running needs the controller");
+        let args = Args::try_parse_from(["nodemesh-agent", "--node", "../x", "--uninstall"])
+            .expect("parses");
+        assert!(pin_dir(&args).is_err(), "a node name is not a path");
     }
 
     #[test]

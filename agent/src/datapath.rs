@@ -1,9 +1,24 @@
 //! The eBPF datapath: loads the object, attaches the capture programs, owns the maps.
 //!
-//! Attachments are bpf links held by this process: when the agent exits, however it exits,
-//! the kernel detaches them, so a restarted agent starts from a clean slate.
+//! Capture must outlive the agent, or a stopped, killed or restarting agent would let
+//! enrolled pods talk around the mesh. So the links and maps are pinned in bpffs under the
+//! agent's pin directory (one per node), and stay in force whatever happens to this process:
+//!
+//! ```text
+//! <pin dir>/ENROLLED PODS COOKIE_DST TUPLE_DST INBOUND TRANSPARENT   maps
+//! <pin dir>/connect4 connect6 sock_ops                                cgroup links
+//! <pin dir>/pods/<netns cookie>                                       sk_lookup link per pod
+//! ```
+//!
+//! While no proxy listener is in `INBOUND`, the programs refuse what they capture. A starting
+//! agent reuses the pinned maps, attaches its own programs next to the pinned ones and then
+//! swaps each pin to its own link (a rename, so capture never lapses), and re-enrolls its
+//! workloads with new listeners. Removing the pin directory (`nodemesh-agent --uninstall`)
+//! detaches everything.
 
 use std::{
+    collections::{BTreeSet, HashSet},
+    ffi::OsStr,
     fs::File,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     os::fd::AsRawFd,
@@ -14,12 +29,28 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, SockHash},
-    programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps, sk_lookup::SkLookupLinkId},
+    programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps, links::FdLink},
 };
-use nix::sys::statfs::{CGROUP2_SUPER_MAGIC, statfs};
-use nodemesh_ebpf_abi::{ConnTuple, EnrolledPod, OriginalDst, Stat, names};
+use nix::sys::statfs::{BPF_FS_MAGIC, CGROUP2_SUPER_MAGIC, statfs};
+use nodemesh_ebpf_abi::{
+    ConnTuple, EnrolledPod, Listener, OriginalDst, Stat, listener_key, names, pod_flags,
+};
 
 use crate::{config::Config, netns::PodNetns};
+
+/// The maps that are pinned, so that the programs of this run and of the next share them.
+/// `STATS` is not: counters start again with each agent.
+const PINNED_MAPS: [&str; 6] = [
+    names::ENROLLED,
+    names::PODS,
+    names::COOKIE_DST,
+    names::TUPLE_DST,
+    names::INBOUND,
+    names::TRANSPARENT,
+];
+
+/// Where bpffs is mounted on every Linux host that has one.
+const BPFFS: &str = "/sys/fs/bpf";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -37,9 +68,18 @@ pub enum DatapathError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot load eBPF object {path}: {source}")]
+    #[error(
+        "cannot pin the datapath in {path}: {reason}; the pin directory must be on a bpffs \
+         mount (mount -t bpf bpf /sys/fs/bpf, or in a DaemonSet a hostPath volume of /sys/fs/bpf)"
+    )]
+    Pin { path: PathBuf, reason: String },
+    #[error(
+        "cannot load eBPF object {path}: {source}; if the pinned datapath in {pin_dir} is from \
+         an incompatible version, remove it with `nodemesh-agent --uninstall`"
+    )]
     Load {
         path: PathBuf,
+        pin_dir: PathBuf,
         source: Box<aya::EbpfError>,
     },
     #[error("eBPF object has no {kind} named {name}; rebuild it with `cargo xtask build`")]
@@ -63,18 +103,23 @@ pub enum DatapathError {
 /// destinations through an [`OriginalDstTable`].
 pub struct Datapath {
     bpf: Ebpf,
+    pin_dir: PathBuf,
     enrolled: HashMap<MapData, u64, EnrolledPod>,
-    inbound: SockHash<MapData, u32>,
+    pods: HashMap<MapData, u32, EnrolledPod>,
+    inbound: SockHash<MapData, u64>,
     original_dst: OriginalDstTable,
     transparent: TransparentConnects,
     stats: DatapathStats,
     program_ids: Vec<u32>,
     cgroup: PathBuf,
+    /// Pods whose capture a previous agent left pinned, by netns cookie.
+    adopted: BTreeSet<u64>,
 }
 
 impl std::fmt::Debug for Datapath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Datapath")
+            .field("pin_dir", &self.pin_dir)
             .field("cgroup", &self.cgroup)
             .field("program_ids", &self.program_ids)
             .finish_non_exhaustive()
@@ -82,8 +127,11 @@ impl std::fmt::Debug for Datapath {
 }
 
 impl Datapath {
-    /// Loads the object, attaches connect4/connect6/sock_ops to the cgroup2 root and loads
-    /// sk_lookup for the pods to come.
+    /// Loads the object with the pinned maps (made on first use), attaches connect4,
+    /// connect6 and sock_ops to the cgroup2 root in place of any pinned ones, and loads
+    /// sk_lookup for the pods to come. What a previous agent left pinned for its pods stays
+    /// in force, refusing their traffic, until [`enroll`](Self::enroll) takes each over or
+    /// [`sweep`](Self::sweep) removes it.
     pub fn load(config: &Config) -> Result<Self, DatapathError> {
         let object = &config.ebpf_object;
         if !object.is_file() {
@@ -94,39 +142,60 @@ impl Datapath {
             path: cgroup.clone(),
             source,
         })?;
+        let pin_dir = config.bpf_pin_dir.clone();
+        prepare_pin_dir(&pin_dir)?;
         let ports = config.ports;
-        let mut bpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .override_global(names::PROXY_MARK, &config.proxy_mark, true)
             .override_global(names::TRANSPARENT_MARK, &config.transparent_mark, true)
             .override_global(names::OUTBOUND_PORT, &ports.outbound, true)
-            .override_global(names::INBOUND_PORT, &ports.inbound, true)
-            .override_global(names::HBONE_PORT, &ports.hbone, true)
-            .override_global(names::DNS_PORT, &ports.dns, true)
+            .override_global(names::HBONE_PORT, &ports.hbone, true);
+        for name in PINNED_MAPS {
+            loader.map_pin_path(name, pin_dir.join(name));
+        }
+        let mut bpf = loader
             .load_file(object)
             .map_err(|source| DatapathError::Load {
                 path: object.clone(),
+                pin_dir: pin_dir.clone(),
                 source: Box::new(source),
             })?;
 
         // aya attaches through bpf_link on this kernel, and a cgroup bpf_link always runs
         // alongside other programs (the kernel's ALLOW_MULTI); asking for AllowMultiple
         // explicitly makes link_create fail with EINVAL. Several agents on one kernel (the
-        // sandbox) therefore each attach their own programs to the same root.
+        // sandbox) therefore each attach their own programs to the same root, and a restarted
+        // agent's programs run next to the pinned ones of its predecessor until the swap.
         let mode = CgroupAttachMode::Single;
         let mut program_ids = Vec::new();
         for name in [names::CONNECT4, names::CONNECT6] {
             let program: &mut CgroupSockAddr = program(&mut bpf, name)?;
             program.load().map_err(|e| refused(name, e))?;
-            program
+            let id = program
                 .attach(&cgroup_dir, mode)
                 .map_err(|e| refused(name, e))?;
+            let link = program.take_link(id).map_err(|e| refused(name, e))?;
+            let link = FdLink::try_from(link).map_err(|e| DatapathError::Program {
+                name,
+                reason: format!("its cgroup link cannot be pinned: {e}"),
+            })?;
+            pin_in_place(link, &pin_dir.join(link_name(name)))?;
             program_ids.push(program.info().map_err(|e| refused(name, e))?.id());
         }
         let sock_ops: &mut SockOps = program(&mut bpf, names::SOCK_OPS)?;
         sock_ops.load().map_err(|e| refused(names::SOCK_OPS, e))?;
-        sock_ops
+        let id = sock_ops
             .attach(&cgroup_dir, mode)
             .map_err(|e| refused(names::SOCK_OPS, e))?;
+        let link = sock_ops
+            .take_link(id)
+            .map_err(|e| refused(names::SOCK_OPS, e))?;
+        let link = FdLink::try_from(link).map_err(|e| DatapathError::Program {
+            name: names::SOCK_OPS,
+            reason: format!("its cgroup link cannot be pinned: {e}"),
+        })?;
+        pin_in_place(link, &pin_dir.join(link_name(names::SOCK_OPS)))?;
         program_ids.push(
             sock_ops
                 .info()
@@ -142,23 +211,32 @@ impl Datapath {
                 .id(),
         );
 
-        let enrolled = take_map(&mut bpf, names::ENROLLED)?;
+        let enrolled: HashMap<MapData, u64, EnrolledPod> = take_map(&mut bpf, names::ENROLLED)?;
+        let pods = take_map(&mut bpf, names::PODS)?;
         let inbound = take_map(&mut bpf, names::INBOUND)?;
         let original_dst = OriginalDstTable(Arc::new(take_map(&mut bpf, names::TUPLE_DST)?));
-        let transparent = TransparentConnects(Arc::new(std::sync::Mutex::new(take_map(
-            &mut bpf,
-            names::TRANSPARENT,
-        )?)));
+        let mut transparent: HashMap<MapData, ConnTuple, u32> =
+            take_map(&mut bpf, names::TRANSPARENT)?;
+        // Connects of a previous proxy that never completed: none of them is coming.
+        let stale: Vec<ConnTuple> = transparent.keys().filter_map(Result::ok).collect();
+        for key in stale {
+            let _ = transparent.remove(&key);
+        }
+        let transparent = TransparentConnects(Arc::new(std::sync::Mutex::new(transparent)));
         let stats = DatapathStats(Arc::new(take_map(&mut bpf, names::STATS)?));
+        let adopted = enrolled.keys().filter_map(Result::ok).collect();
         Ok(Self {
             bpf,
+            pin_dir,
             enrolled,
+            pods,
             inbound,
             original_dst,
             transparent,
             stats,
             program_ids,
             cgroup,
+            adopted,
         })
     }
 
@@ -183,63 +261,203 @@ impl Datapath {
         &self.cgroup
     }
 
-    /// Starts capturing a pod: inbound connections to `ip` go to `inbound_listener`, outbound
-    /// connects from its namespace go to its outbound listener. The listener must already be
-    /// listening; on error nothing stays applied.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// How many pods a previous agent left captured, waiting to be taken over.
+    pub fn adopted(&self) -> usize {
+        self.adopted.len()
+    }
+
+    /// Starts capturing a pod: inbound connections to `ip` go to the proxy's inbound and
+    /// HBONE listeners, outbound connects from its namespace go to its outbound listener. The
+    /// listeners must already be listening. Takes over what a previous agent pinned for the
+    /// same namespace without a moment uncaptured; on error nothing new stays applied.
     pub fn enroll(
         &mut self,
         netns: &PodNetns,
         ip: Ipv4Addr,
-        inbound_listener: &impl AsRawFd,
+        inbound: &impl AsRawFd,
+        hbone: &impl AsRawFd,
+        strict: bool,
     ) -> Result<CaptureHandle, DatapathError> {
-        let key = u32::from_ne_bytes(ip.octets());
-        self.inbound
-            .insert(key, inbound_listener.as_raw_fd(), 0)
-            .map_err(|source| DatapathError::Map {
-                name: names::INBOUND,
-                source: Box::new(source),
-            })?;
-        let link = match self
-            .sk_lookup()
-            .and_then(|p| p.attach(netns).map_err(|e| refused(names::SK_LOOKUP, e)))
-        {
-            Ok(link) => link,
-            Err(e) => {
-                let _ = self.inbound.remove(&key);
-                return Err(e);
+        let ip_key = u32::from_ne_bytes(ip.octets());
+        let keys = [
+            (listener_key(ip_key, Listener::Inbound), inbound.as_raw_fd()),
+            (listener_key(ip_key, Listener::Hbone), hbone.as_raw_fd()),
+        ];
+        for (i, (key, fd)) in keys.iter().enumerate() {
+            if let Err(source) = self.inbound.insert(key, *fd, 0) {
+                for (key, _) in &keys[..i] {
+                    let _ = self.inbound.remove(key);
+                }
+                return Err(map_error(names::INBOUND, source));
             }
-        };
-        let pod = EnrolledPod { ip4: key, flags: 0 };
-        if let Err(source) = self.enrolled.insert(netns.cookie(), pod, 0) {
-            let _ = self.sk_lookup().map(|p| p.detach(link));
-            let _ = self.inbound.remove(&key);
-            return Err(DatapathError::Map {
-                name: names::ENROLLED,
-                source: Box::new(source),
-            });
         }
-        Ok(CaptureHandle {
+        let handle = CaptureHandle {
             netns_cookie: netns.cookie(),
-            ip_key: key,
-            link: Some(link),
-        })
+            ip_key,
+        };
+        match self.capture(&handle, netns, if strict { pod_flags::STRICT } else { 0 }) {
+            Ok(()) => Ok(handle),
+            Err(e) => {
+                for (key, _) in &keys {
+                    let _ = self.inbound.remove(key);
+                }
+                Err(e)
+            }
+        }
     }
 
-    /// Stops capturing a pod: new connects go where they were going, inbound connections reach
-    /// the application directly. Idempotent.
-    pub fn release(&mut self, handle: &mut CaptureHandle) {
-        let _ = self.enrolled.remove(&handle.netns_cookie);
-        if let Some(link) = handle.link.take()
-            && let Ok(program) = self.sk_lookup()
-            && let Err(e) = program.detach(link)
-        {
-            tracing::warn!(error = %e, "detaching sk_lookup failed");
+    /// Captures a pod that could not be enrolled with nowhere to go: its connects fail with
+    /// EPERM and connections to `ip` are refused, instead of either going around the mesh.
+    pub fn refuse(
+        &mut self,
+        netns: &PodNetns,
+        ip: Ipv4Addr,
+    ) -> Result<CaptureHandle, DatapathError> {
+        let handle = CaptureHandle {
+            netns_cookie: netns.cookie(),
+            ip_key: u32::from_ne_bytes(ip.octets()),
+        };
+        self.capture(&handle, netns, pod_flags::REFUSE)?;
+        Ok(handle)
+    }
+
+    /// Attaches and pins sk_lookup in the pod's namespace, then records the pod in `PODS`
+    /// and `ENROLLED`.
+    fn capture(
+        &mut self,
+        handle: &CaptureHandle,
+        netns: &PodNetns,
+        flags: u32,
+    ) -> Result<(), DatapathError> {
+        let pods_dir = self.pin_dir.join("pods");
+        let pin = pods_dir.join(handle.netns_cookie.to_string());
+        // A pin left by a previous agent runs its program, which reads these same maps:
+        // attaching ours next to it and swapping the pin keeps capture unbroken.
+        self.adopted.remove(&handle.netns_cookie);
+        let program = self.sk_lookup()?;
+        let id = program
+            .attach(netns)
+            .map_err(|e| refused(names::SK_LOOKUP, e))?;
+        let link = program
+            .take_link(id)
+            .map_err(|e| refused(names::SK_LOOKUP, e))?;
+        pin_in_place(link.into(), &pin)?;
+        let pod = EnrolledPod {
+            ip4: handle.ip_key,
+            flags,
+        };
+        let recorded = self
+            .pods
+            .insert(handle.ip_key, pod, 0)
+            .map_err(|e| map_error(names::PODS, e))
+            .and_then(|()| {
+                self.enrolled
+                    .insert(handle.netns_cookie, pod, 0)
+                    .map_err(|e| map_error(names::ENROLLED, e))
+            });
+        if let Err(e) = recorded {
+            let _ = self.pods.remove(&handle.ip_key);
+            let _ = std::fs::remove_file(&pin);
+            return Err(e);
         }
-        let _ = self.inbound.remove(&handle.ip_key);
+        Ok(())
+    }
+
+    /// Changes the mTLS switch of an enrolled pod (inbound UDP is refused under STRICT).
+    pub fn set_strict(&mut self, handle: &CaptureHandle, strict: bool) {
+        let Ok(mut pod) = self.enrolled.get(&handle.netns_cookie, 0) else {
+            return;
+        };
+        let flags = if strict {
+            pod.flags | pod_flags::STRICT
+        } else {
+            pod.flags & !pod_flags::STRICT
+        };
+        if flags == pod.flags {
+            return;
+        }
+        pod.flags = flags;
+        let _ = self.pods.insert(handle.ip_key, pod, 0);
+        let _ = self.enrolled.insert(handle.netns_cookie, pod, 0);
+    }
+
+    /// Stops capturing a pod the configuration no longer puts here: new connects go where
+    /// they were going, inbound connections reach the application directly. Idempotent.
+    pub fn release(&mut self, handle: &CaptureHandle) {
+        self.forget(handle.netns_cookie, Some(handle.ip_key));
+        for listener in [Listener::Inbound, Listener::Hbone] {
+            let _ = self.inbound.remove(&listener_key(handle.ip_key, listener));
+        }
+    }
+
+    /// Removes the capture of every pinned pod that is not in `keep` (netns cookies): pods a
+    /// previous agent enrolled that this configuration no longer has, and namespaces gone.
+    /// Returns how many were removed.
+    pub fn sweep(&mut self, keep: &HashSet<u64>) -> usize {
+        let mut cookies: BTreeSet<u64> = self.enrolled.keys().filter_map(Result::ok).collect();
+        if let Ok(entries) = std::fs::read_dir(self.pin_dir.join("pods")) {
+            cookies.extend(
+                entries
+                    .filter_map(Result::ok)
+                    .filter_map(|e| e.file_name().to_str()?.parse::<u64>().ok()),
+            );
+        }
+        let kept_ips: HashSet<u32> = keep
+            .iter()
+            .filter_map(|cookie| self.enrolled.get(cookie, 0).ok())
+            .map(|pod| pod.ip4)
+            .collect();
+        let mut removed = 0;
+        for cookie in cookies.into_iter().filter(|c| !keep.contains(c)) {
+            let ip = self
+                .enrolled
+                .get(&cookie, 0)
+                .ok()
+                .map(|pod| pod.ip4)
+                .filter(|ip| !kept_ips.contains(ip));
+            self.forget(cookie, ip);
+            self.adopted.remove(&cookie);
+            removed += 1;
+        }
+        removed
+    }
+
+    /// Removes the capture pinned in a namespace that was replaced, leaving the pod's
+    /// address (now captured in its new namespace) alone.
+    pub fn forget_namespace(&mut self, cookie: u64) {
+        self.forget(cookie, None);
+    }
+
+    fn forget(&mut self, cookie: u64, ip_key: Option<u32>) {
+        let _ = self.enrolled.remove(&cookie);
+        if let Some(ip) = ip_key {
+            let _ = self.pods.remove(&ip);
+        }
+        let pin = self.pin_dir.join("pods").join(cookie.to_string());
+        match std::fs::remove_file(&pin) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(pin = %pin.display(), error = %e, "cannot unpin sk_lookup"),
+        }
     }
 
     fn sk_lookup(&mut self) -> Result<&mut SkLookup, DatapathError> {
         program(&mut self.bpf, names::SK_LOOKUP)
+    }
+}
+
+/// Removes what an agent pinned in `pin_dir`: every capture program is detached and the maps
+/// are freed, so the node's workloads talk directly again. The agent must be stopped first,
+/// or its own links stay attached until it exits. Returns whether there was anything.
+pub fn uninstall(pin_dir: &Path) -> std::io::Result<bool> {
+    match std::fs::remove_dir_all(pin_dir) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
     }
 }
 
@@ -248,7 +466,70 @@ impl Datapath {
 pub struct CaptureHandle {
     netns_cookie: u64,
     ip_key: u32,
-    link: Option<SkLookupLinkId>,
+}
+
+impl CaptureHandle {
+    pub fn netns_cookie(&self) -> u64 {
+        self.netns_cookie
+    }
+}
+
+/// The pin file of a cgroup program's link: its name without the `nodemesh_` prefix.
+fn link_name(program: &str) -> &str {
+    program.strip_prefix("nodemesh_").unwrap_or(program)
+}
+
+/// Mounts bpffs at /sys/fs/bpf when nothing is mounted there, and creates the pin directory.
+fn prepare_pin_dir(pin_dir: &Path) -> Result<(), DatapathError> {
+    let error = |reason: String| DatapathError::Pin {
+        path: pin_dir.to_owned(),
+        reason,
+    };
+    let is_bpffs = |path: &Path| statfs(path).is_ok_and(|fs| fs.filesystem_type() == BPF_FS_MAGIC);
+    let bpffs = Path::new(BPFFS);
+    if pin_dir.starts_with(bpffs) && !is_bpffs(bpffs) {
+        nix::mount::mount(
+            Some("bpf"),
+            bpffs,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|e| error(format!("cannot mount bpffs at {BPFFS}: {e}")))?;
+        tracing::info!("mounted bpffs at {BPFFS}");
+    }
+    std::fs::create_dir_all(pin_dir.join("pods")).map_err(|e| error(e.to_string()))?;
+    if !is_bpffs(pin_dir) {
+        return Err(error("it is not on bpffs".into()));
+    }
+    Ok(())
+}
+
+/// Pins `link` at `path`, replacing what is pinned there in one step: the new link is pinned
+/// under a temporary name (`<name>_new`) and renamed over the old one, which the kernel then detaches.
+fn pin_in_place(link: FdLink, path: &Path) -> Result<(), DatapathError> {
+    let error = |reason: String| DatapathError::Pin {
+        path: path.to_owned(),
+        reason,
+    };
+    // bpffs refuses names holding a dot.
+    let mut staging = path.as_os_str().to_owned();
+    staging.push(OsStr::new("_new"));
+    let staging = PathBuf::from(staging);
+    let _ = std::fs::remove_file(&staging);
+    let pinned = link.pin(&staging).map_err(|e| error(error_chain(&e)))?;
+    if let Err(e) = std::fs::rename(&staging, path) {
+        let _ = pinned.unpin();
+        return Err(error(format!("cannot move the pin into place: {e}")));
+    }
+    Ok(())
+}
+
+fn map_error(name: &'static str, source: aya::maps::MapError) -> DatapathError {
+    DatapathError::Map {
+        name,
+        source: Box::new(source),
+    }
 }
 
 fn program<'a, T>(bpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DatapathError>

@@ -30,7 +30,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    config::{Config, LogFormat},
+    config::{Command, Config, LogFormat},
     config_source::{SnapshotSource, SourceEvent},
     controller_client::ControllerClient,
     datapath::Datapath,
@@ -44,12 +44,14 @@ use crate::{
     workloads::WorkloadRegistry,
 };
 
-/// How often workloads that failed to enroll are tried again.
-const RETRY_INTERVAL: Duration = Duration::from_secs(2);
+/// How often workloads that failed to enroll are tried again, and enrolled workloads' network
+/// namespaces checked for replacement.
+const RECHECK_INTERVAL: Duration = Duration::from_secs(2);
 
 fn main() -> ExitCode {
     let config = match Config::from_args() {
-        Ok(config) => Arc::new(config),
+        Ok(Command::Run(config)) => Arc::new(*config),
+        Ok(Command::Uninstall { pin_dir }) => return uninstall(&pin_dir),
         Err(reason) => {
             eprintln!("nodemesh-agent: {reason}");
             return ExitCode::FAILURE;
@@ -61,6 +63,30 @@ fn main() -> ExitCode {
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("nodemesh-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `--uninstall`: the node's workloads talk directly again once the pins are gone.
+fn uninstall(pin_dir: &std::path::Path) -> ExitCode {
+    match datapath::uninstall(pin_dir) {
+        Ok(true) => {
+            eprintln!(
+                "nodemesh-agent: removed the pinned datapath in {}; capture is off on this node",
+                pin_dir.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(false) => {
+            eprintln!(
+                "nodemesh-agent: nothing pinned in {}; capture was already off",
+                pin_dir.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("nodemesh-agent: cannot remove {}: {e}", pin_dir.display());
             ExitCode::FAILURE
         }
     }
@@ -115,8 +141,16 @@ async fn run(config: Arc<Config>) -> anyhow::Result<()> {
         node = %config.node,
         cgroup = %datapath.cgroup().display(),
         programs = ?datapath.program_ids(),
-        "eBPF capture attached"
+        pins = %datapath.pin_dir().display(),
+        "eBPF capture attached and pinned"
     );
+    if datapath.adopted() > 0 {
+        tracing::info!(
+            pods = datapath.adopted(),
+            "capture pinned by the previous agent is in force; those pods' connections are \
+             refused until each is enrolled again"
+        );
+    }
     let state = Arc::new(AgentState::new(
         config.clone(),
         DatapathView {
@@ -181,7 +215,7 @@ async fn run(config: Arc<Config>) -> anyhow::Result<()> {
     let follower = tokio::spawn(source.clone().follow(events_tx));
     let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
-    let mut retry = tokio::time::interval(RETRY_INTERVAL);
+    let mut recheck = tokio::time::interval(RECHECK_INTERVAL);
     loop {
         tokio::select! {
             _ = terminate.recv() => break,
@@ -207,14 +241,56 @@ async fn run(config: Arc<Config>) -> anyhow::Result<()> {
                     state.set_controller(Some(reason));
                 }
             },
-            _ = retry.tick(), if registry.has_failures() => registry.retry_failed().await,
+            _ = recheck.tick() => registry.recheck().await,
         }
         state.set_workloads(registry.status());
     }
-    tracing::info!("stopping: releasing workloads and detaching eBPF programs");
     follower.abort();
-    registry.release_all().await;
+    drain(
+        &registry,
+        &state,
+        config.drain,
+        &mut terminate,
+        &mut interrupt,
+    )
+    .await;
     stop.cancel();
     drop(registry);
     Ok(())
+}
+
+/// Stops taking connections and lets the open ones finish for up to `grace` (a second signal
+/// cuts it short), then closes what is left. Capture stays pinned: until the next agent
+/// takes over, the node's workloads are refused connections, never let around the mesh.
+async fn drain(
+    registry: &WorkloadRegistry,
+    state: &AgentState,
+    grace: Duration,
+    terminate: &mut tokio::signal::unix::Signal,
+    interrupt: &mut tokio::signal::unix::Signal,
+) {
+    registry.stop_accepting();
+    let open = || state.metrics.open_connections();
+    tracing::info!(
+        open = open(),
+        grace_seconds = grace.as_secs(),
+        "stopping: no new connections; open ones may finish; capture stays in place"
+    );
+    let deadline = tokio::time::Instant::now() + grace;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    while open() > 0 {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = tokio::time::sleep_until(deadline) => break,
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+        }
+    }
+    let left = open();
+    if left > 0 {
+        tracing::info!(open = left, "closing the connections still open");
+    }
+    registry.close_all();
+    // Let the closed connections' tasks send their FINs and log their ends.
+    tokio::time::sleep(Duration::from_millis(100)).await;
 }

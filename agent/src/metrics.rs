@@ -14,6 +14,7 @@ pub struct Metrics {
     registry: Registry,
     pub workloads_enrolled: IntGauge,
     pub workloads_failed: IntGauge,
+    enrollment_failures: IntCounterVec,
     pub connections_opened: IntCounterVec,
     pub connections_active: IntGaugeVec,
     pub connection_failures: IntCounterVec,
@@ -53,6 +54,15 @@ impl Metrics {
             workloads_failed: IntGauge::new(
                 "nodemesh_workloads_enrollment_failed",
                 "Workloads assigned to this node that could not be enrolled",
+            )
+            .expect("valid metric"),
+            enrollment_failures: IntCounterVec::new(
+                Opts::new(
+                    "nodemesh_workload_enrollment_failures_total",
+                    "Attempts to enroll a workload that failed, by reason (netns, listen, \
+                     routing, identity, datapath); the workload's traffic is refused meanwhile",
+                ),
+                &["reason"],
             )
             .expect("valid metric"),
             connections_opened: IntCounterVec::new(
@@ -154,6 +164,7 @@ impl Metrics {
         for collector in [
             Box::new(metrics.workloads_enrolled.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(metrics.workloads_failed.clone()),
+            Box::new(metrics.enrollment_failures.clone()),
             Box::new(metrics.connections_opened.clone()),
             Box::new(metrics.connections_active.clone()),
             Box::new(metrics.connection_failures.clone()),
@@ -174,6 +185,20 @@ impl Metrics {
                 .expect("metric registered once");
         }
         metrics
+    }
+
+    /// Connections the proxy carries now, both directions.
+    pub fn open_connections(&self) -> i64 {
+        ["inbound", "outbound"]
+            .iter()
+            .map(|d| self.connections_active.with_label_values(&[d]).get())
+            .sum()
+    }
+
+    /// Counts a failed enrollment of `workload`, whose traffic is refused meanwhile.
+    pub fn enrollment_failed(&self, workload: &str, reason: &'static str) {
+        tracing::debug!(workload, reason, "enrollment failure counted");
+        self.enrollment_failures.with_label_values(&[reason]).inc();
     }
 
     /// The registry, for the collectors other modules own (Istio's metrics, the access log).

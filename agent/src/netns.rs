@@ -77,6 +77,19 @@ impl PodNetns {
         &self.path
     }
 
+    /// Whether the path no longer names the namespace opened: it was removed, or replaced by
+    /// another one mounted at the same path.
+    pub fn replaced(&self) -> bool {
+        use std::os::unix::fs::MetadataExt as _;
+        let Ok(now) = std::fs::metadata(&self.path) else {
+            return true;
+        };
+        let Ok(open) = self.file.metadata() else {
+            return false;
+        };
+        (now.dev(), now.ino()) != (open.dev(), open.ino())
+    }
+
     /// The kernel's cookie for this namespace (`SO_NETNS_COOKIE`).
     pub fn cookie(&self) -> u64 {
         self.cookie

@@ -103,6 +103,8 @@ pub struct PodContext {
     pub mtls: RwLock<EffectiveMtls>,
     /// Cancelled when the workload is released: ends its listeners and connections.
     pub cancel: tokio_util::sync::CancellationToken,
+    /// A child of `cancel`, cancelled alone when the agent drains: ends the listeners only.
+    pub stop_accepting: tokio_util::sync::CancellationToken,
     /// The AuthorizationPolicies that apply to the workload; follow the configuration.
     pub policies: RwLock<Arc<WorkloadPolicies>>,
     /// Byte-stream connections a policy change may have to close.

@@ -3,12 +3,12 @@
 //! configuration no longer assigns them here.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
     net::{Ipv4Addr, SocketAddr},
     sync::{Arc, RwLock},
 };
 
-use nodemesh_config::{MeshConfig, Workload};
+use nodemesh_config::{MeshConfig, MtlsMode, Workload};
 use nodemesh_identity::SpiffeId;
 use tokio_util::sync::CancellationToken;
 
@@ -21,6 +21,19 @@ use crate::{
     proxy::{PodContext, ProxyShared, default_mtls, handlers, serve},
     state::WorkloadStatus,
 };
+
+impl EnrollError {
+    /// A short label for the `reason` of the enrollment failure metric.
+    fn reason(&self) -> &'static str {
+        match self {
+            Self::Netns(_) => "netns",
+            Self::Listen { .. } => "listen",
+            Self::Routing(_) => "routing",
+            Self::Identity(_) => "identity",
+            Self::Datapath(_) => "datapath",
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 enum EnrollError {
@@ -52,13 +65,22 @@ struct Enrolled {
     capture: CaptureHandle,
 }
 
+/// A workload that could not be enrolled. While its namespace exists its traffic is refused
+/// (`capture`), never let around the mesh.
+#[derive(Debug)]
+struct Failed {
+    workload: Workload,
+    error: String,
+    capture: Option<CaptureHandle>,
+}
+
 #[derive(Debug)]
 pub struct WorkloadRegistry {
     config: Arc<Config>,
     datapath: Datapath,
     shared: Arc<ProxyShared>,
     enrolled: BTreeMap<String, Enrolled>,
-    failed: BTreeMap<String, (Workload, String)>,
+    failed: BTreeMap<String, Failed>,
     mesh: Option<Arc<MeshConfig>>,
 }
 
@@ -104,7 +126,21 @@ impl WorkloadRegistry {
         for key in stale {
             self.release(&key).await;
         }
-        self.failed.clear();
+        let gone: Vec<String> = self
+            .failed
+            .keys()
+            .filter(|key| !desired.contains_key(*key))
+            .cloned()
+            .collect();
+        for key in gone {
+            if let Some(Failed {
+                capture: Some(capture),
+                ..
+            }) = self.failed.remove(&key)
+            {
+                self.datapath.release(&capture);
+            }
+        }
         for (key, workload) in desired {
             match self.enrolled.get_mut(&key) {
                 Some(enrolled) => enrolled.workload = workload.clone(),
@@ -112,9 +148,28 @@ impl WorkloadRegistry {
             }
         }
         for enrolled in self.enrolled.values() {
-            apply_policies(&mesh, enrolled, &self.shared, &self.config.trust_domain);
+            let strict = apply_policies(&mesh, enrolled, &self.shared, &self.config.trust_domain);
+            self.datapath.set_strict(&enrolled.capture, strict);
         }
         self.forget_traffic_state();
+        // What a previous agent left pinned for pods this configuration does not have here.
+        let keep: HashSet<u64> = self
+            .enrolled
+            .values()
+            .map(|e| e.capture.netns_cookie())
+            .chain(
+                self.failed
+                    .values()
+                    .filter_map(|f| f.capture.as_ref().map(CaptureHandle::netns_cookie)),
+            )
+            .collect();
+        let swept = self.datapath.sweep(&keep);
+        if swept > 0 {
+            tracing::info!(
+                pods = swept,
+                "removed the capture of pods no longer on this node"
+            );
+        }
     }
 
     /// Drops the traffic state (limits, budgets, endpoint health, pooled connections) of
@@ -140,28 +195,57 @@ impl WorkloadRegistry {
         self.shared.http.pools.retain(&keys, &clients);
     }
 
-    /// Tries again to enroll the workloads that failed (their namespace may exist now).
-    pub async fn retry_failed(&mut self) {
-        for (key, (workload, _)) in std::mem::take(&mut self.failed) {
+    /// Tries again to enroll the workloads that failed (their namespace may exist now), and
+    /// enrolls again each workload whose namespace was replaced at the same path (a pod
+    /// sandbox recreated): the proxy's sockets live in the old one.
+    pub async fn recheck(&mut self) {
+        let replaced: Vec<String> = self
+            .enrolled
+            .iter()
+            .filter(|(_, e)| e.pod.netns.replaced())
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in replaced {
+            tracing::warn!(
+                workload = %key,
+                "the workload's network namespace was replaced; enrolling it again"
+            );
+            let workload = self.enrolled[&key].workload.clone();
+            self.release(&key).await;
+            self.enroll(key, workload).await;
+        }
+        let failed: Vec<String> = self.failed.keys().cloned().collect();
+        for key in failed {
+            let workload = self.failed[&key].workload.clone();
             self.enroll(key, workload).await;
         }
     }
 
-    pub fn has_failures(&self) -> bool {
-        !self.failed.is_empty()
+    /// Stops every pod's listeners, so that no new connection is taken; open connections go
+    /// on. Capture stays pinned: until the next agent takes over, connections are refused.
+    pub fn stop_accepting(&self) {
+        for enrolled in self.enrolled.values() {
+            enrolled.pod.stop_accepting.cancel();
+        }
     }
 
-    /// Releases every workload; the agent is stopping.
-    pub async fn release_all(&mut self) {
-        let keys: Vec<String> = self.enrolled.keys().cloned().collect();
-        for key in keys {
-            self.release(&key).await;
+    /// Closes every connection still open.
+    pub fn close_all(&self) {
+        for enrolled in self.enrolled.values() {
+            enrolled.pod.cancel.cancel();
         }
     }
 
     async fn enroll(&mut self, key: String, workload: Workload) {
+        let previous = self.failed.remove(&key).and_then(|f| f.capture);
         match self.try_enroll(&workload).await {
             Ok(enrolled) => {
+                if let Some(previous) = previous
+                    && previous.netns_cookie() != enrolled.capture.netns_cookie()
+                {
+                    // The refusal was pinned in a namespace since replaced.
+                    self.datapath.forget_namespace(previous.netns_cookie());
+                }
                 if let Some(mesh) = &self.mesh {
                     apply_policies(mesh, &enrolled, &self.shared, &self.config.trust_domain);
                 }
@@ -176,8 +260,45 @@ impl WorkloadRegistry {
                 self.enrolled.insert(key, enrolled);
             }
             Err(e) => {
-                tracing::warn!(workload = %key, error = %e, "cannot enroll workload");
-                self.failed.insert(key, (workload, e.to_string()));
+                let capture = match previous {
+                    Some(capture) => Some(capture),
+                    None => self.refuse(&workload),
+                };
+                let refused = if capture.is_some() {
+                    "its traffic is refused until it enrolls"
+                } else {
+                    "it has no network namespace to capture"
+                };
+                tracing::warn!(workload = %key, error = %e, "cannot enroll workload: {refused}");
+                self.shared
+                    .state
+                    .metrics
+                    .enrollment_failed(&key, e.reason());
+                self.failed.insert(
+                    key,
+                    Failed {
+                        workload,
+                        error: e.to_string(),
+                        capture,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Captures a workload that failed to enroll so that its traffic is refused, if its
+    /// namespace can be opened at all.
+    fn refuse(&mut self, workload: &Workload) -> Option<CaptureHandle> {
+        let netns = PodNetns::open(&workload.spec.netns).ok()?;
+        match self.datapath.refuse(&netns, workload.spec.ip) {
+            Ok(handle) => Some(handle),
+            Err(e) => {
+                tracing::error!(
+                    workload = %workload.key(),
+                    error = %e,
+                    "cannot refuse the traffic of a workload that failed to enroll"
+                );
+                None
             }
         }
     }
@@ -206,9 +327,14 @@ impl WorkloadRegistry {
         let inbound = listen(ports.inbound)?;
         let hbone = listen(ports.hbone)?;
         inpod::install_routing(&netns, self.config.transparent_mark).await?;
+        let strict = self
+            .mesh
+            .as_ref()
+            .is_some_and(|mesh| mesh.mtls_mode(workload).mode == MtlsMode::Strict);
         // Listeners first, capture last: no connection is redirected before the proxy is there.
-        let capture = self.datapath.enroll(&netns, ip, &inbound)?;
+        let capture = self.datapath.enroll(&netns, ip, &inbound, &hbone, strict)?;
         self.shared.identities.acquire(identity.clone());
+        let cancel = CancellationToken::new();
         let pod = Arc::new(PodContext {
             key: workload.key(),
             ip,
@@ -218,7 +344,8 @@ impl WorkloadRegistry {
             mtls: RwLock::new(default_mtls()),
             policies: RwLock::default(),
             active: Default::default(),
-            cancel: CancellationToken::new(),
+            stop_accepting: cancel.child_token(),
+            cancel,
             rate_limits: Default::default(),
             baggage: crate::proxy::baggage::baggage(&workload.key()),
         });
@@ -244,11 +371,11 @@ impl WorkloadRegistry {
     }
 
     async fn release(&mut self, key: &str) {
-        let Some(mut enrolled) = self.enrolled.remove(key) else {
+        let Some(enrolled) = self.enrolled.remove(key) else {
             return;
         };
         // Capture off first, so no new connection reaches listeners about to close.
-        self.datapath.release(&mut enrolled.capture);
+        self.datapath.release(&enrolled.capture);
         enrolled.pod.cancel.cancel();
         self.shared.identities.release(&enrolled.pod.identity);
         self.shared.pool.forget_source(key);
@@ -268,21 +395,23 @@ impl WorkloadRegistry {
         let failed = self
             .failed
             .values()
-            .map(|(w, error)| describe(&self.config, w, "failed", Some(error.clone())));
+            .map(|f| describe(&self.config, &f.workload, "failed", Some(f.error.clone())));
         let mut all: Vec<WorkloadStatus> = enrolled.chain(failed).collect();
         all.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         all
     }
 }
 
-/// Puts the workload's mTLS mode and authorization policies from `mesh` in force.
+/// Puts the workload's mTLS mode and authorization policies from `mesh` in force. Returns
+/// whether the workload is STRICT.
 fn apply_policies(
     mesh: &MeshConfig,
     enrolled: &Enrolled,
     shared: &ProxyShared,
     trust_domain: &str,
-) {
+) -> bool {
     let mtls = mesh.mtls_mode(&enrolled.workload);
+    let strict = mtls.mode == MtlsMode::Strict;
     *enrolled.pod.mtls.write().unwrap_or_else(|e| e.into_inner()) = mtls;
     let policies = nodemesh_policy::workload_policies(mesh, trust_domain, &enrolled.workload);
     enrolled.pod.set_policies(shared, policies);
@@ -293,6 +422,7 @@ fn apply_policies(
             mesh,
             &enrolled.workload,
         ));
+    strict
 }
 
 fn describe(

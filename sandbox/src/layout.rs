@@ -144,6 +144,12 @@ impl Layout {
         self.logs_dir().join(format!("access-{}.log", node.name))
     }
 
+    /// Where the node's agent pins its datapath: apart from other sandboxes' nodes of the
+    /// same name, and from a real node's `/sys/fs/bpf/nodemesh/<node>`.
+    pub fn pin_dir(&self, node: &NodePlan) -> PathBuf {
+        pins_of(&self.name).join(&node.name)
+    }
+
     pub fn token_file(&self, node: &NodePlan) -> PathBuf {
         self.state_dir().join(format!("tokens/{}.token", node.name))
     }
@@ -237,4 +243,9 @@ impl Layout {
 /// The path of a named network namespace.
 pub fn netns_path(name: &str) -> PathBuf {
     PathBuf::from("/run/netns").join(name)
+}
+
+/// Every pin directory of the sandbox `name`.
+pub fn pins_of(name: &str) -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/nodemesh").join(format!("sandbox-{name}"))
 }

@@ -27,7 +27,7 @@ use anyhow::{Context as _, bail};
 
 pub use crate::{
     http::{HttpResponse, http_get},
-    layout::Layout,
+    layout::{Layout, pins_of},
     process::{is_alive, run_in_netns},
     status::{AgentStatus, ControllerStatus, NodeStatus, PodStatus, ServerStatus, Status},
     topology::in_netns,
@@ -251,6 +251,13 @@ impl Sandbox {
         Ok(())
     }
 
+    /// Kills a node's agent (SIGKILL), as a crash would, and waits until it is gone. Its
+    /// pinned capture stays in place.
+    pub fn kill_agent(&mut self, node: &str) -> anyhow::Result<()> {
+        let pid = self.node(node).agent.pid;
+        process::kill_now(pid, Duration::from_secs(10))
+    }
+
     /// Starts a node's agent again and waits until it is ready.
     pub fn start_agent(&mut self, node: &str) -> anyhow::Result<()> {
         let layout = Layout::from_status(&self.status);
@@ -341,6 +348,11 @@ pub fn down(name: &str) -> anyhow::Result<()> {
     pids.sort_unstable();
     pids.dedup();
     process::terminate(&pids, Duration::from_secs(10));
+    // The agents' capture outlives them by design: removing the pins detaches it.
+    let pins = layout::pins_of(name);
+    if pins.exists() {
+        fs::remove_dir_all(&pins).with_context(|| format!("cannot remove {}", pins.display()))?;
+    }
     for ns in &namespaces {
         topology::delete_netns(ns)?;
     }

@@ -157,6 +157,11 @@ pub fn start_agent(layout: &Layout, index: usize) -> anyhow::Result<i32> {
             .to_string(),
         "--ebpf-object".to_owned(),
         layout.bin_dir.join("nodemesh-ebpf.o").display().to_string(),
+        "--bpf-pin-dir".to_owned(),
+        layout.pin_dir(&node).display().to_string(),
+        // The sandbox is torn down as a whole: nothing to wait for.
+        "--drain-seconds".to_owned(),
+        "2".to_owned(),
         "--admin-addr".to_owned(),
         layout.admin_addr(&node).to_string(),
         "--metrics-addr".to_owned(),
@@ -209,6 +214,19 @@ pub fn terminate(pids: &[i32], grace: Duration) {
     while Instant::now() < deadline && pids.iter().any(|&p| is_alive(p)) {
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// SIGKILL, and waits up to `timeout` for the process to be gone.
+pub fn kill_now(pid: i32, timeout: Duration) -> anyhow::Result<()> {
+    kill(Pid::from_raw(pid), Signal::SIGKILL).with_context(|| format!("kill -9 {pid}"))?;
+    let deadline = Instant::now() + timeout;
+    while is_alive(pid) {
+        if Instant::now() >= deadline {
+            bail!("process {pid} still alive {timeout:?} after SIGKILL");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
 }
 
 fn log_tail(path: &Path) -> String {

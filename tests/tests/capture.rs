@@ -1,5 +1,5 @@
 //! eBPF capture in the sandbox: enrolled pods' connections go through the node proxy, others
-//! are left alone, and the agent's attachments follow its life.
+//! are left alone, and capture outlives the agent, refusing what no proxy is there to carry.
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -139,60 +139,95 @@ fn pods_outside_the_mesh_are_not_captured() {
     assert_eq!(echo.reply, b"out");
 }
 
+/// Whether a connection from `netns` to `dst` fails (refused, reset, or closed unanswered).
+fn refused(netns: &str, dst: SocketAddr) -> bool {
+    match echo_from(netns, dst, b"x") {
+        Ok(echo) => echo.reply.is_empty(),
+        Err(_) => true,
+    }
+}
+
 #[test]
-fn stopping_the_agent_detaches_and_restarting_recaptures() {
+fn a_stopped_agent_leaves_capture_refusing_until_its_successor_takes_over() {
     let Some(mut sb) = sandbox("trestart") else {
         return;
     };
     let client = sb.pod("n1-p1").netns.clone();
     let dst = echo_addr(&sb, "n2-p1");
+    let inbound = echo_addr(&sb, "n1-p1");
+    let legacy = sb.pod("n1-legacy").netns.clone();
     assert_eq!(
         echo_from(&client, dst, b"a").expect("before").peer,
         proxy_of(&sb, "n1-p1")
     );
 
     sb.stop_agent("n1").expect("SIGTERM agent n1");
-    let direct = echo_from(&client, dst, b"b").expect("with agent n1 stopped");
-    assert_eq!(
-        direct.peer, dst,
-        "no capture left behind by a stopped agent"
+    let pins = nodemesh_sandbox::pins_of("trestart").join("n1");
+    for pin in [
+        "connect4", "connect6", "sock_ops", "ENROLLED", "PODS", "INBOUND",
+    ] {
+        assert!(
+            pins.join(pin).exists(),
+            "{pin} is pinned after the agent stopped"
+        );
+    }
+    assert!(
+        refused(&client, dst),
+        "with no proxy, an enrolled pod's connect is refused, not sent around the mesh"
     );
-    assert_eq!(direct.reply, b"b");
+    assert!(
+        refused(&legacy, inbound),
+        "with no proxy, nothing reaches an enrolled pod's application directly"
+    );
+    assert!(
+        refused(&sb.pod("n2-p1").netns, inbound),
+        "mesh clients are refused too"
+    );
 
     sb.start_agent("n1").expect("agent n1 back");
     let again = echo_from(&client, dst, b"c").expect("after restart");
     assert_eq!(
         again.peer,
         proxy_of(&sb, "n1-p1"),
-        "captured again, with no manual cleanup"
+        "captured again by the new agent, with no manual cleanup"
     );
     assert_eq!(again.reply, b"c");
+    assert_eq!(
+        echo_from(&legacy, inbound, b"d")
+            .expect("inbound again")
+            .reply,
+        b"d"
+    );
 }
 
 #[test]
-fn a_killed_agent_leaves_no_capture_behind() {
-    let Some(mut sb) = sandbox("tkill") else {
+fn uninstall_removes_the_capture_a_stopped_agent_left() {
+    let Some(mut sb) = sandbox("tuninst") else {
         return;
     };
     let client = sb.pod("n1-p1").netns.clone();
     let dst = echo_addr(&sb, "n2-p1");
-    let pid = sb.node("n1").agent.pid;
+    sb.stop_agent("n1").expect("SIGTERM agent n1");
+    assert!(refused(&client, dst), "capture outlives the agent");
 
-    let killed = std::process::Command::new("kill")
-        .args(["-KILL", &pid.to_string()])
-        .status();
-    assert!(killed.expect("kill").success());
-    let direct = poll_until(SOON, || {
-        let echo = echo_from(&client, dst, b"k")?;
-        anyhow::ensure!(echo.peer == dst, "still captured: {:?}", echo.peer);
-        Ok(echo)
-    })
-    .expect("the kernel drops a dead agent's links");
-    assert_eq!(direct.reply, b"k");
+    let pins = nodemesh_sandbox::pins_of("tuninst").join("n1");
+    let out = std::process::Command::new(nodemesh_tests::bin_dir().join("nodemesh-agent"))
+        .args(["--node", "n1", "--uninstall", "--bpf-pin-dir"])
+        .arg(&pins)
+        .output()
+        .expect("run nodemesh-agent --uninstall");
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("capture is off"),
+        "{out:?}"
+    );
+    assert!(!pins.exists(), "{} removed", pins.display());
+    let direct = echo_from(&client, dst, b"u").expect("the mesh is gone from n1");
+    assert_eq!(direct.peer, dst, "the pod talks directly again");
 
-    sb.start_agent("n1").expect("agent n1 back after SIGKILL");
+    sb.start_agent("n1").expect("agent n1 back");
     assert_eq!(
-        echo_from(&client, dst, b"l").expect("recaptured").peer,
+        echo_from(&client, dst, b"v").expect("recaptured").peer,
         proxy_of(&sb, "n1-p1")
     );
 }

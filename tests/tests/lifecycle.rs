@@ -192,5 +192,7 @@ fn down_leaves_no_namespace_process_or_program() {
         assert!(!loaded.contains(&id), "eBPF program {id} still loaded");
     }
     assert!(!status.state_dir.exists(), "state directory removed");
+    let pins = nodemesh_sandbox::pins_of("tdown");
+    assert!(!pins.exists(), "pinned datapath left in {}", pins.display());
     drop(sb);
 }

@@ -13,6 +13,7 @@ pub mod names {
     pub const COOKIE_DST: &str = "COOKIE_DST";
     pub const TUPLE_DST: &str = "TUPLE_DST";
     pub const INBOUND: &str = "INBOUND";
+    pub const PODS: &str = "PODS";
     pub const TRANSPARENT: &str = "TRANSPARENT";
     pub const STATS: &str = "STATS";
 
@@ -37,7 +38,9 @@ pub mod capacity {
     pub const ENROLLED: u32 = 4096;
     pub const COOKIE_DST: u32 = 65_536;
     pub const TUPLE_DST: u32 = 262_144;
-    pub const INBOUND: u32 = 4096;
+    /// Two listeners (inbound, HBONE) per enrolled pod.
+    pub const INBOUND: u32 = 8192;
+    pub const PODS: u32 = 4096;
     /// Connections between the proxy's connect() and its completion, node-wide.
     pub const TRANSPARENT: u32 = 65_536;
 }
@@ -49,8 +52,34 @@ pub struct EnrolledPod {
     /// The pod's IPv4 address, network byte order. Outbound captures are redirected to
     /// `ip4:OUTBOUND_PORT`, the proxy's listener inside the pod.
     pub ip4: u32,
-    /// Reserved for per-workload switches; zero today.
+    /// [`pod_flags`] bits.
     pub flags: u32,
+}
+
+/// Switches of an enrolled workload, in [`EnrolledPod::flags`].
+pub mod pod_flags {
+    /// The workload could not be enrolled: its connects are refused (EPERM) and nothing
+    /// reaches it, instead of its traffic going around the mesh.
+    pub const REFUSE: u32 = 1;
+    /// Its mTLS mode is STRICT: inbound UDP, which the mesh cannot authenticate, is refused.
+    pub const STRICT: u32 = 2;
+}
+
+/// Which of a pod's proxy listeners an `INBOUND` entry holds.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listener {
+    /// The inbound capture listener (15006): plaintext connections to any application port.
+    Inbound = 0,
+    /// The HBONE listener (15008).
+    Hbone = 1,
+}
+
+/// The `INBOUND` key of a pod's listener: its IPv4 address (network order) in the low half,
+/// the [`Listener`] in the high half.
+#[inline(always)]
+pub const fn listener_key(ip4: u32, listener: Listener) -> u64 {
+    ip4 as u64 | ((listener as u64) << 32)
 }
 
 /// Where a captured connection was going before it was redirected to the proxy.
@@ -86,11 +115,11 @@ pub struct ConnTuple {
 pub enum Stat {
     /// connect4/connect6 rewrote an enrolled workload's connect to the proxy.
     OutboundRedirected = 0,
-    /// connect from an enrolled workload left alone (loopback, own pod, proxy port, not TCP).
+    /// connect from an enrolled workload left alone (loopback, own pod, not TCP).
     OutboundBypassed = 1,
     /// connect from a proxy socket (SO_MARK) left alone.
     ProxySocketSkipped = 2,
-    /// COOKIE_DST could not take an entry; the connect went to its original destination.
+    /// COOKIE_DST could not take an entry; the connect was refused.
     CookieInsertFailed = 3,
     /// sock_ops moved an original destination from COOKIE_DST to TUPLE_DST.
     TupleRecorded = 4,
@@ -104,11 +133,20 @@ pub enum Stat {
     Ipv6NotCaptured = 8,
     /// sock_ops removed a TUPLE_DST entry when its socket closed.
     TupleRemoved = 9,
+    /// An inbound connection to an enrolled pod was refused because no proxy listener was
+    /// there to take it (agent stopped or restarting, enrollment failed).
+    InboundRefused = 10,
+    /// Inbound IPv6 to an enrolled pod, which the mesh does not capture, was refused.
+    InboundIpv6Refused = 11,
+    /// Inbound UDP to a STRICT pod was refused.
+    InboundUdpRefused = 12,
+    /// A connect from a workload that could not be enrolled was refused.
+    OutboundRefused = 13,
 }
 
 impl Stat {
     /// Number of slots in `STATS`.
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 14;
 
     /// Every slot, in index order.
     pub const ALL: [Stat; Self::COUNT as usize] = [
@@ -122,6 +160,10 @@ impl Stat {
         Stat::InboundSteerFailed,
         Stat::Ipv6NotCaptured,
         Stat::TupleRemoved,
+        Stat::InboundRefused,
+        Stat::InboundIpv6Refused,
+        Stat::InboundUdpRefused,
+        Stat::OutboundRefused,
     ];
 
     /// A stable snake_case name, used as a metric label.
@@ -137,6 +179,10 @@ impl Stat {
             Stat::InboundSteerFailed => "inbound_steer_failed",
             Stat::Ipv6NotCaptured => "ipv6_not_captured",
             Stat::TupleRemoved => "tuple_removed",
+            Stat::InboundRefused => "inbound_refused",
+            Stat::InboundIpv6Refused => "inbound_ipv6_refused",
+            Stat::InboundUdpRefused => "inbound_udp_refused",
+            Stat::OutboundRefused => "outbound_refused",
         }
     }
 
@@ -172,6 +218,16 @@ const _: () = assert!(core::mem::size_of::<ConnTuple>() == 12);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listener_keys_of_one_pod_differ() {
+        let ip = u32::from_ne_bytes([10, 88, 1, 2]);
+        assert_ne!(
+            listener_key(ip, Listener::Inbound),
+            listener_key(ip, Listener::Hbone)
+        );
+        assert_eq!(listener_key(ip, Listener::Inbound) as u32, ip);
+    }
 
     #[test]
     fn stat_slots_are_dense_and_named_uniquely() {

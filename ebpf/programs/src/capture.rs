@@ -12,10 +12,10 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap},
     programs::{SockAddrContext, SockOpsContext},
 };
-use nodemesh_ebpf_abi::{ConnTuple, EnrolledPod, OriginalDst, Stat, capacity};
+use nodemesh_ebpf_abi::{ConnTuple, EnrolledPod, OriginalDst, Stat, capacity, pod_flags};
 
 use crate::{
-    settings::{is_proxy_mark, is_proxy_port, outbound_port},
+    settings::{is_proxy_mark, outbound_port},
     stats::count,
 };
 
@@ -40,23 +40,28 @@ pub fn nodemesh_connect4(ctx: SockAddrContext) -> i32 {
     let addr = ctx.sock_addr;
     // SAFETY: `addr` is the context the kernel passed to this connect4 program.
     let dst_ip4 = unsafe { (*addr).user_ip4 };
-    if let Some(pod) = enrolled_tcp_connect(&ctx)
-        && let Some(rewrite) = capture(&ctx, &pod, dst_ip4, 0)
-    {
-        // SAFETY: connect4 may write user_ip4 and user_port with 4-byte stores.
-        unsafe {
-            (*addr).user_ip4 = rewrite.ip4;
-            (*addr).user_port = rewrite.port_be;
+    let Some(pod) = enrolled_tcp_connect(&ctx) else {
+        return ALLOW;
+    };
+    match capture(&ctx, &pod, dst_ip4, 0) {
+        Verdict::Pass => ALLOW,
+        Verdict::Refuse => REFUSE,
+        Verdict::Rewrite(rewrite) => {
+            // SAFETY: connect4 may write user_ip4 and user_port with 4-byte stores.
+            unsafe {
+                (*addr).user_ip4 = rewrite.ip4;
+                (*addr).user_port = rewrite.port_be;
+            }
+            ALLOW
         }
     }
-    1
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn nodemesh_connect6(ctx: SockAddrContext) -> i32 {
     let addr = ctx.sock_addr;
     let Some(pod) = enrolled_tcp_connect(&ctx) else {
-        return 1;
+        return ALLOW;
     };
     // SAFETY: `addr` is the context the kernel passed to this connect6 program; each word is
     // read with a 4-byte load as the verifier requires.
@@ -71,20 +76,29 @@ pub fn nodemesh_connect6(ctx: SockAddrContext) -> i32 {
     let v4_mapped = ip6[0] == 0 && ip6[1] == 0 && ip6[2] == 0xffffu32.to_be();
     if !v4_mapped {
         let loopback = ip6[0] == 0 && ip6[1] == 0 && ip6[2] == 0 && ip6[3] == 1u32.to_be();
-        if !loopback {
-            count(Stat::Ipv6NotCaptured);
+        if loopback {
+            return ALLOW;
         }
-        return 1;
+        if pod.flags & pod_flags::REFUSE != 0 {
+            count(Stat::OutboundRefused);
+            return REFUSE;
+        }
+        count(Stat::Ipv6NotCaptured);
+        return ALLOW;
     }
-    if let Some(rewrite) = capture(&ctx, &pod, ip6[3], 1) {
-        // SAFETY: connect6 may write user_ip6 words and user_port with 4-byte stores; words 0-2
-        // already hold the v4-mapped prefix.
-        unsafe {
-            (*addr).user_ip6[3] = rewrite.ip4;
-            (*addr).user_port = rewrite.port_be;
+    match capture(&ctx, &pod, ip6[3], 1) {
+        Verdict::Pass => ALLOW,
+        Verdict::Refuse => REFUSE,
+        Verdict::Rewrite(rewrite) => {
+            // SAFETY: connect6 may write user_ip6 words and user_port with 4-byte stores;
+            // words 0-2 already hold the v4-mapped prefix.
+            unsafe {
+                (*addr).user_ip6[3] = rewrite.ip4;
+                (*addr).user_port = rewrite.port_be;
+            }
+            ALLOW
         }
     }
-    1
 }
 
 /// The enrolled pod behind this connect, if the socket is a TCP socket of an enrolled
@@ -93,7 +107,7 @@ pub fn nodemesh_connect6(ctx: SockAddrContext) -> i32 {
 fn enrolled_tcp_connect(ctx: &SockAddrContext) -> Option<EnrolledPod> {
     // SAFETY: the helper only reads the network namespace of the context's socket.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    // SAFETY: the value is copied out at once; the agent never updates an entry in place.
+    // SAFETY: the value is copied out at once; the agent replaces entries whole.
     let pod = *unsafe { ENROLLED.get(netns) }?;
     let addr: *mut bpf_sock_addr = ctx.sock_addr;
     // SAFETY: reading fields of the kernel-provided context; `sk` is never null in connect
@@ -109,26 +123,38 @@ fn enrolled_tcp_connect(ctx: &SockAddrContext) -> Option<EnrolledPod> {
     Some(pod)
 }
 
+/// What a connect hook returns to let the connect go on, or to fail it with EPERM.
+const ALLOW: i32 = 1;
+const REFUSE: i32 = 0;
+
 struct Rewrite {
     ip4: u32,
     port_be: u32,
 }
 
-/// Records the original destination and says where to send the connect instead, or `None`
-/// when this destination is not captured.
+enum Verdict {
+    /// Not captured: loopback or the pod's own address.
+    Pass,
+    Rewrite(Rewrite),
+    /// The workload could not be enrolled: nothing it sends may go around the mesh.
+    Refuse,
+}
+
+/// Records the original destination and says where to send the connect instead. Every other
+/// address is captured, the proxy's port numbers included: only the pod's own address and
+/// loopback reach the proxy's listeners directly.
 #[inline(always)]
-fn capture(
-    ctx: &SockAddrContext,
-    pod: &EnrolledPod,
-    dst_ip4: u32,
-    via_ipv6: u16,
-) -> Option<Rewrite> {
+fn capture(ctx: &SockAddrContext, pod: &EnrolledPod, dst_ip4: u32, via_ipv6: u16) -> Verdict {
     // SAFETY: user_port is readable with a 4-byte load; it holds the port in network order.
     let dst_port = u16::from_be(unsafe { (*ctx.sock_addr).user_port } as u16);
     let first_octet = u32::from_be(dst_ip4) >> 24;
-    if first_octet == 127 || dst_ip4 == 0 || dst_ip4 == pod.ip4 || is_proxy_port(dst_port) {
+    if first_octet == 127 || dst_ip4 == 0 || dst_ip4 == pod.ip4 {
         count(Stat::OutboundBypassed);
-        return None;
+        return Verdict::Pass;
+    }
+    if pod.flags & pod_flags::REFUSE != 0 {
+        count(Stat::OutboundRefused);
+        return Verdict::Refuse;
     }
     // SAFETY: the helper only reads the cookie of the context's socket.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
@@ -138,11 +164,13 @@ fn capture(
         via_ipv6,
     };
     if COOKIE_DST.insert(cookie, dst, 0).is_err() {
+        // Without its original destination the proxy could not serve it; passing it would
+        // let it around the mesh.
         count(Stat::CookieInsertFailed);
-        return None;
+        return Verdict::Refuse;
     }
     count(Stat::OutboundRedirected);
-    Some(Rewrite {
+    Verdict::Rewrite(Rewrite {
         ip4: pod.ip4,
         port_be: u32::from(outbound_port().to_be()),
     })

@@ -7,11 +7,12 @@
 //!   known, so the original destination moves to `TUPLE_DST` under the connection's 4-tuple,
 //!   which the proxy reads after `accept()`; the entry is removed when the socket closes.
 //! - `nodemesh_sk_lookup` (attached to each enrolled pod's netns): an inbound TCP connection
-//!   to the pod's address is handed to the proxy's in-pod inbound listener. The accepted
-//!   socket keeps the original destination as its local address, so no map is needed.
+//!   to the pod's address is handed to the proxy's in-pod inbound or HBONE listener. The
+//!   accepted socket keeps the original destination as its local address, so no map is needed.
 //!
-//! Each entry point is a thin wrapper over a `try_*` function; a failure never blocks the
-//! application's connect, it is counted in `STATS` and the connection goes where it was going.
+//! The agent pins programs, links and maps in bpffs, so capture outlives it. Everything fails
+//! closed: with no proxy listener to take it, a captured connection is refused, never passed
+//! around the mesh. Each refusal is counted in `STATS`.
 #![no_std]
 #![no_main]
 

@@ -11,11 +11,7 @@ static TRANSPARENT_MARK: u32 = 0;
 #[unsafe(no_mangle)]
 static OUTBOUND_PORT: u16 = 15001;
 #[unsafe(no_mangle)]
-static INBOUND_PORT: u16 = 15006;
-#[unsafe(no_mangle)]
 static HBONE_PORT: u16 = 15008;
-#[unsafe(no_mangle)]
-static DNS_PORT: u16 = 15053;
 
 #[inline(always)]
 fn read<T: Copy>(value: &'static T) -> T {
@@ -35,11 +31,7 @@ pub fn outbound_port() -> u16 {
     read(&OUTBOUND_PORT)
 }
 
-/// Ports of the proxy itself inside a pod: never captured, never steered.
 #[inline(always)]
-pub fn is_proxy_port(port: u16) -> bool {
-    port == read(&OUTBOUND_PORT)
-        || port == read(&INBOUND_PORT)
-        || port == read(&HBONE_PORT)
-        || port == read(&DNS_PORT)
+pub fn hbone_port() -> u16 {
+    read(&HBONE_PORT)
 }
