@@ -1,5 +1,6 @@
 //! Bounded and drained rather than reset: a silent client is closed by the handshake deadline,
-//! a Workload edit that changes nothing about its traffic keeps its connections.
+//! a Workload edit that changes nothing about its traffic keeps its connections, and a stopping
+//! agent drains.
 
 use std::{fs, net::SocketAddr, time::Duration};
 
@@ -88,4 +89,65 @@ fn a_label_edit_keeps_the_workloads_connections() {
         b"after",
         "the plaintext connection stays"
     );
+}
+
+#[test]
+fn sigterm_lets_open_connections_finish_then_closes_them() {
+    use std::io::Read as _;
+    let Some(mut sb) = sandbox("tdrain") else {
+        return;
+    };
+    let client = sb.pod("n1-p1").netns.clone();
+    let dst = sb.pod("n2-p1").server.echo;
+    let mut held: Vec<LongLived> = (0..3).map(|_| LongLived::open(&client, dst)).collect();
+    for connection in &mut held {
+        assert_eq!(connection.round_trip(b"before"), b"before");
+    }
+    let pid = sb.node("n1").agent.pid;
+    let signal = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(signal.success());
+
+    poll_until(SOON, || {
+        let echo = nodemesh_tests::echo_from(&client, dst, b"new");
+        anyhow::ensure!(
+            echo.is_err() || echo.is_ok_and(|e| e.reply.is_empty()),
+            "still accepting"
+        );
+        Ok(())
+    })
+    .expect("a draining agent takes no new connection");
+    for connection in &mut held {
+        assert_eq!(
+            connection.round_trip(b"draining"),
+            b"draining",
+            "an open connection goes on during the grace period"
+        );
+    }
+    poll_until(SOON, || {
+        anyhow::ensure!(
+            !nodemesh_sandbox::is_alive(pid),
+            "agent {pid} still running"
+        );
+        Ok(())
+    })
+    .expect("the agent exits after the grace period (2 s in the sandbox)");
+    let closed = held
+        .iter()
+        .filter(|c| matches!((&c.0).read(&mut [0u8; 8]), Ok(0) | Err(_)))
+        .count();
+    eprintln!(
+        "{closed} of {} held connections closed at the end of the grace period",
+        held.len()
+    );
+    assert_eq!(
+        closed,
+        held.len(),
+        "what is still open at the end is closed"
+    );
+
+    sb.start_agent("n1").expect("agent n1 back");
+    assert_eq!(LongLived::open(&client, dst).round_trip(b"again"), b"again");
 }

@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use nodemesh_sandbox::poll_until;
-use nodemesh_tests::{curl, echo_from, recorded, sandbox};
+use nodemesh_tests::{curl, echo_from, recorded, sandbox, write_config};
 
 const SOON: Duration = Duration::from_secs(10);
 
@@ -229,5 +229,110 @@ fn uninstall_removes_the_capture_a_stopped_agent_left() {
     assert_eq!(
         echo_from(&client, dst, b"v").expect("recaptured").peer,
         proxy_of(&sb, "n1-p1")
+    );
+}
+
+/// Serves at most `count` connections on `listener` for up to 20 s, answering each with
+/// `ok` and closing it.
+fn answer_ok(listener: std::net::TcpListener, count: usize) -> std::thread::JoinHandle<usize> {
+    std::thread::spawn(move || {
+        use std::io::Write as _;
+        listener.set_nonblocking(true).expect("non-blocking");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let mut served = 0;
+        while served < count && std::time::Instant::now() < deadline {
+            match listener.accept() {
+                Ok((mut stream, _)) => {
+                    let _ = stream.set_nonblocking(false);
+                    let _ = stream.write_all(b"ok");
+                    served += 1;
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        served
+    })
+}
+
+/// Sends one datagram from `netns` to `dst`.
+fn send_udp(netns: &str, dst: SocketAddr, message: &'static [u8]) {
+    nodemesh_sandbox::in_netns(netns, move || {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        socket.send_to(message, dst)?;
+        Ok(())
+    })
+    .expect("send a datagram");
+}
+
+#[test]
+fn a_strict_pod_takes_no_udp_and_nothing_reaches_it_around_the_proxy() {
+    let Some(sb) = sandbox("tbypass") else {
+        return;
+    };
+    let pod = sb.pod("n2-p1").clone();
+    let legacy = sb.pod("n1-legacy").netns.clone();
+    let (udp_addr, app_addr) = (
+        SocketAddr::from((pod.ip, 7000)),
+        SocketAddr::from((pod.ip, 15053)),
+    );
+    // The application's own sockets: UDP, and TCP on a port the proxy uses elsewhere.
+    let (udp, app) = nodemesh_sandbox::in_netns(&pod.netns, move || {
+        let udp = std::net::UdpSocket::bind(udp_addr)?;
+        udp.set_read_timeout(Some(Duration::from_secs(1)))?;
+        Ok((udp, std::net::TcpListener::bind(app_addr)?))
+    })
+    .expect("application sockets in n2-p1");
+    let server = answer_ok(app, 1);
+
+    send_udp(&legacy, udp_addr, b"permissive");
+    let mut buffer = [0u8; 64];
+    let (n, _) = udp.recv_from(&mut buffer).expect("PERMISSIVE takes UDP");
+    assert_eq!(&buffer[..n], b"permissive");
+    let reply = echo_from(&legacy, app_addr, b"").expect("a plaintext client reaches 15053");
+    assert_eq!(reply.reply, b"ok");
+    assert_eq!(server.join().expect("server"), 1);
+    poll_until(SOON, || {
+        anyhow::ensure!(
+            recorded(&sb, "n2", "inbound", "default/n2-p1", app_addr),
+            "no inbound record for {app_addr}"
+        );
+        Ok(())
+    })
+    .expect("the application's 15053 is reached only through the proxy");
+
+    write_config(
+        &sb,
+        "pa-n2-p1.yaml",
+        "apiVersion: security.nodemesh.dev/v1\nkind: PeerAuthentication\nmetadata:\n  name: strict\n  namespace: default\nspec:\n  selector:\n    matchLabels:\n      app: n2-p1\n  mtls:\n    mode: STRICT\n",
+    );
+    poll_until(SOON, || {
+        let workloads = sb.agent_admin("n2", "/workloads")?;
+        let mode = workloads
+            .as_array()
+            .and_then(|a| a.iter().find(|w| w["name"] == "n2-p1"))
+            .map(|w| w["mtls_mode"].clone());
+        anyhow::ensure!(mode == Some("STRICT".into()), "{mode:?}");
+        Ok(())
+    })
+    .expect("STRICT applied");
+    for _ in 0..3 {
+        send_udp(&legacy, udp_addr, b"strict");
+        send_udp(&sb.pod("n2-legacy").netns, udp_addr, b"strict");
+    }
+    let received = udp.recv_from(&mut buffer);
+    assert!(
+        received.is_err(),
+        "a STRICT pod takes UDP, which the mesh cannot authenticate: {received:?}"
+    );
+    assert!(
+        refused(&legacy, app_addr),
+        "a plaintext client reaches a STRICT pod's 15053"
+    );
+    let metrics = sb.agent_metrics("n2").expect("metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.contains("inbound_udp_refused") && !l.ends_with(" 0")),
+        "the refusals are counted"
     );
 }

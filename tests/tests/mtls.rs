@@ -489,6 +489,25 @@ fn egress_deny_refuses_destinations_outside_the_mesh() {
             .is_some_and(|e| e.contains("egress to") && e.contains("denied")),
         "{record}"
     );
+    // The proxy's own port numbers are no way around it.
+    for port in [15001, 15006, 15008, 15053] {
+        let dst = SocketAddr::new(outside.ip(), port);
+        let _ = echo_from(&client, dst, b"p");
+        poll_until(SOON, || {
+            let record = connections(&sb, "n1")
+                .into_iter()
+                .find(|c| c["original_dst"] == dst.to_string())
+                .ok_or_else(|| anyhow::anyhow!("{dst} was not captured"))?;
+            anyhow::ensure!(
+                record["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("egress to") && e.contains("denied")),
+                "{record}"
+            );
+            Ok(())
+        })
+        .expect("a connect to a proxy port elsewhere is captured and judged");
+    }
     assert_eq!(
         echo_from(&client, inside, b"c")
             .expect("mesh traffic unaffected")
