@@ -1,5 +1,6 @@
 //! Enrollment follows the configuration directory: a workload removed from it is released,
-//! one added back is captured again, and a broken file changes nothing.
+//! one added back is captured again, a broken file changes nothing, and a network namespace
+//! replaced at the same path is enrolled again.
 
 use std::{fs, net::SocketAddr, time::Duration};
 
@@ -113,5 +114,118 @@ fn a_broken_config_file_is_refused_and_changes_nothing() {
             .expect("traffic unaffected")
             .peer,
         proxy
+    );
+}
+
+/// Runs `ip` with `args`, failing the test if it fails.
+fn ip(args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .expect("run ip");
+    assert!(out.status.success(), "ip {args:?}: {out:?}");
+}
+
+/// A network namespace the test makes, with an interface holding `address`/24; deleted
+/// when dropped.
+struct ExtraNetns(String);
+
+impl ExtraNetns {
+    fn create(name: &str, address: std::net::Ipv4Addr) -> Self {
+        ip(&["netns", "add", name]);
+        let netns = Self(name.to_owned());
+        ip(&["-n", name, "link", "set", "lo", "up"]);
+        // A veth pair with both ends inside: an interface for the address, nothing beyond.
+        let link = ["link", "add", "e0", "type", "veth", "peer", "name", "e1"];
+        ip(&[&["-n", name][..], &link[..]].concat());
+        let address = format!("{address}/24");
+        ip(&["-n", name, "addr", "add", &address, "dev", "e0"]);
+        ip(&["-n", name, "link", "set", "e0", "up"]);
+        netns
+    }
+
+    /// Deletes the namespace and makes a new one at the same path, as a recreated pod
+    /// sandbox would.
+    fn replace(&self, address: std::net::Ipv4Addr) {
+        ip(&["netns", "delete", &self.0]);
+        let _ = Self::create(&self.0, address).into_name();
+    }
+
+    fn into_name(self) -> String {
+        let name = self.0.clone();
+        std::mem::forget(self);
+        name
+    }
+}
+
+impl Drop for ExtraNetns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "delete", &self.0])
+            .output();
+    }
+}
+
+fn cookie_of(sb: &nodemesh_sandbox::Sandbox, name: &str) -> anyhow::Result<(String, u64)> {
+    let workloads = sb.agent_admin("n1", "/workloads")?;
+    let workload = workloads
+        .as_array()
+        .and_then(|a| a.iter().find(|w| w["name"] == name))
+        .ok_or_else(|| anyhow::anyhow!("no workload {name}: {workloads}"))?;
+    Ok((
+        workload["state"].as_str().unwrap_or_default().to_owned(),
+        workload["netns_cookie"].as_u64().unwrap_or_default(),
+    ))
+}
+
+#[test]
+fn a_network_namespace_replaced_at_the_same_path_is_enrolled_again() {
+    let Some(sb) = sandbox("treplace") else {
+        return;
+    };
+    let address = std::net::Ipv4Addr::new(10, 99, 0, 1);
+    let netns = ExtraNetns::create("treplace-extra", address);
+    fs::write(
+        sb.config_dir().join("workload-extra.yaml"),
+        format!(
+            "apiVersion: nodemesh.dev/v1alpha1\nkind: Workload\nmetadata:\n  name: extra\n  \
+             namespace: default\n  labels:\n    app: extra\nspec:\n  node: n1\n  \
+             netns: /run/netns/{}\n  ip: {address}\n  serviceAccount: default\n",
+            netns.0
+        ),
+    )
+    .expect("write the workload");
+    let (_, first) = poll_until(SOON, || {
+        let (state, cookie) = cookie_of(&sb, "extra")?;
+        anyhow::ensure!(state == "enrolled", "extra is {state}");
+        Ok((state, cookie))
+    })
+    .expect("agent n1 enrolls the extra workload");
+    // Anything the workload connects to goes to the proxy in its namespace.
+    let elsewhere = SocketAddr::from(([10, 99, 0, 2], 9000));
+    let proxy = SocketAddr::from((address, 15001));
+    let captured = |name: &str| {
+        nodemesh_sandbox::in_netns(name, move || {
+            let stream = std::net::TcpStream::connect_timeout(&elsewhere, Duration::from_secs(1))?;
+            Ok(stream.peer_addr()?)
+        })
+    };
+    assert_eq!(captured(&netns.0).expect("captured"), proxy);
+
+    netns.replace(address);
+    let (_, second) = poll_until(SOON, || {
+        let (state, cookie) = cookie_of(&sb, "extra")?;
+        anyhow::ensure!(
+            state == "enrolled" && cookie != first,
+            "extra is {state} in namespace {cookie}"
+        );
+        Ok((state, cookie))
+    })
+    .expect("agent n1 notices the new namespace and enrolls the workload in it");
+    assert_ne!(second, 0);
+    assert_eq!(
+        captured(&netns.0).expect("captured in the new namespace"),
+        proxy,
+        "the new namespace is captured, by listeners that live in it"
     );
 }
