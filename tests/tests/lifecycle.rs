@@ -6,6 +6,9 @@ use std::{process::Command, time::Duration};
 use nodemesh_sandbox::{Sandbox, poll_until, run_in_netns};
 use nodemesh_tests::{bin_dir, curl, preflight, sandbox};
 
+/// Where the agents this file starts pin their datapath, apart from any real node's.
+const ERRORS_PIN_DIR: &str = "/sys/fs/bpf/nodemesh/test-agent-errors";
+
 fn agent_error(args: &[&str], wrapper: &[&str]) -> String {
     let agent = bin_dir().join("nodemesh-agent");
     let mut command = match wrapper.split_first() {
@@ -32,6 +35,7 @@ fn agent_error(args: &[&str], wrapper: &[&str]) -> String {
             "127.0.0.1:0",
         ])
         .args(["--controller", "https://127.0.0.1:1"])
+        .args(["--bpf-pin-dir", ERRORS_PIN_DIR])
         .args([
             "--controller-ca",
             "/nonexistent",
@@ -41,6 +45,8 @@ fn agent_error(args: &[&str], wrapper: &[&str]) -> String {
         .args(args)
         .output()
         .expect("run the agent");
+    // An agent that got as far as pinning its datapath leaves it, as a crashed one would.
+    let _ = std::fs::remove_dir_all(ERRORS_PIN_DIR);
     assert!(!out.status.success(), "the agent must exit non-zero");
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
