@@ -336,3 +336,113 @@ fn a_strict_pod_takes_no_udp_and_nothing_reaches_it_around_the_proxy() {
         "the refusals are counted"
     );
 }
+
+/// The link-local IPv6 address of a pod's `eth0`, once duplicate address detection is over,
+/// and the index of the node's end of that link.
+fn link_local(sb: &nodemesh_sandbox::Sandbox, pod: &str) -> std::net::SocketAddrV6 {
+    let pod = sb.pod(pod);
+    let node = &sb.node(&pod.node).netns;
+    let ip = |args: &[&str]| {
+        let out = std::process::Command::new("ip")
+            .args(args)
+            .output()
+            .expect("run ip");
+        assert!(out.status.success(), "ip {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let links = ip(&["-n", node, "-o", "link"]);
+    let index: u32 = links
+        .lines()
+        .find(|l| l.ends_with(&format!("link-netns {}", pod.netns)))
+        .and_then(|l| l.split(':').next())
+        .and_then(|i| i.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no link to {} in {links}", pod.netns));
+    let address = poll_until(SOON, || {
+        let out = ip(&["-n", &pod.netns, "-6", "-o", "addr", "show", "dev", "eth0"]);
+        let line = out
+            .lines()
+            .find(|l| l.contains("scope link") && !l.contains("tentative"))
+            .ok_or_else(|| anyhow::anyhow!("no usable link-local address yet: {out}"))?;
+        let cidr = line
+            .split_whitespace()
+            .skip_while(|w| *w != "inet6")
+            .nth(1)
+            .ok_or_else(|| anyhow::anyhow!("{line}"))?;
+        Ok(cidr
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .parse::<std::net::Ipv6Addr>()?)
+    })
+    .expect("the pod's link-local address");
+    std::net::SocketAddrV6::new(address, 7001, 0, index)
+}
+
+/// From the node's namespace, whether a TCP connect to `pod`'s link-local `:7001`, where the
+/// pod listens, gets through.
+fn ipv6_reaches(sb: &nodemesh_sandbox::Sandbox, pod: &str) -> anyhow::Result<()> {
+    let target = link_local(sb, pod);
+    let listener = nodemesh_sandbox::in_netns(&sb.pod(pod).netns, move || {
+        Ok(std::net::TcpListener::bind(SocketAddr::from((
+            std::net::Ipv6Addr::UNSPECIFIED,
+            target.port(),
+        )))?)
+    })
+    .expect("listen on [::]:7001 in the pod");
+    let server = answer_ok(listener, 1);
+    let node = sb.node(&sb.pod(pod).node).netns.clone();
+    let result = nodemesh_sandbox::in_netns(&node, move || {
+        use std::io::Read as _;
+        let mut stream =
+            std::net::TcpStream::connect_timeout(&target.into(), Duration::from_secs(5))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut reply = Vec::new();
+        stream.read_to_end(&mut reply)?;
+        anyhow::ensure!(reply == b"ok", "answered {reply:?}");
+        Ok(())
+    });
+    if result.is_err() {
+        // Unblock the server thread: it serves one connection at most.
+        let _ = nodemesh_sandbox::in_netns(&sb.pod(pod).netns, move || {
+            Ok(std::net::TcpStream::connect_timeout(
+                &SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, target.port())),
+                Duration::from_secs(1),
+            )?)
+        });
+    }
+    server.join().expect("server thread");
+    result
+}
+
+#[test]
+fn native_ipv6_neither_leaves_nor_reaches_an_enrolled_pod() {
+    let Some(sb) = sandbox("tipv6") else { return };
+    ipv6_reaches(&sb, "n1-legacy").expect("IPv6 works in the sandbox, outside the mesh");
+    let refused = ipv6_reaches(&sb, "n1-p1");
+    assert!(
+        refused.is_err(),
+        "inbound native IPv6 reached an enrolled pod's application"
+    );
+
+    let elsewhere = SocketAddr::from((std::net::Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1), 80));
+    let connect = |netns: &str| {
+        nodemesh_sandbox::in_netns(netns, move || {
+            Ok(
+                std::net::TcpStream::connect_timeout(&elsewhere, Duration::from_secs(2))
+                    .map(drop)
+                    .map_err(|e| e.kind()),
+            )
+        })
+        .expect("in the pod")
+    };
+    assert_eq!(
+        connect(&sb.pod("n1-p1").netns),
+        Err(std::io::ErrorKind::PermissionDenied),
+        "an enrolled pod's native IPv6 connect is refused, not sent around the mesh"
+    );
+    assert_ne!(
+        connect(&sb.pod("n1-legacy").netns),
+        Err(std::io::ErrorKind::PermissionDenied),
+        "outside the mesh, nothing refuses it"
+    );
+}

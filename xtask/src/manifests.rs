@@ -153,7 +153,9 @@ fn objects() -> Vec<Value> {
                         "hostNetwork": true,
                         "dnsPolicy": "ClusterFirstWithHostNet",
                         "priorityClassName": "system-node-critical",
-                        "terminationGracePeriodSeconds": 30,
+                        // Beyond the agent's own drain (--drain-seconds, 30 by default), so
+                        // that it closes what is left before the kubelet kills it.
+                        "terminationGracePeriodSeconds": 40,
                         "tolerations": [{ "operator": "Exists" }],
                         "containers": [{
                             "name": "agent",
@@ -181,6 +183,9 @@ fn objects() -> Vec<Value> {
                                 { "name": "tokens", "mountPath": "/etc/nodemesh/tokens", "readOnly": true },
                                 { "name": "cgroup", "mountPath": "/sys/fs/cgroup" },
                                 { "name": "netns", "mountPath": "/run/netns", "mountPropagation": "HostToContainer" },
+                                // The pinned datapath outlives the container: a restarted agent
+                                // takes it over, and capture never lapses in between.
+                                { "name": "bpf", "mountPath": "/sys/fs/bpf", "mountPropagation": "Bidirectional" },
                             ],
                         }],
                         "volumes": [
@@ -189,6 +194,7 @@ fn objects() -> Vec<Value> {
                             tokens_volume,
                             { "name": "cgroup", "hostPath": { "path": "/sys/fs/cgroup", "type": "Directory" } },
                             { "name": "netns", "hostPath": { "path": "/run/netns", "type": "DirectoryOrCreate" } },
+                            { "name": "bpf", "hostPath": { "path": "/sys/fs/bpf", "type": "Directory" } },
                         ],
                     },
                 },

@@ -129,8 +129,9 @@ pub enum Stat {
     InboundSteered = 6,
     /// sk_lookup found no listener for an enrolled address or could not assign it.
     InboundSteerFailed = 7,
-    /// connect6 to a native IPv6 address from an enrolled workload, not captured yet.
-    Ipv6NotCaptured = 8,
+    /// A native IPv6 connect from an enrolled workload, which the mesh does not carry, was
+    /// refused (EPERM), so that it cannot go around the mesh; clients fall back to IPv4.
+    OutboundIpv6Refused = 8,
     /// sock_ops removed a TUPLE_DST entry when its socket closed.
     TupleRemoved = 9,
     /// An inbound connection to an enrolled pod was refused because no proxy listener was
@@ -158,7 +159,7 @@ impl Stat {
         Stat::TupleInsertFailed,
         Stat::InboundSteered,
         Stat::InboundSteerFailed,
-        Stat::Ipv6NotCaptured,
+        Stat::OutboundIpv6Refused,
         Stat::TupleRemoved,
         Stat::InboundRefused,
         Stat::InboundIpv6Refused,
@@ -177,7 +178,7 @@ impl Stat {
             Stat::TupleInsertFailed => "tuple_insert_failed",
             Stat::InboundSteered => "inbound_steered",
             Stat::InboundSteerFailed => "inbound_steer_failed",
-            Stat::Ipv6NotCaptured => "ipv6_not_captured",
+            Stat::OutboundIpv6Refused => "outbound_ipv6_refused",
             Stat::TupleRemoved => "tuple_removed",
             Stat::InboundRefused => "inbound_refused",
             Stat::InboundIpv6Refused => "inbound_ipv6_refused",

@@ -75,16 +75,18 @@ pub fn nodemesh_connect6(ctx: SockAddrContext) -> i32 {
     };
     let v4_mapped = ip6[0] == 0 && ip6[1] == 0 && ip6[2] == 0xffffu32.to_be();
     if !v4_mapped {
-        let loopback = ip6[0] == 0 && ip6[1] == 0 && ip6[2] == 0 && ip6[3] == 1u32.to_be();
-        if loopback {
+        let local = ip6[0] == 0 && ip6[1] == 0 && ip6[2] == 0 && (ip6[3] == 0 || ip6[3] == 1u32.to_be());
+        // `::1`, and `::`, which connects to this host.
+        if local {
             return ALLOW;
         }
-        if pod.flags & pod_flags::REFUSE != 0 {
-            count(Stat::OutboundRefused);
-            return REFUSE;
-        }
-        count(Stat::Ipv6NotCaptured);
-        return ALLOW;
+        // Native IPv6 is not carried by the mesh: refused, never let around it.
+        count(if pod.flags & pod_flags::REFUSE != 0 {
+            Stat::OutboundRefused
+        } else {
+            Stat::OutboundIpv6Refused
+        });
+        return REFUSE;
     }
     match capture(&ctx, &pod, ip6[3], 1) {
         Verdict::Pass => ALLOW,
