@@ -82,6 +82,18 @@ pub enum DatapathError {
         pin_dir: PathBuf,
         source: Box<aya::EbpfError>,
     },
+    #[error(
+        "the map {map} pinned in {pin_dir} has {pinned} where this agent's programs need \
+         {expected}: it was made by an incompatible version; remove it with \
+         `nodemesh-agent --uninstall --bpf-pin-dir {pin_dir}` (capture is off until this agent \
+         starts) and start again"
+    )]
+    Incompatible {
+        map: &'static str,
+        pin_dir: PathBuf,
+        pinned: String,
+        expected: String,
+    },
     #[error("eBPF object has no {kind} named {name}; rebuild it with `cargo xtask build`")]
     Missing {
         kind: &'static str,
@@ -154,13 +166,20 @@ impl Datapath {
         for name in PINNED_MAPS {
             loader.map_pin_path(name, pin_dir.join(name));
         }
-        let mut bpf = loader
-            .load_file(object)
-            .map_err(|source| DatapathError::Load {
+        let bytes = std::fs::read(object).map_err(|e| DatapathError::Load {
+            path: object.clone(),
+            pin_dir: pin_dir.clone(),
+            source: Box::new(aya::EbpfError::FileError {
                 path: object.clone(),
-                pin_dir: pin_dir.clone(),
-                source: Box::new(source),
-            })?;
+                error: e,
+            }),
+        })?;
+        check_pinned_maps(&bytes, object, &pin_dir)?;
+        let mut bpf = loader.load(&bytes).map_err(|source| DatapathError::Load {
+            path: object.clone(),
+            pin_dir: pin_dir.clone(),
+            source: Box::new(source),
+        })?;
 
         // aya attaches through bpf_link on this kernel, and a cgroup bpf_link always runs
         // alongside other programs (the kernel's ALLOW_MULTI); asking for AllowMultiple
@@ -477,6 +496,48 @@ impl CaptureHandle {
 /// The pin file of a cgroup program's link: its name without the `nodemesh_` prefix.
 fn link_name(program: &str) -> &str {
     program.strip_prefix("nodemesh_").unwrap_or(program)
+}
+
+/// Refuses pinned maps whose shape (key and value sizes, capacity) differs from what the
+/// object's programs declare: reusing them would corrupt the datapath rather than fail.
+fn check_pinned_maps(object: &[u8], path: &Path, pin_dir: &Path) -> Result<(), DatapathError> {
+    let parsed = aya_obj::Object::parse(object).map_err(|e| DatapathError::Load {
+        path: path.to_owned(),
+        pin_dir: pin_dir.to_owned(),
+        source: Box::new(aya::EbpfError::ParseError(e)),
+    })?;
+    let shape = |key: u32, value: u32, entries: u32| {
+        format!("{key}-byte keys, {value}-byte values and {entries} entries")
+    };
+    for name in PINNED_MAPS {
+        let pin = pin_dir.join(name);
+        if !pin.exists() {
+            continue;
+        }
+        let declared = parsed
+            .maps
+            .get(name)
+            .ok_or(DatapathError::Missing { kind: "map", name })?;
+        let pinned = aya::maps::MapInfo::from_pin(&pin).map_err(|e| DatapathError::Map {
+            name,
+            source: Box::new(e),
+        })?;
+        let expected = shape(
+            declared.key_size(),
+            declared.value_size(),
+            declared.max_entries(),
+        );
+        let found = shape(pinned.key_size(), pinned.value_size(), pinned.max_entries());
+        if expected != found {
+            return Err(DatapathError::Incompatible {
+                map: name,
+                pin_dir: pin_dir.to_owned(),
+                pinned: found,
+                expected,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Mounts bpffs at /sys/fs/bpf when nothing is mounted there, and creates the pin directory.

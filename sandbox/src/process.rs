@@ -130,16 +130,20 @@ pub fn wait_controller_ready(
     timeout: Duration,
 ) -> anyhow::Result<()> {
     let url = format!("http://{}/readyz", controller.monitoring);
+    // A process that exited ends the wait at once (the inner error), with its log.
     poll_until(timeout, || {
         if !is_alive(controller.pid) {
-            bail!("the controller exited:\n{}", log_tail(&controller.log));
+            return Ok(Err(anyhow::anyhow!(
+                "the controller exited:\n{}",
+                log_tail(&controller.log)
+            )));
         }
         let response = http_get(&controller.netns, &url, Duration::from_secs(1))?;
         if response.status != 200 {
             bail!("controller: {}", response.body.trim());
         }
-        Ok(())
-    })
+        Ok(Ok(()))
+    })?
 }
 
 pub fn start_agent(layout: &Layout, index: usize) -> anyhow::Result<i32> {
@@ -261,18 +265,18 @@ pub fn wait_agent_ready(node: &NodeStatus, timeout: Duration) -> anyhow::Result<
     let url = format!("http://{}/healthz/ready", node.agent.readiness);
     poll_until(timeout, || {
         if !is_alive(node.agent.pid) {
-            bail!(
+            return Ok(Err(anyhow::anyhow!(
                 "agent of node {} exited:\n{}",
                 node.name,
                 log_tail(&node.agent.log)
-            );
+            )));
         }
         let response = http_get(&node.netns, &url, Duration::from_secs(1))?;
         if response.status != 200 {
             bail!("agent of node {}: {}", node.name, response.body.trim());
         }
-        Ok(())
-    })
+        Ok(Ok(()))
+    })?
 }
 
 /// Runs a program inside a network namespace and returns its output, for tests and the demo

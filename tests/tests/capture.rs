@@ -232,6 +232,48 @@ fn uninstall_removes_the_capture_a_stopped_agent_left() {
     );
 }
 
+#[test]
+fn an_agent_refuses_pinned_maps_of_another_shape() {
+    let Some(mut sb) = sandbox("tshape") else {
+        return;
+    };
+    sb.stop_agent("n1").expect("SIGTERM agent n1");
+    let pins = nodemesh_sandbox::pins_of("tshape").join("n1");
+    // What an older version with another layout would have left: a map with 4-byte keys
+    // where this one keeps 8-byte ones.
+    let other = aya::maps::MapData::from_pin(pins.join("PODS")).expect("PODS is pinned");
+    std::fs::remove_file(pins.join("ENROLLED")).expect("unpin ENROLLED");
+    other
+        .pin(pins.join("ENROLLED"))
+        .expect("pin another map there");
+
+    let error = sb
+        .start_agent("n1")
+        .expect_err("the agent must not reuse it");
+    let text = format!("{error:#}");
+    assert!(
+        text.contains("ENROLLED") && text.contains("incompatible version"),
+        "{text}"
+    );
+    assert!(text.contains("--uninstall"), "says what to do: {text}");
+
+    let out = std::process::Command::new(nodemesh_tests::bin_dir().join("nodemesh-agent"))
+        .args(["--node", "n1", "--uninstall", "--bpf-pin-dir"])
+        .arg(&pins)
+        .output()
+        .expect("run nodemesh-agent --uninstall");
+    assert!(out.status.success(), "{out:?}");
+    sb.start_agent("n1")
+        .expect("a clean start after --uninstall");
+    let dst = echo_addr(&sb, "n2-p1");
+    assert_eq!(
+        echo_from(&sb.pod("n1-p1").netns, dst, b"s")
+            .expect("captured again")
+            .peer,
+        proxy_of(&sb, "n1-p1")
+    );
+}
+
 /// Serves at most `count` connections on `listener` for up to 20 s, answering each with
 /// `ok` and closing it.
 fn answer_ok(listener: std::net::TcpListener, count: usize) -> std::thread::JoinHandle<usize> {
