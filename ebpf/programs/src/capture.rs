@@ -75,7 +75,8 @@ pub fn nodemesh_connect6(ctx: SockAddrContext) -> i32 {
     };
     let v4_mapped = ip6[0] == 0 && ip6[1] == 0 && ip6[2] == 0xffffu32.to_be();
     if !v4_mapped {
-        let local = ip6[0] == 0 && ip6[1] == 0 && ip6[2] == 0 && (ip6[3] == 0 || ip6[3] == 1u32.to_be());
+        let local =
+            ip6[0] == 0 && ip6[1] == 0 && ip6[2] == 0 && (ip6[3] == 0 || ip6[3] == 1u32.to_be());
         // `::1`, and `::`, which connects to this host.
         if local {
             return ALLOW;
