@@ -7,11 +7,14 @@
 //! This crate speaks the HTTP/2 part over any byte stream; TLS and sockets are the caller's.
 #![forbid(unsafe_code)]
 
+mod activity;
 mod client;
 mod server;
+mod tunnel;
 
-pub use client::{HboneSender, handshake, open_tunnel, open_tunnel_with};
-pub use server::{ConnectRequest, serve, status};
+pub use client::{ClientSettings, HboneSender, handshake, open_tunnel, open_tunnel_with};
+pub use server::{ConnectRequest, ServerSettings, serve, status};
+pub use tunnel::Tunnel;
 
 /// The port HBONE listens on inside every pod.
 pub const HBONE_PORT: u16 = 15008;
@@ -47,5 +50,6 @@ pub enum HboneError {
     },
 }
 
-/// A tunnel's byte stream, as tokio I/O.
-pub type Tunnel = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
+/// Largest header block either side accepts: a CONNECT carries a few short headers
+/// (`baggage`, `forwarded`, `traceparent`).
+const MAX_HEADER_LIST: u32 = 16 * 1024;

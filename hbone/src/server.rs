@@ -1,15 +1,45 @@
 //! The server side: answers CONNECT streams on one HTTP/2 connection.
 
-use std::{future::Future, net::SocketAddr};
+use std::{future::Future, net::SocketAddr, time::Duration};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Empty;
 use hyper::{body::Incoming, server::conn::http2, service::service_fn};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW, Tunnel};
+use crate::{
+    CONNECTION_WINDOW, MAX_FRAME, MAX_HEADER_LIST, STREAM_WINDOW, Tunnel,
+    activity::{Activity, StreamGuard},
+};
+
+/// The bounds of one server connection.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// Streams one client may have open at once on one connection; each is one of its
+    /// application's TCP connections.
+    pub max_concurrent_streams: u32,
+    /// How long a connection may go without its first CONNECT.
+    pub first_request_timeout: Duration,
+    /// How long a connection may stay open with no stream.
+    pub idle_timeout: Duration,
+    /// How often to ping a client, and how long to wait for its answer before closing.
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            max_concurrent_streams: 16_384,
+            first_request_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+        }
+    }
+}
 
 /// One CONNECT stream to answer.
 #[derive(Debug)]
@@ -17,6 +47,7 @@ pub struct ConnectRequest {
     /// The original destination the client asks for.
     pub authority: SocketAddr,
     request: Request<Incoming>,
+    open: StreamGuard,
 }
 
 impl ConnectRequest {
@@ -29,9 +60,10 @@ impl ConnectRequest {
     /// arrives from the returned future once the client has it.
     pub fn accept(mut self) -> (Response<Empty<Bytes>>, impl Future<Output = Option<Tunnel>>) {
         let upgrade = hyper::upgrade::on(&mut self.request);
+        let open = self.open;
         let tunnel = async move {
             match upgrade.await {
-                Ok(upgraded) => Some(TokioIo::new(upgraded)),
+                Ok(upgraded) => Some(Tunnel::new(upgraded, open)),
                 Err(e) => {
                     tracing::debug!(error = %e, "HBONE tunnel was not established");
                     None
@@ -50,16 +82,26 @@ pub fn status(code: StatusCode) -> Response<Empty<Bytes>> {
         .unwrap_or_default()
 }
 
-/// Serves HTTP/2 on an established (TLS) stream until the client closes it. `handle` answers
-/// each well-formed CONNECT; anything else gets 405 or 400 without reaching it.
-pub async fn serve<T, F, Fut>(io: T, handle: F) -> Result<(), hyper::Error>
+/// Serves HTTP/2 on an established (TLS) stream until the client closes it, the connection
+/// has been idle past `settings`, or `shutdown` resolves: then a GOAWAY lets the open streams
+/// finish while no new one starts. `handle` answers each well-formed CONNECT; anything else
+/// gets 405 or 400 without reaching it.
+pub async fn serve<T, F, Fut>(
+    io: T,
+    settings: &ServerSettings,
+    shutdown: impl Future<Output = ()>,
+    handle: F,
+) -> Result<(), hyper::Error>
 where
     T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     F: Fn(ConnectRequest) -> Fut + Send + Sync + Clone + 'static,
     Fut: Future<Output = Response<Empty<Bytes>>> + Send + 'static,
 {
+    let activity = Activity::new();
+    let streams = activity.clone();
     let service = service_fn(move |request: Request<Incoming>| {
         let handle = handle.clone();
+        let open = streams.open();
         async move {
             if request.method() != Method::CONNECT {
                 return Ok::<_, std::convert::Infallible>(status(StatusCode::METHOD_NOT_ALLOWED));
@@ -69,17 +111,45 @@ where
                 .authority()
                 .and_then(|a| a.as_str().parse::<SocketAddr>().ok());
             match authority {
-                Some(authority) => Ok(handle(ConnectRequest { authority, request }).await),
+                Some(authority) => Ok(handle(ConnectRequest {
+                    authority,
+                    request,
+                    open,
+                })
+                .await),
                 None => Ok(status(StatusCode::BAD_REQUEST)),
             }
         }
     });
-    http2::Builder::new(TokioExecutor::new())
+    let connection = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
-        .serve_connection(TokioIo::new(io), service)
-        .await
+        .max_concurrent_streams(settings.max_concurrent_streams)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .keep_alive_interval(settings.keepalive_interval)
+        .keep_alive_timeout(settings.keepalive_timeout)
+        .serve_connection(TokioIo::new(io), service);
+    let mut connection = std::pin::pin!(connection);
+    let mut shutdown = std::pin::pin!(shutdown);
+    let idle = activity.idle(settings.first_request_timeout, settings.idle_timeout);
+    let mut idle = std::pin::pin!(idle);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => return result,
+            () = &mut shutdown, if !closing => {
+                connection.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            () = &mut idle, if !closing => {
+                tracing::debug!("closing an idle HBONE connection");
+                connection.as_mut().graceful_shutdown();
+                closing = true;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -92,21 +162,32 @@ mod tests {
     #[tokio::test]
     async fn tunnels_carry_bytes_and_half_close_both_ways() {
         let (client_io, server_io) = tokio::io::duplex(64 * 1024);
-        tokio::spawn(serve(server_io, |connect: ConnectRequest| async move {
-            if connect.authority.port() != 9000 {
-                return status(StatusCode::SERVICE_UNAVAILABLE);
-            }
-            let (response, tunnel) = connect.accept();
-            tokio::spawn(async move {
-                // An echo server behind the tunnel.
-                let Some(tunnel) = tunnel.await else { return };
-                let (mut read, mut write) = tokio::io::split(tunnel);
-                tokio::io::copy(&mut read, &mut write).await.expect("echo");
-                write.shutdown().await.expect("half-close");
-            });
-            response
-        }));
-        let mut sender = handshake(client_io).await.expect("HTTP/2");
+        let settings = ServerSettings::default();
+        tokio::spawn(async move {
+            serve(
+                server_io,
+                &settings,
+                std::future::pending(),
+                |connect: ConnectRequest| async move {
+                    if connect.authority.port() != 9000 {
+                        return status(StatusCode::SERVICE_UNAVAILABLE);
+                    }
+                    let (response, tunnel) = connect.accept();
+                    tokio::spawn(async move {
+                        // An echo server behind the tunnel.
+                        let Some(tunnel) = tunnel.await else { return };
+                        let (mut read, mut write) = tokio::io::split(tunnel);
+                        tokio::io::copy(&mut read, &mut write).await.expect("echo");
+                        write.shutdown().await.expect("half-close");
+                    });
+                    response
+                },
+            )
+            .await
+        });
+        let mut sender = handshake(client_io, &crate::ClientSettings::default())
+            .await
+            .expect("HTTP/2");
 
         let mut tunnels = Vec::new();
         for i in 0..3u8 {
@@ -131,5 +212,96 @@ mod tests {
         assert!(
             matches!(refused, Err(crate::HboneError::Refused { status, .. }) if status == StatusCode::SERVICE_UNAVAILABLE)
         );
+    }
+
+    /// A server with `settings` whose every CONNECT is answered by an echo behind the tunnel,
+    /// and the client's sender; `shutdown` fires the server's GOAWAY.
+    async fn echo_server(
+        settings: ServerSettings,
+        shutdown: tokio::sync::oneshot::Receiver<()>,
+    ) -> (crate::HboneSender, tokio::task::JoinHandle<()>) {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = shutdown.await;
+            };
+            let _ = serve(
+                server_io,
+                &settings,
+                shutdown,
+                |connect: ConnectRequest| async move {
+                    let (response, tunnel) = connect.accept();
+                    tokio::spawn(async move {
+                        let Some(tunnel) = tunnel.await else { return };
+                        let (mut read, mut write) = tokio::io::split(tunnel);
+                        let _ = tokio::io::copy(&mut read, &mut write).await;
+                        let _ = write.shutdown().await;
+                    });
+                    response
+                },
+            )
+            .await;
+        });
+        let sender = handshake(client_io, &crate::ClientSettings::default())
+            .await
+            .expect("HTTP/2");
+        (sender, server)
+    }
+
+    async fn round_trip(tunnel: &mut Tunnel, message: &[u8]) {
+        tunnel.write_all(message).await.expect("write");
+        let mut echoed = vec![0; message.len()];
+        tunnel.read_exact(&mut echoed).await.expect("echo");
+        assert_eq!(echoed, message);
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_never_asks_for_a_tunnel_is_closed() {
+        let settings = ServerSettings {
+            first_request_timeout: Duration::from_millis(50),
+            ..ServerSettings::default()
+        };
+        let (_shutdown, never) = tokio::sync::oneshot::channel();
+        let (sender, server) = echo_server(settings, never).await;
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("the server ends the connection")
+            .expect("server task");
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !sender.is_closed() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the client sees it closed");
+    }
+
+    #[tokio::test]
+    async fn shutdown_lets_open_tunnels_finish_and_refuses_new_ones() {
+        let (shutdown, on_shutdown) = tokio::sync::oneshot::channel();
+        let (mut sender, server) = echo_server(ServerSettings::default(), on_shutdown).await;
+        let dst: SocketAddr = "10.0.0.2:9000".parse().expect("addr");
+        let mut open = open_tunnel(&mut sender, dst).await.expect("tunnel");
+        round_trip(&mut open, b"before").await;
+
+        shutdown.send(()).expect("server running");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        round_trip(&mut open, b"draining").await;
+        assert!(
+            open_tunnel(&mut sender, dst).await.is_err(),
+            "no new tunnel after the GOAWAY"
+        );
+        assert!(
+            !server.is_finished(),
+            "the open tunnel keeps the connection"
+        );
+        open.shutdown().await.expect("half-close");
+        let mut rest = Vec::new();
+        open.read_to_end(&mut rest).await.expect("end of the echo");
+        drop(open);
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("the connection ends with its last tunnel")
+            .expect("server task");
     }
 }

@@ -32,7 +32,8 @@ pub fn hbone_echo(
                 .connect(name, tcp)
                 .await
                 .context("TLS handshake")?;
-            let mut sender = nodemesh_hbone::handshake(tls).await?;
+            let settings = nodemesh_hbone::ClientSettings::default();
+            let mut sender = nodemesh_hbone::handshake(tls, &settings).await?;
             let mut tunnel = nodemesh_hbone::open_tunnel(&mut sender, authority).await?;
             tunnel.write_all(&message).await?;
             tunnel.shutdown().await?;

@@ -393,14 +393,23 @@ fn link_local(sb: &nodemesh_sandbox::Sandbox, pod: &str) -> std::net::SocketAddr
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let links = ip(&["-n", node, "-o", "link"]);
-    let index: u32 = links
+    let line = links
         .lines()
         .find(|l| l.ends_with(&format!("link-netns {}", pod.netns)))
-        .and_then(|l| l.split(':').next())
-        .and_then(|i| i.trim().parse().ok())
         .unwrap_or_else(|| panic!("no link to {} in {links}", pod.netns));
-    let address = poll_until(SOON, || {
-        let out = ip(&["-n", &pod.netns, "-6", "-o", "addr", "show", "dev", "eth0"]);
+    let mut fields = line.split(':');
+    let index: u32 = fields
+        .next()
+        .and_then(|i| i.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no index in {line}"));
+    let node_side = fields
+        .next()
+        .and_then(|name| name.trim().split('@').next())
+        .unwrap_or_else(|| panic!("no name in {line}"))
+        .to_owned();
+    // Both ends' link-local addresses, once duplicate address detection is over.
+    let usable = |netns: &str, device: &str| {
+        let out = ip(&["-n", netns, "-6", "-o", "addr", "show", "dev", device]);
         let line = out
             .lines()
             .find(|l| l.contains("scope link") && !l.contains("tentative"))
@@ -415,8 +424,12 @@ fn link_local(sb: &nodemesh_sandbox::Sandbox, pod: &str) -> std::net::SocketAddr
             .next()
             .unwrap_or_default()
             .parse::<std::net::Ipv6Addr>()?)
+    };
+    let address = poll_until(SOON, || {
+        usable(node, &node_side)?;
+        usable(&pod.netns, "eth0")
     })
-    .expect("the pod's link-local address");
+    .expect("link-local addresses on both ends");
     std::net::SocketAddrV6::new(address, 7001, 0, index)
 }
 

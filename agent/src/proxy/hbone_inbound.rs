@@ -74,11 +74,16 @@ pub async fn handle(
         return;
     }
     drop(mesh);
+    let stop_accepting = pod.stop_accepting.clone();
     let handle = move |connect: ConnectRequest| {
         let (pod, shared, client_identity) = (pod.clone(), shared.clone(), client_identity.clone());
         async move { open(connect, peer, client_identity, pod, shared).await }
     };
-    if let Err(e) = nodemesh_hbone::serve(tls, handle).await {
+    // Draining (the agent stopping): a GOAWAY, so the client opens its next tunnels
+    // elsewhere while the open ones finish.
+    let shutdown = stop_accepting.cancelled_owned();
+    let settings = nodemesh_hbone::ServerSettings::default();
+    if let Err(e) = nodemesh_hbone::serve(tls, &settings, shutdown, handle).await {
         tracing::debug!(%peer, error = %e, "HBONE connection ended");
     }
 }

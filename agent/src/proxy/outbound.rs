@@ -324,28 +324,37 @@ pub async fn open_hbone_tunnel(
     // connection.
     let identity = shared.identities.get(&pod.identity).await?;
     let certificate = identity.cert.not_before();
-    let mut sender = shared
-        .pool
-        // Boxed: only a new pooled connection runs the handshakes, and their state should
-        // not sit in every connection's task.
-        .sender(key, certificate, || {
-            Box::pin(connect_hbone(
-                pod,
-                shared,
-                identity,
-                destination_identity,
-                hbone_addr,
-            ))
-        })
-        .await?;
-    let headers = super::baggage::connect_headers(pod.baggage.as_ref(), client, service);
-    let answer = nodemesh_hbone::open_tunnel_with(&mut sender, dst, headers);
-    match tokio::time::timeout(HBONE_STEP_TIMEOUT, answer).await {
-        Ok(tunnel) => Ok(tunnel?),
-        Err(_) => Err(ProxyError::HboneTimeout {
-            dst: hbone_addr,
-            timeout: HBONE_STEP_TIMEOUT,
-        }),
+    // A pooled connection may close (idle, or the peer went away) between the pool handing
+    // it out and the CONNECT: then once more, on a new one.
+    let mut retried = false;
+    loop {
+        let mut sender = shared
+            .pool
+            // Boxed: only a new pooled connection runs the handshakes, and their state should
+            // not sit in every connection's task.
+            .sender(key.clone(), certificate, || {
+                Box::pin(connect_hbone(
+                    pod,
+                    shared,
+                    identity.clone(),
+                    destination_identity.clone(),
+                    hbone_addr,
+                ))
+            })
+            .await?;
+        let headers = super::baggage::connect_headers(pod.baggage.as_ref(), client, service);
+        let answer = nodemesh_hbone::open_tunnel_with(&mut sender, dst, headers);
+        return match tokio::time::timeout(HBONE_STEP_TIMEOUT, answer).await {
+            Ok(Err(nodemesh_hbone::HboneError::Closed)) if !retried => {
+                retried = true;
+                continue;
+            }
+            Ok(tunnel) => Ok(tunnel?),
+            Err(_) => Err(ProxyError::HboneTimeout {
+                dst: hbone_addr,
+                timeout: HBONE_STEP_TIMEOUT,
+            }),
+        };
     }
 }
 
@@ -385,7 +394,8 @@ async fn connect_hbone(
                 peer: hbone_addr,
                 source,
             })?;
-        Ok(nodemesh_hbone::handshake(tls).await?)
+        let settings = nodemesh_hbone::ClientSettings::default();
+        Ok(nodemesh_hbone::handshake(tls, &settings).await?)
     };
     tokio::time::timeout(HBONE_STEP_TIMEOUT, handshakes)
         .await

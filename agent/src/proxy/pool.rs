@@ -87,10 +87,15 @@ mod tests {
     /// An HBONE connection over memory, to a server that refuses every CONNECT.
     async fn connection() -> Result<HboneSender, ProxyError> {
         let (client, server) = tokio::io::duplex(64 * 1024);
-        tokio::spawn(nodemesh_hbone::serve(server, |_| async {
-            nodemesh_hbone::status(http::StatusCode::SERVICE_UNAVAILABLE)
-        }));
-        Ok(nodemesh_hbone::handshake(client).await?)
+        tokio::spawn(async move {
+            let settings = nodemesh_hbone::ServerSettings::default();
+            nodemesh_hbone::serve(server, &settings, std::future::pending(), |_| async {
+                nodemesh_hbone::status(http::StatusCode::SERVICE_UNAVAILABLE)
+            })
+            .await
+        });
+        let settings = nodemesh_hbone::ClientSettings::default();
+        Ok(nodemesh_hbone::handshake(client, &settings).await?)
     }
 
     fn key() -> PoolKey {
