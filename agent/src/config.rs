@@ -59,6 +59,14 @@ struct Args {
     #[arg(long, default_value_t = 30)]
     drain_seconds: u64,
 
+    /// Connections the proxy keeps open at most, every pod together; more are closed at once.
+    #[arg(long, default_value_t = 65_536)]
+    max_connections: usize,
+
+    /// Connections the proxy keeps open at most from one source address.
+    #[arg(long, default_value_t = 8_192)]
+    max_connections_per_source: usize,
+
     /// The controller's certificate API, https://host:port.
     #[arg(
         long,
@@ -175,6 +183,9 @@ pub struct Config {
     pub bpf_pin_dir: PathBuf,
     /// How long open connections may go on after SIGTERM.
     pub drain: std::time::Duration,
+    /// Caps on open connections: the node's, and one source address's.
+    pub max_connections: usize,
+    pub max_connections_per_source: usize,
     pub proxy_mark: u32,
     pub transparent_mark: u32,
     pub controller: String,
@@ -217,6 +228,11 @@ impl Config {
                     .into(),
             );
         }
+        if args.max_connections == 0 || args.max_connections_per_source == 0 {
+            return Err(
+                "--max-connections and --max-connections-per-source must be at least 1".into(),
+            );
+        }
         if args.proxy_mark == args.transparent_mark {
             return Err("--proxy-mark and --transparent-mark must differ".into());
         }
@@ -235,6 +251,8 @@ impl Config {
             cgroup_root: args.cgroup_root,
             bpf_pin_dir,
             drain: std::time::Duration::from_secs(args.drain_seconds),
+            max_connections: args.max_connections,
+            max_connections_per_source: args.max_connections_per_source,
             proxy_mark: args.proxy_mark,
             transparent_mark: args.transparent_mark,
             controller,

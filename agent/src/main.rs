@@ -196,6 +196,10 @@ async fn run(config: Arc<Config>) -> anyhow::Result<()> {
         identities,
         mesh: mesh.clone(),
         pool: HbonePool::default(),
+        admission: proxy::admission::Admission::new(
+            config.max_connections,
+            config.max_connections_per_source,
+        ),
         http: HttpStacks::new(
             mesh,
             traffic,

@@ -15,6 +15,8 @@ pub struct Metrics {
     pub workloads_enrolled: IntGauge,
     pub workloads_failed: IntGauge,
     enrollment_failures: IntCounterVec,
+    /// Connections closed at accept for being over a cap, by `reason`.
+    pub connections_refused: IntCounterVec,
     pub connections_opened: IntCounterVec,
     pub connections_active: IntGaugeVec,
     pub connection_failures: IntCounterVec,
@@ -61,6 +63,15 @@ impl Metrics {
                     "nodemesh_workload_enrollment_failures_total",
                     "Attempts to enroll a workload that failed, by reason (netns, listen, \
                      routing, identity, datapath); the workload's traffic is refused meanwhile",
+                ),
+                &["reason"],
+            )
+            .expect("valid metric"),
+            connections_refused: IntCounterVec::new(
+                Opts::new(
+                    "nodemesh_proxy_connections_refused_total",
+                    "Connections closed as they were accepted for being over a cap: node_limit \
+                     (--max-connections), source_limit (--max-connections-per-source)",
                 ),
                 &["reason"],
             )
@@ -165,6 +176,7 @@ impl Metrics {
             Box::new(metrics.workloads_enrolled.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(metrics.workloads_failed.clone()),
             Box::new(metrics.enrollment_failures.clone()),
+            Box::new(metrics.connections_refused.clone()),
             Box::new(metrics.connections_opened.clone()),
             Box::new(metrics.connections_active.clone()),
             Box::new(metrics.connection_failures.clone()),

@@ -11,6 +11,7 @@
 //! Towards the application the proxy connects from the client's own address, so the
 //! application sees who is calling. Plain TCP is a byte copy with half-close carried through.
 
+pub mod admission;
 mod authz;
 pub mod baggage;
 mod hbone_inbound;
@@ -74,6 +75,8 @@ pub struct ProxyShared {
     pub identities: Arc<IdentityManager>,
     pub mesh: Arc<SharedMesh>,
     pub pool: HbonePool,
+    /// Caps on open connections, every listener of every pod together.
+    pub admission: Arc<admission::Admission>,
     /// The HTTP stack and the traffic state it keeps.
     pub http: http::outbound::HttpStacks,
 }

@@ -39,6 +39,7 @@ pub struct Layout {
     pub legacy_pods: usize,
     /// Extra labels, as (pod, key, value).
     pub labels: Vec<(String, String, String)>,
+    pub agent_args: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -78,6 +79,7 @@ impl Layout {
             prometheus: spec.prometheus,
             legacy_pods: spec.legacy_pods,
             labels: spec.labels.clone(),
+            agent_args: spec.agent_args.clone(),
         }
     }
 
@@ -103,6 +105,7 @@ impl Layout {
                         .map(|(k, v)| (p.name.clone(), k.clone(), v.clone()))
                 })
                 .collect(),
+            agent_args: status.agent_args.clone(),
         }
     }
 

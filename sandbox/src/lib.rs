@@ -66,6 +66,8 @@ pub struct Spec {
     /// Labels beyond `app=<pod name>`, as (pod, key, value): so that Services can select
     /// several pods (`version=v1`, `tier=web`).
     pub labels: Vec<(String, String, String)>,
+    /// More arguments for every agent (`--max-connections-per-source 4`, say).
+    pub agent_args: Vec<String>,
 }
 
 /// Parses `POD=KEY=VALUE`, as `sandbox up --label` takes it.
@@ -92,6 +94,7 @@ impl Spec {
             prometheus: false,
             legacy_pods: 1,
             labels: Vec::new(),
+            agent_args: Vec::new(),
         }
     }
 

@@ -149,7 +149,7 @@ pub fn wait_controller_ready(
 pub fn start_agent(layout: &Layout, index: usize) -> anyhow::Result<i32> {
     let node = layout.node(index);
     let log = layout.logs_dir().join(format!("agent-{}.log", node.name));
-    let args = [
+    let mut args = vec![
         "--node".to_owned(),
         node.name.clone(),
         "--state-dir".to_owned(),
@@ -181,6 +181,7 @@ pub fn start_agent(layout: &Layout, index: usize) -> anyhow::Result<i32> {
         "--access-log".to_owned(),
         layout.access_log(&node).display().to_string(),
     ];
+    args.extend(layout.agent_args.iter().cloned());
     spawn_in_netns(
         &node.netns,
         &layout.bin_dir.join("nodemesh-agent"),

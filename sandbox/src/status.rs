@@ -18,6 +18,9 @@ use crate::{
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
     pub name: String,
+    /// The arguments every agent gets beyond the sandbox's own.
+    #[serde(default)]
+    pub agent_args: Vec<String>,
     /// The mesh configuration the agents watch; edit it to change the mesh live.
     pub config_dir: PathBuf,
     pub state_dir: PathBuf,
@@ -161,6 +164,7 @@ impl Status {
             .collect();
         Self {
             name: layout.name.clone(),
+            agent_args: layout.agent_args.clone(),
             config_dir: layout.config_dir(),
             state_dir: layout.state_dir(),
             bin_dir: layout.bin_dir.clone(),

@@ -1,6 +1,6 @@
 //! Bounded and drained rather than reset: a silent client is closed by the handshake deadline,
 //! a Workload edit that changes nothing about its traffic keeps its connections, and a stopping
-//! agent drains.
+//! agent drains; one source cannot take every connection.
 
 use std::{fs, net::SocketAddr, time::Duration};
 
@@ -150,4 +150,48 @@ fn sigterm_lets_open_connections_finish_then_closes_them() {
 
     sb.start_agent("n1").expect("agent n1 back");
     assert_eq!(LongLived::open(&client, dst).round_trip(b"again"), b"again");
+}
+
+#[test]
+fn one_source_is_capped_and_counted_while_others_get_in() {
+    let Some(sb) = nodemesh_tests::sandbox_with("tcap", |spec| {
+        spec.agent_args = vec!["--max-connections-per-source".into(), "4".into()];
+    }) else {
+        return;
+    };
+    let (flooder, other) = (
+        sb.pod("n1-legacy").netns.clone(),
+        sb.pod("n2-legacy").netns.clone(),
+    );
+    let dst = sb.pod("n2-p1").server.echo;
+    let mut held: Vec<LongLived> = (0..4).map(|_| LongLived::open(&flooder, dst)).collect();
+    for connection in &mut held {
+        assert_eq!(connection.round_trip(b"in"), b"in");
+    }
+    let over = nodemesh_tests::echo_from(&flooder, dst, b"over");
+    assert!(
+        over.is_err() || over.is_ok_and(|e| e.reply.is_empty()),
+        "a fifth connection from one source is closed"
+    );
+    assert_eq!(
+        nodemesh_tests::echo_from(&other, dst, b"other")
+            .expect("another source gets in")
+            .reply,
+        b"other"
+    );
+    let metrics = sb.agent_metrics("n2").expect("metrics");
+    assert!(
+        metrics.lines().any(|l| l
+            .starts_with("nodemesh_proxy_connections_refused_total{reason=\"source_limit\"}")
+            && !l.ends_with(" 0")),
+        "the refusal is counted"
+    );
+
+    drop(held.pop());
+    poll_until(SOON, || {
+        let echo = nodemesh_tests::echo_from(&flooder, dst, b"again")?;
+        anyhow::ensure!(echo.reply == b"again", "still over the cap");
+        Ok(())
+    })
+    .expect("a closed connection frees its place");
 }
