@@ -10,6 +10,8 @@ mod authorization_policy;
 mod backend_traffic_policy;
 mod duration;
 mod error;
+#[cfg(test)]
+mod fuzz;
 mod http_route;
 mod ip_block;
 mod load;

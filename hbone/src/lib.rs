@@ -9,6 +9,8 @@
 
 mod activity;
 mod client;
+#[cfg(test)]
+mod fuzz;
 mod server;
 mod tunnel;
 

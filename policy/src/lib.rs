@@ -257,4 +257,6 @@ fn strict_on_tcp(action: Action) -> bool {
 }
 
 #[cfg(test)]
+mod fuzz;
+#[cfg(test)]
 mod tests;

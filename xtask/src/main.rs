@@ -5,6 +5,7 @@
 mod bench;
 mod build;
 mod demo;
+mod fuzz;
 mod manifests;
 mod sandbox_cmd;
 mod setup;
@@ -47,6 +48,13 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// Run every fuzz target (random structured input to the config loader, HBONE CONNECT
+    /// handling, protocol detection, the path normaliser, the policy matcher) for a while.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// Regenerate manifests/nodemesh.yaml from code.
     Manifests,
     /// The local sandbox: network namespaces as nodes and pods, one agent per node.
@@ -63,6 +71,7 @@ fn main() -> ExitCode {
         Task::Build { release } => build::run(profile(release)).map(drop),
         Task::Demo => demo::run(),
         Task::Test => test::run(),
+        Task::Fuzz { seconds } => fuzz::run(seconds),
         Task::Manifests => manifests::write(),
         Task::Bench { quick } => bench::run(quick),
         Task::Sandbox { command } => sandbox_cmd::run(command),
