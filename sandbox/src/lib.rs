@@ -283,6 +283,11 @@ impl Sandbox {
         Ok(())
     }
 
+    /// Kills the controller (SIGKILL), as a crash would, and waits until it is gone.
+    pub fn kill_controller(&mut self) -> anyhow::Result<()> {
+        process::kill_now(self.status.controller.pid, Duration::from_secs(10))
+    }
+
     /// Starts the controller again with the same CA and waits until it is ready.
     pub fn start_controller(&mut self) -> anyhow::Result<()> {
         let layout = Layout::from_status(&self.status);

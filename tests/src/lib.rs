@@ -15,6 +15,10 @@ use std::{
     net::{Shutdown, SocketAddr, TcpStream},
     ops::{Deref, DerefMut},
     path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
     time::Duration,
 };
 
@@ -227,5 +231,77 @@ impl LongLived {
             .read_exact(&mut reply)
             .expect("the connection still carries bytes");
         reply
+    }
+}
+
+/// Echoes `message` over and over from a pod to an address until told to stop (at most
+/// `limit` attempts, 20 ms apart), counting what succeeded and what failed.
+#[derive(Debug)]
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU32>,
+    failed: Arc<AtomicU32>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(netns: String, dst: SocketAddr, message: &'static [u8], limit: u32) -> Self {
+        let (stop, ok, failed) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicU32::new(0)),
+            Arc::new(AtomicU32::new(0)),
+        );
+        let thread = {
+            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            std::thread::spawn(move || {
+                for _ in 0..limit {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    match echo_from(&netns, dst, message) {
+                        Ok(echo) if echo.reply == message => ok.fetch_add(1, Ordering::Relaxed),
+                        _ => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })
+        };
+        Self {
+            stop,
+            ok,
+            failed,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn counts(&self) -> (u32, u32) {
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Waits until `more` attempts beyond those made so far have succeeded.
+    pub fn wait_successes(&self, more: u32) {
+        let target = self.counts().0 + more;
+        nodemesh_sandbox::poll_until(Duration::from_secs(30), || {
+            anyhow::ensure!(self.counts().0 >= target, "{:?}", self.counts());
+            Ok(())
+        })
+        .expect("the load gets through");
+    }
+
+    pub fn stop(mut self) -> (u32, u32) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            thread.join().expect("load thread");
+        }
+        self.counts()
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
 }

@@ -195,3 +195,72 @@ fn one_source_is_capped_and_counted_while_others_get_in() {
     })
     .expect("a closed connection frees its place");
 }
+
+/// The resident memory of process `pid`, in KiB.
+fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("process status")
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+#[test]
+fn a_thousand_silent_tls_clients_are_closed_with_memory_bounded() {
+    const CLIENTS: usize = 1000;
+    let Some(sb) = sandbox("tsilentk") else {
+        return;
+    };
+    let hbone = SocketAddr::from((sb.pod("n2-p1").ip, 15008));
+    let agent = sb.node("n2").agent.pid;
+    let before = rss_kib(agent);
+    let streams = nodemesh_sandbox::in_netns(&sb.pod("n1-legacy").netns, move || {
+        use std::io::Write as _;
+        let mut streams = Vec::with_capacity(CLIENTS);
+        for i in 0..CLIENTS {
+            let mut stream = std::net::TcpStream::connect_timeout(&hbone, Duration::from_secs(5))?;
+            if i % 2 == 0 {
+                // The start of a TLS record that never completes.
+                stream.write_all(&[22, 3, 1, 0x02, 0x00, 1])?;
+            }
+            streams.push(stream);
+        }
+        Ok(streams)
+    })
+    .expect("a thousand connections");
+    // Give the agent time to accept them all and start their handshakes.
+    std::thread::sleep(Duration::from_secs(2));
+    let held = rss_kib(agent);
+    let grown_mib = held.saturating_sub(before) / 1024;
+    eprintln!("agent n2: {before} KiB before, {held} KiB with {CLIENTS} silent TLS clients");
+    assert!(
+        grown_mib < 32,
+        "{CLIENTS} silent clients grew the agent by {grown_mib} MiB"
+    );
+
+    // Past the 10 s handshake deadline each must be closed; 30 s at most.
+    let mut open = streams;
+    for stream in &open {
+        stream.set_nonblocking(true).expect("non-blocking");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !open.is_empty() && std::time::Instant::now() < deadline {
+        open.retain_mut(|stream| {
+            use std::io::Read as _;
+            match stream.read(&mut [0u8; 64]) {
+                Ok(0) => false,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => true,
+                Err(_) => false,
+                // TLS alerts may come before the close.
+                Ok(_) => true,
+            }
+        });
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let closed = CLIENTS - open.len();
+    assert_eq!(
+        closed, CLIENTS,
+        "every silent client is closed by the handshake deadline"
+    );
+}

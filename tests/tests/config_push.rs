@@ -1,5 +1,6 @@
 //! The controller pushes per-node snapshots; agents acknowledge them, keep the last good one
-//! when the controller is gone (across a restart too), and resynchronise when it returns.
+//! when the controller is gone (across a restart too), and resynchronise when it returns,
+//! whole snapshots only, even when the controller dies as it pushes one.
 
 use std::{fs, time::Duration};
 
@@ -177,4 +178,57 @@ fn an_agent_restarted_while_the_controller_is_down_keeps_the_last_good_snapshot(
         Ok(())
     })
     .expect("the agent resynchronises when the controller returns");
+}
+
+#[test]
+fn a_controller_killed_during_a_push_leaves_no_agent_half_applied() {
+    let Some(mut sb) = sandbox("tctlkill") else {
+        return;
+    };
+    let first = all_acked(&sb).expect("in sync");
+    // A change that touches both nodes, and the controller killed as it pushes it.
+    fs::write(
+        sb.config_dir().join("deny.yaml"),
+        format!(
+            "{}---\n{}",
+            deny_from(
+                "deny-n1",
+                "n1-p2",
+                "principals: [\"cluster.local/ns/default/sa/n2-p1\"]"
+            ),
+            deny_from(
+                "deny-n2",
+                "n2-p2",
+                "principals: [\"cluster.local/ns/default/sa/n1-p1\"]"
+            ),
+        ),
+    )
+    .expect("write the policies");
+    std::thread::sleep(Duration::from_millis(150));
+    sb.kill_controller().expect("SIGKILL the controller");
+    for node in ["n1", "n2"] {
+        let dump = sb.agent_admin(node, "/config_dump").expect("dump");
+        let version = dump["mesh"]["version"].as_u64().expect("a version");
+        let policies = dump["mesh"]["config"]["authorization_policies"]
+            .as_object()
+            .map(serde_json::Map::len)
+            .unwrap_or_default();
+        // Either the snapshot before the change, or the one after, never part of one.
+        assert!(
+            (version == first && policies == 0) || (version > first && policies == 1),
+            "{node} is at version {version} with {policies} policies"
+        );
+    }
+
+    sb.start_controller().expect("controller back");
+    let version = poll_until(RECONNECT, || {
+        let version = all_acked(&sb)?;
+        anyhow::ensure!(version > first, "still version {version}");
+        Ok(version)
+    })
+    .expect("every agent ends at the new version");
+    assert!(version > first);
+    assert!(!allowed(&sb, "n2-p1", "n1-p2"), "n1 enforces its part");
+    assert!(!allowed(&sb, "n1-p1", "n2-p2"), "n2 enforces its part");
+    assert!(allowed(&sb, "n1-p1", "n2-p1"), "and nothing more");
 }

@@ -5,15 +5,11 @@
 use std::{
     net::SocketAddr,
     path::Path,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU32, Ordering},
-    },
     time::{Duration, Instant},
 };
 
 use nodemesh_sandbox::{Sandbox, capture::Capture, poll_until};
-use nodemesh_tests::{connections, echo_from, sandbox, write_config};
+use nodemesh_tests::{Load, connections, echo_from, sandbox, write_config};
 
 const SOON: Duration = Duration::from_secs(10);
 const CANARY: &[u8] = b"nodemesh-faults-canary-41c8e2";
@@ -60,77 +56,6 @@ fn make_strict(sb: &Sandbox, pod: &str) {
     .expect("the agent applies STRICT");
 }
 
-/// Echoes the canary over and over between two pods until told to stop (at most `limit`
-/// attempts), counting what succeeded and what failed.
-struct Load {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicU32>,
-    failed: Arc<AtomicU32>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(netns: String, dst: SocketAddr, limit: u32) -> Self {
-        let (stop, ok, failed) = (
-            Arc::new(AtomicBool::new(false)),
-            Arc::new(AtomicU32::new(0)),
-            Arc::new(AtomicU32::new(0)),
-        );
-        let thread = {
-            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-            std::thread::spawn(move || {
-                for _ in 0..limit {
-                    if stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    match echo_from(&netns, dst, CANARY) {
-                        Ok(echo) if echo.reply == CANARY => ok.fetch_add(1, Ordering::Relaxed),
-                        _ => failed.fetch_add(1, Ordering::Relaxed),
-                    };
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            })
-        };
-        Self {
-            stop,
-            ok,
-            failed,
-            thread: Some(thread),
-        }
-    }
-
-    fn counts(&self) -> (u32, u32) {
-        (
-            self.ok.load(Ordering::Relaxed),
-            self.failed.load(Ordering::Relaxed),
-        )
-    }
-
-    /// Waits until `more` attempts beyond those made so far have succeeded.
-    fn wait_successes(&self, more: u32) {
-        let target = self.counts().0 + more;
-        poll_until(Duration::from_secs(30), || {
-            anyhow::ensure!(self.counts().0 >= target, "{:?}", self.counts());
-            Ok(())
-        })
-        .expect("the load gets through");
-    }
-
-    fn stop(mut self) -> (u32, u32) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            thread.join().expect("load thread");
-        }
-        self.counts()
-    }
-}
-
-impl Drop for Load {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
 #[test]
 fn an_agent_killed_under_load_leaks_no_plaintext_and_admits_no_legacy_client() {
     let Some(mut sb) = sandbox("tkill") else {
@@ -142,8 +67,8 @@ fn an_agent_killed_under_load_leaks_no_plaintext_and_admits_no_legacy_client() {
     let pcap = dir.path().join("n1-uplink.pcap");
     let capture = Capture::start(&sb.node("n1").netns, "eth0", &pcap).expect("tcpdump");
     // Out of n1 and into n1, both across the uplink.
-    let outgoing = Load::start(p1.netns.clone(), sb.pod("n2-p1").server.echo, 3000);
-    let incoming = Load::start(sb.pod("n2-p1").netns.clone(), p2.server.echo, 3000);
+    let outgoing = Load::start(p1.netns.clone(), sb.pod("n2-p1").server.echo, CANARY, 3000);
+    let incoming = Load::start(sb.pod("n2-p1").netns.clone(), p2.server.echo, CANARY, 3000);
     outgoing.wait_successes(5);
     incoming.wait_successes(5);
 

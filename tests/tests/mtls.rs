@@ -266,7 +266,7 @@ fn serial_of(sb: &Sandbox, node: &str, id: &SpiffeId) -> Option<String> {
 }
 
 #[test]
-fn certificates_rotate_without_breaking_a_long_lived_connection() {
+fn certificates_rotate_under_load_without_breaking_a_connection() {
     let Some(sb) = sandbox_with("trotate", |spec| {
         spec.workload_cert_ttl = Duration::from_secs(16)
     }) else {
@@ -276,6 +276,14 @@ fn certificates_rotate_without_breaking_a_long_lived_connection() {
     let first = serial_of(&sb, "n1", &id).expect("a certificate");
     let mut conn = LongLived::open(&sb.pod("n1-p1").netns, sb.pod("n2-p1").server.echo);
     assert_eq!(conn.round_trip(b"before"), b"before");
+    // New connections all along, across the rotation: none may fail.
+    let load = nodemesh_tests::Load::start(
+        sb.pod("n1-p1").netns.clone(),
+        sb.pod("n2-p2").server.echo,
+        b"under load",
+        2000,
+    );
+    load.wait_successes(5);
 
     let second = poll_until(Duration::from_secs(20), || {
         let serial = serial_of(&sb, "n1", &id).ok_or_else(|| anyhow::anyhow!("no certificate"))?;
@@ -285,6 +293,14 @@ fn certificates_rotate_without_breaking_a_long_lived_connection() {
     .expect("the certificate is renewed at about half its 16 s life");
 
     assert_ne!(first, second);
+    load.wait_successes(20);
+    let (ok, failed) = load.stop();
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} connections failed across the rotation",
+        ok + failed
+    );
     assert_eq!(conn.round_trip(b"after rotation"), b"after rotation");
     let fresh = echo_from(&sb.pod("n1-p1").netns, sb.pod("n2-p2").server.echo, b"new")
         .expect("new connection");

@@ -83,7 +83,10 @@ pub async fn handle(
     // elsewhere while the open ones finish.
     let shutdown = stop_accepting.cancelled_owned();
     let settings = nodemesh_hbone::ServerSettings::default();
-    if let Err(e) = nodemesh_hbone::serve(tls, &settings, shutdown, handle).await {
+    // Boxed: the HTTP/2 server's state is large, and a connection still in its handshake
+    // (a silent client, say) should not carry it.
+    let serve = Box::pin(nodemesh_hbone::serve(tls, &settings, shutdown, handle));
+    if let Err(e) = serve.await {
         tracing::debug!(%peer, error = %e, "HBONE connection ended");
     }
 }
