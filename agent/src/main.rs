@@ -192,6 +192,7 @@ async fn run(config: Arc<Config>) -> anyhow::Result<()> {
         mark: config.proxy_mark,
         transparent_mark: config.transparent_mark,
         hbone_port: config.ports.hbone,
+        tcp_idle_timeout: config.tcp_idle_timeout,
         state: state.clone(),
         identities,
         mesh: mesh.clone(),

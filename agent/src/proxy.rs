@@ -16,6 +16,7 @@ mod authz;
 pub mod baggage;
 mod hbone_inbound;
 pub mod http;
+mod idle;
 mod inbound;
 mod listener;
 mod outbound;
@@ -71,6 +72,8 @@ pub struct ProxyShared {
     pub mark: u32,
     pub transparent_mark: u32,
     pub hbone_port: u16,
+    /// How long a byte-stream connection may carry nothing before it is closed.
+    pub tcp_idle_timeout: Option<Duration>,
     pub state: Arc<AgentState>,
     pub identities: Arc<IdentityManager>,
     pub mesh: Arc<SharedMesh>,
@@ -212,6 +215,8 @@ pub enum ProxyError {
     Denied { by: String },
     #[error("closed: the authorization policies no longer allow this connection")]
     Revoked,
+    #[error("closed: nothing crossed it either way for {timeout:?} (--tcp-idle-timeout)")]
+    Idle { timeout: Duration },
     #[error("HTTP: {0}")]
     Http(String),
     #[error("{0}")]
@@ -238,6 +243,7 @@ impl ProxyError {
             ProxyError::NoEndpoint { .. } => "no_endpoint",
             ProxyError::Overflow { .. } => "overflow",
             ProxyError::Revoked => "revoked",
+            ProxyError::Idle { .. } => "idle_timeout",
             ProxyError::Http(_) => "http",
             ProxyError::Io(_) => "io",
         }
@@ -305,16 +311,46 @@ async fn connect_with_timeout(
 const COPY_BUFFER: usize = 16 * 1024;
 
 /// Copies both ways until both sides are done; a FIN from one side is passed on as a
-/// half-close to the other. Returns (bytes from the client, bytes to the client).
-async fn splice<A, B>(client: &mut A, upstream: &mut B) -> Result<(u64, u64), ProxyError>
+/// half-close to the other. Returns (bytes from the client, bytes to the client). With an
+/// `idle` period, a connection that carries nothing either way for one to two periods is
+/// closed.
+async fn splice<A, B>(
+    client: &mut A,
+    upstream: &mut B,
+    idle: Option<Duration>,
+) -> Result<(u64, u64), ProxyError>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    Ok(
-        tokio::io::copy_bidirectional_with_sizes(client, upstream, COPY_BUFFER, COPY_BUFFER)
-            .await?,
-    )
+    let Some(period) = idle else {
+        return Ok(tokio::io::copy_bidirectional_with_sizes(
+            client,
+            upstream,
+            COPY_BUFFER,
+            COPY_BUFFER,
+        )
+        .await?);
+    };
+    let reads = std::sync::atomic::AtomicU64::new(0);
+    let mut client = idle::Counted {
+        inner: client,
+        reads: &reads,
+    };
+    let mut upstream = idle::Counted {
+        inner: upstream,
+        reads: &reads,
+    };
+    let copy = tokio::io::copy_bidirectional_with_sizes(
+        &mut client,
+        &mut upstream,
+        COPY_BUFFER,
+        COPY_BUFFER,
+    );
+    tokio::select! {
+        result = copy => Ok(result?),
+        () = idle::silent_for(&reads, period) => Err(ProxyError::Idle { timeout: period }),
+    }
 }
 
 /// Hands an inbound stream to the application over `upstream`: request by request when the
@@ -349,7 +385,7 @@ where
         let registration = pod.active.register(peer, dst, None, &pod.cancel);
         return tokio::select! {
             () = registration.cancel.cancelled() => Err(ProxyError::Revoked),
-            result = splice(&mut client, &mut upstream) => result,
+            result = splice(&mut client, &mut upstream, shared.tcp_idle_timeout) => result,
         };
     }
     // `connection.sni` conditions: judged once the application's ClientHello is read.
@@ -374,7 +410,7 @@ where
     let registration = pod.active.register(peer, dst, sni.as_deref(), &pod.cancel);
     tokio::select! {
         () = registration.cancel.cancelled() => Err(ProxyError::Revoked),
-        result = splice(&mut client, &mut upstream) => result,
+        result = splice(&mut client, &mut upstream, shared.tcp_idle_timeout) => result,
     }
 }
 

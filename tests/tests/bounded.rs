@@ -1,6 +1,6 @@
 //! Bounded and drained rather than reset: a silent client is closed by the handshake deadline,
 //! a Workload edit that changes nothing about its traffic keeps its connections, and a stopping
-//! agent drains; one source cannot take every connection.
+//! agent drains; one source cannot take every connection; a silent one is closed.
 
 use std::{fs, net::SocketAddr, time::Duration};
 
@@ -263,4 +263,69 @@ fn a_thousand_silent_tls_clients_are_closed_with_memory_bounded() {
         closed, CLIENTS,
         "every silent client is closed by the handshake deadline"
     );
+}
+
+#[test]
+fn a_connection_silent_past_the_idle_timeout_is_closed_a_busy_one_is_not() {
+    use std::io::Read as _;
+    let Some(sb) = nodemesh_tests::sandbox_with("tidle", |spec| {
+        spec.agent_args = vec!["--tcp-idle-timeout".into(), "1".into()];
+    }) else {
+        return;
+    };
+    let dst = sb.pod("n2-p1").server.echo;
+    let mut silent_mesh = LongLived::open(&sb.pod("n1-p1").netns, dst);
+    let mut silent_plain = LongLived::open(&sb.pod("n1-legacy").netns, dst);
+    let mut busy = LongLived::open(&sb.pod("n1-p1").netns, dst);
+    for connection in [&mut silent_mesh, &mut silent_plain, &mut busy] {
+        assert_eq!(connection.round_trip(b"hello"), b"hello");
+    }
+    // Closed after one to two periods of silence: 4 s is past that.
+    for _ in 0..20 {
+        assert_eq!(busy.round_trip(b"still here"), b"still here");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for (what, connection) in [("mesh", &mut silent_mesh), ("plaintext", &mut silent_plain)] {
+        connection
+            .0
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let read = connection.0.read(&mut [0u8; 8]);
+        assert!(
+            matches!(read, Ok(0))
+                || read
+                    .as_ref()
+                    .is_err_and(|e| e.kind() != std::io::ErrorKind::WouldBlock),
+            "the silent {what} connection is still open: {read:?}"
+        );
+    }
+    assert_eq!(busy.round_trip(b"after"), b"after", "the busy one stays");
+    poll_until(SOON, || {
+        connections(&sb, "n2")
+            .into_iter()
+            .find(|c| {
+                c["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("tcp-idle-timeout"))
+            })
+            .ok_or_else(|| anyhow::anyhow!("no idle close recorded"))
+    })
+    .expect("the agent records why");
+}
+
+#[test]
+fn hundreds_of_connections_between_two_pods_share_one_hbone_connection() {
+    let Some(sb) = sandbox("tstreams") else {
+        return;
+    };
+    let (client, dst) = (sb.pod("n1-p1").netns.clone(), sb.pod("n2-p1").server.echo);
+    // Past HTTP/2's customary 100-200 concurrent streams: every one must be carried at once.
+    let mut held: Vec<LongLived> = (0..500).map(|_| LongLived::open(&client, dst)).collect();
+    for (i, connection) in held.iter_mut().enumerate() {
+        let message = format!("stream {i}");
+        assert_eq!(
+            connection.round_trip(message.as_bytes()),
+            message.as_bytes()
+        );
+    }
 }

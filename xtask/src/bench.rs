@@ -178,6 +178,18 @@ fn measure(sandbox: &Sandbox, plan: Plan) -> anyhow::Result<Outcome> {
         tools::rss_mb(agent_pid("n2"))?,
     ));
     drop(held);
+    // Idle tunnels: 10,000 CONNECT streams on the pooled HBONE connection from n1 to n2.
+    std::thread::sleep(Duration::from_secs(1));
+    let held = hold_connections(sandbox, 10_000)?;
+    memory.push((
+        "node n1 agent, 10,000 idle HBONE streams".to_owned(),
+        tools::rss_mb(agent_pid("n1"))?,
+    ));
+    memory.push((
+        "node n2 agent, 10,000 idle HBONE streams".to_owned(),
+        tools::rss_mb(agent_pid("n2"))?,
+    ));
+    drop(held);
     let [same_no, same_mesh, cross_no, cross_mesh] =
         [measured[0], measured[1], measured[2], measured[3]];
     let pair = |f: fn(&Measured) -> f64| {

@@ -38,6 +38,31 @@ mod testing;
 mod timeout;
 pub mod upstream;
 
+/// The server side of an application's HTTP/1.1 connection through the proxy: a client gets
+/// 30 s to send each request's headers (hyper's header read timeout, enforced with a timer).
+fn http1_server() -> hyper::server::conn::http1::Builder {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(std::time::Duration::from_secs(30));
+    builder
+}
+
+/// The server side of an application's HTTP/2 connection through the proxy: 60 KiB of
+/// headers at most (Envoy's default), 1024 concurrent streams, keepalive pings every 30 s
+/// closing a peer silent for 10 s more.
+fn http2_server() -> hyper::server::conn::http2::Builder<hyper_util::rt::TokioExecutor> {
+    let mut builder =
+        hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_header_list_size(60 * 1024)
+        .max_concurrent_streams(1024)
+        .keep_alive_interval(std::time::Duration::from_secs(30))
+        .keep_alive_timeout(std::time::Duration::from_secs(10));
+    builder
+}
+
 use std::{convert::Infallible, future::Future, pin::Pin};
 
 use bytes::Bytes;

@@ -106,7 +106,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let upstream = connect(target, destination, mesh, pod, shared, tracker).await?;
-    splice_to(client, upstream).await
+    splice_to(client, upstream, shared.tcp_idle_timeout).await
 }
 
 /// Where a connection goes on: a tunnel to an enrolled workload, or plain TCP.
@@ -115,13 +115,17 @@ enum Upstream {
     Tcp(TcpStream),
 }
 
-async fn splice_to<S>(mut client: S, upstream: Upstream) -> Result<(u64, u64), ProxyError>
+async fn splice_to<S>(
+    mut client: S,
+    upstream: Upstream,
+    idle: Option<std::time::Duration>,
+) -> Result<(u64, u64), ProxyError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     match upstream {
-        Upstream::Tunnel(mut tunnel) => splice(&mut client, &mut tunnel).await,
-        Upstream::Tcp(mut stream) => splice(&mut client, &mut stream).await,
+        Upstream::Tunnel(mut tunnel) => splice(&mut client, &mut tunnel, idle).await,
+        Upstream::Tcp(mut stream) => splice(&mut client, &mut stream, idle).await,
     }
 }
 
@@ -292,7 +296,7 @@ where
         release: false,
     };
     balance::record(traffic, target, &health, endpoint.addr, finished);
-    splice_to(client, upstream?).await
+    splice_to(client, upstream?, shared.tcp_idle_timeout).await
 }
 
 /// Gives back the endpoint's count of open connections when the connection ends.

@@ -39,7 +39,10 @@ fn response_flags(error: &ProxyError) -> &'static str {
         | ProxyError::Hbone(_)
         | ProxyError::Identity(_)
         | ProxyError::Socket { .. } => "UF",
-        ProxyError::NoOriginalDst { .. } | ProxyError::Http(_) | ProxyError::Io(_) => "-",
+        ProxyError::NoOriginalDst { .. }
+        | ProxyError::Http(_)
+        | ProxyError::Io(_)
+        | ProxyError::Idle { .. } => "-",
     }
 }
 

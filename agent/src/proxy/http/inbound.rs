@@ -10,7 +10,6 @@ use http::Request;
 use hyper::{
     body::Incoming,
     client::conn::{http1 as client_h1, http2 as client_h2},
-    server::conn::{http1 as server_h1, http2 as server_h2},
     service::service_fn,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -110,7 +109,7 @@ where
         .register(conn.peer.clone(), conn.dst, sni, &conn.pod.cancel);
     tokio::select! {
         () = registration.cancel.cancelled() => Err(ProxyError::Revoked),
-        result = splice(&mut client, &mut upstream) => result,
+        result = splice(&mut client, &mut upstream, conn.shared.tcp_idle_timeout) => result,
     }
 }
 
@@ -200,16 +199,8 @@ where
     let (client, counts) = Counted::new(client);
     let io = TokioIo::new(client);
     let served = match protocol {
-        Protocol::Http2 => {
-            server_h2::Builder::new(TokioExecutor::new())
-                .serve_connection(io, service)
-                .await
-        }
-        _ => {
-            server_h1::Builder::new()
-                .serve_connection(io, service)
-                .await
-        }
+        Protocol::Http2 => super::http2_server().serve_connection(io, service).await,
+        _ => super::http1_server().serve_connection(io, service).await,
     };
     served.map_err(|e| ProxyError::Http(e.to_string()))?;
     Ok(counts.get())

@@ -8,12 +8,8 @@ use std::{
 };
 
 use http::{Request, Version};
-use hyper::{
-    body::Incoming,
-    server::conn::{http1 as server_h1, http2 as server_h2},
-    service::service_fn,
-};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tower::{ServiceBuilder, ServiceExt as _, util::BoxCloneSyncService};
 
@@ -152,13 +148,9 @@ where
     });
     let io = TokioIo::new(client);
     let served = if downstream_h2 {
-        server_h2::Builder::new(TokioExecutor::new())
-            .serve_connection(io, service)
-            .await
+        super::http2_server().serve_connection(io, service).await
     } else {
-        server_h1::Builder::new()
-            .serve_connection(io, service)
-            .await
+        super::http1_server().serve_connection(io, service).await
     };
     served.map_err(|e| ProxyError::Http(e.to_string()))
 }
