@@ -33,11 +33,6 @@ impl Activity {
         StreamGuard(self.0.clone())
     }
 
-    /// Streams open now.
-    pub(crate) fn open_now(&self) -> usize {
-        self.0.borrow().open
-    }
-
     /// Resolves once the connection has had no open stream for `idle`, or for `first` when
     /// it never had one.
     pub(crate) async fn idle(&self, first: Duration, idle: Duration) {
