@@ -167,3 +167,87 @@ where
 {
     Box::pin(async move { Ok(future.await) })
 }
+
+#[cfg(test)]
+mod server_limits {
+    use std::time::Duration;
+
+    use hyper_util::rt::TokioIo;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    fn answer_ok(
+        _: http::Request<hyper::body::Incoming>,
+    ) -> std::future::Ready<Result<http::Response<String>, std::convert::Infallible>> {
+        std::future::ready(Ok(http::Response::new("ok".to_owned())))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_never_finishes_its_headers_is_closed_after_30_s() {
+        let (mut client, server) = tokio::io::duplex(4096);
+        let started = tokio::time::Instant::now();
+        let serving = tokio::spawn(
+            super::http1_server()
+                .serve_connection(TokioIo::new(server), hyper::service::service_fn(answer_ok)),
+        );
+        client
+            .write_all(b"GET / HTTP/1.1\r\nhost: a\r\n")
+            .await
+            .expect("write");
+        let result = tokio::time::timeout(Duration::from_secs(120), serving)
+            .await
+            .expect("the server gives up on the headers")
+            .expect("server task");
+        assert!(result.is_err(), "a header read timeout, not a request");
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_secs(30) && waited < Duration::from_secs(31),
+            "{waited:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_complete_request_is_served() {
+        let (mut client, server) = tokio::io::duplex(4096);
+        tokio::spawn(
+            super::http1_server()
+                .serve_connection(TokioIo::new(server), hyper::service::service_fn(answer_ok)),
+        );
+        client
+            .write_all(b"GET / HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).await.expect("read");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn an_http2_header_block_past_60_kib_is_refused() {
+        let (client_io, server) = tokio::io::duplex(1 << 20);
+        tokio::spawn(
+            super::http2_server()
+                .serve_connection(TokioIo::new(server), hyper::service::service_fn(answer_ok)),
+        );
+        let (mut sender, connection) =
+            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .handshake::<_, http_body_util::Empty<bytes::Bytes>>(TokioIo::new(client_io))
+                .await
+                .expect("HTTP/2");
+        tokio::spawn(connection);
+        let small = http::Request::get("http://a/")
+            .body(http_body_util::Empty::new())
+            .expect("request");
+        let ok = sender.send_request(small).await.expect("answered");
+        assert_eq!(ok.status(), http::StatusCode::OK);
+        let big = http::Request::get("http://a/")
+            .header("x-big", "a".repeat(70 * 1024))
+            .body(http_body_util::Empty::new())
+            .expect("request");
+        let refused = sender.send_request(big).await;
+        assert!(
+            refused.as_ref().map_or(true, |r| r.status()
+                == http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE),
+            "{refused:?}"
+        );
+    }
+}
