@@ -305,3 +305,46 @@ impl Drop for Load {
         self.stop.store(true, Ordering::Relaxed);
     }
 }
+
+/// Whether a connection from `netns` to `dst` fails (refused, reset, or closed unanswered).
+pub fn refused(netns: &str, dst: SocketAddr) -> bool {
+    match echo_from(netns, dst, b"x") {
+        Ok(echo) => echo.reply.is_empty(),
+        Err(_) => true,
+    }
+}
+
+/// Makes `pod` STRICT with a PeerAuthentication of its own and waits until its agent says so.
+pub fn set_strict(sb: &Sandbox, pod: &str) {
+    write_config(
+        sb,
+        &format!("pa-{pod}.yaml"),
+        &format!(
+            "apiVersion: security.nodemesh.dev/v1\nkind: PeerAuthentication\nmetadata:\n  \
+             name: {pod}-strict\n  namespace: default\nspec:\n  selector:\n    matchLabels:\n      \
+             app: {pod}\n  mtls:\n    mode: STRICT\n"
+        ),
+    );
+    let node = sb.pod(pod).node.clone();
+    nodemesh_sandbox::poll_until(Duration::from_secs(10), || {
+        let workloads = sb.agent_admin(&node, "/workloads")?;
+        let mode = workloads
+            .as_array()
+            .and_then(|a| a.iter().find(|w| w["name"] == pod))
+            .map(|w| w["mtls_mode"].clone());
+        anyhow::ensure!(mode == Some("STRICT".into()), "{pod} is {mode:?}");
+        Ok(())
+    })
+    .expect("the agent applies STRICT");
+}
+
+/// Runs `nodemesh-agent --uninstall` for `node`'s pin directory and checks that it succeeded.
+pub fn uninstall(node: &str, pin_dir: &std::path::Path) -> std::process::Output {
+    let out = std::process::Command::new(bin_dir().join("nodemesh-agent"))
+        .args(["--node", node, "--uninstall", "--bpf-pin-dir"])
+        .arg(pin_dir)
+        .output()
+        .expect("run nodemesh-agent --uninstall");
+    assert!(out.status.success(), "{out:?}");
+    out
+}

@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use nodemesh_sandbox::poll_until;
-use nodemesh_tests::{curl, echo_from, recorded, sandbox, write_config};
+use nodemesh_tests::{curl, echo_from, recorded, refused, sandbox};
 
 const SOON: Duration = Duration::from_secs(10);
 
@@ -139,14 +139,6 @@ fn pods_outside_the_mesh_are_not_captured() {
     assert_eq!(echo.reply, b"out");
 }
 
-/// Whether a connection from `netns` to `dst` fails (refused, reset, or closed unanswered).
-fn refused(netns: &str, dst: SocketAddr) -> bool {
-    match echo_from(netns, dst, b"x") {
-        Ok(echo) => echo.reply.is_empty(),
-        Err(_) => true,
-    }
-}
-
 #[test]
 fn a_stopped_agent_leaves_capture_refusing_until_its_successor_takes_over() {
     let Some(mut sb) = sandbox("trestart") else {
@@ -211,12 +203,7 @@ fn uninstall_removes_the_capture_a_stopped_agent_left() {
     assert!(refused(&client, dst), "capture outlives the agent");
 
     let pins = nodemesh_sandbox::pins_of("tuninst").join("n1");
-    let out = std::process::Command::new(nodemesh_tests::bin_dir().join("nodemesh-agent"))
-        .args(["--node", "n1", "--uninstall", "--bpf-pin-dir"])
-        .arg(&pins)
-        .output()
-        .expect("run nodemesh-agent --uninstall");
-    assert!(out.status.success(), "{out:?}");
+    let out = nodemesh_tests::uninstall("n1", &pins);
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("capture is off"),
         "{out:?}"
@@ -257,12 +244,7 @@ fn an_agent_refuses_pinned_maps_of_another_shape() {
     );
     assert!(text.contains("--uninstall"), "says what to do: {text}");
 
-    let out = std::process::Command::new(nodemesh_tests::bin_dir().join("nodemesh-agent"))
-        .args(["--node", "n1", "--uninstall", "--bpf-pin-dir"])
-        .arg(&pins)
-        .output()
-        .expect("run nodemesh-agent --uninstall");
-    assert!(out.status.success(), "{out:?}");
+    nodemesh_tests::uninstall("n1", &pins);
     sb.start_agent("n1")
         .expect("a clean start after --uninstall");
     let dst = echo_addr(&sb, "n2-p1");
@@ -342,21 +324,7 @@ fn a_strict_pod_takes_no_udp_and_nothing_reaches_it_around_the_proxy() {
     })
     .expect("the application's 15053 is reached only through the proxy");
 
-    write_config(
-        &sb,
-        "pa-n2-p1.yaml",
-        "apiVersion: security.nodemesh.dev/v1\nkind: PeerAuthentication\nmetadata:\n  name: strict\n  namespace: default\nspec:\n  selector:\n    matchLabels:\n      app: n2-p1\n  mtls:\n    mode: STRICT\n",
-    );
-    poll_until(SOON, || {
-        let workloads = sb.agent_admin("n2", "/workloads")?;
-        let mode = workloads
-            .as_array()
-            .and_then(|a| a.iter().find(|w| w["name"] == "n2-p1"))
-            .map(|w| w["mtls_mode"].clone());
-        anyhow::ensure!(mode == Some("STRICT".into()), "{mode:?}");
-        Ok(())
-    })
-    .expect("STRICT applied");
+    nodemesh_tests::set_strict(&sb, "n2-p1");
     for _ in 0..3 {
         send_udp(&legacy, udp_addr, b"strict");
         send_udp(&sb.pod("n2-legacy").netns, udp_addr, b"strict");

@@ -8,19 +8,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use nodemesh_sandbox::{Sandbox, capture::Capture, poll_until};
-use nodemesh_tests::{Load, connections, echo_from, sandbox, write_config};
+use nodemesh_sandbox::{capture::Capture, poll_until};
+use nodemesh_tests::{Load, connections, echo_from, refused, sandbox, set_strict, write_config};
 
 const SOON: Duration = Duration::from_secs(10);
 const CANARY: &[u8] = b"nodemesh-faults-canary-41c8e2";
-
-/// Whether a connection from `netns` to `dst` fails (refused, reset, or closed unanswered).
-fn refused(netns: &str, dst: SocketAddr) -> bool {
-    match echo_from(netns, dst, b"x") {
-        Ok(echo) => echo.reply.is_empty(),
-        Err(_) => true,
-    }
-}
 
 /// TCP packets in `pcap` from one of `sources` to or from a port other than HBONE's and the
 /// controller API's, resets aside: what an enrolled pod must never put on an uplink.
@@ -33,35 +25,12 @@ fn outside_the_tunnel(pcap: &Path, sources: &[std::net::Ipv4Addr]) -> Vec<String
     Capture::read(pcap, &filter).expect("read the capture")
 }
 
-fn make_strict(sb: &Sandbox, pod: &str) {
-    write_config(
-        sb,
-        &format!("pa-{pod}.yaml"),
-        &format!(
-            "apiVersion: security.nodemesh.dev/v1\nkind: PeerAuthentication\nmetadata:\n  \
-             name: {pod}-strict\n  namespace: default\nspec:\n  selector:\n    matchLabels:\n      \
-             app: {pod}\n  mtls:\n    mode: STRICT\n"
-        ),
-    );
-    let node = sb.pod(pod).node.clone();
-    poll_until(SOON, || {
-        let workloads = sb.agent_admin(&node, "/workloads")?;
-        let mode = workloads
-            .as_array()
-            .and_then(|a| a.iter().find(|w| w["name"] == pod))
-            .map(|w| w["mtls_mode"].clone());
-        anyhow::ensure!(mode == Some("STRICT".into()), "{pod} is {mode:?}");
-        Ok(())
-    })
-    .expect("the agent applies STRICT");
-}
-
 #[test]
 fn an_agent_killed_under_load_leaks_no_plaintext_and_admits_no_legacy_client() {
     let Some(mut sb) = sandbox("tkill") else {
         return;
     };
-    make_strict(&sb, "n1-p1");
+    set_strict(&sb, "n1-p1");
     let (p1, p2) = (sb.pod("n1-p1").clone(), sb.pod("n1-p2").clone());
     let dir = tempfile::tempdir().expect("temp dir");
     let pcap = dir.path().join("n1-uplink.pcap");
