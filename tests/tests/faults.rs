@@ -9,7 +9,9 @@ use std::{
 };
 
 use nodemesh_sandbox::{capture::Capture, poll_until};
-use nodemesh_tests::{Load, connections, echo_from, refused, sandbox, set_strict, write_config};
+use nodemesh_tests::{
+    Load, LongLived, connections, echo_from, refused, sandbox, set_strict, write_config,
+};
 
 const SOON: Duration = Duration::from_secs(10);
 const CANARY: &[u8] = b"nodemesh-faults-canary-41c8e2";
@@ -86,6 +88,105 @@ fn an_agent_killed_under_load_leaks_no_plaintext_and_admits_no_legacy_client() {
             "{legacy} reaches the STRICT pod after the restart"
         );
     }
+}
+
+/// Whether a held connection was cut: the next read ends or fails instead of timing out.
+fn cut(connection: &LongLived) -> bool {
+    use std::io::Read as _;
+    let _ = connection
+        .0
+        .set_read_timeout(Some(Duration::from_millis(200)));
+    match (&connection.0).read(&mut [0u8; 16]) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    }
+}
+
+#[test]
+fn an_agent_restarted_under_load_cuts_only_what_it_carried_and_leaks_nothing() {
+    let Some(mut sb) = sandbox("trestart") else {
+        return;
+    };
+    set_strict(&sb, "n1-p1");
+    let (p1, p2, far) = (
+        sb.pod("n1-p1").clone(),
+        sb.pod("n1-p2").clone(),
+        sb.pod("n2-p1").clone(),
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pcap = dir.path().join("n1-uplink.pcap");
+    let capture = Capture::start(&sb.node("n1").netns, "eth0", &pcap).expect("tcpdump");
+    // Connections n1's agent carries (out of and into n1), and one it does not (n2 to n2).
+    let mut carried: Vec<LongLived> = (0..4)
+        .map(|_| LongLived::open(&p2.netns, far.server.echo))
+        .chain((0..4).map(|_| LongLived::open(&far.netns, p2.server.echo)))
+        .collect();
+    let mut elsewhere = LongLived::open(&far.netns, sb.pod("n2-p2").server.echo);
+    for connection in carried.iter_mut().chain(std::iter::once(&mut elsewhere)) {
+        assert_eq!(connection.round_trip(b"before"), b"before");
+    }
+    let outgoing = Load::start(p1.netns.clone(), far.server.echo, CANARY, 3000);
+    let incoming = Load::start(far.netns.clone(), p2.server.echo, CANARY, 3000);
+    outgoing.wait_successes(5);
+    incoming.wait_successes(5);
+
+    // SIGTERM: the agent drains (2 s in the sandbox) and exits; its successor takes over.
+    sb.stop_agent("n1").expect("stop agent n1");
+    for legacy in ["n1-legacy", "n2-legacy"] {
+        assert!(
+            refused(&sb.pod(legacy).netns, p1.server.echo),
+            "{legacy} reaches the STRICT pod while no agent runs"
+        );
+    }
+    let (ok_down, _) = outgoing.counts();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        outgoing.counts().0,
+        ok_down,
+        "nothing gets through with no proxy to carry it"
+    );
+    sb.start_agent("n1").expect("agent n1 back");
+    outgoing.wait_successes(5);
+    incoming.wait_successes(5);
+    let (out_ok, out_failed) = outgoing.stop();
+    let (in_ok, in_failed) = incoming.stop();
+    let bytes = capture.stop().expect("capture file");
+
+    let cut_count = carried.iter().filter(|c| cut(c)).count();
+    eprintln!(
+        "agent n1 restarted under load: {cut_count} of {} carried connections cut at the end \
+         of the drain; new connections outgoing {out_ok} ok / {out_failed} refused, incoming \
+         {in_ok} ok / {in_failed} refused",
+        carried.len()
+    );
+    assert_eq!(
+        cut_count,
+        carried.len(),
+        "every connection the old agent carried ends (closed at the end of its drain), none \
+         hangs half-open"
+    );
+    assert_eq!(
+        elsewhere.round_trip(b"after"),
+        b"after",
+        "a connection another agent carries is untouched"
+    );
+    assert!(
+        !bytes.windows(CANARY.len()).any(|w| w == CANARY),
+        "an enrolled pod's bytes crossed the uplink in clear"
+    );
+    let leaked = outside_the_tunnel(&pcap, &[p1.ip, p2.ip]);
+    assert!(
+        leaked.is_empty(),
+        "enrolled pods' TCP outside HBONE on the uplink: {leaked:?}"
+    );
+    assert_eq!(
+        LongLived::open(&p2.netns, far.server.echo).round_trip(b"again"),
+        b"again"
+    );
 }
 
 #[test]
