@@ -72,6 +72,39 @@ struct Args {
     #[arg(long, default_value_t = 3600)]
     tcp_idle_timeout: u64,
 
+    /// Listen at this unix socket for the `nodemesh-cni` plugin, which hands over each new
+    /// pod's network namespace and waits until the pod is enrolled.
+    #[arg(long, env = "NODEMESH_CNI_SOCKET")]
+    cni_socket: Option<PathBuf>,
+
+    /// Keep nodemesh-cni in the node's CNI configuration (this directory, such as
+    /// /etc/cni/net.d): put it back whenever the network plugin rewrites its file. Needs
+    /// --cni-socket.
+    #[arg(long, requires = "cni_socket")]
+    cni_conf_dir: Option<PathBuf>,
+
+    /// Namespaces whose pods the CNI plugin never hands over (with --cni-conf-dir).
+    #[arg(long, value_delimiter = ',', default_value = "kube-system")]
+    cni_exclude_namespaces: Vec<String>,
+
+    /// With the agent unreachable, let pods that may belong in the mesh start without it
+    /// (with --cni-conf-dir). Off: their creation fails until the agent is back.
+    #[arg(long)]
+    cni_fail_open: bool,
+
+    /// Open network namespaces at the paths the configuration names (local mode). Kubernetes
+    /// mode sets it false: namespaces come only from the CNI plugin and from /proc.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    netns_from_config: bool,
+
+    /// Look under /proc for the namespaces of pods that were running before the agent.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    discover_pods: bool,
+
+    /// Where the host's /proc is (the DaemonSet mounts it elsewhere when not hostPID).
+    #[arg(long, default_value = "/proc")]
+    proc_root: PathBuf,
+
     /// The controller's certificate API, https://host:port.
     #[arg(
         long,
@@ -169,6 +202,14 @@ impl Default for InPodPorts {
     }
 }
 
+/// The node's CNI configuration, kept chaining nodemesh-cni.
+#[derive(Debug, Clone, Serialize)]
+pub struct CniConf {
+    pub dir: PathBuf,
+    pub exclude_namespaces: Vec<String>,
+    pub fail_open: bool,
+}
+
 /// What the command line asks for.
 #[derive(Debug)]
 pub enum Command {
@@ -195,6 +236,13 @@ pub struct Config {
     pub tcp_idle_timeout: Option<std::time::Duration>,
     pub proxy_mark: u32,
     pub transparent_mark: u32,
+    /// Where the CNI plugin reaches the agent; `None` when off.
+    pub cni_socket: Option<PathBuf>,
+    /// The CNI configuration directory the agent keeps nodemesh-cni in, and how.
+    pub cni_conf: Option<CniConf>,
+    pub netns_from_config: bool,
+    pub discover_pods: bool,
+    pub proc_root: PathBuf,
     pub controller: String,
     pub controller_ca: PathBuf,
     pub token_file: PathBuf,
@@ -264,6 +312,15 @@ impl Config {
                 .then(|| std::time::Duration::from_secs(args.tcp_idle_timeout)),
             proxy_mark: args.proxy_mark,
             transparent_mark: args.transparent_mark,
+            cni_conf: args.cni_conf_dir.map(|dir| CniConf {
+                dir,
+                exclude_namespaces: args.cni_exclude_namespaces,
+                fail_open: args.cni_fail_open,
+            }),
+            cni_socket: args.cni_socket,
+            netns_from_config: args.netns_from_config,
+            discover_pods: args.discover_pods,
+            proc_root: args.proc_root,
             controller,
             controller_ca,
             token_file,
@@ -368,6 +425,34 @@ mod tests {
         let args = Args::try_parse_from(["nodemesh-agent", "--node", "../x", "--uninstall"])
             .expect("parses");
         assert!(pin_dir(&args).is_err(), "a node name is not a path");
+    }
+
+    #[test]
+    fn kubernetes_mode_takes_namespaces_only_from_the_cni_plugin_and_proc() {
+        let local = parse(&["--ebpf-object", "/x.o"]).expect("valid");
+        assert!(local.netns_from_config && local.cni_socket.is_none());
+        let kubernetes = parse(&[
+            "--ebpf-object",
+            "/x.o",
+            "--netns-from-config",
+            "false",
+            "--cni-socket",
+            "/var/run/nodemesh/cni.sock",
+            "--cni-conf-dir",
+            "/etc/cni/net.d",
+            "--proc-root",
+            "/host/proc",
+        ])
+        .expect("valid");
+        assert!(!kubernetes.netns_from_config);
+        assert_eq!(
+            kubernetes.cni_conf.expect("kept").exclude_namespaces,
+            ["kube-system"]
+        );
+        assert!(
+            parse(&["--ebpf-object", "/x.o", "--cni-conf-dir", "/etc/cni/net.d"]).is_err(),
+            "the plugin needs a socket to reach"
+        );
     }
 
     #[test]

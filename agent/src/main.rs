@@ -5,10 +5,12 @@
 //! agent cannot start (not root, no cgroup2, kernel feature missing, eBPF object not built).
 
 mod admin;
+mod cni;
 mod config;
 mod config_source;
 mod controller_client;
 mod datapath;
+mod discovery;
 mod identity;
 mod inpod;
 mod mesh;
@@ -209,6 +211,13 @@ async fn run(config: Arc<Config>) -> anyhow::Result<()> {
         ),
     });
     let mut registry = WorkloadRegistry::new(config.clone(), datapath, shared);
+    let (cni_tx, mut cni_requests) = mpsc::channel(64);
+    let cni_stop = CancellationToken::new();
+    if let Some(path) = &config.cni_socket {
+        let socket = cni::CniSocket::bind(path)?;
+        tracing::info!(socket = %socket.path().display(), "the CNI plugin hands new pods over here");
+        tokio::spawn(socket.serve(cni_tx, cni_stop.clone()));
+    }
     let source = Arc::new(SnapshotSource::new(controller, &config.state_dir));
     if let Some((version, mesh)) = source.load_saved() {
         tracing::info!(version, "starting from the snapshot saved by the last run");
@@ -246,11 +255,17 @@ async fn run(config: Arc<Config>) -> anyhow::Result<()> {
                     state.set_controller(Some(reason));
                 }
             },
-            _ = recheck.tick() => registry.recheck().await,
+            Some(request) = cni_requests.recv() => registry.handle_cni(request).await,
+            _ = recheck.tick() => {
+                registry.recheck().await;
+                keep_cni_entry(&config).await;
+            }
         }
         state.set_workloads(registry.status());
     }
     follower.abort();
+    // New pods wait for the next agent (or start without the mesh, if so configured).
+    cni_stop.cancel();
     drain(
         &registry,
         &state,
@@ -262,6 +277,33 @@ async fn run(config: Arc<Config>) -> anyhow::Result<()> {
     stop.cancel();
     drop(registry);
     Ok(())
+}
+
+/// Puts nodemesh-cni back into the node's CNI configuration if the network plugin rewrote it
+/// without it: until then new pods would start outside the mesh.
+async fn keep_cni_entry(config: &Config) {
+    let (Some(conf), Some(socket)) = (&config.cni_conf, &config.cni_socket) else {
+        return;
+    };
+    let settings = nodemesh_cni::conflist::PluginSettings {
+        agent_socket: socket.clone(),
+        exclude_namespaces: conf.exclude_namespaces.clone(),
+        fail_open: conf.fail_open,
+        timeout_seconds: 15,
+    };
+    let dir = conf.dir.clone();
+    let result =
+        tokio::task::spawn_blocking(move || nodemesh_cni::conflist::install(&dir, &settings)).await;
+    match result {
+        Ok(Ok(nodemesh_cni::conflist::Installed::Written(file))) => tracing::warn!(
+            file = %file.display(),
+            "nodemesh-cni was missing from the node's CNI configuration; put it back"
+        ),
+        Ok(Ok(nodemesh_cni::conflist::Installed::Unchanged(_))) | Err(_) => {}
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "cannot keep nodemesh-cni in the node's CNI configuration")
+        }
+    }
 }
 
 /// Stops taking connections and lets the open ones finish for up to `grace` (a second signal

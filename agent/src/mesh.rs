@@ -51,20 +51,20 @@ impl MeshView {
         let by_ip = mesh
             .workloads
             .values()
-            .map(|w| {
+            .filter_map(|w| {
                 let identity = mesh
                     .is_enrolled(w)
                     .then(|| {
                         SpiffeId::new(trust_domain, w.namespace(), &w.spec.service_account).ok()
                     })
                     .flatten();
-                (
-                    w.spec.ip,
+                Some((
+                    w.ip()?,
                     Arc::new(Destination {
                         key: w.key(),
                         identity,
                     }),
-                )
+                ))
             })
             .collect();
         Self {

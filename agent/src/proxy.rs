@@ -257,7 +257,7 @@ pub(crate) async fn connect_from_pod(
     dst: SocketAddr,
 ) -> Result<TcpStream, ProxyError> {
     let socket = inpod::tcp_socket(&pod.netns, dst, mark).map_err(|source| ProxyError::Socket {
-        netns: pod.netns.path().display().to_string(),
+        netns: pod.netns.to_string(),
         source,
     })?;
     connect_with_timeout(socket, dst).await
@@ -271,7 +271,7 @@ async fn connect_to_app(
     dst: SocketAddr,
 ) -> Result<TcpStream, ProxyError> {
     let socket_error = |source| ProxyError::Socket {
-        netns: pod.netns.path().display().to_string(),
+        netns: pod.netns.to_string(),
         source,
     };
     let socket = inpod::transparent_socket(&pod.netns, client.ip(), shared.transparent_mark)

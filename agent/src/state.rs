@@ -70,11 +70,13 @@ struct Inner {
 pub struct WorkloadStatus {
     pub name: String,
     pub namespace: String,
-    pub ip: Ipv4Addr,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ip: Option<Ipv4Addr>,
     pub netns: String,
     pub service_account: String,
     pub identity: String,
-    /// `enrolled`, or `failed` with `error` saying why.
+    /// `enrolled`, `failed` with `error` saying why, or `awaiting` its network namespace (the
+    /// CNI plugin's handover, or its processes under /proc) with `error` saying what.
     pub state: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -153,10 +155,9 @@ impl AgentState {
     }
 
     pub fn set_workloads(&self, workloads: Vec<WorkloadStatus>) {
-        let failed = workloads.iter().filter(|w| w.state != "enrolled").count();
-        self.metrics
-            .workloads_enrolled
-            .set((workloads.len() - failed) as i64);
+        let failed = workloads.iter().filter(|w| w.state == "failed").count();
+        let enrolled = workloads.iter().filter(|w| w.state == "enrolled").count();
+        self.metrics.workloads_enrolled.set(enrolled as i64);
         self.metrics.workloads_failed.set(failed as i64);
         self.write().workloads = workloads;
     }
@@ -177,7 +178,8 @@ impl AgentState {
         workloads
     }
 
-    /// Ready once a configuration is in force and every workload of this node is enrolled.
+    /// Ready once a configuration is in force and no workload of this node failed to enroll
+    /// (one awaiting its namespace from the runtime does not count: its pod is not up yet).
     /// The reason says what is missing.
     pub fn readiness(&self) -> Result<(), String> {
         let inner = self.read();
@@ -190,7 +192,7 @@ impl AgentState {
         let failed: Vec<String> = inner
             .workloads
             .iter()
-            .filter(|w| w.state != "enrolled")
+            .filter(|w| w.state == "failed")
             .map(|w| {
                 format!(
                     "{}/{}: {}",

@@ -115,7 +115,7 @@ fn resolve_service(mesh: &MeshConfig, name: &str, from: &str) -> anyhow::Result<
         return Ok(mesh
             .services
             .values()
-            .find(|s| s.spec.cluster_ip == ip)
+            .find(|s| s.vip() == Some(ip))
             .map(|s| s.key()));
     }
     if mesh.services.contains_key(name) {
@@ -153,7 +153,7 @@ fn client_namespace(mesh: &MeshConfig, from: &str) -> String {
         .find(|w| w.key() == from || w.name() == from)
         .or_else(|| {
             let ip = from.parse::<Ipv4Addr>().ok()?;
-            mesh.workloads.values().find(|w| w.spec.ip == ip)
+            mesh.workloads.values().find(|w| w.ip() == Some(ip))
         })
         .map_or_else(|| "default".to_owned(), |w| w.namespace().to_owned())
 }
@@ -209,7 +209,12 @@ fn resolve_ip(mesh: &MeshConfig, name: &str) -> anyhow::Result<Ipv4Addr> {
         .filter(|w| w.key() == name || w.name() == name)
         .collect();
     match matches.as_slice() {
-        [one] => Ok(one.spec.ip),
+        [one] => one.ip().ok_or_else(|| {
+            anyhow::anyhow!(
+                "workload {} has no address yet; give its IPv4 address",
+                one.key()
+            )
+        }),
         [] => bail!("no workload named {name:?}; give namespace/name, a name, or an IPv4 address"),
         several => bail!(
             "{name:?} names several workloads ({}); give namespace/name",

@@ -3,7 +3,7 @@ use std::{fmt, path::PathBuf};
 /// One thing wrong with the configuration: where it is and what to do about it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub struct ConfigError {
-    /// The file the object came from.
+    /// The file the object came from; empty for an object read from the Kubernetes API.
     pub file: PathBuf,
     /// `Kind namespace/name` of the object, when it could be read that far.
     pub object: Option<String>,
@@ -26,14 +26,19 @@ impl ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.file.display())?;
+        // Objects read from the Kubernetes API have no file.
+        let mut parts = Vec::new();
+        if !self.file.as_os_str().is_empty() {
+            parts.push(self.file.display().to_string());
+        }
         if let Some(object) = &self.object {
-            write!(f, ": {object}")?;
+            parts.push(object.clone());
         }
         if let Some(field) = &self.field {
-            write!(f, ": field `{field}`")?;
+            parts.push(format!("field `{field}`"));
         }
-        write!(f, ": {}", self.message)
+        parts.push(self.message.clone());
+        write!(f, "{}", parts.join(": "))
     }
 }
 

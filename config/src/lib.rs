@@ -9,6 +9,7 @@
 mod authorization_policy;
 mod backend_traffic_policy;
 mod duration;
+mod endpoint_slice;
 mod error;
 #[cfg(test)]
 mod fuzz;
@@ -41,6 +42,9 @@ pub use backend_traffic_policy::{
     TcpTimeout, Timeout,
 };
 pub use duration::{GatewayDuration, GoDuration};
+pub use endpoint_slice::{
+    EndpointConditions, EndpointSlice, SERVICE_NAME_LABEL, SliceEndpoint, SlicePort,
+};
 pub use error::{ConfigError, ConfigErrors};
 pub use http_route::{
     FilterType, GATEWAY_API_VERSION, HeaderModifier, HttpBackendRef, HttpHeader, HttpHeaderMatch,
@@ -49,8 +53,10 @@ pub use http_route::{
     PathModifierType, RequestRedirect, UrlRewrite, ValueMatchType,
 };
 pub use ip_block::IpBlock;
-pub use load::{SourceFingerprint, load_dir, load_path, load_str};
-pub use mesh::{EffectiveMtls, MeshConfig, PortMtls};
+pub use load::{
+    ParsedObject, SourceFingerprint, assemble, load_dir, load_path, load_str, parse_object,
+};
+pub use mesh::{EffectiveMtls, MeshConfig, PortMtls, ServiceEndpoint};
 pub use mesh_settings::{
     Egress, EgressPolicy, MeshSettings, MeshSettingsSpec, PathNormalization, Telemetry, Tracing,
 };
@@ -60,7 +66,7 @@ pub use peer_authentication::{
     Mtls, MtlsMode, PeerAuthentication, PeerAuthenticationSpec, PortKey, WorkloadSelector,
     selects_all,
 };
-pub use service::{AppProtocol, Service, ServicePort, ServiceSpec};
+pub use service::{AppProtocol, ClusterIp, Service, ServicePort, ServiceSpec};
 #[cfg(feature = "watch")]
 pub use watch::LocalSource;
 pub use workload::{Workload, WorkloadSpec};
@@ -71,6 +77,9 @@ pub const ENROLLED_LABEL: &str = "nodemesh.dev/enabled";
 
 /// The API group and version of nodemesh's own kinds.
 pub const API_VERSION: &str = "nodemesh.dev/v1alpha1";
+
+/// Kubernetes' EndpointSlice.
+pub const ENDPOINT_SLICE_API_VERSION: &str = "discovery.k8s.io/v1";
 
 /// The API group and version of the security kinds, named as Istio's.
 pub const SECURITY_API_VERSION: &str = "security.nodemesh.dev/v1";

@@ -12,8 +12,9 @@ use serde_yaml::Value;
 
 use crate::{
     API_VERSION, AuthorizationPolicy, BackendTrafficPolicy, ConfigError, ConfigErrors,
-    GATEWAY_API_VERSION, HttpRoute, MeshConfig, MeshSettings, Namespace, POLICY_API_VERSION,
-    PeerAuthentication, SECURITY_API_VERSION, Service, Workload,
+    ENDPOINT_SLICE_API_VERSION, EndpointSlice, GATEWAY_API_VERSION, HttpRoute, MeshConfig,
+    MeshSettings, Namespace, POLICY_API_VERSION, PeerAuthentication, ROOT_NAMESPACE,
+    SECURITY_API_VERSION, Service, Workload,
 };
 
 mod check;
@@ -102,10 +103,29 @@ pub(crate) enum Object {
     MeshSettings(MeshSettings),
     HttpRoute(HttpRoute),
     BackendTrafficPolicy(Box<BackendTrafficPolicy>),
+    EndpointSlice(EndpointSlice),
+}
+
+impl Object {
+    /// `Kind namespace/name` (`Namespace name` for a Namespace): how errors name the object,
+    /// and the key no two objects of a configuration may share.
+    fn describe(&self) -> String {
+        match self {
+            Object::Namespace(ns) => format!("Namespace {}", ns.name()),
+            Object::Workload(w) => format!("Workload {}", w.key()),
+            Object::PeerAuthentication(p) => format!("PeerAuthentication {}", p.key()),
+            Object::AuthorizationPolicy(p) => format!("AuthorizationPolicy {}", p.key()),
+            Object::Service(svc) => format!("Service {}", svc.key()),
+            Object::MeshSettings(_) => format!("MeshSettings {ROOT_NAMESPACE}/default"),
+            Object::HttpRoute(route) => format!("HTTPRoute {}", route.key()),
+            Object::BackendTrafficPolicy(p) => format!("BackendTrafficPolicy {}", p.key()),
+            Object::EndpointSlice(slice) => format!("EndpointSlice {}", slice.key()),
+        }
+    }
 }
 
 /// The kinds nodemesh reads and the apiVersion of each.
-const KINDS: [(&str, &str); 8] = [
+const KINDS: [(&str, &str); 9] = [
     ("Namespace", "v1"),
     ("Service", "v1"),
     ("Workload", API_VERSION),
@@ -114,6 +134,7 @@ const KINDS: [(&str, &str); 8] = [
     ("MeshSettings", API_VERSION),
     ("HTTPRoute", GATEWAY_API_VERSION),
     ("BackendTrafficPolicy", POLICY_API_VERSION),
+    ("EndpointSlice", ENDPOINT_SLICE_API_VERSION),
 ];
 
 /// Gateway API serves HTTPRoute at v1beta1 too, with the same schema.
@@ -158,13 +179,13 @@ fn parse_documents(file: &Path, text: &str) -> Result<Vec<Located>, ConfigError>
         }
         objects.push(Located {
             file: file.to_owned(),
-            object: parse_object(file, value)?,
+            object: parse_one(file, value)?,
         });
     }
     Ok(objects)
 }
 
-fn parse_object(file: &Path, value: Value) -> Result<Object, ConfigError> {
+fn parse_one(file: &Path, value: Value) -> Result<Object, ConfigError> {
     let error = |object: Option<String>, field: &str, message: String| ConfigError {
         file: file.to_owned(),
         object,
@@ -217,6 +238,7 @@ fn parse_object(file: &Path, value: Value) -> Result<Object, ConfigError> {
         "BackendTrafficPolicy" => {
             Object::BackendTrafficPolicy(Box::new(typed(file, &object, value)?))
         }
+        "EndpointSlice" => Object::EndpointSlice(typed(file, &object, value)?),
         _ => Object::MeshSettings(typed(file, &object, value)?),
     };
     check::check_object(&parsed)
@@ -236,75 +258,115 @@ fn typed<T: DeserializeOwned>(file: &Path, object: &str, value: Value) -> Result
     })
 }
 
-/// Checks the objects against each other and builds the configuration.
+/// Checks the objects against each other and builds the configuration; any error refuses
+/// the whole of it (local mode).
 fn build(objects: Vec<Located>) -> Result<MeshConfig, ConfigErrors> {
+    let (config, errors) = assemble_located(objects, Strictness::Whole);
+    if errors.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+/// How the whole-configuration checks treat an object that contradicts another or names
+/// something missing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Strictness {
+    /// Local mode: any error refuses the whole configuration.
+    Whole,
+    /// Kubernetes mode: an object that contradicts another is left out; one that names a
+    /// missing object stays (a route's status says so; its requests get what Gateway API
+    /// says they get). Everything else goes on.
+    PerObject,
+}
+
+/// One object of the configuration, parsed and checked on its own.
+#[derive(Debug, Clone)]
+pub struct ParsedObject(Located);
+
+impl ParsedObject {
+    /// `Kind namespace/name`, as errors name objects.
+    pub fn describe(&self) -> String {
+        self.0.object.describe()
+    }
+}
+
+/// Parses one object given as YAML (a document of a file, or an object read from the
+/// Kubernetes API, with `origin` empty): its kind, its fields and its own rules.
+pub fn parse_object(origin: &Path, value: Value) -> Result<ParsedObject, ConfigError> {
+    parse_one(origin, value).map(|object| {
+        ParsedObject(Located {
+            file: origin.to_owned(),
+            object,
+        })
+    })
+}
+
+/// Builds a configuration from objects parsed one by one, leaving out those that contradict
+/// others (the same address twice, a workload in a namespace that does not exist) and
+/// keeping those that name something missing; both are among the errors returned, for the
+/// objects' status. The Kubernetes source builds its configuration this way, so that one bad
+/// object never holds back the rest.
+pub fn assemble(objects: impl IntoIterator<Item = ParsedObject>) -> (MeshConfig, Vec<ConfigError>) {
+    assemble_located(
+        objects.into_iter().map(|p| p.0).collect(),
+        Strictness::PerObject,
+    )
+}
+
+fn assemble_located(
+    objects: Vec<Located>,
+    strictness: Strictness,
+) -> (MeshConfig, Vec<ConfigError>) {
     let mut config = MeshConfig::default();
     let mut errors = Vec::new();
     let mut origin: BTreeMap<String, PathBuf> = BTreeMap::new();
     let mut by_ip: BTreeMap<std::net::Ipv4Addr, (String, PathBuf)> = BTreeMap::new();
     let mut workloads = Vec::new();
     let mut services = Vec::new();
+    let mut seen: BTreeMap<String, PathBuf> = BTreeMap::new();
     for Located { file, object } in objects {
+        let key = object.describe();
+        if let Some(first) = seen.get(&key) {
+            errors.push(duplicate(&file, &key, first));
+            continue;
+        }
+        seen.insert(key.clone(), file.clone());
         match object {
+            Object::Workload(w) => {
+                workloads.push((file, w));
+                continue;
+            }
+            Object::Service(svc) => {
+                services.push((file, svc));
+                continue;
+            }
             Object::Namespace(ns) => {
-                let key = format!("Namespace {}", ns.name());
-                if let Some(first) = origin.get(&key) {
-                    errors.push(duplicate(&file, &key, first));
-                    continue;
-                }
-                origin.insert(key, file);
                 config.namespaces.insert(ns.name().to_owned(), ns);
             }
-            Object::Workload(w) => workloads.push((file, w)),
             Object::PeerAuthentication(p) => {
-                let key = format!("PeerAuthentication {}", p.key());
-                if let Some(first) = origin.get(&key) {
-                    errors.push(duplicate(&file, &key, first));
-                    continue;
-                }
-                origin.insert(key, file);
                 config.peer_authentications.insert(p.key(), p);
             }
             Object::AuthorizationPolicy(p) => {
-                let key = format!("AuthorizationPolicy {}", p.key());
-                if let Some(first) = origin.get(&key) {
-                    errors.push(duplicate(&file, &key, first));
-                    continue;
-                }
-                origin.insert(key, file);
                 config.authorization_policies.insert(p.key(), p);
             }
-            Object::Service(svc) => services.push((file, svc)),
             Object::HttpRoute(route) => {
-                let key = format!("HTTPRoute {}", route.key());
-                if let Some(first) = origin.get(&key) {
-                    errors.push(duplicate(&file, &key, first));
-                    continue;
-                }
-                origin.insert(key, file);
                 config.http_routes.insert(route.key(), route);
             }
             Object::BackendTrafficPolicy(policy) => {
-                let key = format!("BackendTrafficPolicy {}", policy.key());
-                if let Some(first) = origin.get(&key) {
-                    errors.push(duplicate(&file, &key, first));
-                    continue;
-                }
-                origin.insert(key, file);
                 config
                     .backend_traffic_policies
                     .insert(policy.key(), *policy);
             }
+            Object::EndpointSlice(slice) => {
+                config.endpoint_slices.insert(slice.key(), slice);
+            }
             Object::MeshSettings(m) => {
-                let key = "MeshSettings nodemesh-system/default".to_owned();
-                if let Some(first) = origin.get(&key) {
-                    errors.push(duplicate(&file, &key, first));
-                    continue;
-                }
-                origin.insert(key, file);
                 config.settings = m.spec;
             }
         }
+        origin.insert(key, file);
     }
     for (file, w) in workloads {
         let key = format!("Workload {}", w.key());
@@ -314,10 +376,6 @@ fn build(objects: Vec<Located>) -> Result<MeshConfig, ConfigErrors> {
             field: Some(field.to_owned()),
             message,
         };
-        if let Some(first) = origin.get(&key) {
-            errors.push(duplicate(&file, &key, first));
-            continue;
-        }
         if !config.namespaces.contains_key(w.namespace()) {
             errors.push(at(
                 "metadata.namespace",
@@ -330,51 +388,57 @@ fn build(objects: Vec<Located>) -> Result<MeshConfig, ConfigErrors> {
             ));
             continue;
         }
-        if let Some((other, other_file)) = by_ip.get(&w.spec.ip) {
-            errors.push(at(
-                "spec.ip",
-                format!(
-                    "{} is already the address of Workload {other} in {}; each workload needs \
-                     its own address",
-                    w.spec.ip,
-                    other_file.display()
-                ),
-            ));
-            continue;
+        if let Some(ip) = w.ip() {
+            if let Some((other, other_file)) = by_ip.get(&ip) {
+                errors.push(at(
+                    "spec.ip",
+                    format!(
+                        "{ip} is already the address of Workload {other}{}; each workload \
+                         needs its own address",
+                        in_file(other_file)
+                    ),
+                ));
+                continue;
+            }
+            by_ip.insert(ip, (w.key(), file.clone()));
         }
-        by_ip.insert(w.spec.ip, (w.key(), file.clone()));
         origin.insert(key, file.clone());
         config.workloads.insert(w.key(), w);
     }
     for (file, svc) in services {
         let key = format!("Service {}", svc.key());
-        if let Some(first) = origin.get(&key) {
-            errors.push(duplicate(&file, &key, first));
-            continue;
+        if let Some(vip) = svc.vip() {
+            if let Some((other, other_file)) = by_ip.get(&vip) {
+                errors.push(ConfigError {
+                    file: file.clone(),
+                    object: Some(key),
+                    field: Some("spec.clusterIP".to_owned()),
+                    message: format!(
+                        "{vip} is already the address of {other}{}; a Service needs an address \
+                         of its own",
+                        in_file(other_file)
+                    ),
+                });
+                continue;
+            }
+            by_ip.insert(vip, (key.clone(), file.clone()));
         }
-        let vip = svc.spec.cluster_ip;
-        if let Some((other, other_file)) = by_ip.get(&vip) {
-            errors.push(ConfigError {
-                file: file.clone(),
-                object: Some(key),
-                field: Some("spec.clusterIP".to_owned()),
-                message: format!(
-                    "{vip} is already the address of {other} in {}; a Service needs an address \
-                     of its own",
-                    other_file.display()
-                ),
-            });
-            continue;
-        }
-        by_ip.insert(vip, (key.clone(), file.clone()));
         origin.insert(key, file);
         config.services.insert(svc.key(), svc);
     }
     errors.extend(references::check(&config, &origin));
-    if errors.is_empty() {
-        Ok(config)
+    if strictness == Strictness::Whole && !errors.is_empty() {
+        return (MeshConfig::default(), errors);
+    }
+    (config, errors)
+}
+
+/// ` in <file>`, or nothing for an object read from the Kubernetes API.
+fn in_file(file: &Path) -> String {
+    if file.as_os_str().is_empty() {
+        String::new()
     } else {
-        Err(ConfigErrors(errors))
+        format!(" in {}", file.display())
     }
 }
 
@@ -384,8 +448,8 @@ fn duplicate(file: &Path, key: &str, first: &Path) -> ConfigError {
         object: Some(key.to_owned()),
         field: Some("metadata.name".to_owned()),
         message: format!(
-            "is defined again; it is already defined in {}. Keep one definition",
-            first.display()
+            "is defined again; it is already defined{}. Keep one definition",
+            in_file(first)
         ),
     }
 }

@@ -1,10 +1,11 @@
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    AuthorizationPolicy, BackendTrafficPolicy, ENROLLED_LABEL, EgressPolicy, HttpRoute,
-    MeshSettingsSpec, MtlsMode, Namespace, PeerAuthentication, Service, Workload, selects_all,
+    AuthorizationPolicy, BackendTrafficPolicy, ENROLLED_LABEL, EgressPolicy, EndpointSlice,
+    HttpRoute, MeshSettingsSpec, MtlsMode, Namespace, PeerAuthentication, Service, Workload,
+    selects_all,
 };
 
 /// A whole, validated configuration: what one load of a directory (or one snapshot of the
@@ -26,8 +27,19 @@ pub struct MeshConfig {
     pub http_routes: BTreeMap<String, HttpRoute>,
     /// BackendTrafficPolicies by `namespace/name`.
     pub backend_traffic_policies: BTreeMap<String, BackendTrafficPolicy>,
+    /// EndpointSlices by `namespace/name`: where a Service has any, its endpoints.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub endpoint_slices: BTreeMap<String, EndpointSlice>,
     /// The mesh-wide settings (defaults when no MeshSettings object exists).
     pub settings: MeshSettingsSpec,
+}
+
+/// One endpoint of a Service: an address, and the workload that holds it when the mesh knows
+/// one (an EndpointSlice may list addresses outside the cluster's pods).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceEndpoint<'a> {
+    pub ip: Ipv4Addr,
+    pub workload: Option<&'a Workload>,
 }
 
 /// The mTLS mode in force for a workload and the policy that decided it.
@@ -165,9 +177,7 @@ impl MeshConfig {
                     && p.spec.target_services().any(|name| {
                         self.services
                             .get(&format!("{ns}/{name}"))
-                            .is_some_and(|svc| {
-                                self.endpoints(svc).any(|w| w.key() == workload.key())
-                            })
+                            .is_some_and(|svc| self.serves(svc, workload))
                     });
             }
             let selected = p
@@ -179,21 +189,58 @@ impl MeshConfig {
         })
     }
 
-    /// The workloads behind a Service: its namespace's workloads whose labels match its
-    /// selector. A Service without a selector has none.
-    pub fn endpoints<'a>(
-        &'a self,
-        service: &'a Service,
-    ) -> impl Iterator<Item = &'a Workload> + 'a {
-        self.workloads.values().filter(move |w| {
-            !service.spec.selector.is_empty()
-                && w.namespace() == service.metadata.namespace()
-                && service
-                    .spec
-                    .selector
-                    .iter()
-                    .all(|(k, v)| w.metadata.labels.get(k) == Some(v))
-        })
+    /// The endpoints of a Service. Where EndpointSlices name the Service (Kubernetes), the
+    /// ready IPv4 addresses they list, each with the workload holding it if the mesh knows
+    /// one; otherwise (local mode) the workloads of its namespace whose labels match its
+    /// selector. A Service with neither has none.
+    pub fn endpoints<'a>(&'a self, service: &'a Service) -> Vec<ServiceEndpoint<'a>> {
+        let key = service.key();
+        let mut sliced: Vec<Ipv4Addr> = self
+            .endpoint_slices
+            .values()
+            .filter(|s| s.service_key().as_deref() == Some(key.as_str()))
+            .flat_map(EndpointSlice::ready_addresses)
+            .collect();
+        let has_slices = self
+            .endpoint_slices
+            .values()
+            .any(|s| s.service_key().as_deref() == Some(key.as_str()));
+        if has_slices {
+            sliced.sort_unstable();
+            sliced.dedup();
+            return sliced
+                .into_iter()
+                .map(|ip| ServiceEndpoint {
+                    ip,
+                    workload: self.workloads.values().find(|w| w.ip() == Some(ip)),
+                })
+                .collect();
+        }
+        self.workloads
+            .values()
+            .filter(|w| {
+                !service.spec.selector.is_empty()
+                    && w.namespace() == service.metadata.namespace()
+                    && service
+                        .spec
+                        .selector
+                        .iter()
+                        .all(|(k, v)| w.metadata.labels.get(k) == Some(v))
+            })
+            .filter_map(|w| {
+                Some(ServiceEndpoint {
+                    ip: w.ip()?,
+                    workload: Some(w),
+                })
+            })
+            .collect()
+    }
+
+    /// Whether `workload` is one of `service`'s endpoints.
+    pub fn serves(&self, service: &Service, workload: &Workload) -> bool {
+        self.endpoints(service)
+            .iter()
+            .any(|e| e.workload.is_some_and(|w| w.key() == workload.key()))
     }
 
     pub fn egress(&self) -> EgressPolicy {

@@ -13,6 +13,11 @@ pub struct ObjectMeta {
     pub labels: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
+    /// The API server's identifier of this incarnation of the object; a pod recreated under
+    /// the same name has another. Kept for Workloads (pods), which the CNI plugin and the
+    /// agent's search of /proc know by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
     /// RFC 3339, as the API server writes it; orders HTTPRoutes of equal precedence.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub creation_timestamp: Option<String>,

@@ -21,9 +21,10 @@ pub struct Service {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceSpec {
-    /// The virtual IP clients connect to.
+    /// The virtual IP clients connect to, or `None` (as Kubernetes writes it) for a headless
+    /// Service, whose clients connect to its pods' addresses.
     #[serde(rename = "clusterIP")]
-    pub cluster_ip: Ipv4Addr,
+    pub cluster_ip: ClusterIp,
     /// Labels of the workloads behind the Service, in its namespace.
     #[serde(default)]
     pub selector: BTreeMap<String, String>,
@@ -70,11 +71,55 @@ impl ServicePort {
     }
 }
 
+/// A Service's `clusterIP`: an IPv4 address, or `None` for a headless Service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClusterIp {
+    Address(Ipv4Addr),
+    Headless,
+}
+
+impl ClusterIp {
+    pub fn address(self) -> Option<Ipv4Addr> {
+        match self {
+            Self::Address(ip) => Some(ip),
+            Self::Headless => None,
+        }
+    }
+}
+
+impl Serialize for ClusterIp {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Address(ip) => s.collect_str(ip),
+            Self::Headless => s.serialize_str("None"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ClusterIp {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        if text == "None" {
+            return Ok(Self::Headless);
+        }
+        text.parse().map(Self::Address).map_err(|_| {
+            serde::de::Error::custom(format!(
+                "{text:?} is not an IPv4 address; write None for a headless Service"
+            ))
+        })
+    }
+}
+
 fn tcp() -> String {
     "TCP".to_owned()
 }
 
 impl Service {
+    /// The Service's virtual IP; `None` when headless.
+    pub fn vip(&self) -> Option<Ipv4Addr> {
+        self.spec.cluster_ip.address()
+    }
+
     pub fn key(&self) -> String {
         format!("{}/{}", self.metadata.namespace(), self.metadata.name)
     }
@@ -100,8 +145,9 @@ impl Service {
                 "a Service needs at least one port".to_owned(),
             ));
         }
-        let ip = self.spec.cluster_ip;
-        if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
+        if let ClusterIp::Address(ip) = self.spec.cluster_ip
+            && (ip.is_unspecified() || ip.is_loopback() || ip.is_multicast())
+        {
             return Err((
                 "spec.clusterIP".to_owned(),
                 format!("{ip} cannot be a Service address"),

@@ -35,9 +35,9 @@ pub struct SnapshotAck {
 }
 
 impl MeshConfig {
-    /// What the agent of `node` needs: every namespace, workload and service (any of them
-    /// may be a destination), the mesh settings, and only the policies that apply to a
-    /// workload on this node.
+    /// What the agent of `node` needs: every namespace, workload with an address, service and
+    /// endpoint slice (any of them may be a destination), the mesh settings, and only the
+    /// policies that apply to a workload on this node.
     pub fn for_node(&self, node: &str) -> MeshConfig {
         let local: Vec<_> = self
             .workloads
@@ -71,10 +71,19 @@ impl MeshConfig {
             })
             .map(|(k, p)| (k.clone(), p.clone()))
             .collect();
+        // Another node's pod without an address yet is no destination: it travels only to its
+        // own node, whose agent enrolls it when the CNI plugin hands its namespace over.
+        let workloads = self
+            .workloads
+            .iter()
+            .filter(|(_, w)| w.spec.node == node || w.ip().is_some())
+            .map(|(k, w)| (k.clone(), w.clone()))
+            .collect();
         MeshConfig {
             namespaces: self.namespaces.clone(),
-            workloads: self.workloads.clone(),
+            workloads,
             services: self.services.clone(),
+            endpoint_slices: self.endpoint_slices.clone(),
             // Any client on the node may address any Service, and rate limits are enforced at
             // the destination: routes and traffic policies all travel.
             http_routes: self.http_routes.clone(),

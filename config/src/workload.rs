@@ -20,10 +20,16 @@ pub struct Workload {
 pub struct WorkloadSpec {
     /// Name of the node whose agent serves this workload.
     pub node: String,
-    /// Path of the workload's network namespace, such as `/run/netns/web-1`.
-    pub netns: PathBuf,
-    /// The workload's IPv4 address inside its network namespace.
-    pub ip: Ipv4Addr,
+    /// Path of the workload's network namespace, such as `/run/netns/web-1`. Absent for a pod
+    /// whose namespace reaches the agent another way: handed over by the `nodemesh-cni` plugin
+    /// when the pod is created, or found under /proc by its `metadata.uid` (Kubernetes mode
+    /// never names one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<PathBuf>,
+    /// The workload's IPv4 address inside its network namespace; absent until the pod has
+    /// one (the CNI plugin tells the agent at the pod's creation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<Ipv4Addr>,
     /// The service account the workload runs as; its SPIFFE identity derives from it.
     #[serde(default = "default_service_account")]
     pub service_account: String,
@@ -40,6 +46,11 @@ impl Workload {
 
     pub fn namespace(&self) -> &str {
         self.metadata.namespace()
+    }
+
+    /// The workload's address, once it has one.
+    pub fn ip(&self) -> Option<Ipv4Addr> {
+        self.spec.ip
     }
 
     /// `namespace/name`, the key users know a workload by.

@@ -59,7 +59,7 @@ fn endpoint<'a>(
     trust_domain: &str,
     ip: Ipv4Addr,
 ) -> (Endpoint, Option<&'a Workload>) {
-    let workload = mesh.workloads.values().find(|w| w.spec.ip == ip);
+    let workload = mesh.workloads.values().find(|w| w.ip() == Some(ip));
     let endpoint = Endpoint {
         workload: workload.map(Workload::key),
         ip,

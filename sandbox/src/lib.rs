@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod capture;
+pub mod cni;
 pub mod curl;
 mod http;
 mod layout;
@@ -37,8 +38,9 @@ pub use crate::{
 pub const STATE_ROOT: &str = "/run/nodemesh/sandbox";
 
 /// What the sandbox runs, all from one directory.
-pub const BINARIES: [&str; 4] = [
+pub const BINARIES: [&str; 5] = [
     "nodemesh-agent",
+    "nodemesh-cni",
     "nodemesh-controller",
     "nodemesh-testserver",
     "nodemesh-ebpf.o",
@@ -364,6 +366,7 @@ pub fn down(name: &str) -> anyhow::Result<()> {
     for ns in &namespaces {
         topology::delete_netns(ns)?;
     }
+    cni::remove_cgroups(name)?;
     let dir = Path::new(STATE_ROOT).join(name);
     if dir.exists() {
         fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;

@@ -180,6 +180,9 @@ pub fn start_agent(layout: &Layout, index: usize) -> anyhow::Result<i32> {
         layout.token_file(&node).display().to_string(),
         "--access-log".to_owned(),
         layout.access_log(&node).display().to_string(),
+        // Pods made through the node's CNI chain (see `cni`) are handed over here.
+        "--cni-socket".to_owned(),
+        layout.cni_socket(&node.name).display().to_string(),
     ];
     args.extend(layout.agent_args.iter().cloned());
     spawn_in_netns(

@@ -221,7 +221,10 @@ mod tests {
             .map(|b| (b.service.as_str(), b.share_percent))
             .collect();
         assert_eq!(shares, [("shop/web-v1", 75.0), ("shop/web-v2", 25.0)]);
-        assert_eq!(explanation.backends[0].endpoints[0].workload, "shop/web-1");
+        assert_eq!(
+            explanation.backends[0].endpoints[0].workload.as_deref(),
+            Some("shop/web-1")
+        );
 
         let elsewhere = RequestHead {
             path: "/other",

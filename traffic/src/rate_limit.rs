@@ -324,7 +324,7 @@ pub fn for_workload(mesh: &MeshConfig, workload: &Workload) -> Vec<PodRateLimit>
                     Some((policy, mesh.services.get(&key)?))
                 })
         })
-        .filter(|(_, service)| mesh.endpoints(service).any(|w| w.key() == workload.key()))
+        .filter(|(_, service)| mesh.serves(service, workload))
         .filter_map(|(policy, service)| {
             Some(PodRateLimit {
                 service: service.key(),

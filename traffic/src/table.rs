@@ -41,12 +41,14 @@ pub struct ServiceEntry {
     pub settings: Arc<BackendSettings>,
 }
 
-/// A workload behind a Service.
+/// An endpoint of a Service: usually a workload, or an address an EndpointSlice lists
+/// outside the mesh's pods.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Endpoint {
     pub ip: Ipv4Addr,
-    /// `namespace/name` of the workload.
-    pub workload: String,
+    /// `namespace/name` of the workload holding the address, when the mesh knows one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
 }
 
 #[derive(Debug)]
@@ -121,7 +123,9 @@ impl TrafficTable {
         let mut table = TrafficTable::default();
         for (id, service) in mesh.services.values().enumerate() {
             let key = service.key();
-            table.by_vip.insert(service.spec.cluster_ip, id);
+            if let Some(vip) = service.vip() {
+                table.by_vip.insert(vip, id);
+            }
             table.by_key.insert(key.clone(), id);
         }
         for (id, service) in mesh.services.values().enumerate() {
@@ -137,9 +141,10 @@ impl TrafficTable {
             });
             let endpoints = mesh
                 .endpoints(service)
-                .map(|w| Endpoint {
-                    ip: w.spec.ip,
-                    workload: w.key(),
+                .into_iter()
+                .map(|e| Endpoint {
+                    ip: e.ip,
+                    workload: e.workload.map(nodemesh_config::Workload::key),
                 })
                 .collect();
             let ports = service

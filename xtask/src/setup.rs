@@ -12,7 +12,9 @@ use crate::{describe, require_root, run_step};
 /// - iproute2, util-linux (nsenter), procps (sysctl): the sandbox;
 /// - curl: the demo and tests use a real HTTP client;
 /// - tcpdump: tests capture a node's uplink to prove it carries only TLS;
-/// - prometheus: `sandbox up --prometheus` runs a real one scraping the mesh.
+/// - prometheus: `sandbox up --prometheus` runs a real one scraping the mesh;
+/// - containernetworking-plugins: the CNI reference plugins (bridge, host-local, loopback),
+///   which tests run ahead of nodemesh-cni as a container runtime would.
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -22,6 +24,7 @@ const PACKAGES: &[&str] = &[
     "curl",
     "tcpdump",
     "prometheus",
+    "containernetworking-plugins",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13";

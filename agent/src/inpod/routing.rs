@@ -52,7 +52,7 @@ fn netlink(netns: &PodNetns) -> Result<Handle, RoutingError> {
         netns
             .run(rtnetlink::new_connection)
             .map_err(|source| RoutingError::Netlink {
-                netns: netns.path().display().to_string(),
+                netns: netns.to_string(),
                 source,
             })?;
     tokio::spawn(connection);
@@ -75,7 +75,7 @@ fn local_route() -> rtnetlink::packet_route::route::RouteMessage {
 
 /// Installs the sysctl, rule and route in the pod. Idempotent.
 pub async fn install_routing(netns: &PodNetns, mark: u32) -> Result<(), RoutingError> {
-    let name = || netns.path().display().to_string();
+    let name = || netns.to_string();
     netns
         .run(|| {
             std::fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "1")?;

@@ -28,7 +28,9 @@ pub struct ServiceExplanation {
 #[derive(Debug, Serialize)]
 pub struct EndpointVerdict {
     pub backend: String,
-    pub workload: String,
+    /// `None` for an address an EndpointSlice lists outside the mesh's pods.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
     pub address: String,
     /// From the source node's agent (`/endpoints`); `None` without `--agent`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -327,7 +329,8 @@ pub fn render(e: &ServiceExplanation, what: &str, from: &str) -> String {
             let _ = writeln!(
                 out,
                 "    endpoint {} {}: {health}; its proxy: {verdict}",
-                endpoint.workload, endpoint.address
+                endpoint.workload.as_deref().unwrap_or("(outside the mesh)"),
+                endpoint.address
             );
         }
     }

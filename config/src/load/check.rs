@@ -28,21 +28,40 @@ pub(super) fn check_object(object: &Object) -> Result<(), (String, String)> {
                     "is empty; name the node that runs this workload".into(),
                 ));
             }
-            if !w.spec.netns.is_absolute() {
-                return Err((
-                    "spec.netns".to_owned(),
-                    format!(
-                        "{:?} is not an absolute path; give the network namespace's path, \
-                         such as /run/netns/<name>",
-                        w.spec.netns
-                    ),
-                ));
+            if let Some(netns) = &w.spec.netns {
+                if !netns.is_absolute() {
+                    return Err((
+                        "spec.netns".to_owned(),
+                        format!(
+                            "{netns:?} is not an absolute path; give the network namespace's \
+                             path, such as /run/netns/<name>"
+                        ),
+                    ));
+                }
+                if w.spec.ip.is_none() {
+                    return Err((
+                        "spec.ip".to_owned(),
+                        "is missing; a workload with a network namespace needs its address \
+                         there"
+                            .into(),
+                    ));
+                }
             }
-            let ip = w.spec.ip;
-            if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || ip.is_broadcast() {
+            if let Some(ip) = w.spec.ip
+                && (ip.is_unspecified()
+                    || ip.is_loopback()
+                    || ip.is_multicast()
+                    || ip.is_broadcast())
+            {
                 return Err((
                     "spec.ip".to_owned(),
                     format!("{ip} cannot be a workload address"),
+                ));
+            }
+            if w.metadata.uid.as_deref().is_some_and(str::is_empty) {
+                return Err((
+                    "metadata.uid".to_owned(),
+                    "is empty; give the pod's uid or leave the field out".into(),
                 ));
             }
         }
@@ -65,6 +84,10 @@ pub(super) fn check_object(object: &Object) -> Result<(), (String, String)> {
         Object::BackendTrafficPolicy(policy) => {
             check_names(&policy.metadata.name, policy.metadata.namespace())?;
             policy.validate()?;
+        }
+        Object::EndpointSlice(slice) => {
+            check_names(&slice.metadata.name, slice.metadata.namespace())?;
+            slice.validate()?;
         }
         Object::MeshSettings(m) => {
             if let Some(tracing) = &m.spec.telemetry.tracing {
