@@ -2,7 +2,11 @@
 //! trust, the node's bootstrap token as a bearer token. Certificates, the snapshot stream and
 //! its acknowledgements all go through it.
 
-use std::{path::Path, sync::Arc, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
@@ -36,7 +40,10 @@ pub struct ControllerClient {
     authority: String,
     server_name: ServerName<'static>,
     tls: TlsConnector,
-    token: String,
+    /// Read again whenever it changes: the kubelet rotates a projected ServiceAccount token
+    /// before it expires.
+    token_file: PathBuf,
+    token: Mutex<(String, Option<SystemTime>)>,
 }
 
 impl std::fmt::Debug for ControllerClient {
@@ -105,12 +112,47 @@ impl ControllerClient {
                 token_file.display()
             )));
         }
+        let modified = std::fs::metadata(token_file)
+            .and_then(|m| m.modified())
+            .ok();
         Ok(Self {
             authority,
             server_name,
             tls: TlsConnector::from(Arc::new(tls)),
-            token,
+            token_file: token_file.to_owned(),
+            token: Mutex::new((token, modified)),
         })
+    }
+
+    /// The token to present: the file's, read again when it changed since the last read.
+    async fn token(&self) -> Result<String, ClientError> {
+        let modified = tokio::fs::metadata(&self.token_file)
+            .await
+            .and_then(|m| m.modified())
+            .ok();
+        {
+            let cached = self.token.lock().unwrap_or_else(|e| e.into_inner());
+            if modified.is_some() && cached.1 == modified {
+                return Ok(cached.0.clone());
+            }
+        }
+        let text = tokio::fs::read_to_string(&self.token_file)
+            .await
+            .map_err(|e| {
+                ClientError::Config(format!(
+                    "cannot read --token-file {}: {e}",
+                    self.token_file.display()
+                ))
+            })?;
+        let token = text.trim().to_owned();
+        if token.is_empty() {
+            return Err(ClientError::Config(format!(
+                "--token-file {} is empty",
+                self.token_file.display()
+            )));
+        }
+        *self.token.lock().unwrap_or_else(|e| e.into_inner()) = (token.clone(), modified);
+        Ok(token)
     }
 
     pub fn authority(&self) -> &str {
@@ -132,6 +174,7 @@ impl ControllerClient {
         path: &str,
         body: Vec<u8>,
     ) -> Result<Response<Incoming>, ClientError> {
+        let token = self.token().await?;
         let exchange = async {
             let tcp = TcpStream::connect(&self.authority)
                 .await
@@ -149,7 +192,7 @@ impl ControllerClient {
                 .method(method)
                 .uri(path)
                 .header(header::HOST, &self.authority)
-                .header(header::AUTHORIZATION, format!("Bearer {}", self.token))
+                .header(header::AUTHORIZATION, format!("Bearer {token}"))
                 .header(header::CONTENT_TYPE, "application/json")
                 .body(Full::new(Bytes::from(body)))
                 .map_err(|e| ClientError::Config(e.to_string()))?;

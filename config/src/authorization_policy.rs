@@ -33,6 +33,33 @@ pub struct AuthorizationPolicy {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema, kube::CustomResource))]
+#[cfg_attr(
+    feature = "kube",
+    kube(
+        group = "security.nodemesh.dev",
+        version = "v1",
+        kind = "AuthorizationPolicy",
+        root = "AuthorizationPolicyResource",
+        namespaced,
+        status = "crate::ObjectStatus",
+        shortname = "ap",
+        category = "nodemesh",
+        printcolumn(name = "Action", type_ = "string", json_path = ".spec.action"),
+        printcolumn(
+            name = "Accepted",
+            type_ = "string",
+            json_path = ".status.conditions[?(@.type==\"Accepted\")].status"
+        )
+    )
+)]
+#[cfg_attr(
+    feature = "kube",
+    expect(
+        clippy::duplicated_attributes,
+        reason = "each printcolumn has its own type_; the lint reads them as one attribute"
+    )
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthorizationPolicySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -55,6 +82,7 @@ pub struct AuthorizationPolicySpec {
 
 /// Istio's `PolicyTargetReference`: an object in the policy's own namespace.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PolicyTargetRef {
     #[serde(default)]
@@ -83,6 +111,7 @@ impl AuthorizationPolicySpec {
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Action {
     #[default]
@@ -98,6 +127,7 @@ pub enum Action {
 /// there is none) and every `when` condition holds. `from: []` and `to: []` are refused, as
 /// by Istio: they read as "any" and would match plaintext too.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Rule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -119,6 +149,7 @@ impl Rule {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct From {
     /// Required; an entry without one is refused.
@@ -128,6 +159,7 @@ pub struct From {
 
 /// Every field set must match; within a field, any value.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Source {
     /// Peer identities as Istio writes them, `cluster.local/ns/<ns>/sa/<sa>`; `*` as a prefix
@@ -170,6 +202,7 @@ pub struct Source {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct To {
     /// Required; an entry without one is refused.
@@ -180,6 +213,7 @@ pub struct To {
 /// Every field set must match; within a field, any value. Hosts, methods and paths are HTTP
 /// attributes; ports apply to any traffic.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Operation {
     /// `:authority` as sent (with its port, if any), compared without regard to case: exact,
@@ -207,6 +241,7 @@ pub struct Operation {
 
 /// `key` is one of Istio's attributes (see [`ConditionKey`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Condition {
     #[serde(default)]

@@ -36,6 +36,25 @@ pub struct BackendTrafficPolicy {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema, kube::CustomResource))]
+#[cfg_attr(
+    feature = "kube",
+    kube(
+        group = "policy.nodemesh.dev",
+        version = "v1alpha1",
+        kind = "BackendTrafficPolicy",
+        root = "BackendTrafficPolicyResource",
+        namespaced,
+        status = "crate::ObjectStatus",
+        shortname = "btp",
+        category = "nodemesh",
+        printcolumn(
+            name = "Accepted",
+            type_ = "string",
+            json_path = ".status.conditions[?(@.type==\"Accepted\")].status"
+        )
+    )
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BackendTrafficPolicySpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -79,6 +98,7 @@ pub struct BackendTrafficPolicySpec {
 /// What a policy attaches to: a Service (group `""`) or an HTTPRoute (group
 /// `gateway.networking.k8s.io`) in the policy's namespace.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PolicyTargetReference {
     #[serde(default)]
@@ -107,6 +127,7 @@ impl PolicyTargetReference {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Timeout {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -116,6 +137,7 @@ pub struct Timeout {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TcpTimeout {
     /// Time to establish a connection to an endpoint (10s when unset).
@@ -124,6 +146,7 @@ pub struct TcpTimeout {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpTimeout {
     /// The whole request, retries included.
@@ -138,6 +161,7 @@ pub struct HttpTimeout {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Retry {
     /// Retries of one request (2 when unset, as Envoy Gateway).
@@ -153,6 +177,7 @@ pub struct Retry {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RetryOn {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -164,6 +189,7 @@ pub struct RetryOn {
 
 /// Envoy Gateway's retry triggers (Envoy's `retry_on` values).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum RetryTrigger {
     /// Any 5xx answer, or no answer at all (connect failure, reset, timeout).
@@ -195,6 +221,7 @@ pub enum RetryTrigger {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PerRetryPolicy {
     /// Each attempt, the first included.
@@ -207,6 +234,7 @@ pub struct PerRetryPolicy {
 /// Exponential back-off with full jitter between `baseInterval` and `maxInterval` (ten times
 /// the base when unset), as Envoy's.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BackOffPolicy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -218,6 +246,7 @@ pub struct BackOffPolicy {
 /// Linkerd's retry budget: over a window of `ttl`, retries may add at most `percent` of the
 /// original requests, plus `minRetriesPerSecond`. On by default with 20 %, 10/s, 10s.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RetryBudget {
     #[serde(default = "budget_percent")]
@@ -252,6 +281,7 @@ impl Default for RetryBudget {
 
 /// Envoy's circuit breaker thresholds: what is over a limit is answered 503 at once (flag UO).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CircuitBreaker {
     /// Connections to all endpoints of the backend (1024 when unset).
@@ -272,6 +302,7 @@ pub struct CircuitBreaker {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HealthCheck {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -283,6 +314,7 @@ pub struct HealthCheck {
 
 /// Envoy's outlier detection, with Envoy Gateway's names and defaults.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PassiveHealthCheck {
     /// Count connect failures, resets and timeouts apart from answers (false when unset).
@@ -317,6 +349,7 @@ pub struct PassiveHealthCheck {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LoadBalancer {
     #[serde(rename = "type")]
@@ -330,6 +363,7 @@ pub struct LoadBalancer {
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 pub enum LoadBalancerType {
     /// Power of two choices over peak-EWMA latency and requests in flight.
     #[default]
@@ -340,6 +374,7 @@ pub enum LoadBalancerType {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ConsistentHash {
     #[serde(rename = "type")]
@@ -356,6 +391,7 @@ pub struct ConsistentHash {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 pub enum ConsistentHashType {
     #[serde(rename = "SourceIP")]
     SourceIp,
@@ -365,6 +401,7 @@ pub enum ConsistentHashType {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HashHeader {
     pub name: String,

@@ -21,17 +21,24 @@ mod mesh_settings;
 mod meta;
 mod namespace;
 mod peer_authentication;
+#[cfg(feature = "kube")]
+mod schema;
 mod service;
 pub mod snapshot;
+mod status;
 #[cfg(feature = "watch")]
 mod watch;
 mod workload;
 
+#[cfg(feature = "kube")]
+pub use authorization_policy::AuthorizationPolicyResource;
 pub use authorization_policy::{
     Action, AuthorizationPolicy, AuthorizationPolicySpec, Condition, ConditionKey,
     DRY_RUN_ANNOTATION, From, ISTIO_DRY_RUN_ANNOTATION, Operation, PolicyTargetRef, Rule, Source,
     To, parse_go_bool, parse_ip_block, parse_port,
 };
+#[cfg(feature = "kube")]
+pub use backend_traffic_policy::BackendTrafficPolicyResource;
 pub use backend_traffic_policy::{
     BackOffPolicy, BackendTrafficPolicy, BackendTrafficPolicySpec, CircuitBreaker, ConsistentHash,
     ConsistentHashType, HashHeader, HeaderMatch, HeaderMatchType, HealthCheck, HttpTimeout,
@@ -57,16 +64,21 @@ pub use load::{
     ParsedObject, SourceFingerprint, assemble, load_dir, load_path, load_str, parse_object,
 };
 pub use mesh::{EffectiveMtls, MeshConfig, PortMtls, ServiceEndpoint};
+#[cfg(feature = "kube")]
+pub use mesh_settings::MeshSettingsResource;
 pub use mesh_settings::{
     Egress, EgressPolicy, MeshSettings, MeshSettingsSpec, PathNormalization, Telemetry, Tracing,
 };
 pub use meta::ObjectMeta;
 pub use namespace::Namespace;
+#[cfg(feature = "kube")]
+pub use peer_authentication::PeerAuthenticationResource;
 pub use peer_authentication::{
     Mtls, MtlsMode, PeerAuthentication, PeerAuthenticationSpec, PortKey, WorkloadSelector,
     selects_all,
 };
 pub use service::{AppProtocol, ClusterIp, Service, ServicePort, ServiceSpec};
+pub use status::{ObjectStatus, StatusCondition};
 #[cfg(feature = "watch")]
 pub use watch::LocalSource;
 pub use workload::{Workload, WorkloadSpec};

@@ -15,6 +15,25 @@ pub struct MeshSettings {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema, kube::CustomResource))]
+#[cfg_attr(
+    feature = "kube",
+    kube(
+        group = "nodemesh.dev",
+        version = "v1alpha1",
+        kind = "MeshSettings",
+        root = "MeshSettingsResource",
+        plural = "meshsettings",
+        namespaced,
+        status = "crate::ObjectStatus",
+        category = "nodemesh",
+        printcolumn(
+            name = "Accepted",
+            type_ = "string",
+            json_path = ".status.conditions[?(@.type==\"Accepted\")].status"
+        )
+    )
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MeshSettingsSpec {
     #[serde(default)]
@@ -44,6 +63,7 @@ impl MeshSettingsSpec {
 
 /// Istio's path normalisation options, applied to every request the proxies read as HTTP.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum PathNormalization {
     /// The path as the client sent it.
@@ -59,6 +79,7 @@ pub enum PathNormalization {
 
 /// What the proxies observe beyond connections.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Telemetry {
     /// Read HTTP on every inbound connection, for request metrics, per-request access log
@@ -72,6 +93,7 @@ pub struct Telemetry {
 
 /// W3C trace context propagation and span export over OTLP/HTTP.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Tracing {
     /// The collector's OTLP/HTTP base address, `http://host:port` (spans go to `/v1/traces`).
@@ -115,6 +137,7 @@ impl Tracing {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Egress {
     #[serde(default)]
@@ -123,6 +146,7 @@ pub struct Egress {
 
 /// What happens to connections from enrolled workloads to destinations outside the mesh.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 pub enum EgressPolicy {
     /// Carried as plain TCP.
     #[default]

@@ -26,6 +26,33 @@ pub struct PeerAuthentication {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema, kube::CustomResource))]
+#[cfg_attr(
+    feature = "kube",
+    kube(
+        group = "security.nodemesh.dev",
+        version = "v1",
+        kind = "PeerAuthentication",
+        root = "PeerAuthenticationResource",
+        namespaced,
+        status = "crate::ObjectStatus",
+        shortname = "pa",
+        category = "nodemesh",
+        printcolumn(name = "Mode", type_ = "string", json_path = ".spec.mtls.mode"),
+        printcolumn(
+            name = "Accepted",
+            type_ = "string",
+            json_path = ".status.conditions[?(@.type==\"Accepted\")].status"
+        )
+    )
+)]
+#[cfg_attr(
+    feature = "kube",
+    expect(
+        clippy::duplicated_attributes,
+        reason = "each printcolumn has its own type_; the lint reads them as one attribute"
+    )
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PeerAuthenticationSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -76,6 +103,7 @@ impl<'de> Deserialize<'de> for PortKey {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WorkloadSelector {
     #[serde(default)]
@@ -113,6 +141,7 @@ pub fn selects_all(selector: Option<&WorkloadSelector>) -> bool {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Mtls {
     #[serde(default)]
@@ -122,6 +151,7 @@ pub struct Mtls {
 /// Istio's mTLS modes. In nodemesh every hop between node proxies is mTLS; the mode only
 /// decides whether plaintext from outside the mesh is accepted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum MtlsMode {
     /// Inherit from the wider scope.

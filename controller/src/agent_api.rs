@@ -1,5 +1,7 @@
 //! The API agents use, over HTTPS (TLS 1.3) on the controller's :15012. Every request carries
-//! the agent's node token (`Authorization: Bearer`), which says which node is asking.
+//! a bearer token (`Authorization: Bearer`) that says which node is asking: the node's
+//! bootstrap token in local mode, the agent's projected ServiceAccount token in Kubernetes
+//! (reviewed by the API server).
 //!
 //! - `POST /v1/certificates`: a workload certificate, only for identities of enrolled
 //!   workloads on the asking node (`certificates`);
@@ -7,7 +9,7 @@
 //!   and `POST /v1/acks`: what the agent did with each snapshot (`snapshots`).
 
 mod certificates;
-mod snapshots;
+pub(crate) mod snapshots;
 
 use std::{
     convert::Infallible,
@@ -32,7 +34,9 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use self::snapshots::ChannelBody;
-use crate::{node_tokens::NodeTokens, state::ControllerState};
+use crate::{
+    kubernetes::token_review::TokenReviewer, node_tokens::NodeTokens, state::ControllerState,
+};
 
 /// How long an agent may take to finish the TLS handshake: a silent client must not hold a
 /// task and a descriptor for ever.
@@ -44,9 +48,46 @@ const SERVING_CERT_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
 type Body = Either<Full<Bytes>, ChannelBody>;
 
+/// How an agent proves which node it runs on.
+#[derive(Debug)]
+pub enum AgentAuth {
+    /// Local mode: each node's bootstrap token.
+    NodeTokens(NodeTokens),
+    /// Kubernetes: the agent pod's ServiceAccount token, reviewed by the API server.
+    Kubernetes(Box<TokenReviewer>),
+}
+
+impl AgentAuth {
+    /// The node the `Authorization` header proves, or what is wrong with it.
+    async fn node_of(&self, authorization: Option<&str>) -> Result<String, String> {
+        let token = authorization
+            .and_then(|a| a.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty());
+        match self {
+            AgentAuth::NodeTokens(tokens) => tokens
+                .node_of(authorization)
+                .map(str::to_owned)
+                .ok_or_else(|| {
+                    "missing or unknown node token; send `Authorization: Bearer <token>` with \
+                     the token of the agent's node"
+                        .to_owned()
+                }),
+            AgentAuth::Kubernetes(reviewer) => {
+                let token = token.ok_or_else(|| {
+                    "no token; send `Authorization: Bearer <token>` with the agent pod's \
+                     projected ServiceAccount token"
+                        .to_owned()
+                })?;
+                reviewer.node_of(token).await.map_err(|e| e.to_string())
+            }
+        }
+    }
+}
+
 pub struct AgentApi {
     pub ca: Arc<CertificateAuthority>,
-    pub tokens: NodeTokens,
+    pub auth: AgentAuth,
     pub state: Arc<ControllerState>,
     pub workload_ttl: Duration,
     pub server_names: Vec<String>,
@@ -135,25 +176,23 @@ impl AgentApi {
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
-        let node = self.tokens.node_of(authorization).map(str::to_owned);
+        let node = self.auth.node_of(authorization).await;
         let path = req.uri().path().to_owned();
         let method = req.method().clone();
-        let Some(node) = node else {
-            let refusal = Refusal::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthenticated",
-                "missing or unknown node token; send `Authorization: Bearer <token>` with the \
-                 token of the agent's node",
-            );
-            if path == CERTIFICATES_PATH {
-                self.state
-                    .metrics()
-                    .certificates_refused
-                    .with_label_values(&[refusal.reason])
-                    .inc();
+        let node = match node {
+            Ok(node) => node,
+            Err(why) => {
+                let refusal = Refusal::new(StatusCode::UNAUTHORIZED, "unauthenticated", why);
+                if path == CERTIFICATES_PATH {
+                    self.state
+                        .metrics()
+                        .certificates_refused
+                        .with_label_values(&[refusal.reason])
+                        .inc();
+                }
+                tracing::warn!(%peer, %path, reason = %refusal.message, "agent API request without a valid token");
+                return refusal.response();
             }
-            tracing::warn!(%peer, %path, "agent API request without a valid node token");
-            return refusal.response();
         };
         match (method, path.as_str()) {
             (Method::POST, CERTIFICATES_PATH) => self.certificates(req, &node, peer).await,

@@ -179,6 +179,20 @@ struct Inner {
     generation: u64,
     accepted_at_unix_ms: Option<u64>,
     last_error: Option<Vec<String>>,
+    /// What the source waits for before its first configuration (Kubernetes mode).
+    waiting: Option<String>,
+    /// Objects of the cluster that are refused or name what is missing (Kubernetes mode).
+    problems: Vec<ObjectProblem>,
+}
+
+/// An object of the cluster that is not in force as written, or names what is missing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ObjectProblem {
+    /// `Kind namespace/name`.
+    pub object: String,
+    /// Not in force as written (its previous version may be).
+    pub refused: bool,
+    pub message: String,
 }
 
 impl ControllerState {
@@ -271,6 +285,25 @@ impl ControllerState {
             .send_replace(Some(Arc::new(Accepted { version, mesh })));
     }
 
+    /// Kubernetes mode: what the first configuration waits for.
+    pub fn waiting(&self, what: String) {
+        self.write().waiting = Some(what);
+    }
+
+    /// Kubernetes mode: the objects refused (or naming what is missing) in the last build;
+    /// the rest of the cluster's configuration is in force regardless.
+    pub fn object_problems(&self, problems: Vec<ObjectProblem>) {
+        let refused = problems.iter().filter(|p| p.refused).count();
+        self.metrics.config_errors.set(refused as i64);
+        let mut inner = self.write();
+        if inner.problems != problems {
+            for problem in problems.iter().filter(|p| !inner.problems.contains(p)) {
+                tracing::warn!(object = %problem.object, refused = problem.refused, "{}", problem.message);
+            }
+            inner.problems = problems;
+        }
+    }
+
     pub fn refused(&self, errors: &ConfigErrors) {
         self.metrics
             .config_loads
@@ -328,12 +361,13 @@ impl ControllerState {
     /// Ready once a valid configuration is in force.
     pub fn readiness(&self) -> Result<(), String> {
         let inner = self.read();
-        match (&inner.mesh, &inner.last_error) {
-            (Some(_), _) => Ok(()),
-            (None, Some(errors)) => {
+        match (&inner.mesh, &inner.last_error, &inner.waiting) {
+            (Some(_), _, _) => Ok(()),
+            (None, Some(errors), _) => {
                 Err(format!("no valid configuration yet: {}", errors.join("; ")))
             }
-            (None, None) => Err("no configuration loaded yet".to_owned()),
+            (None, None, Some(waiting)) => Err(format!("no configuration yet: {waiting}")),
+            (None, None, None) => Err("no configuration loaded yet".to_owned()),
         }
     }
 
@@ -344,6 +378,7 @@ impl ControllerState {
             "generation": inner.generation,
             "accepted_at_unix_ms": inner.accepted_at_unix_ms,
             "last_error": inner.last_error,
+            "problems": inner.problems,
             "version": inner.accepted_at_unix_ms,
             "agents": &*self.agents(),
             "config": inner.mesh.as_deref(),

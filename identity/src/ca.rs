@@ -100,17 +100,38 @@ impl CertificateAuthority {
     /// intermediates above it. A root CA is trusted itself; an intermediate needs `bundle`,
     /// the root(s) to trust. A root's `bundle` adds roots to trust.
     pub fn from_files(cert: &Path, key: &Path, bundle: Option<&Path>) -> Result<Self, CaError> {
+        let key_pem = fs::read_to_string(key).map_err(io(key))?;
+        let cert_pem = fs::read_to_string(cert).map_err(io(cert))?;
+        let bundle_pem = match bundle {
+            Some(path) => Some((fs::read_to_string(path).map_err(io(path))?, path)),
+            None => None,
+        };
+        Self::from_pem(
+            (&cert_pem, cert),
+            (&key_pem, key),
+            bundle_pem
+                .as_ref()
+                .map(|(text, path)| (text.as_str(), *path)),
+        )
+    }
+
+    /// A CA from PEM text, each part with where it came from (a file, or a Secret's key) for
+    /// the errors: the certificate (optionally followed by the intermediates above it), its
+    /// private key, and the roots to trust (required for an intermediate).
+    pub fn from_pem(
+        (cert_pem, cert): (&str, &Path),
+        (key_pem, key): (&str, &Path),
+        bundle: Option<(&str, &Path)>,
+    ) -> Result<Self, CaError> {
         let bad_cert = |reason: String| CaError::BadCertificate {
             path: cert.to_owned(),
             reason,
         };
-        let key_pem = fs::read_to_string(key).map_err(io(key))?;
-        let key_pair = KeyPair::from_pem(&key_pem).map_err(|e| CaError::BadKey {
+        let key_pair = KeyPair::from_pem(key_pem).map_err(|e| CaError::BadKey {
             path: key.to_owned(),
             reason: e.to_string(),
         })?;
-        let cert_pem = fs::read_to_string(cert).map_err(io(cert))?;
-        let certs = pem::certificates(&cert_pem).map_err(bad_cert)?;
+        let certs = pem::certificates(cert_pem).map_err(bad_cert)?;
         let ca = &certs[0];
         let (_, parsed) = x509_parser::certificate::X509Certificate::from_der(ca)
             .map_err(|e| bad_cert(e.to_string()))?;
@@ -130,9 +151,8 @@ impl CertificateAuthority {
         }
         let is_root = parsed.subject() == parsed.issuer();
         let mut roots = match bundle {
-            Some(path) => {
-                let text = fs::read_to_string(path).map_err(io(path))?;
-                pem::certificates(&text).map_err(|reason| CaError::BadCertificate {
+            Some((text, path)) => {
+                pem::certificates(text).map_err(|reason| CaError::BadCertificate {
                     path: path.to_owned(),
                     reason,
                 })?
@@ -281,7 +301,8 @@ fn hex(bytes: Vec<u8>) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn create_root(cert: &Path, key: &Path, trust_domain: &str) -> Result<(), CaError> {
+/// A new root CA for `trust_domain`: its certificate and private key, as PEM.
+pub fn generate_root(trust_domain: &str) -> Result<(String, String), CaError> {
     let key_pair = KeyPair::generate().map_err(|e| CaError::Create(e.to_string()))?;
     let now = OffsetDateTime::now_utc();
     let mut params = CertificateParams::default();
@@ -305,6 +326,11 @@ fn create_root(cert: &Path, key: &Path, trust_domain: &str) -> Result<(), CaErro
     let root = params
         .self_signed(&key_pair)
         .map_err(|e| CaError::Create(e.to_string()))?;
+    Ok((root.pem(), key_pair.serialize_pem()))
+}
+
+fn create_root(cert: &Path, key: &Path, trust_domain: &str) -> Result<(), CaError> {
+    let (cert_pem, key_pem) = generate_root(trust_domain)?;
     // The key first, with 0600 from the moment it exists.
     let mut file = fs::OpenOptions::new()
         .write(true)
@@ -312,9 +338,8 @@ fn create_root(cert: &Path, key: &Path, trust_domain: &str) -> Result<(), CaErro
         .mode(0o600)
         .open(key)
         .map_err(io(key))?;
-    file.write_all(key_pair.serialize_pem().as_bytes())
-        .map_err(io(key))?;
-    fs::write(cert, root.pem()).map_err(io(cert))?;
+    file.write_all(key_pem.as_bytes()).map_err(io(key))?;
+    fs::write(cert, cert_pem).map_err(io(cert))?;
     Ok(())
 }
 

@@ -19,7 +19,7 @@ mod spiffe;
 pub mod tls;
 
 pub use bundle::TrustBundle;
-pub use ca::{CaError, CertificateAuthority, IssuedCertificate};
+pub use ca::{CaError, CertificateAuthority, IssuedCertificate, generate_root};
 pub use certificate::{CertificateError, CertificateRequest, WorkloadCertificate};
 pub use spiffe::{SpiffeId, SpiffeIdError};
 

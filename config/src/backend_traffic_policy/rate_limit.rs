@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use crate::meta::Ignored;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RateLimit {
     #[serde(rename = "type")]
@@ -17,12 +18,14 @@ pub struct RateLimit {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 pub enum RateLimitType {
     Local,
     Global,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LocalRateLimit {
     #[serde(default)]
@@ -32,6 +35,7 @@ pub struct LocalRateLimit {
 /// Requests matching every client selector (all requests when there is none) share the
 /// rule's token bucket; a `Distinct` selector gives each distinct value its own bucket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RateLimitRule {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -40,6 +44,7 @@ pub struct RateLimitRule {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RateLimitSelectCondition {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -57,6 +62,7 @@ pub struct RateLimitSelectCondition {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HeaderMatch {
     #[serde(rename = "type", default)]
@@ -69,6 +75,7 @@ pub struct HeaderMatch {
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 pub enum HeaderMatchType {
     #[default]
     Exact,
@@ -78,6 +85,7 @@ pub enum HeaderMatchType {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SourceMatch {
     #[serde(rename = "type", default)]
@@ -87,6 +95,7 @@ pub struct SourceMatch {
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 pub enum SourceMatchType {
     /// Every client in the block shares the bucket.
     #[default]
@@ -96,6 +105,7 @@ pub enum SourceMatchType {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MethodMatch {
     #[serde(rename = "type", default)]
@@ -106,6 +116,7 @@ pub struct MethodMatch {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PathMatch {
     #[serde(rename = "type", default)]
@@ -116,6 +127,7 @@ pub struct PathMatch {
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 pub enum StringMatchType {
     #[default]
     Exact,
@@ -123,6 +135,7 @@ pub enum StringMatchType {
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 pub enum PathMatchKind {
     Exact,
     #[default]
@@ -131,6 +144,7 @@ pub enum PathMatchKind {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RateLimitValue {
     pub requests: u32,
@@ -138,6 +152,7 @@ pub struct RateLimitValue {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 pub enum RateLimitUnit {
     Second,
     Minute,

@@ -24,7 +24,7 @@ pub const HEARTBEAT: Duration = Duration::from_secs(10);
 
 /// A response body fed by a channel: the snapshot stream.
 #[derive(Debug)]
-pub struct ChannelBody(mpsc::Receiver<Bytes>);
+pub struct ChannelBody(pub mpsc::Receiver<Bytes>);
 
 impl hyper::body::Body for ChannelBody {
     type Data = Bytes;
