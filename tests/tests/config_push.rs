@@ -24,7 +24,9 @@ fn agent_version(sb: &Sandbox, node: &str) -> anyhow::Result<u64> {
         .ok_or_else(|| anyhow::anyhow!("no version in {dump}"))
 }
 
-/// Waits until every agent acknowledged the controller's version, applied; returns it.
+/// Waits until every agent acknowledged, applied, the snapshot the controller last sent it
+/// (a change that touches nothing of a node's view is not sent to it); returns the
+/// controller's version.
 fn all_acked(sb: &Sandbox) -> anyhow::Result<u64> {
     poll_until(SOON, || {
         let dump = sb.controller_dump()?;
@@ -33,17 +35,27 @@ fn all_acked(sb: &Sandbox) -> anyhow::Result<u64> {
             .ok_or_else(|| anyhow::anyhow!("no version"))?;
         for node in ["n1", "n2"] {
             let agent = &dump["agents"][node];
+            let sent = agent["sent_version"].clone();
             anyhow::ensure!(
-                agent["acked_version"] == version && agent["applied"] == true,
-                "{node} has not acknowledged {version}: {agent}"
+                sent.as_u64().is_some()
+                    && agent["acked_version"] == sent
+                    && agent["applied"] == true,
+                "{node} has not acknowledged what it was sent: {agent}"
             );
             anyhow::ensure!(
-                agent_version(sb, node)? == version,
+                Some(agent_version(sb, node)?) == sent.as_u64(),
                 "{node} reports another version"
             );
         }
         Ok(version)
     })
+}
+
+/// The version of the snapshot the controller last sent `node`'s agent.
+fn sent_to(sb: &Sandbox, node: &str) -> u64 {
+    sb.controller_dump().expect("controller dump")["agents"][node]["sent_version"]
+        .as_u64()
+        .expect("a version sent")
 }
 
 fn allowed(sb: &Sandbox, from: &str, to: &str) -> bool {
@@ -65,8 +77,14 @@ fn snapshots_reach_every_agent_acknowledged_and_filtered_per_node() {
         anyhow::ensure!(version > first, "still version {version}");
         Ok(version)
     })
-    .expect("a change reaches every agent and is acknowledged");
+    .expect("a change reaches every agent it concerns and is acknowledged");
     assert!(second > first);
+    assert_eq!(sent_to(&sb, "n2"), second, "n2 runs the selected workload");
+    assert_eq!(
+        sent_to(&sb, "n1"),
+        first,
+        "n1's view did not change: it was not sent the snapshot again"
+    );
 
     let policies = |node: &str| {
         sb.agent_admin(node, "/config_dump").expect("dump")["mesh"]["config"]["authorization_policies"]

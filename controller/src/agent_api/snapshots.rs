@@ -56,18 +56,26 @@ impl AgentApi {
         tokio::spawn(async move {
             let _stream = state.agent_connected(&node);
             tracing::info!(node, %peer, "agent subscribed to snapshots");
+            // What this agent has: a configuration whose change touches nothing of this
+            // node's view is not sent again.
+            let mut sent: Option<nodemesh_config::MeshConfig> = None;
+            let mut version = 0;
             loop {
                 let current = updates.borrow_and_update().clone();
-                let version = current.as_ref().map_or(0, |a| a.version);
                 if let Some(accepted) = current {
-                    let message = SnapshotMessage {
-                        version,
-                        config: Some(accepted.mesh.for_node(&node)),
-                    };
-                    if tx.send(line(&message)).await.is_err() {
-                        break;
+                    let view = accepted.mesh.for_node(&node);
+                    if sent.as_ref() != Some(&view) {
+                        version = accepted.version;
+                        let message = SnapshotMessage {
+                            version,
+                            config: Some(view.clone()),
+                        };
+                        if tx.send(line(&message)).await.is_err() {
+                            break;
+                        }
+                        state.snapshot_sent(&node, version);
+                        sent = Some(view);
                     }
-                    state.snapshot_sent(&node, version);
                 }
                 loop {
                     tokio::select! {
