@@ -40,6 +40,7 @@ pub struct AuthorizationPolicy {
         group = "security.nodemesh.dev",
         version = "v1",
         kind = "AuthorizationPolicy",
+        doc = "Istio's AuthorizationPolicy: who may call the workloads it selects, judged by each workload's node proxy.",
         root = "AuthorizationPolicyResource",
         namespaced,
         status = "crate::ObjectStatus",

@@ -43,6 +43,7 @@ pub struct BackendTrafficPolicy {
         group = "policy.nodemesh.dev",
         version = "v1alpha1",
         kind = "BackendTrafficPolicy",
+        doc = "Envoy Gateway's BackendTrafficPolicy: timeouts, retries within a budget, circuit breaking, outlier ejection, load balancing and local rate limits of the Services it targets.",
         root = "BackendTrafficPolicyResource",
         namespaced,
         status = "crate::ObjectStatus",

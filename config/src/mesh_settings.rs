@@ -22,6 +22,7 @@ pub struct MeshSettings {
         group = "nodemesh.dev",
         version = "v1alpha1",
         kind = "MeshSettings",
+        doc = "The mesh's settings: one, named default, in the root namespace.",
         root = "MeshSettingsResource",
         plural = "meshsettings",
         namespaced,

@@ -33,6 +33,7 @@ pub struct PeerAuthentication {
         group = "security.nodemesh.dev",
         version = "v1",
         kind = "PeerAuthentication",
+        doc = "Istio's PeerAuthentication: whether the workloads it selects accept plaintext (STRICT: mTLS only).",
         root = "PeerAuthenticationResource",
         namespaced,
         status = "crate::ObjectStatus",

@@ -65,9 +65,10 @@ impl JsonSchema for PortKey {
         "PortKey".into()
     }
 
-    /// A map key: in JSON always a string of digits.
+    /// A map key: in JSON always a string (of digits, which the controller checks: a
+    /// pattern on keys would be `patternProperties`, which Kubernetes' schemas forbid).
     fn json_schema(_: &mut SchemaGenerator) -> Schema {
-        json_schema!({ "type": "string", "pattern": "^[0-9]+$" })
+        json_schema!({ "type": "string" })
     }
 }
 

@@ -40,6 +40,8 @@ pub struct Layout {
     /// Extra labels, as (pod, key, value).
     pub labels: Vec<(String, String, String)>,
     pub agent_args: Vec<String>,
+    /// The operator's root CA (certificate, key) to install, if one was given.
+    pub ca: Option<(PathBuf, PathBuf)>,
 }
 
 #[derive(Debug, Clone)]
@@ -80,6 +82,7 @@ impl Layout {
             legacy_pods: spec.legacy_pods,
             labels: spec.labels.clone(),
             agent_args: spec.agent_args.clone(),
+            ca: spec.ca.clone(),
         }
     }
 
@@ -106,6 +109,8 @@ impl Layout {
                 })
                 .collect(),
             agent_args: status.agent_args.clone(),
+            // Installed already: the controller keeps it in its CA directory.
+            ca: None,
         }
     }
 

@@ -70,6 +70,9 @@ pub struct Spec {
     pub labels: Vec<(String, String, String)>,
     /// More arguments for every agent (`--max-connections-per-source 4`, say).
     pub agent_args: Vec<String>,
+    /// An operator's root CA (certificate, private key) for the controller to sign with,
+    /// instead of one it creates: so that the sandbox shares a root with another mesh.
+    pub ca: Option<(PathBuf, PathBuf)>,
 }
 
 /// Parses `POD=KEY=VALUE`, as `sandbox up --label` takes it.
@@ -97,6 +100,7 @@ impl Spec {
             legacy_pods: 1,
             labels: Vec::new(),
             agent_args: Vec::new(),
+            ca: None,
         }
     }
 
@@ -167,7 +171,9 @@ impl Sandbox {
     pub fn up(spec: &Spec) -> anyhow::Result<Self> {
         spec.check()?;
         // A state file from another version reads as no state: down cleans up by name.
+        // One with another CA than asked for is not reused.
         if let Ok(Some(status)) = Status::load(&spec.name)
+            && spec.ca.is_none()
             && status.is_shape(spec)
             && status.is_running()
         {
@@ -305,6 +311,20 @@ impl Sandbox {
     }
 }
 
+/// Puts the operator's root where the controller keeps its CA, so that it signs with it
+/// rather than creating one (the key readable by root only).
+fn install_ca(layout: &Layout, cert: &Path, key: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = layout.ca_dir();
+    fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let key_to = dir.join("ca-key.pem");
+    fs::copy(key, &key_to).with_context(|| format!("cannot read --ca-key {}", key.display()))?;
+    fs::set_permissions(&key_to, fs::Permissions::from_mode(0o600))?;
+    fs::copy(cert, dir.join("ca-cert.pem"))
+        .with_context(|| format!("cannot read --ca-cert {}", cert.display()))?;
+    Ok(())
+}
+
 fn bring_up(layout: &Layout) -> anyhow::Result<Status> {
     let started = Instant::now();
     fs::create_dir_all(layout.logs_dir())
@@ -312,6 +332,9 @@ fn bring_up(layout: &Layout) -> anyhow::Result<Status> {
     topology::create(layout)?;
     mesh_config::write(layout)?;
     process::provision_tokens(layout)?;
+    if let Some((cert, key)) = &layout.ca {
+        install_ca(layout, cert, key)?;
+    }
     let mut status = Status::planned(layout);
     status.save()?;
     for pod in &mut status.pods {

@@ -255,6 +255,38 @@ fn an_agent_obtains_only_its_own_nodes_identities() {
     );
 }
 
+#[test]
+fn a_sandbox_given_an_operators_root_signs_under_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (cert, key) = nodemesh_identity::generate_root("cluster.local").expect("a root");
+    fs::write(dir.path().join("root.pem"), &cert).expect("write");
+    fs::write(dir.path().join("root-key.pem"), &key).expect("write");
+    let Some(sb) = sandbox_with("troot", |spec| {
+        spec.ca = Some((dir.path().join("root.pem"), dir.path().join("root-key.pem")));
+    }) else {
+        return;
+    };
+    let (status, body) = request_certificate(&sb, "n1", &identity(&sb, "n1-p1"));
+    assert_eq!(status, 200, "{body}");
+    let roots: Vec<String> = body["trust_bundle"]
+        .as_array()
+        .expect("a bundle")
+        .iter()
+        .map(|pem| pem.as_str().unwrap_or_default().replace('\r', ""))
+        .collect();
+    assert_eq!(
+        roots,
+        [cert.replace('\r', "")],
+        "the operator's root is the mesh's"
+    );
+    assert_eq!(
+        echo_from(&sb.pod("n1-p1").netns, sb.pod("n2-p1").server.echo, b"mtls")
+            .expect("mTLS across nodes")
+            .reply,
+        b"mtls"
+    );
+}
+
 fn serial_of(sb: &Sandbox, node: &str, id: &SpiffeId) -> Option<String> {
     sb.agent_admin(node, "/certs")
         .ok()?

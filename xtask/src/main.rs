@@ -55,7 +55,7 @@ enum Task {
         #[arg(long, default_value_t = 60)]
         seconds: u64,
     },
-    /// Regenerate manifests/nodemesh.yaml from code.
+    /// Regenerate manifests/ (kustomization, CRDs, controller, agent) from code.
     Manifests,
     /// The local sandbox: network namespaces as nodes and pods, one agent per node.
     Sandbox {

@@ -27,6 +27,13 @@ pub enum SandboxCommand {
         labels: Vec<(String, String, String)>,
         #[arg(long, default_value = DEFAULT_NAME)]
         name: String,
+        /// An operator's root CA certificate (PEM) for the controller to sign with instead of
+        /// creating one, so that the sandbox shares a root with another mesh. With --ca-key.
+        #[arg(long, requires = "ca_key")]
+        ca_cert: Option<std::path::PathBuf>,
+        /// The private key (PEM) of --ca-cert.
+        #[arg(long, requires = "ca_cert")]
+        ca_key: Option<std::path::PathBuf>,
     },
     /// Remove every namespace, link, process and file the sandbox made. Safe to repeat.
     Down {
@@ -52,6 +59,8 @@ pub fn run(command: SandboxCommand) -> anyhow::Result<()> {
             prometheus,
             labels,
             name,
+            ca_cert,
+            ca_key,
         } => {
             require_root("the sandbox")?;
             setup::run()?;
@@ -66,6 +75,7 @@ pub fn run(command: SandboxCommand) -> anyhow::Result<()> {
                 pods,
                 prometheus,
                 labels,
+                ca: ca_cert.zip(ca_key),
                 ..Spec::new(&name, bin_dir)
             };
             let sandbox = Sandbox::up(&spec)?;

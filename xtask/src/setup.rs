@@ -29,6 +29,42 @@ const PACKAGES: &[&str] = &[
 
 const BPF_LINKER_VERSION: &str = "0.13";
 
+/// PyPI's kubernetes-validate, which checks rendered manifests against Kubernetes' schemas;
+/// kept in a virtualenv of its own, outside the checkout.
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
+const TOOLS_DIR: &str = "/opt/nodemesh-tools";
+
+/// The kubernetes-validate command `setup` installs.
+pub fn kubernetes_validate() -> std::path::PathBuf {
+    std::path::Path::new(TOOLS_DIR).join("kubernetes-validate/bin/kubernetes-validate")
+}
+
+fn has_kubernetes_validate() -> bool {
+    Command::new(kubernetes_validate())
+        .arg("--version")
+        .output()
+        .is_ok_and(|out| {
+            out.status.success()
+                && String::from_utf8_lossy(&out.stdout).contains(KUBERNETES_VALIDATE_VERSION)
+        })
+}
+
+/// kubectl renders the kustomization offline (`kubectl kustomize`); it comes with this
+/// machine kind and no registry here ships it, so setup can only say it is missing.
+fn require_kubectl() -> anyhow::Result<()> {
+    let found = Command::new("kubectl")
+        .args(["version", "--client"])
+        .output()
+        .is_ok_and(|out| out.status.success());
+    if !found {
+        bail!(
+            "kubectl is missing: install a kubectl client (with kustomize) to render \
+             manifests/; it is only used offline"
+        );
+    }
+    Ok(())
+}
+
 /// Installs the Debian packages of `packages` that are missing; returns those it installed.
 fn apt_install<'a>(packages: &[&'a str]) -> anyhow::Result<Vec<&'a str>> {
     let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
@@ -67,6 +103,17 @@ pub fn run() -> anyhow::Result<()> {
                 .env("PATH", path)
                 .env_remove("RUSTUP_TOOLCHAIN")
                 .env_remove("CARGO_TARGET_DIR"),
+        )?;
+    }
+    require_kubectl()?;
+    if !has_kubernetes_validate() {
+        eprintln!("setup: installing kubernetes-validate {KUBERNETES_VALIDATE_VERSION}");
+        let venv = std::path::Path::new(TOOLS_DIR).join("kubernetes-validate");
+        run_step(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+        run_step(
+            Command::new(venv.join("bin/pip"))
+                .args(["install", "--quiet", "--disable-pip-version-check"])
+                .arg(format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}")),
         )?;
     }
     if !has_nightly_rust_src()? {

@@ -12,6 +12,7 @@ pub fn run() -> anyhow::Result<()> {
     setup::run()?;
     run_step(cargo().args(["fmt", "--all", "--check"]))?;
     crate::manifests::check()?;
+    crate::manifests::validate()?;
     run_step(
         build::nightly_cargo()
             .current_dir(root().join("ebpf/programs"))
