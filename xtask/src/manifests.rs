@@ -40,7 +40,10 @@ fn files() -> anyhow::Result<Vec<(String, String)>> {
     ] {
         let name = format!(
             "crds/{}.yaml",
-            crd.metadata.name.as_deref().context("a CRD without a name")?
+            crd.metadata
+                .name
+                .as_deref()
+                .context("a CRD without a name")?
         );
         crds.push(name.clone());
         files.push((name, render(&[serde_json::to_value(&crd)?])?));
@@ -454,16 +457,25 @@ mod tests {
             ["properties"]["mtls"];
         assert!(mtls.to_string().contains("STRICT"), "{mtls}");
         let files = files().expect("files");
-        assert!(files.iter().any(|(n, _)| n == "crds/authorizationpolicies.security.nodemesh.dev.yaml"));
+        assert!(
+            files
+                .iter()
+                .any(|(n, _)| n == "crds/authorizationpolicies.security.nodemesh.dev.yaml")
+        );
     }
 
     #[test]
     fn every_schema_is_structural() {
         // Every node of a structural schema says its type, or says anything goes.
         fn check(at: &str, schema: &Value) {
-            let Some(map) = schema.as_object() else { return };
+            let Some(map) = schema.as_object() else {
+                return;
+            };
             // Kubernetes refuses these in a CRD's schema.
-            assert!(!map.contains_key("patternProperties"), "{at} has patternProperties");
+            assert!(
+                !map.contains_key("patternProperties"),
+                "{at} has patternProperties"
+            );
             assert!(
                 map.get("additionalProperties") != Some(&Value::Bool(false)),
                 "{at} has additionalProperties: false"
@@ -476,8 +488,16 @@ mod tests {
             }
             let free = map.contains_key("x-kubernetes-preserve-unknown-fields")
                 || map.contains_key("x-kubernetes-int-or-string");
-            assert!(map.contains_key("type") || free, "{at} has no type: {schema}");
-            for (name, property) in map.get("properties").and_then(Value::as_object).into_iter().flatten() {
+            assert!(
+                map.contains_key("type") || free,
+                "{at} has no type: {schema}"
+            );
+            for (name, property) in map
+                .get("properties")
+                .and_then(Value::as_object)
+                .into_iter()
+                .flatten()
+            {
                 check(&format!("{at}.{name}"), property);
             }
             if let Some(items) = map.get("items") {
@@ -495,7 +515,10 @@ mod tests {
         ] {
             let value = serde_json::to_value(&crd).expect("json");
             let name = crd.metadata.name.clone().unwrap_or_default();
-            check(&name, &value["spec"]["versions"][0]["schema"]["openAPIV3Schema"]);
+            check(
+                &name,
+                &value["spec"]["versions"][0]["schema"]["openAPIV3Schema"],
+            );
         }
     }
 
@@ -503,11 +526,13 @@ mod tests {
     fn the_agent_has_no_api_access_and_no_shared_secret() {
         let agent = agent();
         let text = serde_json::to_string(&agent).expect("json");
-        assert!(!text.contains("secretName"), "no Secret is mounted into agents");
+        assert!(
+            !text.contains("secretName"),
+            "no Secret is mounted into agents"
+        );
         let containers = &agent[1]["spec"]["template"]["spec"]["containers"];
         assert_eq!(
-            containers[0]["securityContext"]["privileged"],
-            false,
+            containers[0]["securityContext"]["privileged"], false,
             "the long-running agent is not privileged"
         );
         let controller = serde_json::to_string(&controller()).expect("json");
@@ -619,12 +644,16 @@ mod examples {
                 }
             }
         }
-        assert!(checked >= 8, "only {checked} examples of nodemesh's kinds checked");
+        assert!(
+            checked >= 8,
+            "only {checked} examples of nodemesh's kinds checked"
+        );
     }
 
     #[test]
     fn a_field_the_schema_lacks_is_caught() {
-        let schema = json!({"type": "object", "properties": {"a": {"type": "string", "enum": ["x"]}}});
+        let schema =
+            json!({"type": "object", "properties": {"a": {"type": "string", "enum": ["x"]}}});
         assert_eq!(problem("spec", &json!({"a": "x"}), &schema), None);
         assert!(problem("spec", &json!({"b": 1}), &schema).is_some_and(|p| p.contains("pruned")));
         assert!(problem("spec", &json!({"a": "y"}), &schema).is_some());

@@ -113,7 +113,9 @@ pub fn run() -> anyhow::Result<()> {
         run_step(
             Command::new(venv.join("bin/pip"))
                 .args(["install", "--quiet", "--disable-pip-version-check"])
-                .arg(format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}")),
+                .arg(format!(
+                    "kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"
+                )),
         )?;
     }
     if !has_nightly_rust_src()? {
