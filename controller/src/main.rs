@@ -29,6 +29,10 @@ use crate::{
 };
 
 fn main() -> ExitCode {
+    // kube's client builds its TLS from the process's default provider: the mesh's own.
+    let _ = rustls::crypto::CryptoProvider::install_default(
+        (*nodemesh_identity::crypto_provider()).clone(),
+    );
     let config = match Config::from_args() {
         Ok(config) => config,
         Err(reason) => {

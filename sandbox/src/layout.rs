@@ -40,6 +40,7 @@ pub struct Layout {
     /// Extra labels, as (pod, key, value).
     pub labels: Vec<(String, String, String)>,
     pub agent_args: Vec<String>,
+    pub agent_wrapper: Vec<String>,
     /// The operator's root CA (certificate, key) to install, if one was given.
     pub ca: Option<(PathBuf, PathBuf)>,
 }
@@ -82,6 +83,7 @@ impl Layout {
             legacy_pods: spec.legacy_pods,
             labels: spec.labels.clone(),
             agent_args: spec.agent_args.clone(),
+            agent_wrapper: spec.agent_wrapper.clone(),
             ca: spec.ca.clone(),
         }
     }
@@ -109,6 +111,7 @@ impl Layout {
                 })
                 .collect(),
             agent_args: status.agent_args.clone(),
+            agent_wrapper: status.agent_wrapper.clone(),
             // Installed already: the controller keeps it in its CA directory.
             ca: None,
         }

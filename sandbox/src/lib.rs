@@ -70,6 +70,9 @@ pub struct Spec {
     pub labels: Vec<(String, String, String)>,
     /// More arguments for every agent (`--max-connections-per-source 4`, say).
     pub agent_args: Vec<String>,
+    /// A command every agent runs under, such as `setpriv` with the capabilities a
+    /// DaemonSet grants: its program and arguments, the agent's command line after them.
+    pub agent_wrapper: Vec<String>,
     /// An operator's root CA (certificate, private key) for the controller to sign with,
     /// instead of one it creates: so that the sandbox shares a root with another mesh.
     pub ca: Option<(PathBuf, PathBuf)>,
@@ -100,6 +103,7 @@ impl Spec {
             legacy_pods: 1,
             labels: Vec::new(),
             agent_args: Vec::new(),
+            agent_wrapper: Vec::new(),
             ca: None,
         }
     }

@@ -185,12 +185,16 @@ pub fn start_agent(layout: &Layout, index: usize) -> anyhow::Result<i32> {
         layout.cni_socket(&node.name).display().to_string(),
     ];
     args.extend(layout.agent_args.iter().cloned());
-    spawn_in_netns(
-        &node.netns,
-        &layout.bin_dir.join("nodemesh-agent"),
-        &args,
-        &log,
-    )
+    let agent = layout.bin_dir.join("nodemesh-agent");
+    match layout.agent_wrapper.split_first() {
+        None => spawn_in_netns(&node.netns, &agent, &args, &log),
+        Some((program, wrapper_args)) => {
+            let mut wrapped = wrapper_args.to_vec();
+            wrapped.push(agent.display().to_string());
+            wrapped.extend(args);
+            spawn_in_netns(&node.netns, Path::new(program), &wrapped, &log)
+        }
+    }
 }
 
 /// Whether `pid` is a live process (not a zombie). Reaps it if it is our exited child.

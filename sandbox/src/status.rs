@@ -21,6 +21,9 @@ pub struct Status {
     /// The arguments every agent gets beyond the sandbox's own.
     #[serde(default)]
     pub agent_args: Vec<String>,
+    /// A command the agents run under (`setpriv ...`), its arguments first.
+    #[serde(default)]
+    pub agent_wrapper: Vec<String>,
     /// The mesh configuration the agents watch; edit it to change the mesh live.
     pub config_dir: PathBuf,
     pub state_dir: PathBuf,
@@ -165,6 +168,7 @@ impl Status {
         Self {
             name: layout.name.clone(),
             agent_args: layout.agent_args.clone(),
+            agent_wrapper: layout.agent_wrapper.clone(),
             config_dir: layout.config_dir(),
             state_dir: layout.state_dir(),
             bin_dir: layout.bin_dir.clone(),

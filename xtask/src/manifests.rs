@@ -392,13 +392,14 @@ fn agent() -> Vec<Value> {
                                 "runAsUser": 0,
                                 "capabilities": {
                                     "drop": ["ALL"],
-                                    // BPF, PERFMON: load and attach the capture programs;
-                                    // NET_ADMIN: sk_lookup, routing rules in pods, SO_MARK and
-                                    // IP_TRANSPARENT; SYS_ADMIN: enter pods' network
-                                    // namespaces, bpffs; SYS_PTRACE: open the namespaces of
-                                    // other users' processes under /proc; SYS_RESOURCE: raise
-                                    // the open-file limit.
-                                    "add": ["BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE", "SYS_RESOURCE"],
+                                    // BPF: load the capture programs, pin them; NET_ADMIN:
+                                    // attach them (cgroup, sock_ops, sk_lookup), routing rules
+                                    // in pods, SO_MARK and IP_TRANSPARENT; SYS_ADMIN: enter
+                                    // pods' network namespaces; SYS_PTRACE: open the namespaces
+                                    // of other users' processes under /proc. (Raising the
+                                    // open-file limit to its hard limit needs nothing more; eBPF
+                                    // memory is charged to the cgroup, not RLIMIT_MEMLOCK.)
+                                    "add": ["BPF", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"],
                                 },
                                 // eBPF and setns are not in the runtime's default profile.
                                 "seccompProfile": { "type": "Unconfined" },

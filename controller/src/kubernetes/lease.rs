@@ -156,7 +156,37 @@ pub async fn elect(
             .await
             .is_none()
         {
+            if *leading.borrow() {
+                release(&api, &me).await;
+                leading.send_replace(false);
+            }
             return;
         }
+    }
+}
+
+/// Gives the lease up on a clean stop, so that another replica takes over at once rather
+/// than after the lease's duration (client-go's ReleaseOnCancel).
+async fn release(api: &Api<Lease>, me: &str) {
+    let Ok(Some(mut lease)) = api.get_opt(LEASE_NAME).await else {
+        return;
+    };
+    let Some(spec) = lease.spec.as_mut() else {
+        return;
+    };
+    if spec.holder_identity.as_deref() != Some(me) {
+        return;
+    }
+    let now = MicroTime(Timestamp::now());
+    spec.holder_identity = None;
+    spec.lease_duration_seconds = Some(1);
+    spec.acquire_time = Some(now.clone());
+    spec.renew_time = Some(now);
+    match api
+        .replace(LEASE_NAME, &PostParams::default(), &lease)
+        .await
+    {
+        Ok(_) => tracing::info!("lease released"),
+        Err(e) => tracing::warn!(error = %e, "cannot release the lease; it expires by itself"),
     }
 }

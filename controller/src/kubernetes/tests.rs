@@ -585,3 +585,41 @@ async fn the_first_controller_makes_the_ca_secret_and_the_next_takes_it() {
         "{error:#}"
     );
 }
+
+#[tokio::test]
+async fn one_replica_leads_and_hands_over_when_it_stops() {
+    let api = FakeApi::default();
+    let (first_tx, first) = tokio::sync::watch::channel(false);
+    let (second_tx, second) = tokio::sync::watch::channel(false);
+    let first_stop = CancellationToken::new();
+    let second_stop = CancellationToken::new();
+    tokio::spawn(super::lease::elect(
+        api.client(),
+        "nodemesh-system".into(),
+        "ctrl-0".into(),
+        first_tx,
+        first_stop.clone(),
+    ));
+    until("ctrl-0 leads", || (*first.borrow()).then_some(())).await;
+    tokio::spawn(super::lease::elect(
+        api.client(),
+        "nodemesh-system".into(),
+        "ctrl-1".into(),
+        second_tx,
+        second_stop.clone(),
+    ));
+    // ctrl-0 renews every 2 s: ctrl-1 sees the record change and never takes it.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(*first.borrow() && !*second.borrow(), "one leader at a time");
+
+    first_stop.cancel();
+    until("ctrl-1 takes over", || (*second.borrow()).then_some(())).await;
+    let lease = api
+        .object(
+            "/apis/coordination.k8s.io/v1/namespaces/nodemesh-system/leases/nodemesh-controller",
+        )
+        .expect("the lease");
+    assert_eq!(lease["spec"]["holderIdentity"], "ctrl-1");
+    assert_eq!(lease["spec"]["leaseTransitions"], 1);
+    second_stop.cancel();
+}

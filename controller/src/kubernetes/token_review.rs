@@ -174,6 +174,11 @@ impl TokenReviewer {
                 "the token says node {claimed}, the pod runs on {node}"
             )));
         }
+        if self.cluster.get(Kind::Node, node).is_none() {
+            return Err(unknown(&format!(
+                "its node {node} is not among the cluster's nodes"
+            )));
+        }
         Ok(node.to_owned())
     }
 }
