@@ -77,8 +77,12 @@ impl CniSocket {
             dir: dir.to_owned(),
             source,
         };
-        std::fs::create_dir_all(dir).map_err(dir_error)?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(dir_error)?;
+        // A directory of its own is made private; an existing one is left as it is.
+        if !dir.exists() {
+            std::fs::create_dir_all(dir).map_err(dir_error)?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(dir_error)?;
+        }
         let listen_error = |source| CniSocketError::Listen {
             path: path.to_owned(),
             source,
@@ -209,7 +213,7 @@ async fn send(connection: &mut UnixStream, reply: &PodReply) -> io::Result<()> {
 }
 
 /// Writes which namespaces are in the mesh beside the socket, for the plugin to read while
-/// the agent is away (written whole, then renamed).
+/// the agent is away (written whole, then renamed). Blocking: call it off the runtime.
 pub fn publish_mesh_namespaces(socket: &Path, enrolled: Vec<String>) -> io::Result<()> {
     let file = MeshNamespaces::path_beside(socket);
     let temporary = file.with_extension("tmp");

@@ -372,9 +372,12 @@ impl WorkloadRegistry {
             .filter(|ns| ns.enrolls_workloads())
             .map(|ns| ns.name().to_owned())
             .collect();
-        if let Err(e) = crate::cni::publish_mesh_namespaces(socket, enrolled) {
-            tracing::warn!(error = %e, "cannot write the mesh's namespaces for the CNI plugin");
-        }
+        let socket = socket.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = crate::cni::publish_mesh_namespaces(&socket, enrolled) {
+                tracing::warn!(error = %e, "cannot write the mesh's namespaces for the CNI plugin");
+            }
+        });
     }
 }
 

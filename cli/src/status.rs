@@ -82,7 +82,11 @@ pub fn run(args: &StatusArgs) -> anyhow::Result<ExitCode> {
     }
     for (node, agent) in dump["agents"].as_object().into_iter().flatten() {
         let connected = agent["streams"].as_u64().unwrap_or(0) > 0;
-        let in_sync = agent["acked_version"].as_u64() == version && agent["applied"] == true;
+        // An agent is sent a configuration only when its own view changes: in sync when it
+        // applied the last one it was sent.
+        let sent = agent["sent_version"].as_u64();
+        let in_sync =
+            sent.is_some() && agent["acked_version"].as_u64() == sent && agent["applied"] == true;
         healthy &= connected && in_sync;
         println!(
             "  agent {node}: {}, {}",
@@ -92,7 +96,13 @@ pub fn run(args: &StatusArgs) -> anyhow::Result<ExitCode> {
                 "not connected"
             },
             if in_sync {
-                "applied the current version".to_owned()
+                match (agent["acked_version"].as_u64(), version) {
+                    (Some(acked), Some(current)) if acked != current => format!(
+                        "applied the last snapshot it was sent ({acked}; later changes did \
+                         not touch its node)"
+                    ),
+                    _ => "applied the current version".to_owned(),
+                }
             } else {
                 format!(
                     "acknowledged {} ({})",

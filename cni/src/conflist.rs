@@ -3,7 +3,7 @@
 //! The runtime uses the first file of its configuration directory, in name order, that reads
 //! as a network configuration (`.conf`, `.conflist` or `.json`). nodemesh's entry goes last in
 //! that file's plugin list, after whatever gives the pod its interface and address; a
-//! single-plugin `.conf` is turned into a list first (and renamed `.conflist`). Files are
+//! single-plugin `.conf` (or `.json`) is turned into a list first, and renamed `.conflist`. Files are
 //! replaced whole (written beside, then renamed), so a runtime never reads half of one.
 
 use std::{
@@ -154,7 +154,8 @@ pub fn install(dir: &Path, settings: &PluginSettings) -> Result<Installed, Confl
         });
     };
     let wanted = with_entry(&config, &settings.entry());
-    let is_list = file.extension().and_then(|e| e.to_str()) != Some("conf");
+    // Runtimes read `.conf` and `.json` as one plugin, `.conflist` as a list.
+    let is_list = file.extension().and_then(|e| e.to_str()) == Some("conflist");
     if wanted == config && is_list {
         return Ok(Installed::Unchanged(file));
     }
@@ -298,6 +299,25 @@ mod tests {
             serde_json::from_str::<Value>(BRIDGE_LIST).expect("json")
         );
         assert_eq!(uninstall(dir.path()).expect("nothing left"), None);
+    }
+
+    #[test]
+    fn a_json_file_is_one_plugin_and_becomes_a_conflist() {
+        let dir = tempfile::tempdir().expect("dir");
+        fs::write(
+            dir.path().join("10-calico.json"),
+            r#"{"cniVersion":"0.3.1","name":"k8s-pod-network","type":"calico"}"#,
+        )
+        .expect("write");
+        let file = dir.path().join("10-calico.conflist");
+        assert_eq!(
+            install(dir.path(), &settings()).expect("install"),
+            Installed::Written(file.clone())
+        );
+        assert!(!dir.path().join("10-calico.json").exists());
+        let written: Value =
+            serde_json::from_str(&fs::read_to_string(&file).expect("read")).expect("json");
+        assert_eq!(written["plugins"][0]["type"], "calico");
     }
 
     #[test]

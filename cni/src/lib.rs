@@ -81,6 +81,9 @@ pub enum Outcome {
     /// The pod belongs in the mesh but cannot be enrolled now; `message` says why. ADD fails
     /// and the runtime tries again.
     Refused,
+    /// The agent has no configuration yet and cannot tell: the plugin decides as if the
+    /// agent were away (by the namespaces it last published).
+    Unknown,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -94,6 +94,8 @@ fn main() -> ExitCode {
 }
 
 fn run_cni(command: &str) -> ExitCode {
+    // The configuration's CNI version, once read, for the error's own.
+    let mut version = "1.0.0".to_owned();
     let outcome = (|| {
         let mut text = String::new();
         std::io::stdin()
@@ -116,6 +118,7 @@ fn run_cni(command: &str) -> ExitCode {
                 e.to_string(),
             )
         })?;
+        version.clone_from(&conf.cni_version);
         if !SUPPORTED_VERSIONS.contains(&conf.cni_version.as_str()) {
             return Err(CniError::new(
                 code::INCOMPATIBLE_VERSION,
@@ -152,7 +155,7 @@ fn run_cni(command: &str) -> ExitCode {
         Ok(None) => ExitCode::SUCCESS,
         Err(e) => {
             let error = json!({
-                "cniVersion": "1.0.0",
+                "cniVersion": version,
                 "code": e.code,
                 "msg": e.msg,
                 "details": e.details,
@@ -229,9 +232,20 @@ fn add(conf: &NetConf) -> Result<Value, CniError> {
     })?;
     let pod = format!("{}/{}", request.namespace, request.name);
     let timeout = Duration::from_secs(conf.timeout_seconds.max(1));
+    // Whether the agent's last published view puts the pod's namespace outside the mesh.
+    let outside_the_mesh = || {
+        MeshNamespaces::beside(&conf.agent_socket)
+            .is_some_and(|known| !known.enrolled.contains(&request.namespace))
+    };
     match hand_over(&conf.agent_socket, &request, Some(&netns), timeout) {
         Ok(reply) => match reply.outcome {
             Outcome::Enrolled | Outcome::NotInMesh => Ok(pass_through(conf)),
+            Outcome::Unknown if outside_the_mesh() => Ok(pass_through(conf)),
+            Outcome::Unknown => unreachable_agent(
+                conf,
+                &pod,
+                &format!("without a configuration yet ({})", reply.message),
+            ),
             Outcome::Refused | Outcome::Released => Err(CniError::new(
                 code::TRY_AGAIN_LATER,
                 "the nodemesh agent cannot enroll the pod yet",
@@ -239,11 +253,7 @@ fn add(conf: &NetConf) -> Result<Value, CniError> {
             )),
         },
         Err(HandoffError::Unreachable { socket, source }) => {
-            let known = MeshNamespaces::beside(&socket);
-            let in_mesh = known
-                .as_ref()
-                .is_none_or(|k| k.enrolled.contains(&request.namespace));
-            if !in_mesh {
+            if outside_the_mesh() {
                 return Ok(pass_through(conf));
             }
             unreachable_agent(
@@ -304,7 +314,7 @@ fn check(conf: &NetConf) -> Result<(), CniError> {
     })?;
     match reply.outcome {
         Outcome::Enrolled | Outcome::NotInMesh => Ok(()),
-        Outcome::Refused | Outcome::Released => Err(CniError::new(
+        Outcome::Refused | Outcome::Released | Outcome::Unknown => Err(CniError::new(
             code::TRY_AGAIN_LATER,
             "the pod is not enrolled as it should be",
             reply.message,
@@ -312,8 +322,12 @@ fn check(conf: &NetConf) -> Result<(), CniError> {
     }
 }
 
-/// Ready when the agent listens.
+/// Ready when the agent listens; with `failOpen`, always (ADD lets pods start anyway, so a
+/// node need not be marked not ready for want of the agent).
 fn status(conf: &NetConf) -> Result<(), CniError> {
+    if conf.fail_open {
+        return Ok(());
+    }
     match std::os::unix::net::UnixStream::connect(&conf.agent_socket) {
         Ok(_) => Ok(()),
         Err(_) => Err(CniError::new(

@@ -74,6 +74,14 @@ impl EndpointSlice {
             .flat_map(|e| e.addresses.iter().filter_map(|a| a.parse().ok()))
     }
 
+    /// The IPv4 addresses of all the slice's endpoints, ready or not.
+    pub fn addresses(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        self.endpoints
+            .iter()
+            .filter(|_| self.address_type == "IPv4")
+            .flat_map(|e| e.addresses.iter().filter_map(|a| a.parse().ok()))
+    }
+
     /// The port number the slice gives for the Service port called `name` (`None` for the
     /// Service's only, unnamed port).
     pub fn port_named(&self, name: Option<&str>) -> Option<u16> {

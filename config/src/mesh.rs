@@ -236,11 +236,30 @@ impl MeshConfig {
             .collect()
     }
 
-    /// Whether `workload` is one of `service`'s endpoints.
+    /// Whether `workload` is behind `service`, for what attaches to a Service (policies by
+    /// `targetRefs`, rate limits): the Service's selector picks it, whether it is ready or
+    /// not, so that a pod starting, failing its probe or terminating stays under them. A
+    /// Service without a selector is behind the addresses its EndpointSlices list, ready or
+    /// not.
     pub fn serves(&self, service: &Service, workload: &Workload) -> bool {
-        self.endpoints(service)
-            .iter()
-            .any(|e| e.workload.is_some_and(|w| w.key() == workload.key()))
+        if workload.namespace() != service.metadata.namespace() {
+            return false;
+        }
+        if !service.spec.selector.is_empty() {
+            return service
+                .spec
+                .selector
+                .iter()
+                .all(|(k, v)| workload.metadata.labels.get(k) == Some(v));
+        }
+        let Some(ip) = workload.ip() else {
+            return false;
+        };
+        let key = service.key();
+        self.endpoint_slices
+            .values()
+            .filter(|s| s.service_key().as_deref() == Some(key.as_str()))
+            .any(|s| s.addresses().any(|a| a == ip))
     }
 
     pub fn egress(&self) -> EgressPolicy {

@@ -35,7 +35,9 @@ use tokio_util::sync::CancellationToken;
 
 use self::snapshots::ChannelBody;
 use crate::{
-    kubernetes::token_review::TokenReviewer, node_tokens::NodeTokens, state::ControllerState,
+    kubernetes::token_review::{ReviewError, TokenReviewer},
+    node_tokens::NodeTokens,
+    state::ControllerState,
 };
 
 /// How long an agent may take to finish the TLS handshake: a silent client must not hold a
@@ -58,8 +60,11 @@ pub enum AgentAuth {
 }
 
 impl AgentAuth {
-    /// The node the `Authorization` header proves, or what is wrong with it.
-    async fn node_of(&self, authorization: Option<&str>) -> Result<String, String> {
+    /// The node the `Authorization` header proves, or the refusal: 401 with what is wrong
+    /// with the token, or 503 when the API server cannot be asked.
+    async fn node_of(&self, authorization: Option<&str>) -> Result<String, Refusal> {
+        let unauthenticated =
+            |message: String| Refusal::new(StatusCode::UNAUTHORIZED, "unauthenticated", message);
         let token = authorization
             .and_then(|a| a.strip_prefix("Bearer "))
             .map(str::trim)
@@ -69,17 +74,28 @@ impl AgentAuth {
                 .node_of(authorization)
                 .map(str::to_owned)
                 .ok_or_else(|| {
-                    "missing or unknown node token; send `Authorization: Bearer <token>` with \
-                     the token of the agent's node"
-                        .to_owned()
+                    unauthenticated(
+                        "missing or unknown node token; send `Authorization: Bearer <token>` \
+                         with the token of the agent's node"
+                            .to_owned(),
+                    )
                 }),
             AgentAuth::Kubernetes(reviewer) => {
                 let token = token.ok_or_else(|| {
-                    "no token; send `Authorization: Bearer <token>` with the agent pod's \
-                     projected ServiceAccount token"
-                        .to_owned()
+                    unauthenticated(
+                        "no token; send `Authorization: Bearer <token>` with the agent pod's \
+                         projected ServiceAccount token"
+                            .to_owned(),
+                    )
                 })?;
-                reviewer.node_of(token).await.map_err(|e| e.to_string())
+                reviewer.node_of(token).await.map_err(|e| match e {
+                    ReviewError::Api(_) => Refusal::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "unavailable",
+                        e.to_string(),
+                    ),
+                    e => unauthenticated(e.to_string()),
+                })
             }
         }
     }
@@ -181,8 +197,7 @@ impl AgentApi {
         let method = req.method().clone();
         let node = match node {
             Ok(node) => node,
-            Err(why) => {
-                let refusal = Refusal::new(StatusCode::UNAUTHORIZED, "unauthenticated", why);
+            Err(refusal) => {
                 if path == CERTIFICATES_PATH {
                     self.state
                         .metrics()

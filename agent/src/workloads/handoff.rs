@@ -117,10 +117,15 @@ impl WorkloadRegistry {
     }
 
     async fn cni_add(&mut self, request: CniRequest) {
-        let admission = match &self.mesh {
-            Some(mesh) => super::plan::admit(mesh, &self.config.node, &request.pod),
-            None => Admission::Wait,
+        let Some(mesh) = &self.mesh else {
+            // Nothing to decide by: the plugin goes by the namespaces last published (a pod of
+            // a namespace outside the mesh starts; one of the mesh waits for the agent).
+            return request.answer(
+                Outcome::Unknown,
+                "this agent has no configuration from the controller yet",
+            );
         };
+        let admission = super::plan::admit(mesh, &self.config.node, &request.pod);
         self.admit(request, admission).await;
     }
 

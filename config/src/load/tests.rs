@@ -624,3 +624,30 @@ fn assembled_object_by_object_a_conflict_leaves_out_one_object_not_the_rest() {
         "a route naming what is missing stays, for its status to say so"
     );
 }
+
+#[test]
+fn what_attaches_to_a_service_covers_its_pods_ready_or_not() {
+    let dir = ConfigDir::new();
+    let service = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec: {clusterIP: 10.96.0.10, selector: {app: web}, ports: [{name: http, port: 80, targetPort: 8080}]}\n";
+    dir.write("web.yaml", &workload("web", "shop", "10.0.0.2", ""))
+        .write("api.yaml", &workload("api", "shop", "10.0.0.3", ""))
+        .write("svc.yaml", service)
+        .write("slice.yaml", SLICE);
+    let config = dir.load().expect("valid");
+    let svc = &config.services["shop/web"];
+    // web is listed not ready: no traffic goes to it, but policies on the Service cover it.
+    assert!(config.serves(svc, &config.workloads["shop/web"]));
+    assert!(
+        !config.serves(svc, &config.workloads["shop/api"]),
+        "the selector decides, not the slice"
+    );
+    let headless_of_slices = service.replace(", selector: {app: web}", "");
+    dir.write("svc.yaml", &headless_of_slices);
+    let config = dir.load().expect("valid");
+    let svc = &config.services["shop/web"];
+    assert!(
+        config.serves(svc, &config.workloads["shop/web"]),
+        "listed, not ready"
+    );
+    assert!(config.serves(svc, &config.workloads["shop/api"]));
+}

@@ -4,7 +4,7 @@
 //! The verdicts feed the objects' status and Events.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     path::Path,
 };
 
@@ -25,6 +25,9 @@ pub struct Verdict {
     pub refused: bool,
     /// Whether an earlier version of the object stays in force instead.
     pub kept_previous: bool,
+    /// What stands in for a refused security policy with no earlier version: it fails
+    /// closed (see [`stand_in`]).
+    pub stand_in: Option<&'static str>,
 }
 
 impl Verdict {
@@ -45,6 +48,9 @@ impl Verdict {
             .collect();
         if self.kept_previous {
             parts.push("the previous version stays in force".to_owned());
+        }
+        if let Some(stand_in) = self.stand_in {
+            parts.push(format!("until it is fixed, {stand_in}"));
         }
         parts.join("; ")
     }
@@ -71,18 +77,19 @@ fn uid(object: &serde_json::Value) -> Option<String> {
 pub fn build(objects: &Objects, last_good: &mut LastGood) -> Built {
     let mut parsed = Vec::new();
     let mut verdicts: BTreeMap<(Kind, ObjectKey), Verdict> = BTreeMap::new();
-    let mut seen = Vec::new();
+    let mut seen = HashSet::new();
     for (kind, of_kind) in objects {
         for (key, object) in of_kind {
             let Some(model) = convert::to_model(*kind, object, objects) else {
                 continue;
             };
-            seen.push((*kind, key.clone()));
+            seen.insert((*kind, key.clone()));
             let id = (*kind, key.clone());
             let value = match serde_yaml::to_value(&model) {
                 Ok(value) => value,
                 Err(e) => {
-                    tracing::warn!(kind = kind.model_name(), %key, error = %e, "cannot read the object");
+                    // Not expected: the model's object is built from JSON just read.
+                    tracing::error!(kind = kind.model_name(), %key, error = %e, "cannot convert the object to the configuration's form; it is left out");
                     continue;
                 }
             };
@@ -103,13 +110,23 @@ pub fn build(objects: &Objects, last_good: &mut LastGood) -> Built {
                         .filter(|(known, _)| *known == uid(object))
                         .map(|(_, p)| p.clone());
                     let kept_previous = previous.is_some();
-                    parsed.extend(previous);
+                    let stand_in = match previous {
+                        Some(previous) => {
+                            parsed.push(previous);
+                            None
+                        }
+                        None => stand_in(*kind, object).map(|(parsed_in, what)| {
+                            parsed.push(parsed_in);
+                            what
+                        }),
+                    };
                     verdicts.insert(
                         id,
                         Verdict {
                             problems: vec![problem],
                             refused: true,
                             kept_previous,
+                            stand_in,
                         },
                     );
                 }
@@ -146,6 +163,79 @@ fn in_mesh(mesh: &MeshConfig, kind: Kind, key: &str) -> bool {
         // One per mesh, and nothing contradicts it.
         Kind::MeshSettings => true,
         Kind::Node => false,
+    }
+}
+
+/// What stands in for a security policy that does not validate and has no earlier version
+/// (a new object, or one the controller has not seen valid since it started): the same
+/// scope, failing closed, so that a typo never opens what the policy meant to close. An
+/// AuthorizationPolicy becomes a DENY of everything (ALLOW: one that allows nothing, which
+/// denies what no other ALLOW allows; AUDIT: nothing); a PeerAuthentication, STRICT. Its
+/// selector or targets are kept when they can be read, else it covers its namespace (the
+/// mesh, in the root namespace).
+pub fn stand_in(kind: Kind, object: &serde_json::Value) -> Option<(ParsedObject, &'static str)> {
+    use serde_json::{Map, Value, json};
+    let spec = &object["spec"];
+    let mut scope = Map::new();
+    if spec["selector"].is_object()
+        && serde_json::from_value::<nodemesh_config::WorkloadSelector>(spec["selector"].clone())
+            .is_ok()
+    {
+        scope.insert("selector".into(), spec["selector"].clone());
+    }
+    let meta = &object["metadata"];
+    let metadata = json!({
+        "name": meta["name"],
+        "namespace": meta["namespace"],
+        "creationTimestamp": meta["creationTimestamp"],
+    });
+    let (spec, what) = match kind {
+        Kind::AuthorizationPolicy => {
+            if kind == Kind::AuthorizationPolicy
+                && let Some(targets) = spec.get("targetRefs").filter(|t| t.is_array())
+                && serde_json::from_value::<Vec<nodemesh_config::PolicyTargetRef>>(targets.clone())
+                    .is_ok()
+            {
+                scope.remove("selector");
+                scope.insert("targetRefs".into(), targets.clone());
+            }
+            match spec["action"].as_str().unwrap_or("ALLOW") {
+                "AUDIT" => return None,
+                "ALLOW" => {
+                    scope.insert("action".into(), "ALLOW".into());
+                    (scope, "it allows nothing to the workloads it selects")
+                }
+                _ => {
+                    scope.insert("action".into(), "DENY".into());
+                    scope.insert("rules".into(), json!([{}]));
+                    (scope, "it denies everything to the workloads it selects")
+                }
+            }
+        }
+        Kind::PeerAuthentication => {
+            scope.insert("mtls".into(), json!({ "mode": "STRICT" }));
+            (scope, "the workloads it selects accept mTLS only (STRICT)")
+        }
+        _ => return None,
+    };
+    let mut model = Map::new();
+    model.insert("apiVersion".into(), object["apiVersion"].clone());
+    model.insert("kind".into(), object["kind"].clone());
+    model.insert("metadata".into(), metadata);
+    model.insert("spec".into(), Value::Object(spec));
+    let mut value = Value::Object(model);
+    if value["metadata"]["creationTimestamp"].is_null()
+        && let Some(meta) = value["metadata"].as_object_mut()
+    {
+        meta.remove("creationTimestamp");
+    }
+    let yaml = serde_yaml::to_value(&value).ok()?;
+    match nodemesh_config::parse_object(Path::new(""), yaml) {
+        Ok(parsed) => Some((parsed, what)),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot make the stand-in of a refused policy");
+            None
+        }
     }
 }
 
@@ -227,15 +317,64 @@ mod tests {
             verdict.message()
         );
 
-        // Deleted and created again, broken: nothing of the old one comes back.
+        // Deleted and created again, broken: nothing of the old one comes back, and what it
+        // cannot say it denies, it denies everything.
         build(&objects(vec![namespace()]), &mut last_good);
         let recreated = build(
             &objects(vec![namespace(), policy("u2", "DENNY")]),
             &mut last_good,
         );
-        assert!(recreated.mesh.authorization_policies.is_empty());
+        let verdict = &recreated.verdicts[&(Kind::AuthorizationPolicy, "shop/deny-all".into())];
+        assert!(!verdict.kept_previous);
+        let stand_in = &recreated.mesh.authorization_policies["shop/deny-all"];
+        assert_eq!(stand_in.spec.action, nodemesh_config::Action::Deny);
+        assert_eq!(stand_in.spec.rules.len(), 1);
         assert!(
-            !recreated.verdicts[&(Kind::AuthorizationPolicy, "shop/deny-all".into())].kept_previous
+            verdict
+                .message()
+                .ends_with("until it is fixed, it denies everything to the workloads it selects"),
+            "{}",
+            verdict.message()
+        );
+    }
+
+    #[test]
+    fn a_refused_policy_with_no_earlier_version_fails_closed_in_its_own_scope() {
+        let allow = json!({
+            "apiVersion": "security.nodemesh.dev/v1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "web", "namespace": "shop", "uid": "u3"},
+            "spec": {"selector": {"matchLabels": {"app": "web"}}, "action": "ALLOW",
+                     "rules": [{"from": [{"source": {"ipBlocks": ["10.0.0.0/33"]}}]}]}
+        });
+        let built = build(
+            &objects(vec![namespace(), (Kind::AuthorizationPolicy, allow)]),
+            &mut LastGood::default(),
+        );
+        let stand_in = &built.mesh.authorization_policies["shop/web"];
+        assert_eq!(stand_in.spec.action, nodemesh_config::Action::Allow);
+        assert!(stand_in.spec.rules.is_empty(), "allows nothing");
+        assert_eq!(
+            stand_in
+                .spec
+                .selector
+                .as_ref()
+                .map(|s| s.match_labels.clone()),
+            Some([("app".to_owned(), "web".to_owned())].into()),
+            "only the workloads it selected"
+        );
+        let peer = json!({
+            "apiVersion": "security.nodemesh.dev/v1", "kind": "PeerAuthentication",
+            "metadata": {"name": "web", "namespace": "shop", "uid": "u4"},
+            "spec": {"selector": {"matchLabels": {"app": "web"}}, "mtls": {"mode": "PERMISSIVE"},
+                     "portLevelMtls": {"http": {"mode": "DISABLE"}}}
+        });
+        let built = build(
+            &objects(vec![namespace(), (Kind::PeerAuthentication, peer)]),
+            &mut LastGood::default(),
+        );
+        assert_eq!(
+            built.mesh.peer_authentications["shop/web"].mode(),
+            nodemesh_config::MtlsMode::Strict
         );
     }
 

@@ -320,7 +320,25 @@ pub async fn watch_kind(client: Client, kind: Kind, cluster: Arc<Cluster>) {
             }
             Err(e) => {
                 if !failing {
-                    tracing::warn!(kind = kind.model_name(), error = %e, "watch failed; retrying");
+                    let resource = kind.api_resource();
+                    let forbidden = matches!(
+                        &e,
+                        watcher::Error::InitialListFailed(kube::Error::Api(s))
+                            | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+                            if s.code == 403
+                    );
+                    if forbidden {
+                        tracing::error!(
+                            kind = %resource.kind,
+                            error = %e,
+                            "the controller may not list and watch {} ({}); apply manifests/ \
+                             (its ClusterRole grants it) — until then no configuration is built",
+                            resource.plural,
+                            resource.api_version
+                        );
+                    } else {
+                        tracing::warn!(kind = %resource.kind, error = %e, "watch failed; retrying");
+                    }
                     failing = true;
                 }
             }

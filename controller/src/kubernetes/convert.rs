@@ -28,7 +28,7 @@ pub fn to_model(kind: Kind, object: &Value, objects: &Objects) -> Option<Value> 
             "kind": "Namespace",
             "metadata": metadata(object, false),
         })),
-        Kind::Pod => workload(object),
+        Kind::Pod => workload(object).filter(|_| !address_taken_over(object, objects)),
         Kind::Service => service(object, objects),
         Kind::EndpointSlice => Some(endpoint_slice(object)),
         Kind::HttpRoute => http_route(object),
@@ -88,6 +88,25 @@ fn pod_ipv4(object: &Value) -> Option<Ipv4Addr> {
                 .filter_map(|entry| entry["ip"].as_str()?.parse().ok())
                 .next()
         })
+}
+
+/// Whether a terminating pod's address is held by another pod that is not terminating: the
+/// address was given again, and the new pod is the workload at it.
+fn address_taken_over(pod: &Value, objects: &Objects) -> bool {
+    if pod["metadata"]["deletionTimestamp"].is_null() {
+        return false;
+    }
+    let Some(ip) = pod_ipv4(pod) else {
+        return false;
+    };
+    objects.get(&Kind::Pod).is_some_and(|pods| {
+        pods.values().any(|other| {
+            other["metadata"]["deletionTimestamp"].is_null()
+                && other["metadata"]["uid"] != pod["metadata"]["uid"]
+                && other["spec"]["hostNetwork"].as_bool() != Some(true)
+                && pod_ipv4(other) == Some(ip)
+        })
+    })
 }
 
 fn workload(pod: &Value) -> Option<Value> {
@@ -338,6 +357,36 @@ mod tests {
         let mut unscheduled = pod;
         unscheduled["spec"]["nodeName"] = Value::Null;
         assert_eq!(to_model(Kind::Pod, &unscheduled, &none()), None);
+    }
+
+    #[test]
+    fn a_terminating_pod_gives_its_address_up_to_the_pod_that_has_it_now() {
+        let pod = |name: &str, uid: &str, terminating: bool| {
+            let mut pod = json!({
+                "metadata": {"name": name, "namespace": "shop", "uid": uid},
+                "spec": {"nodeName": "n1"},
+                "status": {"phase": "Running", "podIP": "10.1.0.5"}
+            });
+            if terminating {
+                pod["metadata"]["deletionTimestamp"] = "2026-12-03T20:00:00Z".into();
+            }
+            pod
+        };
+        let old = pod("web-0", "u-old", true);
+        let new = pod("web-1", "u-new", false);
+        let objects: Objects = BTreeMap::from([(
+            Kind::Pod,
+            BTreeMap::from([
+                ("shop/web-0".to_owned(), Arc::new(old.clone())),
+                ("shop/web-1".to_owned(), Arc::new(new.clone())),
+            ]),
+        )]);
+        assert_eq!(to_model(Kind::Pod, &old, &objects), None);
+        assert!(to_model(Kind::Pod, &new, &objects).is_some());
+        assert!(
+            to_model(Kind::Pod, &old, &none()).is_some(),
+            "alone, a terminating pod is still its address's workload"
+        );
     }
 
     #[test]

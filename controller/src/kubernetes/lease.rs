@@ -123,8 +123,22 @@ pub async fn elect(
     let api: Api<Lease> = Api::namespaced(client, &namespace);
     let mut observed = Observed::default();
     let mut last_renewal: Option<Instant> = None;
+    let mut failing = false;
     loop {
-        let round = try_acquire_or_renew(&api, &me, &mut observed).await;
+        // A call that hangs (kube sets no read timeout) must not keep a leader leading.
+        let round = tokio::time::timeout(
+            RENEW_DEADLINE,
+            try_acquire_or_renew(&api, &me, &mut observed),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(kube::Error::Service(
+                format!("no answer within {RENEW_DEADLINE:?}").into(),
+            ))
+        });
+        if round.is_ok() {
+            failing = false;
+        }
         match round {
             Ok(Round::Leading) => {
                 if !*leading.borrow() {
@@ -141,7 +155,14 @@ pub async fn elect(
                 leading.send_replace(false);
             }
             Err(e) => {
-                tracing::warn!(error = %e, "cannot reach the lease");
+                if !failing {
+                    tracing::warn!(
+                        error = %e,
+                        "cannot reach the lease (does the controller's Role allow get, create \
+                         and update of leases?)"
+                    );
+                    failing = true;
+                }
                 if last_renewal.is_some_and(|t| t.elapsed() >= RENEW_DEADLINE) {
                     tracing::warn!("lease not renewed in time; no longer writing status");
                     last_renewal = None;

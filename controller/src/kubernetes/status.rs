@@ -77,8 +77,9 @@ pub fn object_status(object: &Value, verdict: &Verdict, now: &str) -> Value {
     json!({ "conditions": [accepted] })
 }
 
-/// The route's `status.parents`: other implementations' entries as they are, then one of
-/// nodemesh's for each Service parent.
+/// The route's `status.parents`: other implementations' entries as they are, and one of
+/// nodemesh's for each Service parent, in the place of the one it replaces (new ones last;
+/// ones of parents the route no longer has, gone).
 pub fn route_parents(
     route: &Value,
     verdict: Option<&Verdict>,
@@ -87,23 +88,21 @@ pub fn route_parents(
 ) -> Value {
     let namespace = route["metadata"]["namespace"].as_str().unwrap_or("default");
     let generation = route["metadata"]["generation"].as_i64();
-    let current = route["status"]["parents"].as_array();
-    let mut parents: Vec<Value> = current
-        .into_iter()
-        .flatten()
-        .filter(|p| p["controllerName"] != CONTROLLER_NAME)
+    let current: Vec<Value> = route["status"]["parents"]
+        .as_array()
         .cloned()
-        .collect();
+        .unwrap_or_default();
     // As written, it is refused: its previous version (or nothing) is in force.
     let refused = verdict.filter(|v| v.refused);
     let resolved = backends_resolved(route, namespace, mesh);
+    let mut ours: Vec<(Value, Value)> = Vec::new();
     for parent in route["spec"]["parentRefs"]
         .as_array()
         .into_iter()
         .flatten()
         .filter(|p| is_service_parent(p))
     {
-        let previous = current.into_iter().flatten().find(|p| {
+        let previous = current.iter().find(|p| {
             p["controllerName"] == CONTROLLER_NAME && same_parent(&p["parentRef"], parent)
         });
         let previous_conditions = previous.map(|p| &p["conditions"]).unwrap_or(&Value::Null);
@@ -118,7 +117,7 @@ pub fn route_parents(
             Ok(()) => (true, "ResolvedRefs", String::new()),
             Err((reason, message)) => (false, *reason, message.clone()),
         };
-        parents.push(json!({
+        let entry = json!({
             "parentRef": parent,
             "controllerName": CONTROLLER_NAME,
             "conditions": [
@@ -127,9 +126,36 @@ pub fn route_parents(
                 condition("ResolvedRefs", refs_ok, refs_reason, &refs_message, generation,
                     find_condition(previous_conditions, "ResolvedRefs"), now),
             ],
-        }));
+        });
+        ours.push((parent.clone(), entry));
     }
+    let mut parents = Vec::new();
+    for entry in &current {
+        if entry["controllerName"] != CONTROLLER_NAME {
+            parents.push(entry.clone());
+        } else if let Some(index) = ours
+            .iter()
+            .position(|(parent, _)| same_parent(&entry["parentRef"], parent))
+        {
+            parents.push(ours.remove(index).1);
+        }
+    }
+    parents.extend(ours.into_iter().map(|(_, entry)| entry));
     Value::Array(parents)
+}
+
+/// nodemesh's entries of a route's `status.parents`, in a stable order: what the writer
+/// compares, whatever the order others keep the list in.
+pub fn our_parents(parents: &Value) -> Vec<Value> {
+    let mut ours: Vec<Value> = parents
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["controllerName"] == CONTROLLER_NAME)
+        .cloned()
+        .collect();
+    ours.sort_by_key(|p| p["parentRef"].to_string());
+    ours
 }
 
 /// Whether two parentRefs name the same parent.

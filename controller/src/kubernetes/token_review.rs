@@ -22,6 +22,9 @@ const NODE_NAME: &str = "authentication.kubernetes.io/node-name";
 
 /// How long a token's review is reused (projected tokens live an hour and more).
 const CACHE_FOR: Duration = Duration::from_secs(60);
+/// How long a refused token is refused without asking the API server again: a client
+/// sending junk must not make the controller send a TokenReview per request.
+const REFUSED_FOR: Duration = Duration::from_secs(10);
 /// Reviews kept at most: one per agent, with room for rotation.
 const CACHE_SIZE: usize = 4096;
 
@@ -48,6 +51,9 @@ pub enum ReviewError {
     Api(String),
 }
 
+/// Reviews by the token's SHA-256: the node, or why the token was refused, and when.
+type ReviewCache = HashMap<[u8; 32], (Result<String, ReviewError>, Instant)>;
+
 /// Reviews agents' tokens through the API server.
 pub struct TokenReviewer {
     client: Client,
@@ -55,7 +61,8 @@ pub struct TokenReviewer {
     /// `namespace`, `name` of the agents' ServiceAccount.
     agent: (String, String),
     cluster: Arc<Cluster>,
-    cache: Mutex<HashMap<String, (String, Instant)>>,
+    /// By the token's SHA-256: the node, or why it was refused, and when.
+    cache: Mutex<ReviewCache>,
 }
 
 impl std::fmt::Debug for TokenReviewer {
@@ -85,10 +92,19 @@ impl TokenReviewer {
 
     /// The node of the agent whose token this is.
     pub async fn node_of(&self, token: &str) -> Result<String, ReviewError> {
-        if let Some((node, at)) = self.cache().get(token)
-            && at.elapsed() < CACHE_FOR
-        {
-            return Ok(node.clone());
+        let digest: [u8; 32] =
+            aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes())
+                .as_ref()
+                .try_into()
+                .unwrap_or([0; 32]);
+        if let Some((verdict, at)) = self.cache().get(&digest) {
+            let fresh = match verdict {
+                Ok(_) => at.elapsed() < CACHE_FOR,
+                Err(_) => at.elapsed() < REFUSED_FOR,
+            };
+            if fresh {
+                return verdict.clone();
+            }
         }
         let review = TokenReview {
             metadata: Default::default(),
@@ -99,20 +115,30 @@ impl TokenReviewer {
             status: None,
         };
         let api: Api<TokenReview> = Api::all(self.client.clone());
+        // The API server unreachable is no verdict on the token: not remembered.
         let reviewed = api
             .create(&PostParams::default(), &review)
             .await
             .map_err(|e| ReviewError::Api(e.to_string()))?;
-        let node = self.judge(&reviewed)?;
+        let verdict = self.judge(&reviewed);
+        if matches!(verdict, Err(ReviewError::UnknownPod { .. }))
+            && self.cluster.listing(Kind::Pod) == super::cluster::Listing::Pending
+        {
+            return Err(ReviewError::Api(
+                "the controller is still listing the cluster's pods; try again".to_owned(),
+            ));
+        }
         let mut cache = self.cache();
         if cache.len() >= CACHE_SIZE {
             cache.retain(|_, (_, at)| at.elapsed() < CACHE_FOR);
         }
-        cache.insert(token.to_owned(), (node.clone(), Instant::now()));
-        Ok(node)
+        if cache.len() < CACHE_SIZE {
+            cache.insert(digest, (verdict.clone(), Instant::now()));
+        }
+        verdict
     }
 
-    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, Instant)>> {
+    fn cache(&self) -> std::sync::MutexGuard<'_, ReviewCache> {
         self.cache.lock().unwrap_or_else(|e| e.into_inner())
     }
 

@@ -145,6 +145,7 @@ fn a_refused_route_is_not_accepted_and_says_why() {
         }],
         refused: true,
         kept_previous: true,
+        stand_in: None,
     };
     let status = route_parents(&r, Some(&verdict), &mesh(), NOW);
     let ours = ours(&status);
@@ -186,6 +187,7 @@ fn a_condition_keeps_its_transition_time_while_its_status_holds() {
         }],
         refused: true,
         kept_previous: false,
+        stand_in: None,
     };
     let status = object_status(&policy, &refused, NOW);
     assert_eq!(status["conditions"][0]["status"], "False");

@@ -15,7 +15,7 @@ use kube::{
 };
 use serde_json::{Value, json};
 
-use super::{CONTROLLER_NAME, object_status, route_parents, same_status};
+use super::{CONTROLLER_NAME, object_status, our_parents, route_parents, same_status};
 use crate::kubernetes::{
     build::{Built, Verdict},
     cluster::{Cluster, Kind, ObjectKey},
@@ -69,21 +69,37 @@ impl StatusWriter {
                 object_status(&object, verdict, now)
             };
             let id = (*kind, key.clone());
-            let current = if *kind == Kind::HttpRoute {
-                json!({ "parents": object["status"]["parents"].as_array().cloned().unwrap_or_default() })
+            // For a route, only nodemesh's entries count: others' are theirs.
+            let (current, wanted) = if *kind == Kind::HttpRoute {
+                (
+                    Value::Array(our_parents(&object["status"]["parents"])),
+                    Value::Array(our_parents(&desired["parents"])),
+                )
             } else {
-                object["status"].clone()
+                (object["status"].clone(), desired.clone())
             };
-            let already = same_status(&current, &desired)
-                || self.sent.get(&id).is_some_and(|s| same_status(s, &desired));
-            if !already && self.patch(*kind, &object, &desired).await {
-                self.sent.insert(id, desired);
+            if same_status(&current, &wanted) {
+                // In the cluster as wanted: a later change by anyone is noticed again.
+                self.sent.remove(&id);
+            } else if !self.sent.get(&id).is_some_and(|s| same_status(s, &wanted))
+                && self.patch(*kind, &object, &desired).await
+            {
+                self.sent.insert(id, wanted);
             }
             if verdict.refused {
                 self.tell(*kind, &object, verdict).await;
             }
         }
         self.sent.retain(|id, _| built.verdicts.contains_key(id));
+        // Refusals of objects still refused; the rest need not be remembered.
+        let refused: HashSet<String> = built
+            .verdicts
+            .iter()
+            .filter(|(_, v)| v.refused)
+            .filter_map(|((kind, key), _)| cluster.get(*kind, key))
+            .filter_map(|o| o["metadata"]["uid"].as_str().map(str::to_owned))
+            .collect();
+        self.told.retain(|(uid, _, _)| refused.contains(uid));
     }
 
     async fn patch(&self, kind: Kind, object: &Value, status: &Value) -> bool {
@@ -94,14 +110,19 @@ impl StatusWriter {
         };
         let api: Api<DynamicObject> =
             Api::namespaced_with(self.client.clone(), namespace, &kind.api_resource());
-        let patch = Patch::Merge(json!({ "status": status }));
+        // The version read: if another writer changed the status since, the API server
+        // answers 409 and the next round starts from what it wrote.
+        let patch = Patch::Merge(json!({
+            "metadata": { "resourceVersion": meta["resourceVersion"] },
+            "status": status,
+        }));
         match api
             .patch_status(name, &PatchParams::default(), &patch)
             .await
         {
             Ok(_) => true,
-            // Deleted meanwhile.
-            Err(kube::Error::Api(e)) if e.code == 404 => false,
+            // Deleted, or written by another, meanwhile.
+            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => false,
             Err(e) => {
                 tracing::warn!(kind = kind.model_name(), %namespace, %name, error = %e, "cannot write status");
                 false
@@ -136,9 +157,13 @@ impl StatusWriter {
             note.push_str("...");
         }
         let now = Timestamp::now();
+        // Object names are at most 253 characters; the suffix makes it unique.
+        let suffix = format!(".{:x}", now.as_nanosecond());
+        let mut prefix = name.to_owned();
+        prefix.truncate(253 - suffix.len());
         let event = Event {
             metadata: ObjectMeta {
-                name: Some(format!("{name}.{:x}", now.as_nanosecond())),
+                name: Some(format!("{}{suffix}", prefix.trim_end_matches(['.', '-']))),
                 namespace: Some(namespace.to_owned()),
                 ..ObjectMeta::default()
             },
