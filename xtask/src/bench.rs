@@ -3,6 +3,7 @@
 //! nodes. Real load tools: wrk, oha, sockperf, iperf3. Outputs `target/bench/results.json`,
 //! `results.md` and `chart.png`. Figures are never asserted anywhere.
 
+mod profile;
 mod report;
 mod routed;
 mod tools;
@@ -31,7 +32,7 @@ struct Plan {
 }
 
 /// The client and server pods of one measurement.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Case {
     client: &'static str,
     server: &'static str,
@@ -54,8 +55,18 @@ const CROSS_NODE_MESH: Case = Case {
     server: "n2-p1",
 };
 
+/// How `cargo xtask bench` was asked to run.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    pub quick: bool,
+    /// Repetitions of every figure (the median is reported, with the spread).
+    pub repeat: Option<usize>,
+    /// Record the agents' profiles and scheduler counts in the first repetition.
+    pub profile: bool,
+}
+
 /// Everything measured for one case.
-#[derive(Debug, Clone, Copy, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 struct Measured {
     http_c1: LoadResult,
     http_c16: LoadResult,
@@ -67,7 +78,13 @@ struct Measured {
     gbps_4: f64,
 }
 
-pub fn run(quick: bool) -> anyhow::Result<()> {
+pub fn run(options: Options) -> anyhow::Result<()> {
+    let Options {
+        quick,
+        repeat,
+        profile,
+    } = options;
+    let repeat = repeat.unwrap_or(if quick { 1 } else { 3 }).max(1);
     require_root("the benchmark")?;
     setup::run()?;
     setup::bench_tools()?;
@@ -89,11 +106,11 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     };
     println!("== bringing up the benchmark sandbox (release build)");
     let sandbox = Sandbox::up(&spec)?;
-    let result = measure(&sandbox, plan);
+    let result = measure(&sandbox, plan, repeat, profile);
     let down = sandbox.down();
     let outcome = result?;
     down?;
-    write_outputs(&outcome, plan, quick)
+    write_outputs(&outcome, plan, quick, repeat)
 }
 
 /// What one run measured, ready to report.
@@ -107,9 +124,99 @@ struct Outcome {
     raw: serde_json::Value,
     /// The HTTP-routed path against no mesh and the L4 mesh path, cross node.
     routed: Vec<routed::RoutedRow>,
+    /// Context switches and wakeups of each agent per unit of load (`--profile`).
+    scheduler: Vec<profile::PerUnit>,
 }
 
-fn measure(sandbox: &Sandbox, plan: Plan) -> anyhow::Result<Outcome> {
+/// The median of some measurements (the middle one, or the mean of the two middle ones).
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    match n {
+        0 => 0.0,
+        _ if n % 2 == 1 => values[n / 2],
+        _ => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+fn median_load(loads: &[tools::LoadResult]) -> tools::LoadResult {
+    let of = |f: fn(&tools::LoadResult) -> f64| median(loads.iter().map(f).collect());
+    tools::LoadResult {
+        requests: of(|l| l.requests as f64) as u64,
+        per_second: of(|l| l.per_second),
+        errors: loads.iter().map(|l| l.errors).sum(),
+        latency: tools::Latency {
+            p50_us: of(|l| l.latency.p50_us),
+            p99_us: of(|l| l.latency.p99_us),
+            p999_us: of(|l| l.latency.p999_us),
+        },
+    }
+}
+
+/// Figure by figure, the median of repetitions.
+fn median_measured(runs: &[Measured]) -> Measured {
+    let loads = |f: fn(&Measured) -> tools::LoadResult| {
+        median_load(&runs.iter().map(f).collect::<Vec<_>>())
+    };
+    let of = |f: fn(&Measured) -> f64| median(runs.iter().map(f).collect());
+    Measured {
+        http_c1: loads(|m| m.http_c1),
+        http_c16: loads(|m| m.http_c16),
+        cpu_ms_per_1000: of(|m| m.cpu_ms_per_1000),
+        http_fixed: loads(|m| m.http_fixed),
+        http_close: loads(|m| m.http_close),
+        tcp_rr: loads(|m| m.tcp_rr),
+        gbps_1: of(|m| m.gbps_1),
+        gbps_4: of(|m| m.gbps_4),
+    }
+}
+
+/// The agents a probed measurement watches, and what it found.
+struct Probe {
+    agents: Vec<(&'static str, i32)>,
+    found: Vec<profile::PerUnit>,
+}
+
+/// Runs `load`, recording each probed agent's profile (named `<figure>-<node>`) and its
+/// scheduler counts per unit of what the load did.
+fn probed<T>(
+    probe: Option<&mut Probe>,
+    figure: &str,
+    unit: &'static str,
+    units: impl Fn(&T) -> f64,
+    load: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let Some(probe) = probe else {
+        return load();
+    };
+    let mut watching = Vec::new();
+    for &(node, pid) in &probe.agents {
+        let before = profile::SchedCounts::of(pid)?;
+        let recording = profile::Recording::start(&format!("{figure}-{node}"), pid)?;
+        watching.push((node, pid, before, recording));
+    }
+    let result = load()?;
+    for (node, pid, before, recording) in watching {
+        let counts = profile::SchedCounts::of(pid)?.since(before);
+        let svg = recording.finish()?;
+        println!("   profile: {}", svg.display());
+        probe.found.push(profile::PerUnit::new(
+            figure,
+            node,
+            unit,
+            counts,
+            units(&result),
+        ));
+    }
+    Ok(result)
+}
+
+fn measure(
+    sandbox: &Sandbox,
+    plan: Plan,
+    repeat: usize,
+    profiling: bool,
+) -> anyhow::Result<Outcome> {
     let agent_pid = |node: &str| sandbox.node(node).agent.pid;
     let mut memory = vec![
         (
@@ -132,41 +239,58 @@ fn measure(sandbox: &Sandbox, plan: Plan) -> anyhow::Result<Outcome> {
         ("cross node, no mesh", CROSS_NODE_NO_MESH),
         ("cross node, mesh", CROSS_NODE_MESH),
     ];
-    let mut measured = Vec::new();
+    let mut runs: Vec<Vec<Measured>> = vec![Vec::new(); cases.len()];
+    let mut routed_runs = Vec::new();
     let mut notes = Vec::new();
-    for (label, case) in cases {
-        println!("== {label}: {} -> {}", case.client, case.server);
-        let m = measure_case(sandbox, case, plan, &script)?;
+    let mut probe = profiling.then(|| Probe {
+        agents: vec![("n1", agent_pid("n1")), ("n2", agent_pid("n2"))],
+        found: Vec::new(),
+    });
+    for rep in 0..repeat {
+        println!("== repetition {} of {repeat}", rep + 1);
+        for (i, (label, case)) in cases.iter().enumerate() {
+            println!("== {label}: {} -> {}", case.client, case.server);
+            let m = measure_case(sandbox, *case, plan, &script, None)?;
+            for (what, load) in [
+                ("HTTP keep-alive, 1 connection", m.http_c1),
+                ("HTTP keep-alive, 16 connections", m.http_c16),
+                ("HTTP at a fixed rate", m.http_fixed),
+                ("HTTP Connection: close", m.http_close),
+            ] {
+                if load.errors > 0 {
+                    notes.push(format!(
+                        "{label}: {what}: {} errors, {} requests completed (repetition {})",
+                        load.errors,
+                        load.requests,
+                        rep + 1
+                    ));
+                }
+            }
+            runs[i].push(m);
+        }
+        println!("== cross node, mesh, HTTP-routed: n1-p1 -> Service routed (n2-p1)");
+        let routed_measured = routed::measure(sandbox, plan, &script)?;
         for (what, load) in [
-            ("HTTP keep-alive, 1 connection", m.http_c1),
-            ("HTTP keep-alive, 16 connections", m.http_c16),
-            ("HTTP at a fixed rate", m.http_fixed),
-            ("HTTP Connection: close", m.http_close),
+            ("HTTP keep-alive, 1 connection", routed_measured.http_c1),
+            ("HTTP keep-alive, 16 connections", routed_measured.http_c16),
+            ("HTTP at a fixed rate", routed_measured.http_fixed),
         ] {
             if load.errors > 0 {
                 notes.push(format!(
-                    "{label}: {what}: {} errors, {} requests completed",
+                    "cross node, routed: {what}: {} errors, {} requests completed",
                     load.errors, load.requests
                 ));
             }
         }
-        measured.push(m);
+        routed_runs.push(routed_measured);
     }
-
-    println!("== cross node, mesh, HTTP-routed: n1-p1 -> Service routed (n2-p1)");
-    let routed_measured = routed::measure(sandbox, plan, &script)?;
-    for (what, load) in [
-        ("HTTP keep-alive, 1 connection", routed_measured.http_c1),
-        ("HTTP keep-alive, 16 connections", routed_measured.http_c16),
-        ("HTTP at a fixed rate", routed_measured.http_fixed),
-    ] {
-        if load.errors > 0 {
-            notes.push(format!(
-                "cross node, routed: {what}: {} errors, {} requests completed",
-                load.errors, load.requests
-            ));
-        }
+    if let Some(probe) = probe.as_mut() {
+        // Profiling slows the agents down: a pass of its own, whose figures are not kept.
+        println!("== profiling: cross node, mesh (these figures are not reported)");
+        measure_case(sandbox, CROSS_NODE_MESH, plan, &script, Some(probe))?;
     }
+    let measured: Vec<Measured> = runs.iter().map(|r| median_measured(r)).collect();
+    let routed_measured = routed::median(&routed_runs);
     drop(servers);
     let held = hold_connections(sandbox, 1000)?;
     memory.push((
@@ -190,19 +314,10 @@ fn measure(sandbox: &Sandbox, plan: Plan) -> anyhow::Result<Outcome> {
         tools::rss_mb(agent_pid("n2"))?,
     ));
     drop(held);
-    let [same_no, same_mesh, cross_no, cross_mesh] =
-        [measured[0], measured[1], measured[2], measured[3]];
+    let (cross_no, cross_mesh) = (measured[2], measured[3]);
     let pair = |f: fn(&Measured) -> f64| {
-        (
-            Pair {
-                no_mesh: f(&same_no),
-                mesh: f(&same_mesh),
-            },
-            Pair {
-                no_mesh: f(&cross_no),
-                mesh: f(&cross_mesh),
-            },
-        )
+        let each = |i: usize| runs[i].iter().map(f).collect::<Vec<f64>>();
+        (Pair::of(each(0), each(1)), Pair::of(each(2), each(3)))
     };
     let row = |figure: String,
                unit: &'static str,
@@ -335,8 +450,8 @@ fn measure(sandbox: &Sandbox, plan: Plan) -> anyhow::Result<Outcome> {
         ),
     ];
     let raw = json!({
-        "same_node": { "no_mesh": same_no, "mesh": same_mesh },
-        "cross_node": { "no_mesh": cross_no, "mesh": cross_mesh, "routed": routed_measured },
+        "same_node": { "no_mesh": runs[0], "mesh": runs[1] },
+        "cross_node": { "no_mesh": runs[2], "mesh": runs[3], "routed": routed_runs },
     });
     Ok(Outcome {
         rows,
@@ -344,6 +459,7 @@ fn measure(sandbox: &Sandbox, plan: Plan) -> anyhow::Result<Outcome> {
         notes,
         raw,
         routed: routed::rows(&cross_no, &cross_mesh, &routed_measured, rate),
+        scheduler: probe.map(|p| p.found).unwrap_or_default(),
     })
 }
 
@@ -384,19 +500,35 @@ fn measure_case(
     case: Case,
     plan: Plan,
     script: &std::path::Path,
+    mut probe: Option<&mut Probe>,
 ) -> anyhow::Result<Measured> {
     let client = &sandbox.pod(case.client).netns;
     let server = sandbox.pod(case.server);
     let url = format!("http://{}/", server.server.http);
     let t = plan.seconds;
-    let http_c1 = tools::wrk(client, &url, 1, 1, t, false, script)?;
+    let requests = |l: &LoadResult| l.requests as f64;
+    let http_c1 = probed(probe.as_deref_mut(), "c1", "request", requests, || {
+        tools::wrk(client, &url, 1, 1, t, false, script)
+    })?;
     let before = tools::host_busy_ms()?;
-    let http_c16 = tools::wrk(client, &url, 2, 16, t, false, script)?;
+    let http_c16 = probed(probe.as_deref_mut(), "c16", "request", requests, || {
+        tools::wrk(client, &url, 2, 16, t, false, script)
+    })?;
     let cpu_ms = tools::host_busy_ms()? - before;
     let http_fixed = tools::oha(client, &url, plan.fixed_rate, 4, t)?;
-    let http_close = tools::wrk(client, &url, 1, 4, t, true, script)?;
+    let http_close = probed(
+        probe.as_deref_mut(),
+        "close",
+        "connection",
+        requests,
+        || tools::wrk(client, &url, 1, 4, t, true, script),
+    )?;
     let tcp_rr = tools::sockperf(client, server.ip, SOCKPERF_PORT, t)?;
-    let gbps_1 = tools::iperf3(client, server.ip, 1, t)?;
+    // Per megabyte carried.
+    let megabytes = |gbps: &f64| gbps * t as f64 * 125.0;
+    let gbps_1 = probed(probe, "iperf1", "MB", megabytes, || {
+        tools::iperf3(client, server.ip, 1, t)
+    })?;
     let gbps_4 = tools::iperf3(client, server.ip, 4, t)?;
     Ok(Measured {
         cpu_ms_per_1000: if http_c16.requests > 0 {
@@ -423,38 +555,71 @@ fn hold_connections(sandbox: &Sandbox, n: usize) -> anyhow::Result<Vec<std::net:
     Ok(held)
 }
 
-fn write_outputs(outcome: &Outcome, plan: Plan, quick: bool) -> anyhow::Result<()> {
+/// The machine the figures come from: CPU model and count, kernel.
+fn machine() -> String {
+    let cpu = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).trim().to_owned())
+        })
+        .unwrap_or_else(|| "an unknown CPU".to_owned());
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|k| k.trim().to_owned())
+        .unwrap_or_default();
+    format!(
+        "{} vCPUs ({cpu}), Linux {kernel}",
+        std::thread::available_parallelism().map_or(0, usize::from)
+    )
+}
+
+fn write_outputs(outcome: &Outcome, plan: Plan, quick: bool, repeat: usize) -> anyhow::Result<()> {
     let Outcome {
         rows,
         memory,
         notes,
         raw,
         routed,
+        scheduler,
     } = outcome;
     let dir = target_dir().join("bench");
     fs::create_dir_all(&dir)?;
+    let machine = machine();
     let header = format!(
-        "nodemesh benchmark ({}, {} s per figure): sandbox with 2 nodes, mesh pods vs legacy pods in \
-         one run. CPU placement: none pinned; load tools, test servers, agents and the kernel share \
-         the machine's {} vCPUs. Ratio = mesh / no mesh.",
+        "nodemesh benchmark ({}, {} s per figure, {repeat} repetition{}{}): sandbox with 2 nodes, \
+         mesh pods vs legacy pods in one run, on {machine}. CPU placement: none pinned; load \
+         tools, test servers, agents and the kernel share the machine. Ratio = mesh / no mesh{}.",
         if quick { "--quick" } else { "full" },
         plan.seconds,
-        std::thread::available_parallelism().map_or(0, usize::from)
+        if repeat == 1 { "" } else { "s" },
+        if repeat > 1 {
+            ", each figure the median with (min-max) of the repetitions"
+        } else {
+            ""
+        },
+        if repeat > 1 { ", of the medians" } else { "" },
     );
-    let markdown = report::markdown(rows, memory, notes, &header) + &routed::markdown(routed);
+    let markdown = report::markdown(rows, memory, notes, &header)
+        + &routed::markdown(routed)
+        + &report::scheduler_markdown(scheduler);
 
     fs::write(dir.join("results.md"), &markdown)?;
     fs::write(
         dir.join("results.json"),
         serde_json::to_vec_pretty(&json!({
             "quick": quick,
+            "machine": machine,
+            "repetitions": repeat,
             "seconds_per_figure": plan.seconds,
             "fixed_rate": plan.fixed_rate,
             "rows": rows,
             "routed_rows": routed,
             "agent_memory_mb": memory.iter().map(|(k, v)| json!({ "what": k, "mb": v })).collect::<Vec<_>>(),
+            "scheduler_per_unit": scheduler,
             "notes": notes,
             "raw": raw,
+            "markdown": markdown,
         }))?,
     )?;
     let svg = dir.join("chart.svg");
@@ -465,8 +630,49 @@ fn write_outputs(outcome: &Outcome, plan: Plan, quick: bool) -> anyhow::Result<(
     report::png(&svg, &dir.join("chart.png"))?;
     println!("\n{markdown}");
     println!(
-        "written: {} (results.json, results.md, chart.png)",
-        dir.display()
+        "written: {} (results.json, results.md, chart.png{})",
+        dir.display(),
+        if scheduler.is_empty() {
+            ""
+        } else {
+            "; profiles/*.svg and *.top.txt"
+        }
     );
+    Ok(())
+}
+
+/// Markers around README's benchmark tables, which `cargo xtask bench --readme` rewrites.
+const README_BEGIN: &str = "<!-- bench:begin (cargo xtask bench --readme writes this) -->";
+const README_END: &str = "<!-- bench:end -->";
+
+/// Puts the tables of `target/bench/results.json` into README, between its markers.
+pub fn readme() -> anyhow::Result<()> {
+    let results = target_dir().join("bench/results.json");
+    let text = fs::read_to_string(&results).with_context(|| {
+        format!(
+            "cannot read {}; run `cargo xtask bench` first",
+            results.display()
+        )
+    })?;
+    let json: serde_json::Value = serde_json::from_str(&text)?;
+    let markdown = json["markdown"]
+        .as_str()
+        .context("results.json holds no tables; run `cargo xtask bench` again")?;
+    if json["quick"] == true {
+        anyhow::bail!("README shows full runs only; run `cargo xtask bench` without --quick");
+    }
+    let path = crate::root().join("README.md");
+    let readme = fs::read_to_string(&path)?;
+    let (Some(begin), Some(end)) = (readme.find(README_BEGIN), readme.find(README_END)) else {
+        anyhow::bail!("README.md lacks the markers {README_BEGIN} ... {README_END}");
+    };
+    let updated = format!(
+        "{}{README_BEGIN}\n{}\n{}",
+        &readme[..begin],
+        markdown.trim_end(),
+        &readme[end..]
+    );
+    fs::write(&path, updated)?;
+    eprintln!("README.md: benchmark tables from {}", results.display());
     Ok(())
 }

@@ -44,9 +44,21 @@ enum Task {
     /// Measure the mesh's cost against the same work without it (JSON, markdown, PNG in
     /// target/bench).
     Bench {
-        /// A smoke run: short measurements, under two minutes once built.
+        /// A smoke run: short measurements, once, under two minutes once built.
         #[arg(long)]
         quick: bool,
+        /// Repetitions of every figure (3 for a full run, 1 with --quick); the median is
+        /// reported with the spread.
+        #[arg(long)]
+        repeat: Option<usize>,
+        /// Also record the agents' CPU profiles (perf, flame graphs) and scheduler counts
+        /// during the cross-node mesh loads, in a pass of their own, into
+        /// target/bench/profiles/.
+        #[arg(long)]
+        profile: bool,
+        /// Do not measure: put the tables of target/bench/results.json into README.md.
+        #[arg(long, conflicts_with_all = ["quick", "repeat", "profile"])]
+        readme: bool,
     },
     /// Run every fuzz target (random structured input to the config loader, HBONE CONNECT
     /// handling, protocol detection, the path normaliser, the policy matcher) for a while.
@@ -73,7 +85,22 @@ fn main() -> ExitCode {
         Task::Test => test::run(),
         Task::Fuzz { seconds } => fuzz::run(seconds),
         Task::Manifests => manifests::write(),
-        Task::Bench { quick } => bench::run(quick),
+        Task::Bench {
+            quick,
+            repeat,
+            profile,
+            readme,
+        } => {
+            if readme {
+                bench::readme()
+            } else {
+                bench::run(bench::Options {
+                    quick,
+                    repeat,
+                    profile,
+                })
+            }
+        }
         Task::Sandbox { command } => sandbox_cmd::run(command),
     };
     match result {

@@ -132,15 +132,26 @@ pub fn run() -> anyhow::Result<()> {
 }
 
 /// What `cargo xtask bench` needs besides the build: load tools, rsvg-convert and a font for
-/// the chart (Debian), and oha (crates.io) for latency at a fixed rate.
+/// the chart, perf for profiles (Debian), oha (crates.io) for latency at a fixed rate, and
+/// inferno (crates.io) to draw flame graphs from perf's samples.
 const BENCH_PACKAGES: &[&str] = &[
     "wrk",
     "iperf3",
     "sockperf",
     "librsvg2-bin",
     "fonts-dejavu-core",
+    "linux-perf",
 ];
 const OHA_VERSION: &str = "1.16.0";
+const INFERNO_VERSION: &str = "0.12.8";
+
+/// One of inferno's commands, as cargo installs them.
+pub fn inferno_binary(name: &str) -> std::path::PathBuf {
+    let home = std::env::var("CARGO_HOME")
+        .or_else(|_| std::env::var("HOME").map(|h| format!("{h}/.cargo")))
+        .unwrap_or_else(|_| "/root/.cargo".to_owned());
+    std::path::Path::new(&home).join("bin").join(name)
+}
 
 pub fn bench_tools() -> anyhow::Result<()> {
     apt_install(BENCH_PACKAGES)?;
@@ -154,6 +165,25 @@ pub fn bench_tools() -> anyhow::Result<()> {
         run_step(
             Command::new("cargo")
                 .args(["install", "oha", "--locked", "--version", OHA_VERSION])
+                .env_remove("RUSTUP_TOOLCHAIN")
+                .env_remove("CARGO_TARGET_DIR"),
+        )?;
+    }
+    let has_inferno = Command::new(inferno_binary("inferno-flamegraph"))
+        .arg("--version")
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains(INFERNO_VERSION));
+    if !has_inferno {
+        eprintln!("setup: installing inferno {INFERNO_VERSION} (flame graphs)");
+        run_step(
+            Command::new("cargo")
+                .args([
+                    "install",
+                    "inferno",
+                    "--locked",
+                    "--version",
+                    INFERNO_VERSION,
+                ])
                 .env_remove("RUSTUP_TOOLCHAIN")
                 .env_remove("CARGO_TARGET_DIR"),
         )?;

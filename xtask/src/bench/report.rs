@@ -20,13 +20,29 @@ pub struct Row {
     pub target: Option<&'static str>,
 }
 
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Pair {
+    /// The medians of the repetitions.
     pub no_mesh: f64,
     pub mesh: f64,
+    /// Every repetition's figure.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub no_mesh_runs: Vec<f64>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub mesh_runs: Vec<f64>,
 }
 
 impl Pair {
+    /// The medians of the runs, and the runs.
+    pub fn of(no_mesh_runs: Vec<f64>, mesh_runs: Vec<f64>) -> Self {
+        Self {
+            no_mesh: super::median(no_mesh_runs.clone()),
+            mesh: super::median(mesh_runs.clone()),
+            no_mesh_runs,
+            mesh_runs,
+        }
+    }
+
     pub fn ratio(&self) -> f64 {
         if self.no_mesh == 0.0 {
             0.0
@@ -55,6 +71,35 @@ fn number(value: f64) -> String {
     }
 }
 
+/// A figure with the spread of its repetitions: `160 (152-171)`.
+fn spread(median: f64, runs: &[f64]) -> String {
+    if runs.len() < 2 {
+        return number(median);
+    }
+    let min = runs.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = runs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{} ({}-{})", number(median), number(min), number(max))
+}
+
+/// Context switches and wakeups of each agent per unit of load, from a profiled run.
+pub fn scheduler_markdown(found: &[super::profile::PerUnit]) -> String {
+    if found.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from(
+        "\nScheduler, cross node, mesh (from a profiling pass of its own, whose figures are not \
+         reported; flame graphs in `target/bench/profiles/`):\n\n| load | agent | context switches per unit | times scheduled per unit |\n|---|---|---|---|\n",
+    );
+    for f in found {
+        let _ = writeln!(
+            out,
+            "| {} (per {}) | {} | {:.2} | {:.2} |",
+            f.figure, f.unit, f.node, f.context_switches, f.scheduled
+        );
+    }
+    out
+}
+
 pub fn markdown(rows: &[Row], memory: &[(String, f64)], notes: &[String], header: &str) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "{header}\n");
@@ -69,11 +114,11 @@ pub fn markdown(rows: &[Row], memory: &[(String, f64)], notes: &[String], header
             "| {} ({}) | {} | {} | {} | {} | {} | {} | {} |",
             row.figure,
             row.unit,
-            number(row.same_node.no_mesh),
-            number(row.same_node.mesh),
+            spread(row.same_node.no_mesh, &row.same_node.no_mesh_runs),
+            spread(row.same_node.mesh, &row.same_node.mesh_runs),
             row.same_node.ratio_text(),
-            number(row.cross_node.no_mesh),
-            number(row.cross_node.mesh),
+            spread(row.cross_node.no_mesh, &row.cross_node.no_mesh_runs),
+            spread(row.cross_node.mesh, &row.cross_node.mesh_runs),
             row.cross_node.ratio_text(),
             row.target.unwrap_or("")
         );
@@ -146,7 +191,7 @@ pub fn svg(rows: &[Row], title: &str) -> String {
             y + bar + 4.0,
             escape(&label(row))
         );
-        for (k, (pair, colour)) in [(row.same_node, "#4e79a7"), (row.cross_node, "#f28e2b")]
+        for (k, (pair, colour)) in [(&row.same_node, "#4e79a7"), (&row.cross_node, "#f28e2b")]
             .into_iter()
             .enumerate()
         {
@@ -195,16 +240,22 @@ mod tests {
             figure: "TCP throughput".to_owned(),
             unit: "Gbit/s",
             higher_is_better: true,
-            same_node: Pair {
-                no_mesh: 20.0,
-                mesh: 5.0,
-            },
-            cross_node: Pair {
-                no_mesh: 0.0,
-                mesh: 4.0,
-            },
+            same_node: Pair::of(vec![20.0], vec![5.0]),
+            cross_node: Pair::of(vec![0.0], vec![4.0]),
             target: Some("≥ 0.7x"),
         }
+    }
+
+    #[test]
+    fn repetitions_show_as_the_median_and_their_spread() {
+        let pair = Pair::of(vec![160.0, 152.0, 171.0], vec![1.0, 2.0]);
+        assert_eq!(pair.no_mesh, 160.0);
+        assert_eq!(
+            pair.mesh, 1.5,
+            "an even count takes the mean of the middle two"
+        );
+        assert_eq!(spread(pair.no_mesh, &pair.no_mesh_runs), "160 (152-171)");
+        assert_eq!(spread(7.0, &[7.0]), "7.00", "one run has no spread");
     }
 
     #[test]

@@ -39,7 +39,7 @@ spec:
 ";
 
 /// What the routed path measured.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct Routed {
     pub http_c1: tools::LoadResult,
     pub http_c16: tools::LoadResult,
@@ -55,6 +55,19 @@ pub struct RoutedRow {
     pub no_mesh: f64,
     pub l4_mesh: f64,
     pub routed: f64,
+}
+
+/// Figure by figure, the median of repetitions.
+pub fn median(runs: &[Routed]) -> Routed {
+    let loads = |f: fn(&Routed) -> tools::LoadResult| {
+        super::median_load(&runs.iter().map(f).collect::<Vec<_>>())
+    };
+    Routed {
+        http_c1: loads(|r| r.http_c1),
+        http_c16: loads(|r| r.http_c16),
+        cpu_ms_per_1000: super::median(runs.iter().map(|r| r.cpu_ms_per_1000).collect()),
+        http_fixed: loads(|r| r.http_fixed),
+    }
 }
 
 /// Installs the route and policy, waits until requests go through the HTTP stack, measures.
