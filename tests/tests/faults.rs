@@ -27,6 +27,20 @@ fn outside_the_tunnel(pcap: &Path, sources: &[std::net::Ipv4Addr]) -> Vec<String
     Capture::read(pcap, &filter).expect("read the capture")
 }
 
+/// The uplink capture (`bytes`, saved at `pcap`) holds no canary byte and no TCP of the
+/// enrolled `pods` outside HBONE.
+fn assert_nothing_in_clear(bytes: &[u8], pcap: &Path, pods: &[std::net::Ipv4Addr]) {
+    assert!(
+        !bytes.windows(CANARY.len()).any(|w| w == CANARY),
+        "an enrolled pod's bytes crossed the uplink in clear"
+    );
+    let leaked = outside_the_tunnel(pcap, pods);
+    assert!(
+        leaked.is_empty(),
+        "enrolled pods' TCP outside HBONE on the uplink: {leaked:?}"
+    );
+}
+
 #[test]
 fn an_agent_killed_under_load_leaks_no_plaintext_and_admits_no_legacy_client() {
     let Some(mut sb) = sandbox("tkill") else {
@@ -73,15 +87,7 @@ fn an_agent_killed_under_load_leaks_no_plaintext_and_admits_no_legacy_client() {
         "agent n1 killed under load: outgoing {out_ok} ok / {out_failed} refused, \
          incoming {in_ok} ok / {in_failed} refused"
     );
-    assert!(
-        !bytes.windows(CANARY.len()).any(|w| w == CANARY),
-        "an enrolled pod's bytes crossed the uplink in clear"
-    );
-    let leaked = outside_the_tunnel(&pcap, &[p1.ip, p2.ip]);
-    assert!(
-        leaked.is_empty(),
-        "enrolled pods' TCP outside HBONE on the uplink: {leaked:?}"
-    );
+    assert_nothing_in_clear(&bytes, &pcap, &[p1.ip, p2.ip]);
     for legacy in ["n1-legacy", "n2-legacy"] {
         assert!(
             refused(&sb.pod(legacy).netns, p1.server.echo),
@@ -174,15 +180,7 @@ fn an_agent_restarted_under_load_cuts_only_what_it_carried_and_leaks_nothing() {
         b"after",
         "a connection another agent carries is untouched"
     );
-    assert!(
-        !bytes.windows(CANARY.len()).any(|w| w == CANARY),
-        "an enrolled pod's bytes crossed the uplink in clear"
-    );
-    let leaked = outside_the_tunnel(&pcap, &[p1.ip, p2.ip]);
-    assert!(
-        leaked.is_empty(),
-        "enrolled pods' TCP outside HBONE on the uplink: {leaked:?}"
-    );
+    assert_nothing_in_clear(&bytes, &pcap, &[p1.ip, p2.ip]);
     assert_eq!(
         LongLived::open(&p2.netns, far.server.echo).round_trip(b"again"),
         b"again"

@@ -3,6 +3,7 @@
 //! nodes. Real load tools: wrk, oha, sockperf, iperf3. Outputs `target/bench/results.json`,
 //! `results.md` and `chart.png`. Figures are never asserted anywhere.
 
+mod output;
 mod profile;
 mod report;
 mod routed;
@@ -14,7 +15,7 @@ use anyhow::Context as _;
 use nodemesh_sandbox::{Sandbox, Spec};
 use serde_json::json;
 
-pub use self::tools::oha_binary;
+pub use self::{output::readme, tools::oha_binary};
 use self::{
     report::{Pair, Row},
     tools::{LoadResult, Server},
@@ -110,7 +111,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     let down = sandbox.down();
     let outcome = result?;
     down?;
-    write_outputs(&outcome, plan, quick, repeat)
+    output::write_outputs(&outcome, plan, quick, repeat)
 }
 
 /// What one run measured, ready to report.
@@ -251,37 +252,31 @@ fn measure(
         for (i, (label, case)) in cases.iter().enumerate() {
             println!("== {label}: {} -> {}", case.client, case.server);
             let m = measure_case(sandbox, *case, plan, &script, None)?;
-            for (what, load) in [
-                ("HTTP keep-alive, 1 connection", m.http_c1),
-                ("HTTP keep-alive, 16 connections", m.http_c16),
-                ("HTTP at a fixed rate", m.http_fixed),
-                ("HTTP Connection: close", m.http_close),
-            ] {
-                if load.errors > 0 {
-                    notes.push(format!(
-                        "{label}: {what}: {} errors, {} requests completed (repetition {})",
-                        load.errors,
-                        load.requests,
-                        rep + 1
-                    ));
-                }
-            }
+            note_errors(
+                &mut notes,
+                label,
+                rep,
+                [
+                    ("HTTP keep-alive, 1 connection", m.http_c1),
+                    ("HTTP keep-alive, 16 connections", m.http_c16),
+                    ("HTTP at a fixed rate", m.http_fixed),
+                    ("HTTP Connection: close", m.http_close),
+                ],
+            );
             runs[i].push(m);
         }
         println!("== cross node, mesh, HTTP-routed: n1-p1 -> Service routed (n2-p1)");
         let routed_measured = routed::measure(sandbox, plan, &script)?;
-        for (what, load) in [
-            ("HTTP keep-alive, 1 connection", routed_measured.http_c1),
-            ("HTTP keep-alive, 16 connections", routed_measured.http_c16),
-            ("HTTP at a fixed rate", routed_measured.http_fixed),
-        ] {
-            if load.errors > 0 {
-                notes.push(format!(
-                    "cross node, routed: {what}: {} errors, {} requests completed",
-                    load.errors, load.requests
-                ));
-            }
-        }
+        note_errors(
+            &mut notes,
+            "cross node, routed",
+            rep,
+            [
+                ("HTTP keep-alive, 1 connection", routed_measured.http_c1),
+                ("HTTP keep-alive, 16 connections", routed_measured.http_c16),
+                ("HTTP at a fixed rate", routed_measured.http_fixed),
+            ],
+        );
         routed_runs.push(routed_measured);
     }
     if let Some(probe) = probe.as_mut() {
@@ -463,6 +458,25 @@ fn measure(
     })
 }
 
+/// A note for each of `loads` that saw errors: a figure with errors is less trustworthy.
+fn note_errors<const N: usize>(
+    notes: &mut Vec<String>,
+    label: &str,
+    rep: usize,
+    loads: [(&str, LoadResult); N],
+) {
+    for (what, load) in loads {
+        if load.errors > 0 {
+            notes.push(format!(
+                "{label}: {what}: {} errors, {} requests completed (repetition {})",
+                load.errors,
+                load.requests,
+                rep + 1
+            ));
+        }
+    }
+}
+
 /// sockperf and iperf3 servers in every server pod, for the run.
 fn start_servers(sandbox: &Sandbox) -> anyhow::Result<Vec<Server>> {
     let mut servers = Vec::new();
@@ -553,126 +567,4 @@ fn hold_connections(sandbox: &Sandbox, n: usize) -> anyhow::Result<Vec<std::net:
     // Let both agents finish setting up the tunnels before memory is read.
     std::thread::sleep(Duration::from_secs(2));
     Ok(held)
-}
-
-/// The machine the figures come from: CPU model and count, kernel.
-fn machine() -> String {
-    let cpu = fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find_map(|l| l.strip_prefix("model name"))
-                .map(|v| v.trim_start_matches([' ', '\t', ':']).trim().to_owned())
-        })
-        .unwrap_or_else(|| "an unknown CPU".to_owned());
-    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|k| k.trim().to_owned())
-        .unwrap_or_default();
-    format!(
-        "{} vCPUs ({cpu}), Linux {kernel}",
-        std::thread::available_parallelism().map_or(0, usize::from)
-    )
-}
-
-fn write_outputs(outcome: &Outcome, plan: Plan, quick: bool, repeat: usize) -> anyhow::Result<()> {
-    let Outcome {
-        rows,
-        memory,
-        notes,
-        raw,
-        routed,
-        scheduler,
-    } = outcome;
-    let dir = target_dir().join("bench");
-    fs::create_dir_all(&dir)?;
-    let machine = machine();
-    let header = format!(
-        "nodemesh benchmark ({}, {} s per figure, {repeat} repetition{}{}): sandbox with 2 nodes, \
-         mesh pods vs legacy pods in one run, on {machine}. CPU placement: none pinned; load \
-         tools, test servers, agents and the kernel share the machine. Ratio = mesh / no mesh{}.",
-        if quick { "--quick" } else { "full" },
-        plan.seconds,
-        if repeat == 1 { "" } else { "s" },
-        if repeat > 1 {
-            ", each figure the median with (min-max) of the repetitions"
-        } else {
-            ""
-        },
-        if repeat > 1 { ", of the medians" } else { "" },
-    );
-    let markdown = report::markdown(rows, memory, notes, &header)
-        + &routed::markdown(routed)
-        + &report::scheduler_markdown(scheduler);
-
-    fs::write(dir.join("results.md"), &markdown)?;
-    fs::write(
-        dir.join("results.json"),
-        serde_json::to_vec_pretty(&json!({
-            "quick": quick,
-            "machine": machine,
-            "repetitions": repeat,
-            "seconds_per_figure": plan.seconds,
-            "fixed_rate": plan.fixed_rate,
-            "rows": rows,
-            "routed_rows": routed,
-            "agent_memory_mb": memory.iter().map(|(k, v)| json!({ "what": k, "mb": v })).collect::<Vec<_>>(),
-            "scheduler_per_unit": scheduler,
-            "notes": notes,
-            "raw": raw,
-            "markdown": markdown,
-        }))?,
-    )?;
-    let svg = dir.join("chart.svg");
-    fs::write(
-        &svg,
-        report::svg(rows, "nodemesh: cost of the mesh (mesh / no mesh)"),
-    )?;
-    report::png(&svg, &dir.join("chart.png"))?;
-    println!("\n{markdown}");
-    println!(
-        "written: {} (results.json, results.md, chart.png{})",
-        dir.display(),
-        if scheduler.is_empty() {
-            ""
-        } else {
-            "; profiles/*.svg and *.top.txt"
-        }
-    );
-    Ok(())
-}
-
-/// Markers around README's benchmark tables, which `cargo xtask bench --readme` rewrites.
-const README_BEGIN: &str = "<!-- bench:begin (cargo xtask bench --readme writes this) -->";
-const README_END: &str = "<!-- bench:end -->";
-
-/// Puts the tables of `target/bench/results.json` into README, between its markers.
-pub fn readme() -> anyhow::Result<()> {
-    let results = target_dir().join("bench/results.json");
-    let text = fs::read_to_string(&results).with_context(|| {
-        format!(
-            "cannot read {}; run `cargo xtask bench` first",
-            results.display()
-        )
-    })?;
-    let json: serde_json::Value = serde_json::from_str(&text)?;
-    let markdown = json["markdown"]
-        .as_str()
-        .context("results.json holds no tables; run `cargo xtask bench` again")?;
-    if json["quick"] == true {
-        anyhow::bail!("README shows full runs only; run `cargo xtask bench` without --quick");
-    }
-    let path = crate::root().join("README.md");
-    let readme = fs::read_to_string(&path)?;
-    let (Some(begin), Some(end)) = (readme.find(README_BEGIN), readme.find(README_END)) else {
-        anyhow::bail!("README.md lacks the markers {README_BEGIN} ... {README_END}");
-    };
-    let updated = format!(
-        "{}{README_BEGIN}\n{}\n{}",
-        &readme[..begin],
-        markdown.trim_end(),
-        &readme[end..]
-    );
-    fs::write(&path, updated)?;
-    eprintln!("README.md: benchmark tables from {}", results.display());
-    Ok(())
 }

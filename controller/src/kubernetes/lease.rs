@@ -30,6 +30,22 @@ struct Observed {
     at: Option<Instant>,
 }
 
+impl Observed {
+    /// The outcome of writing the lease: this replica leads with what it wrote, or another
+    /// wrote first (409) and it follows.
+    fn written(&mut self, result: kube::Result<Lease>) -> kube::Result<Round> {
+        match result {
+            Ok(lease) => {
+                self.spec = lease.spec;
+                self.at = Some(Instant::now());
+                Ok(Round::Leading)
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(Round::Following),
+            Err(e) => Err(e),
+        }
+    }
+}
+
 /// What one round of trying decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Round {
@@ -60,15 +76,8 @@ async fn try_acquire_or_renew(
                 ..LeaseSpec::default()
             }),
         };
-        return match api.create(&PostParams::default(), &lease).await {
-            Ok(lease) => {
-                observed.spec = lease.spec;
-                observed.at = Some(Instant::now());
-                Ok(Round::Leading)
-            }
-            Err(kube::Error::Api(e)) if e.code == 409 => Ok(Round::Following),
-            Err(e) => Err(e),
-        };
+        let written = api.create(&PostParams::default(), &lease).await;
+        return observed.written(written);
     };
     let old = lease.spec.clone().unwrap_or_default();
     if observed.spec.as_ref() != Some(&old) {
@@ -98,18 +107,10 @@ async fn try_acquire_or_renew(
         ..LeaseSpec::default()
     });
     // The resourceVersion read is sent back: a concurrent writer makes this a 409.
-    match api
+    let written = api
         .replace(LEASE_NAME, &PostParams::default(), &lease)
-        .await
-    {
-        Ok(lease) => {
-            observed.spec = lease.spec;
-            observed.at = Some(Instant::now());
-            Ok(Round::Leading)
-        }
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(Round::Following),
-        Err(e) => Err(e),
-    }
+        .await;
+    observed.written(written)
 }
 
 /// Runs the election until `stop`; `leading` says whether this replica writes status.
