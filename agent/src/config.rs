@@ -145,7 +145,8 @@ struct Args {
     #[arg(long, default_value = "0.0.0.0:15021")]
     readiness_addr: SocketAddr,
 
-    /// Proxy worker threads. Defaults to the number of CPUs.
+    /// Proxy workers: threads with a runtime and a set of listeners in every pod each (the
+    /// kernel spreads connections among them). Defaults to the number of CPUs.
     #[arg(long, env = "NODEMESH_WORKER_THREADS")]
     worker_threads: Option<usize>,
 

@@ -18,20 +18,19 @@ use crate::netns::PodNetns;
 /// How many connections may wait in a listener's accept queue.
 const BACKLOG: i32 = 1024;
 
-/// Opens a TCP listener on `addr` inside the pod's namespace.
-pub fn listen(
-    netns: &PodNetns,
-    addr: SocketAddr,
-    mark: u32,
-) -> io::Result<tokio::net::TcpListener> {
+/// Opens a TCP listener on `addr` inside the pod's namespace, one of a SO_REUSEPORT group:
+/// each proxy worker has its own, and the kernel spreads new connections among them. Not yet
+/// registered with a runtime: the worker that serves it does that.
+pub fn listen(netns: &PodNetns, addr: SocketAddr, mark: u32) -> io::Result<std::net::TcpListener> {
     let socket = netns.run(|| {
         let socket = new_socket(addr, mark)?;
         socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
         socket.bind(&addr.into())?;
         socket.listen(BACKLOG)?;
         Ok(socket)
     })?;
-    tokio::net::TcpListener::from_std(socket.into())
+    Ok(socket.into())
 }
 
 /// Creates an unconnected TCP socket inside the pod's namespace, ready for `connect()`.

@@ -19,6 +19,7 @@ mod netns;
 mod proxy;
 mod state;
 mod telemetry;
+mod workers;
 mod workloads;
 
 use std::{process::ExitCode, sync::Arc, time::Duration};
@@ -43,6 +44,7 @@ use crate::{
         http::{Sinks, outbound::HttpStacks, state::TrafficState, upstream::MeshConnector},
     },
     state::{AgentState, DatapathView},
+    workers::Workers,
     workloads::WorkloadRegistry,
 };
 
@@ -119,15 +121,18 @@ fn start(config: Arc<Config>) -> anyhow::Result<()> {
         .context("cannot read the open-file limit")?;
     nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard)
         .context("cannot raise the open-file limit")?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.worker_threads)
+    let workers = Workers::start(config.worker_threads).context("cannot start the proxy workers")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(run(config))
+    let result = runtime.block_on(run(config, workers.handles().to_vec()));
+    // The workers stop after the agent's own tasks: draining happens before.
+    drop(workers);
+    result
 }
 
-async fn run(config: Arc<Config>) -> anyhow::Result<()> {
+async fn run(config: Arc<Config>, workers: Vec<tokio::runtime::Handle>) -> anyhow::Result<()> {
     let datapath = Datapath::load(&config)?;
     let controller = Arc::new(ControllerClient::new(
         &config.controller,
@@ -199,6 +204,7 @@ async fn run(config: Arc<Config>) -> anyhow::Result<()> {
         identities,
         mesh: mesh.clone(),
         pool: HbonePool::default(),
+        workers,
         admission: proxy::admission::Admission::new(
             config.max_connections,
             config.max_connections_per_source,

@@ -78,6 +78,8 @@ pub struct ProxyShared {
     pub identities: Arc<IdentityManager>,
     pub mesh: Arc<SharedMesh>,
     pub pool: HbonePool,
+    /// The runtimes of the proxy's workers: each pod has listeners on every one.
+    pub workers: Vec<tokio::runtime::Handle>,
     /// Caps on open connections, every listener of every pod together.
     pub admission: Arc<admission::Admission>,
     /// The HTTP stack and the traffic state it keeps.

@@ -7,11 +7,12 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::{PodContext, ProxyShared, admission::Refusal};
 
-/// Serves one of a pod's listeners until the pod is released or the agent drains, running
-/// `handle` for each accepted connection in its own task. Releasing the pod also ends those
-/// tasks, closing their sockets; draining leaves them to finish.
+/// Serves one of a pod's listeners on the runtime running it (a worker's) until the pod is
+/// released or the agent drains, running `handle` for each accepted connection in its own task
+/// on the same runtime. Releasing the pod also ends those tasks, closing their sockets;
+/// draining leaves them to finish.
 pub async fn serve<F, Fut>(
-    listener: TcpListener,
+    listener: std::net::TcpListener,
     pod: Arc<PodContext>,
     shared: Arc<ProxyShared>,
     handle: F,
@@ -19,6 +20,13 @@ pub async fn serve<F, Fut>(
     F: Fn(TcpStream, SocketAddr, Arc<PodContext>, Arc<ProxyShared>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(e) => {
+            tracing::error!(workload = %pod.key, error = %e, "cannot serve a listener of the pod");
+            return;
+        }
+    };
     let token = pod.cancel.clone();
     let stop = pod.stop_accepting.clone();
     while let Some((stream, peer)) = accept(&listener, &stop, &pod.key).await {

@@ -323,6 +323,7 @@ pub async fn open_hbone_tunnel(
         source: pod.key.clone(),
         destination_identity: destination_identity.clone(),
         destination: hbone_addr,
+        worker: crate::workers::current(),
     };
     // Checked per connection, so an expired certificate fails closed even on a pooled
     // connection.

@@ -1,5 +1,7 @@
 //! HBONE connections, pooled: one HTTP/2 connection per (source workload, destination
-//! identity, destination address), shared by every tunnel between them, and replaced once the
+//! identity, destination address, worker), shared by every tunnel between them opened on that
+//! worker (so a tunnel and its connection never wait on another thread, and a busy pair uses
+//! as many connections as there are workers), and replaced once the
 //! source's certificate has been renewed, so that no pooled connection outlives the
 //! certificate it was opened with (its open tunnels finish on it).
 
@@ -23,6 +25,8 @@ pub struct PoolKey {
     pub destination_identity: SpiffeId,
     /// The destination pod's HBONE address.
     pub destination: SocketAddr,
+    /// The proxy worker whose tunnels it carries.
+    pub worker: usize,
 }
 
 /// The pooled sender and the start of validity of the certificate it was opened with.
@@ -105,6 +109,7 @@ mod tests {
                 .parse()
                 .expect("SPIFFE ID"),
             destination: "10.0.0.2:15008".parse().expect("address"),
+            worker: 0,
         }
     }
 
@@ -130,6 +135,33 @@ mod tests {
             made.load(Ordering::Relaxed),
             2,
             "a connection opened with the old certificate is not handed out again"
+        );
+    }
+
+    #[tokio::test]
+    async fn each_worker_has_its_own_connection_to_a_destination() {
+        let pool = HbonePool::default();
+        let made = AtomicUsize::new(0);
+        let connect = || {
+            made.fetch_add(1, Ordering::Relaxed);
+            connection()
+        };
+        let certificate = UNIX_EPOCH + Duration::from_secs(1_000);
+        let on = |worker| PoolKey { worker, ..key() };
+        for worker in [0, 1, 0, 1] {
+            pool.sender(on(worker), certificate, connect)
+                .await
+                .expect("connect");
+        }
+        assert_eq!(made.load(Ordering::Relaxed), 2, "one connection per worker");
+        pool.forget_source("shop/web");
+        pool.sender(on(1), certificate, connect)
+            .await
+            .expect("connect");
+        assert_eq!(
+            made.load(Ordering::Relaxed),
+            3,
+            "a source's connections are forgotten on every worker"
         );
     }
 }

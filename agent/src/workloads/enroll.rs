@@ -174,16 +174,24 @@ impl WorkloadRegistry {
                 source,
             })
         };
-        let outbound = listen(ports.outbound)?;
-        let inbound = listen(ports.inbound)?;
-        let hbone = listen(ports.hbone)?;
+        // A set of listeners per worker, in one SO_REUSEPORT group per port.
+        let mut listeners = Vec::with_capacity(self.shared.workers.len());
+        for _ in &self.shared.workers {
+            listeners.push((
+                listen(ports.outbound)?,
+                listen(ports.inbound)?,
+                listen(ports.hbone)?,
+            ));
+        }
+        let (_, inbound, hbone) = &listeners[0];
         inpod::install_routing(&netns, self.config.transparent_mark).await?;
         let strict = self
             .mesh
             .as_ref()
             .is_some_and(|mesh| mesh.mtls_mode(workload).mode == MtlsMode::Strict);
         // Listeners first, capture last: no connection is redirected before the proxy is there.
-        let capture = self.datapath.enroll(&netns, ip, &inbound, &hbone, strict)?;
+        // sk_lookup picks the group by its first listener; the kernel then picks within it.
+        let capture = self.datapath.enroll(&netns, ip, inbound, hbone, strict)?;
         self.shared.identities.acquire(identity.clone());
         let cancel = CancellationToken::new();
         let pod = Arc::new(PodContext {
@@ -201,19 +209,21 @@ impl WorkloadRegistry {
             baggage: crate::proxy::baggage::baggage(&workload.key()),
         });
         let shared = &self.shared;
-        tokio::spawn(serve(
-            outbound,
-            pod.clone(),
-            shared.clone(),
-            handlers::outbound,
-        ));
-        tokio::spawn(serve(
-            inbound,
-            pod.clone(),
-            shared.clone(),
-            handlers::plaintext_inbound,
-        ));
-        tokio::spawn(serve(hbone, pod.clone(), shared.clone(), handlers::hbone));
+        for (worker, (outbound, inbound, hbone)) in shared.workers.iter().zip(listeners) {
+            worker.spawn(serve(
+                outbound,
+                pod.clone(),
+                shared.clone(),
+                handlers::outbound,
+            ));
+            worker.spawn(serve(
+                inbound,
+                pod.clone(),
+                shared.clone(),
+                handlers::plaintext_inbound,
+            ));
+            worker.spawn(serve(hbone, pod.clone(), shared.clone(), handlers::hbone));
+        }
         Ok(Enrolled {
             workload: workload.clone(),
             origin,

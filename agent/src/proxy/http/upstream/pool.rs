@@ -62,6 +62,9 @@ struct EndpointPool {
 #[derive(Debug)]
 struct ConnInfo {
     born: Instant,
+    /// The proxy worker that drives it: a request on that worker uses it without waking
+    /// another thread.
+    worker: usize,
     requests: AtomicU32,
     /// Requests in flight on it.
     busy: AtomicU32,
@@ -83,6 +86,7 @@ impl ConnInfo {
         let now = Instant::now();
         Arc::new(Self {
             born: now,
+            worker: crate::workers::current(),
             requests: AtomicU32::new(0),
             busy: AtomicU32::new(0),
             idle_since: Mutex::new(now),
@@ -359,12 +363,14 @@ fn take_idle(
 ) -> Option<(http1::SendRequest<Body>, Arc<ConnInfo>)> {
     let now = Instant::now();
     let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
-    while let Some((sender, info)) = idle.pop() {
-        if !sender.is_closed() && info.reusable(reuse, now) {
-            return Some((sender, info));
-        }
-    }
-    None
+    idle.retain(|(sender, info)| !sender.is_closed() && info.reusable(reuse, now));
+    // The most recently used of the caller's worker's connections, else of any worker's.
+    let worker = crate::workers::current();
+    let at = idle
+        .iter()
+        .rposition(|(_, info)| info.worker == worker)
+        .or(idle.len().checked_sub(1))?;
+    Some(idle.remove(at))
 }
 
 /// Drives a connection until it ends or has been idle too long; gives back its place in

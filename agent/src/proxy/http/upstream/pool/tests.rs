@@ -129,6 +129,49 @@ async fn http1_connections_are_kept_alive_and_reused() {
 }
 
 #[tokio::test]
+async fn an_http1_request_takes_an_idle_connection_of_its_own_worker_first() {
+    let memory = Arc::new(Memory {
+        delay: Duration::from_millis(100),
+        ..Memory::default()
+    });
+    let pools = Arc::new(UpstreamPools::new(memory.clone()));
+    let backend = testing::target();
+    let client = client_state();
+    let workers = crate::workers::Workers::start(2).expect("workers");
+    let on = |worker: usize| {
+        let (pools, backend, client) = (pools.clone(), backend.clone(), client.clone());
+        workers.handles()[worker].spawn(async move {
+            let (status, body, _) =
+                send(&pools, &backend, UpstreamProtocol::Http1, &client).await;
+            assert_eq!(status, StatusCode::OK);
+            body
+        })
+    };
+    // At once: each worker opens a connection of its own.
+    let (first, second) = (on(0), on(1));
+    let opened = [
+        first.await.expect("worker 0"),
+        second.await.expect("worker 1"),
+    ];
+    assert_ne!(opened[0], opened[1]);
+    for _ in 0..3 {
+        for worker in [1, 0] {
+            assert_eq!(
+                on(worker).await.expect("request"),
+                opened[worker],
+                "worker {worker} reuses its own idle connection"
+            );
+        }
+    }
+    // With only the other worker's connection idle, that one is used, not a new one.
+    let busy = on(0);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(on(0).await.expect("request"), opened[1]);
+    busy.await.expect("request");
+    assert_eq!(memory.connections.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
 async fn concurrent_http1_requests_open_more_connections_up_to_the_limit_then_wait() {
     let memory = Arc::new(Memory {
         delay: Duration::from_millis(50),
