@@ -121,7 +121,8 @@ fn start(config: Arc<Config>) -> anyhow::Result<()> {
         .context("cannot read the open-file limit")?;
     nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard)
         .context("cannot raise the open-file limit")?;
-    let workers = Workers::start(config.worker_threads).context("cannot start the proxy workers")?;
+    let workers =
+        Workers::start(config.worker_threads).context("cannot start the proxy workers")?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -141,8 +141,7 @@ async fn an_http1_request_takes_an_idle_connection_of_its_own_worker_first() {
     let on = |worker: usize| {
         let (pools, backend, client) = (pools.clone(), backend.clone(), client.clone());
         workers.handles()[worker].spawn(async move {
-            let (status, body, _) =
-                send(&pools, &backend, UpstreamProtocol::Http1, &client).await;
+            let (status, body, _) = send(&pools, &backend, UpstreamProtocol::Http1, &client).await;
             assert_eq!(status, StatusCode::OK);
             body
         })
