@@ -19,7 +19,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::{
     ConnectionTracker, Direction, PodContext, ProxyError, ProxyShared, authz, connect_to_app,
-    deliver,
+    deliver, listener::until_released,
 };
 
 /// How long a client may take to finish the TLS handshake: a silent one must not hold a task
@@ -138,7 +138,8 @@ async fn open(
     tracker.record.upstream_local = upstream.local_addr().ok();
     let (response, tunnel) = connect.accept();
     // Tied to the pod: releasing the workload ends its tunnels too.
-    tokio::spawn(pod.cancel.clone().run_until_cancelled_owned(async move {
+    let released = pod.clone();
+    let task = async move {
         let result = match tunnel.await {
             Some(tunnel) => {
                 deliver(tunnel, upstream, client_peer, dst, labels, &pod, &shared).await
@@ -148,6 +149,7 @@ async fn open(
             ))),
         };
         tracker.finish(result);
-    }));
+    };
+    tokio::spawn(until_released(&released, task, None));
     response
 }

@@ -1,11 +1,21 @@
 //! The accept loop of a pod's listeners.
 
-use std::{future::Future, net::SocketAddr, sync::Arc};
+use std::{
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
 
 use nodemesh_admin::accept;
 use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::WaitForCancellationFutureOwned;
 
-use super::{PodContext, ProxyShared, admission::Refusal};
+use super::{
+    PodContext, ProxyShared,
+    admission::{Admitted, Refusal},
+};
 
 /// Serves one of a pod's listeners on the runtime running it (a worker's) until the pod is
 /// released or the agent drains, running `handle` for each accepted connection in its own task
@@ -27,7 +37,6 @@ pub async fn serve<F, Fut>(
             return;
         }
     };
-    let token = pod.cancel.clone();
     let stop = pod.stop_accepting.clone();
     while let Some((stream, peer)) = accept(&listener, &stop, &pod.key).await {
         let admitted = match shared.admission.admit(peer.ip()) {
@@ -39,10 +48,46 @@ pub async fn serve<F, Fut>(
         };
         let _ = stream.set_nodelay(true);
         let task = handle(stream, peer, pod.clone(), shared.clone());
-        tokio::spawn(token.clone().run_until_cancelled_owned(async move {
-            let _admitted = admitted;
-            task.await;
-        }));
+        tokio::spawn(until_released(&pod, task, Some(admitted)));
+    }
+}
+
+/// `task`, ended when the pod is released; `admitted` holds its place under the caps while it
+/// runs.
+pub(super) fn until_released<F>(
+    pod: &PodContext,
+    task: F,
+    admitted: Option<Admitted>,
+) -> UntilReleased<F> {
+    UntilReleased {
+        released: pod.cancel.clone().cancelled_owned(),
+        task,
+        _admitted: admitted,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A connection's task. A plain struct, so the handler's state is stored once: nesting it
+    /// in `async` blocks or functions stores a copy per level (14 KiB instead of 2 KiB per
+    /// connection, measured).
+    pub(super) struct UntilReleased<F> {
+        #[pin]
+        released: WaitForCancellationFutureOwned,
+        #[pin]
+        task: F,
+        _admitted: Option<Admitted>,
+    }
+}
+
+impl<F: Future<Output = ()>> Future for UntilReleased<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        if this.released.poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        this.task.poll(cx)
     }
 }
 
