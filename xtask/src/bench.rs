@@ -242,6 +242,7 @@ fn measure(
     ];
     let mut runs: Vec<Vec<Measured>> = vec![Vec::new(); cases.len()];
     let mut routed_runs = Vec::new();
+    let mut metrics_runs = Vec::new();
     let mut notes = Vec::new();
     let mut probe = profiling.then(|| Probe {
         agents: vec![("n1", agent_pid("n1")), ("n2", agent_pid("n2"))],
@@ -278,6 +279,19 @@ fn measure(
             ],
         );
         routed_runs.push(routed_measured);
+        println!("== cross node, mesh, request metrics on: n1-p1 -> n2-p1");
+        let metrics_measured = routed::measure_http_metrics(sandbox, plan, &script)?;
+        note_errors(
+            &mut notes,
+            "cross node, request metrics",
+            rep,
+            [
+                ("HTTP keep-alive, 1 connection", metrics_measured.http_c1),
+                ("HTTP keep-alive, 16 connections", metrics_measured.http_c16),
+                ("HTTP at a fixed rate", metrics_measured.http_fixed),
+            ],
+        );
+        metrics_runs.push(metrics_measured);
     }
     if let Some(probe) = probe.as_mut() {
         // Profiling slows the agents down: a pass of its own, whose figures are not kept.
@@ -286,6 +300,7 @@ fn measure(
     }
     let measured: Vec<Measured> = runs.iter().map(|r| median_measured(r)).collect();
     let routed_measured = routed::median(&routed_runs);
+    let metrics_measured = routed::median(&metrics_runs);
     drop(servers);
     let held = hold_connections(sandbox, 1000)?;
     memory.push((
@@ -446,14 +461,20 @@ fn measure(
     ];
     let raw = json!({
         "same_node": { "no_mesh": runs[0], "mesh": runs[1] },
-        "cross_node": { "no_mesh": runs[2], "mesh": runs[3], "routed": routed_runs },
+        "cross_node": { "no_mesh": runs[2], "mesh": runs[3], "routed": routed_runs, "http_metrics": metrics_runs },
     });
     Ok(Outcome {
         rows,
         memory,
         notes,
         raw,
-        routed: routed::rows(&cross_no, &cross_mesh, &routed_measured, rate),
+        routed: routed::rows(
+            &cross_no,
+            &cross_mesh,
+            &metrics_measured,
+            &routed_measured,
+            rate,
+        ),
         scheduler: probe.map(|p| p.found).unwrap_or_default(),
     })
 }

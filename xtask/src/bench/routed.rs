@@ -1,6 +1,8 @@
-//! The HTTP-routed path: a Service with an HTTPRoute and a BackendTrafficPolicy (a request
-//! timeout and retries), so that every request goes through the client's HTTP stack, measured
-//! in the same run against no mesh and against the L4 mesh path to the same pod.
+//! The HTTP paths, measured in the same run against no mesh and against the L4 mesh path to
+//! the same pod: the routed path (a Service with an HTTPRoute and a BackendTrafficPolicy with a
+//! request timeout and retries, so that every request goes through the client's HTTP stack),
+//! and the L4 path with HTTP request metrics on (`telemetry.httpProcessing`: the destination's
+//! proxy reads every request).
 
 use std::{fmt::Write as _, path::Path, time::Duration};
 
@@ -38,7 +40,16 @@ spec:
     retryOn: {triggers: [connect-failure, reset], httpStatusCodes: [503]}
 ";
 
-/// What the routed path measured.
+/// Request metrics on for the whole mesh.
+const HTTP_METRICS_CONFIG: &str = "apiVersion: nodemesh.dev/v1alpha1
+kind: MeshSettings
+metadata: {name: default, namespace: nodemesh-system}
+spec:
+  telemetry: {httpProcessing: true}
+";
+const HTTP_METRICS_FILE: &str = "bench-http-metrics.yaml";
+
+/// What an HTTP path measured.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct Routed {
     pub http_c1: tools::LoadResult,
@@ -54,6 +65,8 @@ pub struct RoutedRow {
     pub unit: &'static str,
     pub no_mesh: f64,
     pub l4_mesh: f64,
+    /// The L4 mesh path with request metrics on.
+    pub http_metrics: f64,
     pub routed: f64,
 }
 
@@ -87,12 +100,62 @@ pub fn measure(sandbox: &Sandbox, plan: Plan, script: &Path) -> anyhow::Result<R
         metrics.contains("destination_service=\"routed.default.svc.cluster.local\""),
         "requests to the routed Service did not go through the HTTP stack"
     );
+    load(&client, ROUTED_URL, plan, script)
+}
+
+/// Turns request metrics on for the whole mesh, waits until n2's proxy counts the requests to
+/// n2-p1, measures the L4 path to it, and turns them off again before the next case.
+pub fn measure_http_metrics(
+    sandbox: &Sandbox,
+    plan: Plan,
+    script: &Path,
+) -> anyhow::Result<Routed> {
+    let file = sandbox.config_dir().join(HTTP_METRICS_FILE);
+    let client = sandbox.pod("n1-p1").netns.clone();
+    let url = format!("http://{}/", sandbox.pod("n2-p1").server.http);
+    // Whether one more request shows in the destination's request metrics.
+    let counted = || -> anyhow::Result<bool> {
+        let before = requests_to(&sandbox.agent_metrics("n2")?, "n2-p1");
+        let answer = nodemesh_sandbox::curl::requests(&client, &url, 1, &[])?.remove(0);
+        anyhow::ensure!(answer.code == 200, "n2-p1 does not answer: {answer:?}");
+        Ok(requests_to(&sandbox.agent_metrics("n2")?, "n2-p1") > before)
+    };
+    std::fs::write(&file, HTTP_METRICS_CONFIG)?;
+    let measured = poll_until(Duration::from_secs(15), || {
+        anyhow::ensure!(counted()?, "requests to n2-p1 are not counted yet");
+        Ok(())
+    })
+    .and_then(|()| load(&client, &url, plan, script));
+    std::fs::remove_file(&file)?;
+    poll_until(Duration::from_secs(15), || {
+        anyhow::ensure!(!counted()?, "request metrics are still on");
+        Ok(())
+    })?;
+    measured
+}
+
+/// `istio_requests_total` as the destination reports it, for requests to `workload`.
+fn requests_to(metrics: &str, workload: &str) -> f64 {
+    let workload = format!("destination_workload=\"{workload}\"");
+    metrics
+        .lines()
+        .filter(|line| {
+            line.starts_with("istio_requests_total{")
+                && line.contains("reporter=\"destination\"")
+                && line.contains(&workload)
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The HTTP loads of the L4 case, against `url`.
+fn load(client: &str, url: &str, plan: Plan, script: &Path) -> anyhow::Result<Routed> {
     let t = plan.seconds;
-    let http_c1 = tools::wrk(&client, ROUTED_URL, 1, 1, t, false, script)?;
+    let http_c1 = tools::wrk(client, url, 1, 1, t, false, script)?;
     let before = tools::host_busy_ms()?;
-    let http_c16 = tools::wrk(&client, ROUTED_URL, 2, 16, t, false, script)?;
+    let http_c16 = tools::wrk(client, url, 2, 16, t, false, script)?;
     let cpu_ms = tools::host_busy_ms()? - before;
-    let http_fixed = tools::oha(&client, ROUTED_URL, plan.fixed_rate, 4, t)?;
+    let http_fixed = tools::oha(client, url, plan.fixed_rate, 4, t)?;
     Ok(Routed {
         cpu_ms_per_1000: if http_c16.requests > 0 {
             cpu_ms / http_c16.requests as f64 * 1000.0
@@ -105,47 +168,75 @@ pub fn measure(sandbox: &Sandbox, plan: Plan, script: &Path) -> anyhow::Result<R
     })
 }
 
-pub fn rows(no_mesh: &Measured, l4: &Measured, routed: &Routed, rate: u32) -> Vec<RoutedRow> {
+pub fn rows(
+    no_mesh: &Measured,
+    l4: &Measured,
+    metrics: &Routed,
+    routed: &Routed,
+    rate: u32,
+) -> Vec<RoutedRow> {
     let row = |figure: String,
                unit,
                f: fn(&tools::LoadResult) -> f64,
-               pick: [&tools::LoadResult; 3]| RoutedRow {
+               pick: [&tools::LoadResult; 4]| RoutedRow {
         figure,
         unit,
         no_mesh: f(pick[0]),
         l4_mesh: f(pick[1]),
-        routed: f(pick[2]),
+        http_metrics: f(pick[2]),
+        routed: f(pick[3]),
     };
     vec![
         row(
             "HTTP keep-alive, 1 connection: p50".into(),
             "µs",
             |l| l.latency.p50_us,
-            [&no_mesh.http_c1, &l4.http_c1, &routed.http_c1],
+            [
+                &no_mesh.http_c1,
+                &l4.http_c1,
+                &metrics.http_c1,
+                &routed.http_c1,
+            ],
         ),
         row(
             "HTTP keep-alive, 16 connections: throughput".into(),
             "req/s",
             |l| l.per_second,
-            [&no_mesh.http_c16, &l4.http_c16, &routed.http_c16],
+            [
+                &no_mesh.http_c16,
+                &l4.http_c16,
+                &metrics.http_c16,
+                &routed.http_c16,
+            ],
         ),
         row(
             format!("HTTP at {rate} req/s: p50"),
             "µs",
             |l| l.latency.p50_us,
-            [&no_mesh.http_fixed, &l4.http_fixed, &routed.http_fixed],
+            [
+                &no_mesh.http_fixed,
+                &l4.http_fixed,
+                &metrics.http_fixed,
+                &routed.http_fixed,
+            ],
         ),
         row(
             format!("HTTP at {rate} req/s: p99"),
             "µs",
             |l| l.latency.p99_us,
-            [&no_mesh.http_fixed, &l4.http_fixed, &routed.http_fixed],
+            [
+                &no_mesh.http_fixed,
+                &l4.http_fixed,
+                &metrics.http_fixed,
+                &routed.http_fixed,
+            ],
         ),
         RoutedRow {
             figure: "host CPU per 1000 requests (16 conn.)".into(),
             unit: "ms",
             no_mesh: no_mesh.cpu_ms_per_1000,
             l4_mesh: l4.cpu_ms_per_1000,
+            http_metrics: metrics.cpu_ms_per_1000,
             routed: routed.cpu_ms_per_1000,
         },
     ]
@@ -163,26 +254,29 @@ pub fn markdown(rows: &[RoutedRow]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "\nThe HTTP-routed path, cross node: n1-p1 to a Service with an HTTPRoute and a \
-         BackendTrafficPolicy (request timeout, retries) in front of n2-p1, against the same \
-         requests without the mesh and through the L4 mesh path to n2-p1.\n"
+        "\nThe HTTP paths, cross node, against the same requests without the mesh and through \
+         the L4 mesh path to n2-p1: the L4 path with request metrics on (`telemetry.httpProcessing`: \
+         n2's proxy reads every request), and n1-p1 to a Service with an HTTPRoute and a \
+         BackendTrafficPolicy (request timeout, retries) in front of n2-p1 (routed).\n"
     );
     let _ = writeln!(
         out,
-        "| figure | no mesh | L4 mesh | routed | routed / no mesh | routed / L4 mesh |"
+        "| figure | no mesh | L4 mesh | L4 + request metrics | routed | metrics / L4 | routed / L4 | routed / no mesh |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
     for row in rows {
         let _ = writeln!(
             out,
-            "| {} ({}) | {:.1} | {:.1} | {:.1} | {} | {} |",
+            "| {} ({}) | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {} |",
             row.figure,
             row.unit,
             row.no_mesh,
             row.l4_mesh,
+            row.http_metrics,
             row.routed,
+            ratio(row.http_metrics, row.l4_mesh),
+            ratio(row.routed, row.l4_mesh),
             ratio(row.routed, row.no_mesh),
-            ratio(row.routed, row.l4_mesh)
         );
     }
     out
