@@ -129,16 +129,18 @@ async fn http1_connections_are_kept_alive_and_reused() {
 }
 
 #[tokio::test]
-async fn an_http1_request_takes_an_idle_connection_of_its_own_worker_first() {
+async fn an_http1_request_uses_a_connection_its_own_worker_drives() {
     let memory = Arc::new(Memory {
         delay: Duration::from_millis(100),
         ..Memory::default()
     });
     let pools = Arc::new(UpstreamPools::new(memory.clone()));
     let backend = testing::target();
+    let mut limited = backend.clone();
+    Arc::make_mut(&mut limited.settings).limits.max_connections = 2;
     let client = client_state();
     let workers = crate::workers::Workers::start(2).expect("workers");
-    let on = |worker: usize| {
+    let on = |worker: usize, backend: &BackendTarget| {
         let (pools, backend, client) = (pools.clone(), backend.clone(), client.clone());
         workers.handles()[worker].spawn(async move {
             let (status, body, _) = send(&pools, &backend, UpstreamProtocol::Http1, &client).await;
@@ -146,26 +148,27 @@ async fn an_http1_request_takes_an_idle_connection_of_its_own_worker_first() {
             body
         })
     };
-    // At once: each worker opens a connection of its own.
-    let (first, second) = (on(0), on(1));
+    // One after the other: worker 1 opens a connection of its own rather than take the one
+    // worker 0 left idle.
     let opened = [
-        first.await.expect("worker 0"),
-        second.await.expect("worker 1"),
+        on(0, &backend).await.expect("worker 0"),
+        on(1, &backend).await.expect("worker 1"),
     ];
     assert_ne!(opened[0], opened[1]);
     for _ in 0..3 {
         for worker in [1, 0] {
             assert_eq!(
-                on(worker).await.expect("request"),
+                on(worker, &backend).await.expect("request"),
                 opened[worker],
                 "worker {worker} reuses its own idle connection"
             );
         }
     }
-    // With only the other worker's connection idle, that one is used, not a new one.
-    let busy = on(0);
+    assert_eq!(memory.connections.load(Ordering::SeqCst), 2);
+    // At maxConnections, with only the other worker's connection idle, that one is used.
+    let busy = on(0, &limited);
     tokio::time::sleep(Duration::from_millis(20)).await;
-    assert_eq!(on(0).await.expect("request"), opened[1]);
+    assert_eq!(on(0, &limited).await.expect("request"), opened[1]);
     busy.await.expect("request");
     assert_eq!(memory.connections.load(Ordering::SeqCst), 2);
 }
