@@ -22,6 +22,7 @@ mod inbound;
 mod listener;
 mod outbound;
 mod pool;
+mod read_ahead;
 mod sni;
 mod tracker;
 

@@ -41,7 +41,8 @@ pub async fn handle(
             return;
         }
     };
-    let accept = TlsAcceptor::from(identity.server_config.clone()).accept(stream);
+    let accept = TlsAcceptor::from(identity.server_config.clone())
+        .accept(super::read_ahead::ReadAhead::new(stream));
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(source)) => {

@@ -393,7 +393,7 @@ async fn connect_hbone(
     };
     let handshakes = async {
         let tls = TlsConnector::from(config)
-            .connect(name, tcp)
+            .connect(name, super::read_ahead::ReadAhead::new(tcp))
             .await
             .map_err(|source| ProxyError::Tls {
                 peer: hbone_addr,
