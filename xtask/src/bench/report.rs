@@ -123,9 +123,19 @@ pub fn markdown(rows: &[Row], memory: &[(String, f64)], notes: &[String], header
             row.target.unwrap_or("")
         );
     }
-    let _ = writeln!(out, "\n| agent memory | MB |\n|---|---|");
+    let _ = writeln!(
+        out,
+        "\n| agent memory (resident) | MB | target |\n|---|---|---|"
+    );
     for (what, mb) in memory {
-        let _ = writeln!(out, "| {what} | {mb:.1} |");
+        let target = if what.ends_with("agent, idle") {
+            "≤ 10"
+        } else if what.ends_with("1000 open connections") {
+            "≤ 32"
+        } else {
+            ""
+        };
+        let _ = writeln!(out, "| {what} | {mb:.1} | {target} |");
     }
     if !notes.is_empty() {
         let _ = writeln!(

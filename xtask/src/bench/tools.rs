@@ -297,13 +297,23 @@ pub fn host_busy_ms() -> anyhow::Result<f64> {
 
 /// Resident memory of a process, in MB.
 pub fn rss_mb(pid: i32) -> anyhow::Result<f64> {
+    status_mb(pid, "VmRSS:")
+}
+
+/// The anonymous part of a process's resident memory (heap, stacks), in MB: the rest is
+/// file pages, mostly the binary's code, shared with the page cache.
+pub fn rss_anon_mb(pid: i32) -> anyhow::Result<f64> {
+    status_mb(pid, "RssAnon:")
+}
+
+fn status_mb(pid: i32, field: &str) -> anyhow::Result<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kb: f64 = status
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))
+        .find(|l| l.starts_with(field))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
-        .context("no VmRSS")?;
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))?;
     Ok(kb / 1024.0)
 }
 
