@@ -212,6 +212,9 @@ fn probed<T>(
     Ok(result)
 }
 
+/// One of the HTTP paths measured beside the L4 path (see `routed`).
+type HttpPath = fn(&Sandbox, Plan, &std::path::Path) -> anyhow::Result<routed::Routed>;
+
 fn measure(
     sandbox: &Sandbox,
     plan: Plan,
@@ -270,32 +273,35 @@ fn measure(
             );
             runs[i].push(m);
         }
-        println!("== cross node, mesh, HTTP-routed: n1-p1 -> Service routed (n2-p1)");
-        let routed_measured = routed::measure(sandbox, plan, &script)?;
-        note_errors(
-            &mut notes,
-            "cross node, routed",
-            rep,
-            [
-                ("HTTP keep-alive, 1 connection", routed_measured.http_c1),
-                ("HTTP keep-alive, 16 connections", routed_measured.http_c16),
-                ("HTTP at a fixed rate", routed_measured.http_fixed),
-            ],
-        );
-        routed_runs.push(routed_measured);
-        println!("== cross node, mesh, request metrics on: n1-p1 -> n2-p1");
-        let metrics_measured = routed::measure_http_metrics(sandbox, plan, &script)?;
-        note_errors(
-            &mut notes,
-            "cross node, request metrics",
-            rep,
-            [
-                ("HTTP keep-alive, 1 connection", metrics_measured.http_c1),
-                ("HTTP keep-alive, 16 connections", metrics_measured.http_c16),
-                ("HTTP at a fixed rate", metrics_measured.http_fixed),
-            ],
-        );
-        metrics_runs.push(metrics_measured);
+        let http_paths: [(&str, &str, HttpPath, &mut Vec<routed::Routed>); 2] = [
+            (
+                "HTTP-routed: n1-p1 -> Service routed (n2-p1)",
+                "cross node, routed",
+                routed::measure,
+                &mut routed_runs,
+            ),
+            (
+                "request metrics on: n1-p1 -> n2-p1",
+                "cross node, request metrics",
+                routed::measure_http_metrics,
+                &mut metrics_runs,
+            ),
+        ];
+        for (title, label, measure, runs) in http_paths {
+            println!("== cross node, mesh, {title}");
+            let m = measure(sandbox, plan, &script)?;
+            note_errors(
+                &mut notes,
+                label,
+                rep,
+                [
+                    ("HTTP keep-alive, 1 connection", m.http_c1),
+                    ("HTTP keep-alive, 16 connections", m.http_c16),
+                    ("HTTP at a fixed rate", m.http_fixed),
+                ],
+            );
+            runs.push(m);
+        }
     }
     if let Some(probe) = probe.as_mut() {
         // Profiling slows the agents down: a pass of its own, whose figures are not kept.

@@ -204,23 +204,22 @@ mod tests {
         let (mut writer, mut reader) = tokio::io::duplex(64 * 1024);
         let mut sink = tokio::io::sink();
         let mut buffer = Buffer::new();
+        let mut copy_what_is_there = async |buffer: &mut Buffer| {
+            let polled = poll_fn(|cx| {
+                Poll::Ready(buffer.poll_copy(cx, Pin::new(&mut reader), Pin::new(&mut sink)))
+            })
+            .await;
+            assert!(polled.is_pending(), "waiting for more");
+        };
         writer.write_all(&[7; 100]).await.expect("write");
-        let polled = poll_fn(|cx| {
-            Poll::Ready(buffer.poll_copy(cx, Pin::new(&mut reader), Pin::new(&mut sink)))
-        })
-        .await;
-        assert!(polled.is_pending(), "waiting for more");
+        copy_what_is_there(&mut buffer).await;
         assert_eq!(
             buffer.bytes.len(),
             SMALL,
             "a short read keeps the small buffer"
         );
         writer.write_all(&[7; 8 * SMALL]).await.expect("write");
-        let polled = poll_fn(|cx| {
-            Poll::Ready(buffer.poll_copy(cx, Pin::new(&mut reader), Pin::new(&mut sink)))
-        })
-        .await;
-        assert!(polled.is_pending(), "waiting for more");
+        copy_what_is_there(&mut buffer).await;
         assert_eq!(
             buffer.bytes.len(),
             LARGE,
