@@ -1,7 +1,9 @@
 //! Reading an HBONE connection's socket in large steps. TLS asks its transport for at most
 //! 4 KiB at a time, a `recv` per 4 KiB of a bulk transfer; under it, this reads what the
-//! socket has, up to 64 KiB, and hands it out from memory. The buffer exists only while it
-//! holds bytes, so an idle connection keeps none.
+//! socket has, up to 64 KiB, and hands it out from memory. It does so only once a read has
+//! filled what the caller asked for (the socket may hold more): request-sized traffic is read
+//! straight through, with no buffer to allocate. The buffer exists only while bytes keep
+//! coming, so an idle connection keeps none.
 
 use std::{
     io,
@@ -19,6 +21,8 @@ const READ_AHEAD: usize = 64 * 1024;
 pub struct ReadAhead<T> {
     inner: T,
     buffered: BytesMut,
+    /// The last read filled the caller's buffer: more is probably waiting, read ahead.
+    bulk: bool,
 }
 
 impl<T> ReadAhead<T> {
@@ -26,6 +30,7 @@ impl<T> ReadAhead<T> {
         Self {
             inner,
             buffered: BytesMut::new(),
+            bulk: false,
         }
     }
 }
@@ -38,9 +43,14 @@ impl<T: AsyncRead + Unpin> AsyncRead for ReadAhead<T> {
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         if this.buffered.is_empty() {
-            // As much as the caller wants goes straight to it; only smaller reads are buffered.
-            if buf.remaining() >= READ_AHEAD {
-                return Pin::new(&mut this.inner).poll_read(cx, buf);
+            // Straight to the caller unless a bulk transfer is under way and it asks for less
+            // than a read ahead.
+            if !this.bulk || buf.remaining() >= READ_AHEAD {
+                let wanted = buf.remaining();
+                let read = Pin::new(&mut this.inner).poll_read(cx, buf);
+                this.bulk =
+                    matches!(read, Poll::Ready(Ok(()))) && wanted > 0 && buf.remaining() == 0;
+                return read;
             }
             // Empty: this allocates once, then reuses the allocation from its start.
             this.buffered.reserve(READ_AHEAD);
@@ -49,6 +59,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for ReadAhead<T> {
             if read.is_pending() {
                 // Nothing to read: give the memory back until there is.
                 this.buffered = BytesMut::new();
+                this.bulk = false;
                 return Poll::Pending;
             }
             ready!(read)?;
@@ -135,6 +146,20 @@ mod tests {
             reads <= 200_000 / READ_AHEAD + 2,
             "{reads} reads reached the transport for 49 reads of 4 KiB"
         );
+    }
+
+    #[tokio::test]
+    async fn short_reads_go_straight_through_with_no_buffer() {
+        let (mut writer, inner) = tokio::io::duplex(64 * 1024);
+        let mut reader = ReadAhead::new(CountingReads { inner, reads: 0 });
+        let mut chunk = [0u8; 4096];
+        for message in [&b"GET / HTTP/1.1\r\n\r\n"[..], b"HTTP/1.1 200 OK\r\n\r\n"] {
+            writer.write_all(message).await.expect("write");
+            let n = reader.read(&mut chunk).await.expect("read");
+            assert_eq!(&chunk[..n], message);
+            assert_eq!(reader.buffered.capacity(), 0, "no buffer for a short read");
+        }
+        assert_eq!(reader.inner.reads, 2);
     }
 
     #[tokio::test]
