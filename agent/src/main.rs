@@ -32,6 +32,9 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use crate::{
     config::{Command, Config, LogFormat},
     config_source::{SnapshotSource, SourceEvent},
