@@ -77,6 +77,9 @@ struct Measured {
     tcp_rr: LoadResult,
     gbps_1: f64,
     gbps_4: f64,
+    /// Share of all the host's CPUs busy during each iperf3 run, in %.
+    busy_1: f64,
+    busy_4: f64,
 }
 
 pub fn run(options: Options) -> anyhow::Result<()> {
@@ -169,6 +172,8 @@ fn median_measured(runs: &[Measured]) -> Measured {
         tcp_rr: loads(|m| m.tcp_rr),
         gbps_1: of(|m| m.gbps_1),
         gbps_4: of(|m| m.gbps_4),
+        busy_1: of(|m| m.busy_1),
+        busy_4: of(|m| m.busy_4),
     }
 }
 
@@ -462,6 +467,20 @@ fn measure(
             |m| m.gbps_4,
         ),
         row(
+            "host CPU busy during iperf3, 1 stream".into(),
+            "% of all CPUs",
+            false,
+            None,
+            |m| m.busy_1,
+        ),
+        row(
+            "host CPU busy during iperf3, 4 streams".into(),
+            "% of all CPUs",
+            false,
+            None,
+            |m| m.busy_4,
+        ),
+        row(
             "host CPU per 1000 requests (16 conn.)".into(),
             "ms",
             false,
@@ -571,10 +590,12 @@ fn measure_case(
     let tcp_rr = tools::sockperf(client, server.ip, SOCKPERF_PORT, t)?;
     // Per megabyte carried.
     let megabytes = |gbps: &f64| gbps * t as f64 * 125.0;
-    let gbps_1 = probed(probe, "iperf1", "MB", megabytes, || {
-        tools::iperf3(client, server.ip, 1, t)
+    let (gbps_1, busy_1) = tools::busy_during(|| {
+        probed(probe, "iperf1", "MB", megabytes, || {
+            tools::iperf3(client, server.ip, 1, t)
+        })
     })?;
-    let gbps_4 = tools::iperf3(client, server.ip, 4, t)?;
+    let (gbps_4, busy_4) = tools::busy_during(|| tools::iperf3(client, server.ip, 4, t))?;
     Ok(Measured {
         cpu_ms_per_1000: if http_c16.requests > 0 {
             cpu_ms / http_c16.requests as f64 * 1000.0
@@ -588,6 +609,8 @@ fn measure_case(
         tcp_rr,
         gbps_1,
         gbps_4,
+        busy_1,
+        busy_4,
     })
 }
 

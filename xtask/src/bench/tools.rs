@@ -295,6 +295,18 @@ pub fn host_busy_ms() -> anyhow::Result<f64> {
     Ok(busy * 10.0)
 }
 
+/// Runs `load` and returns its result with the share of all the host's CPUs that were busy
+/// meanwhile, in %: whether a figure is bound by the machine rather than by one path.
+pub fn busy_during<T>(load: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<(T, f64)> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let before = host_busy_ms()?;
+    let started = std::time::Instant::now();
+    let result = load()?;
+    let wall_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let busy = (host_busy_ms()? - before) / (wall_ms * cpus) * 100.0;
+    Ok((result, busy.min(100.0)))
+}
+
 /// Resident memory of a process, in MB.
 pub fn rss_mb(pid: i32) -> anyhow::Result<f64> {
     status_mb(pid, "VmRSS:")
