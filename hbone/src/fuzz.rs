@@ -38,7 +38,9 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 /// The server under test: CONNECTs to port 9000 are taken, others refused with 503.
-fn spawn_server(io: tokio::io::DuplexStream) -> tokio::task::JoinHandle<Result<(), hyper::Error>> {
+fn spawn_server(
+    io: tokio::io::DuplexStream,
+) -> tokio::task::JoinHandle<Result<(), crate::HboneError>> {
     tokio::spawn(async move {
         let settings = ServerSettings::default();
         serve(

@@ -11,6 +11,7 @@ mod activity;
 mod client;
 #[cfg(test)]
 mod fuzz;
+mod keepalive;
 mod server;
 mod tunnel;
 
@@ -28,27 +29,28 @@ const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// Largest HTTP/2 DATA frame, so that bulk copies need few frames.
 const MAX_FRAME: u32 = 1024 * 1024;
+/// Bytes one stream may have queued for sending before its writer waits.
+const MAX_SEND_BUFFER: usize = 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HboneError {
     #[error("HTTP/2 handshake failed: {0}")]
-    Handshake(hyper::Error),
+    Handshake(h2::Error),
+    #[error("no HTTP/2 preface from the client within {0:?}")]
+    NoPreface(std::time::Duration),
+    #[error("HTTP/2: {0}")]
+    Connection(h2::Error),
     #[error("the HBONE connection is closed")]
     Closed,
     #[error("CONNECT {authority} failed: {source}")]
     Connect {
         authority: std::net::SocketAddr,
-        source: hyper::Error,
+        source: h2::Error,
     },
     #[error("CONNECT {authority} was answered {status}")]
     Refused {
         authority: std::net::SocketAddr,
         status: http::StatusCode,
-    },
-    #[error("CONNECT {authority}: the tunnel could not be opened: {source}")]
-    Upgrade {
-        authority: std::net::SocketAddr,
-        source: hyper::Error,
     },
 }
 

@@ -3,15 +3,22 @@
 use std::{future::Future, net::SocketAddr, time::Duration};
 
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
+use h2::{
+    RecvStream, SendStream,
+    server::{Builder, SendResponse},
+};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::Empty;
-use hyper::{body::Incoming, server::conn::http2, service::service_fn};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    sync::oneshot,
+};
 
 use crate::{
-    CONNECTION_WINDOW, MAX_FRAME, MAX_HEADER_LIST, STREAM_WINDOW, Tunnel,
+    CONNECTION_WINDOW, HboneError, MAX_FRAME, MAX_HEADER_LIST, MAX_SEND_BUFFER, STREAM_WINDOW,
+    Tunnel,
     activity::{Activity, StreamGuard},
+    keepalive,
 };
 
 /// The bounds of one server connection.
@@ -21,7 +28,7 @@ pub struct ServerSettings {
     /// STREAMS); each is one of its application's TCP connections, so the HTTP library's
     /// default of 200 would make the 201st connection between two pods wait.
     pub max_concurrent_streams: u32,
-    /// How long a connection may go without its first CONNECT.
+    /// How long a connection may go without its first CONNECT (the HTTP/2 preface included).
     pub first_request_timeout: Duration,
     /// How long a connection may stay open with no stream.
     pub idle_timeout: Duration,
@@ -47,26 +54,33 @@ impl Default for ServerSettings {
 pub struct ConnectRequest {
     /// The original destination the client asks for.
     pub authority: SocketAddr,
-    request: Request<Incoming>,
+    headers: HeaderMap,
+    recv: RecvStream,
     open: StreamGuard,
+    /// The stream's sending half, once the answer has been sent.
+    answered: oneshot::Receiver<SendStream<Bytes>>,
 }
 
 impl ConnectRequest {
     /// The request's headers (`baggage`, `traceparent` and the like).
-    pub fn headers(&self) -> &http::HeaderMap {
-        self.request.headers()
+    pub fn headers(&self) -> &HeaderMap {
+        &self.headers
     }
 
     /// Accepts the stream: answer with the returned response, and the tunnel's byte stream
-    /// arrives from the returned future once the client has it.
-    pub fn accept(mut self) -> (Response<Empty<Bytes>>, impl Future<Output = Option<Tunnel>>) {
-        let upgrade = hyper::upgrade::on(&mut self.request);
-        let open = self.open;
+    /// arrives from the returned future once the answer is on its way.
+    pub fn accept(self) -> (Response<Empty<Bytes>>, impl Future<Output = Option<Tunnel>>) {
+        let Self {
+            recv,
+            open,
+            answered,
+            ..
+        } = self;
         let tunnel = async move {
-            match upgrade.await {
-                Ok(upgraded) => Some(Tunnel::new(upgraded, open)),
-                Err(e) => {
-                    tracing::debug!(error = %e, "HBONE tunnel was not established");
+            match answered.await {
+                Ok(send) => Some(Tunnel::new(send, recv, open)),
+                Err(_) => {
+                    tracing::debug!("HBONE tunnel was not established");
                     None
                 }
             }
@@ -84,72 +98,113 @@ pub fn status(code: StatusCode) -> Response<Empty<Bytes>> {
 }
 
 /// Serves HTTP/2 on an established (TLS) stream until the client closes it, the connection
-/// has been idle past `settings`, or `shutdown` resolves: then a GOAWAY lets the open streams
-/// finish while no new one starts. `handle` answers each well-formed CONNECT; anything else
-/// gets 405 or 400 without reaching it.
+/// has been idle past `settings`, the client stops answering pings, or `shutdown` resolves:
+/// then a GOAWAY lets the open streams finish while no new one starts. `handle` answers each
+/// well-formed CONNECT; anything else gets 405 or 400 without reaching it.
 pub async fn serve<T, F, Fut>(
     io: T,
     settings: &ServerSettings,
     shutdown: impl Future<Output = ()>,
     handle: F,
-) -> Result<(), hyper::Error>
+) -> Result<(), HboneError>
 where
     T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     F: Fn(ConnectRequest) -> Fut + Send + Sync + Clone + 'static,
     Fut: Future<Output = Response<Empty<Bytes>>> + Send + 'static,
 {
-    let activity = Activity::new();
-    let streams = activity.clone();
-    let service = service_fn(move |request: Request<Incoming>| {
-        let handle = handle.clone();
-        let open = streams.open();
-        async move {
-            if request.method() != Method::CONNECT {
-                return Ok::<_, std::convert::Infallible>(status(StatusCode::METHOD_NOT_ALLOWED));
-            }
-            let authority = request
-                .uri()
-                .authority()
-                .and_then(|a| a.as_str().parse::<SocketAddr>().ok());
-            match authority {
-                Some(authority) => Ok(handle(ConnectRequest {
-                    authority,
-                    request,
-                    open,
-                })
-                .await),
-                None => Ok(status(StatusCode::BAD_REQUEST)),
-            }
-        }
-    });
-    let connection = http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .initial_stream_window_size(STREAM_WINDOW)
+    let handshake = Builder::new()
+        .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
         .max_concurrent_streams(settings.max_concurrent_streams)
         .max_header_list_size(MAX_HEADER_LIST)
-        .keep_alive_interval(settings.keepalive_interval)
-        .keep_alive_timeout(settings.keepalive_timeout)
-        .serve_connection(TokioIo::new(io), service);
-    let mut connection = std::pin::pin!(connection);
+        .max_send_buffer_size(MAX_SEND_BUFFER)
+        .handshake::<_, Bytes>(io);
+    let mut connection = tokio::time::timeout(settings.first_request_timeout, handshake)
+        .await
+        .map_err(|_| HboneError::NoPreface(settings.first_request_timeout))?
+        .map_err(HboneError::Handshake)?;
+    let ping_pong = connection
+        .ping_pong()
+        .expect("a new connection's ping handle is taken once, here");
+    let keepalive = keepalive::run(
+        ping_pong,
+        settings.keepalive_interval,
+        settings.keepalive_timeout,
+    );
+    let mut keepalive = std::pin::pin!(keepalive);
+    let activity = Activity::new();
     let mut shutdown = std::pin::pin!(shutdown);
     let idle = activity.idle(settings.first_request_timeout, settings.idle_timeout);
     let mut idle = std::pin::pin!(idle);
     let mut closing = false;
     loop {
+        // Accepting also drives the connection: the open tunnels' frames move only while
+        // this loop runs.
         tokio::select! {
-            result = connection.as_mut() => return result,
+            next = connection.accept() => match next {
+                Some(Ok((request, respond))) => {
+                    tokio::spawn(answer(request, respond, activity.open(), handle.clone()));
+                }
+                Some(Err(e)) => return Err(HboneError::Connection(e)),
+                None => return Ok(()),
+            },
             () = &mut shutdown, if !closing => {
-                connection.as_mut().graceful_shutdown();
+                connection.graceful_shutdown();
                 closing = true;
             }
             () = &mut idle, if !closing => {
                 tracing::debug!("closing an idle HBONE connection");
-                connection.as_mut().graceful_shutdown();
+                connection.graceful_shutdown();
                 closing = true;
             }
+            () = &mut keepalive => return Ok(()),
         }
+    }
+}
+
+/// Answers one stream: a well-formed CONNECT goes to `handle`, whose answer is sent; the
+/// stream's sending half then goes to the tunnel if `handle` accepted it.
+async fn answer<F, Fut>(
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    open: StreamGuard,
+    handle: F,
+) where
+    F: Fn(ConnectRequest) -> Fut,
+    Fut: Future<Output = Response<Empty<Bytes>>>,
+{
+    let (parts, recv) = request.into_parts();
+    let authority = parts
+        .uri
+        .authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok());
+    let (response, accepted) = match (parts.method == Method::CONNECT, authority) {
+        (false, _) => (status(StatusCode::METHOD_NOT_ALLOWED), None),
+        (true, None) => (status(StatusCode::BAD_REQUEST), None),
+        (true, Some(authority)) => {
+            let (accepted, answered) = oneshot::channel();
+            let connect = ConnectRequest {
+                authority,
+                headers: parts.headers,
+                recv,
+                open,
+                answered,
+            };
+            (handle(connect).await, Some(accepted))
+        }
+    };
+    let (head, _) = response.into_parts();
+    let tunnel = head.status == StatusCode::OK && accepted.is_some();
+    match respond.send_response(Response::from_parts(head, ()), !tunnel) {
+        Ok(send) => {
+            if let Some(accepted) = accepted.filter(|_| tunnel) {
+                // The tunnel's future may be gone (the handler dropped it): the stream is
+                // then reset as its halves drop.
+                let _ = accepted.send(send);
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "HBONE answer not sent"),
     }
 }
 
