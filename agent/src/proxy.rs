@@ -341,6 +341,27 @@ where
     }
 }
 
+/// `splice` between a socket and an HBONE tunnel, moving the tunnel's bytes uncopied.
+/// Returns (bytes from the socket, bytes from the tunnel).
+async fn splice_tunnel<S>(
+    socket: &mut S,
+    tunnel: &mut nodemesh_hbone::Tunnel,
+    idle: Option<Duration>,
+) -> Result<(u64, u64), ProxyError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let Some(period) = idle else {
+        return Ok(copy::with_tunnel(socket, tunnel, None).await?);
+    };
+    let reads = std::sync::atomic::AtomicU64::new(0);
+    let copy = copy::with_tunnel(socket, tunnel, Some(&reads));
+    tokio::select! {
+        result = copy => Ok(result?),
+        () = idle::silent_for(&reads, period) => Err(ProxyError::Idle { timeout: period }),
+    }
+}
+
 /// Hands an inbound stream to the application over `upstream`: request by request when the
 /// pod's policies look at HTTP, otherwise as bytes, closed if a policy change denies it.
 async fn deliver<S>(
@@ -371,9 +392,19 @@ where
     }
     if !policies.needs_sni() {
         let registration = pod.active.register(peer, dst, None, &pod.cancel);
+        let idle = shared.tcp_idle_timeout;
+        // An HBONE tunnel's bytes move uncopied; any other client's through a buffer.
+        let copy = async {
+            match (&mut client as &mut dyn std::any::Any).downcast_mut::<nodemesh_hbone::Tunnel>() {
+                Some(tunnel) => splice_tunnel(&mut upstream, tunnel, idle)
+                    .await
+                    .map(|(to_client, from_client)| (from_client, to_client)),
+                None => splice(&mut client, &mut upstream, idle).await,
+            }
+        };
         return tokio::select! {
             () = registration.cancel.cancelled() => Err(ProxyError::Revoked),
-            result = splice(&mut client, &mut upstream, shared.tcp_idle_timeout) => result,
+            result = copy => result,
         };
     }
     // `connection.sni` conditions: judged once the application's ClientHello is read.

@@ -33,7 +33,7 @@ use super::{
         state::ClientState,
     },
     pool::PoolKey,
-    splice,
+    splice, splice_tunnel,
 };
 use crate::mesh::{Destination, MeshView};
 
@@ -124,7 +124,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     match upstream {
-        Upstream::Tunnel(mut tunnel) => splice(&mut client, &mut tunnel, idle).await,
+        Upstream::Tunnel(mut tunnel) => splice_tunnel(&mut client, &mut tunnel, idle).await,
         Upstream::Tcp(mut stream) => splice(&mut client, &mut stream, idle).await,
     }
 }
