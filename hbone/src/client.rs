@@ -97,11 +97,8 @@ where
         .handshake::<_, Bytes>(io)
         .await
         .map_err(HboneError::Handshake)?;
-    let ping_pong = connection
-        .ping_pong()
-        .expect("a new connection's ping handle is taken once, here");
     let keepalive = keepalive::run(
-        ping_pong,
+        connection.ping_pong(),
         settings.keepalive_interval,
         settings.keepalive_timeout,
     );

@@ -5,9 +5,11 @@ use std::time::Duration;
 
 use h2::{Ping, PingPong};
 
-/// Pings every `interval`; resolves when an answer has not come within `timeout`, or the
-/// connection can no longer send pings.
-pub(crate) async fn run(mut ping_pong: PingPong, interval: Duration, timeout: Duration) {
+/// Pings every `interval` with a new connection's ping handle; resolves when an answer has not
+/// come within `timeout`, or the connection can no longer send pings.
+pub(crate) async fn run(ping_pong: Option<PingPong>, interval: Duration, timeout: Duration) {
+    let mut ping_pong =
+        ping_pong.expect("a new connection's ping handle is taken once, by its keepalive");
     loop {
         tokio::time::sleep(interval).await;
         match tokio::time::timeout(timeout, ping_pong.ping(Ping::opaque())).await {

@@ -124,11 +124,8 @@ where
         .await
         .map_err(|_| HboneError::NoPreface(settings.first_request_timeout))?
         .map_err(HboneError::Handshake)?;
-    let ping_pong = connection
-        .ping_pong()
-        .expect("a new connection's ping handle is taken once, here");
     let keepalive = keepalive::run(
-        ping_pong,
+        connection.ping_pong(),
         settings.keepalive_interval,
         settings.keepalive_timeout,
     );

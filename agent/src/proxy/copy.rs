@@ -335,15 +335,31 @@ mod tests {
 
     #[tokio::test]
     async fn both_directions_are_copied_whole_and_each_end_passed_on_as_a_half_close() {
-        let (mut client, mut proxy_client) = tokio::io::duplex(4096);
+        let (client, mut proxy_client) = tokio::io::duplex(4096);
         let (mut proxy_upstream, mut server) = tokio::io::duplex(4096);
         let proxy =
             tokio::spawn(
                 async move { bidirectional(&mut proxy_client, &mut proxy_upstream).await },
             );
         // More than a large buffer each way, so both directions grow and wrap several times.
-        let request: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
-        let response: Vec<u8> = (0..70_000u32).map(|i| (i % 241) as u8).collect();
+        let sizes = exchange(client, &mut server, 100_000, 70_000).await;
+        assert_eq!(proxy.await.expect("proxy").expect("copy"), sizes);
+    }
+
+    /// `client` sends `request_len` bytes and half-closes; `far` reads them all, then answers
+    /// `response_len` bytes and closes. Checks that both arrive whole; returns the two sizes.
+    async fn exchange<C, F>(
+        mut client: C,
+        far: &mut F,
+        request_len: u32,
+        response_len: u32,
+    ) -> (u64, u64)
+    where
+        C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        F: AsyncRead + AsyncWrite + Unpin,
+    {
+        let request: Vec<u8> = (0..request_len).map(|i| (i % 251) as u8).collect();
+        let response: Vec<u8> = (0..response_len).map(|i| (i % 241) as u8).collect();
         let sent = request.clone();
         let client_side = tokio::spawn(async move {
             client.write_all(&sent).await.expect("write");
@@ -353,17 +369,15 @@ mod tests {
             got
         });
         let mut got = Vec::new();
-        server
-            .read_to_end(&mut got)
+        far.read_to_end(&mut got)
             .await
-            .expect("the client's end reaches the server");
+            .expect("the client's end reaches the far end");
         assert_eq!(got, request);
-        // The server still answers after the client's half-close.
-        server.write_all(&response).await.expect("write");
-        server.shutdown().await.expect("close");
+        // The far end still answers after the client's half-close.
+        far.write_all(&response).await.expect("write");
+        far.shutdown().await.expect("close");
         assert_eq!(client_side.await.expect("client"), response);
-        let counts = proxy.await.expect("proxy").expect("copy");
-        assert_eq!(counts, (request.len() as u64, response.len() as u64));
+        (u64::from(request_len), u64::from(response_len))
     }
 
     #[tokio::test]
@@ -396,37 +410,16 @@ mod tests {
             .await
             .expect("tunnel");
         let mut far = far_ends.recv().await.expect("the server's end");
-        let (mut app, mut socket) = tokio::io::duplex(4096);
+        let (app, mut socket) = tokio::io::duplex(4096);
         let proxy = tokio::spawn(async move {
             let reads = AtomicU64::new(0);
             let copied = with_tunnel(&mut socket, &mut tunnel, Some(&reads)).await;
             (copied, reads.load(Ordering::Relaxed))
         });
-        // More than a large buffer each way, in pieces of every size.
-        let request: Vec<u8> = (0..150_000u32).map(|i| (i % 251) as u8).collect();
-        let response: Vec<u8> = (0..90_000u32).map(|i| (i % 241) as u8).collect();
-        let sent = request.clone();
-        let app_side = tokio::spawn(async move {
-            app.write_all(&sent).await.expect("write");
-            app.shutdown().await.expect("half-close");
-            let mut got = Vec::new();
-            app.read_to_end(&mut got).await.expect("read");
-            got
-        });
-        let mut got = Vec::new();
-        far.read_to_end(&mut got)
-            .await
-            .expect("the socket's end reaches the far end");
-        assert_eq!(got, request);
-        // The far end still answers after the half-close.
-        far.write_all(&response).await.expect("write");
-        far.shutdown().await.expect("close");
-        assert_eq!(app_side.await.expect("app"), response);
+        // More than a large buffer each way.
+        let sizes = exchange(app, &mut far, 150_000, 90_000).await;
         let (copied, reads) = proxy.await.expect("proxy");
-        assert_eq!(
-            copied.expect("copy"),
-            (request.len() as u64, response.len() as u64)
-        );
+        assert_eq!(copied.expect("copy"), sizes);
         assert!(reads > 2, "every read is counted for the idle timeout");
     }
 
