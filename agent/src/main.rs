@@ -32,9 +32,6 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
 use crate::{
     config::{Command, Config, LogFormat},
     config_source::{SnapshotSource, SourceEvent},
@@ -50,6 +47,10 @@ use crate::{
     workers::Workers,
     workloads::WorkloadRegistry,
 };
+
+/// jemalloc: it gives memory back after a load, where glibc's per-thread arenas keep it.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// How often workloads that failed to enroll are tried again, and enrolled workloads' network
 /// namespaces checked for replacement.
