@@ -309,6 +309,43 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_tunnel_the_far_end_drops_ends_reads_and_fails_writes_with_the_reset() {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            let settings = ServerSettings::default();
+            serve(
+                server_io,
+                &settings,
+                std::future::pending(),
+                |connect: ConnectRequest| async move {
+                    let (response, tunnel) = connect.accept();
+                    // Taken and dropped at once, its end never sent: a reset (CANCEL).
+                    tokio::spawn(async move { drop(tunnel.await) });
+                    response
+                },
+            )
+            .await
+        });
+        let mut sender = handshake(client_io, &crate::ClientSettings::default())
+            .await
+            .expect("HTTP/2");
+        let mut tunnel = open_tunnel(&mut sender, "10.0.0.2:9000".parse().expect("addr"))
+            .await
+            .expect("tunnel");
+        let mut rest = Vec::new();
+        tunnel
+            .read_to_end(&mut rest)
+            .await
+            .expect("a cancelled stream reads as its end");
+        assert!(rest.is_empty());
+        let error = tunnel
+            .write_all(b"too late")
+            .await
+            .expect_err("nothing can be sent on a reset stream");
+        assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset, "{error}");
+    }
+
+    #[tokio::test]
     async fn a_connection_that_never_asks_for_a_tunnel_is_closed() {
         let settings = ServerSettings {
             first_request_timeout: Duration::from_millis(50),

@@ -1,21 +1,20 @@
 //! Copying a connection's bytes both ways. Each direction's buffer starts small and is
 //! replaced by a large one the first time a read fills it: an idle or chatty connection holds
 //! 2 × 1 KiB, a bulk one reads 64 KiB per step. Nothing is done per byte beyond the copy
-//! itself. Between a socket and an HBONE tunnel (`with_tunnel`) not even that: what the
-//! socket gives becomes the tunnel's frames as it is, and the tunnel's frames are written to
-//! the socket from where they were received.
+//! itself. Between a socket and an HBONE tunnel not even that (`tunnel`).
+
+mod tunnel;
 
 use std::{
     future::poll_fn,
     io,
     pin::Pin,
-    sync::atomic::{AtomicU64, Ordering},
     task::{Context, Poll, ready},
 };
 
-use bytes::{Bytes, BytesMut};
-use nodemesh_hbone::Tunnel;
-use tokio::io::{AsyncBufRead as _, AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+pub use self::tunnel::with_tunnel;
 
 /// The buffer a direction starts with.
 const SMALL: usize = 1024;
@@ -43,168 +42,6 @@ where
         Poll::Ready(Ok((forward, backward)))
     })
     .await
-}
-
-/// Copies between `socket` and `tunnel` until both directions are done, with a half-close
-/// passed on each way, like `bidirectional`, but without copying the bytes in between. Every
-/// read on either side is counted in `reads` (for the idle timeout). Returns the bytes from
-/// the socket and from the tunnel.
-pub async fn with_tunnel<S>(
-    socket: &mut S,
-    tunnel: &mut Tunnel,
-    reads: Option<&AtomicU64>,
-) -> io::Result<(u64, u64)>
-where
-    S: AsyncRead + AsyncWrite + Unpin + ?Sized,
-{
-    let count = || {
-        if let Some(reads) = reads {
-            reads.fetch_add(1, Ordering::Relaxed);
-        }
-    };
-    let mut up = IntoTunnel::new();
-    let mut down = OutOfTunnel::default();
-    poll_fn(|cx| {
-        let forward = up.poll(cx, &mut *socket, &mut *tunnel, count)?;
-        let backward = down.poll(cx, &mut *tunnel, &mut *socket, count)?;
-        let (Poll::Ready(forward), Poll::Ready(backward)) = (forward, backward) else {
-            return Poll::Pending;
-        };
-        Poll::Ready(Ok((forward, backward)))
-    })
-    .await
-}
-
-/// Socket to tunnel: reads land in a shared buffer whose filled part is handed to the tunnel
-/// whole; the buffer's rest takes the next read, and a new one is made only once the tunnel
-/// still holds bytes of the old.
-struct IntoTunnel {
-    buffer: BytesMut,
-    /// Read and not yet taken by the tunnel.
-    pending: Bytes,
-    /// How much room the next read gets: small until a read fills what it was given.
-    room: usize,
-    eof: bool,
-    done: bool,
-    copied: u64,
-}
-
-impl IntoTunnel {
-    fn new() -> Self {
-        Self {
-            buffer: BytesMut::new(),
-            pending: Bytes::new(),
-            room: SMALL,
-            eof: false,
-            done: false,
-            copied: 0,
-        }
-    }
-
-    fn poll<S>(
-        &mut self,
-        cx: &mut Context<'_>,
-        socket: &mut S,
-        tunnel: &mut Tunnel,
-        count: impl Fn(),
-    ) -> Poll<io::Result<u64>>
-    where
-        S: AsyncRead + Unpin + ?Sized,
-    {
-        loop {
-            if !self.pending.is_empty() {
-                let before = self.pending.len();
-                ready!(tunnel.poll_send(cx, &mut self.pending))?;
-                self.copied += (before - self.pending.len()) as u64;
-                continue;
-            }
-            if self.done {
-                return Poll::Ready(Ok(self.copied));
-            }
-            if self.eof {
-                ready!(Pin::new(&mut *tunnel).poll_shutdown(cx))?;
-                self.done = true;
-                continue;
-            }
-            self.buffer.reserve(self.room);
-            let offered = self.buffer.capacity() - self.buffer.len();
-            let n = ready!(tokio_util::io::poll_read_buf(
-                Pin::new(&mut *socket),
-                cx,
-                &mut self.buffer
-            ))?;
-            count();
-            if n == 0 {
-                self.eof = true;
-                continue;
-            }
-            if n == offered {
-                self.room = LARGE;
-            }
-            self.pending = self.buffer.split().freeze();
-        }
-    }
-}
-
-/// Tunnel to socket: the received frames are written from where they are.
-#[derive(Default)]
-struct OutOfTunnel {
-    unflushed: bool,
-    /// The tunnel has ended: the socket's writer is being shut down.
-    shutting_down: bool,
-    done: bool,
-    copied: u64,
-}
-
-impl OutOfTunnel {
-    fn poll<S>(
-        &mut self,
-        cx: &mut Context<'_>,
-        tunnel: &mut Tunnel,
-        socket: &mut S,
-        count: impl Fn(),
-    ) -> Poll<io::Result<u64>>
-    where
-        S: AsyncWrite + Unpin + ?Sized,
-    {
-        let mut socket = Pin::new(socket);
-        loop {
-            if self.done {
-                return Poll::Ready(Ok(self.copied));
-            }
-            if self.shutting_down {
-                ready!(socket.as_mut().poll_shutdown(cx))?;
-                self.done = true;
-                continue;
-            }
-            let chunk = match Pin::new(&mut *tunnel).poll_fill_buf(cx) {
-                Poll::Ready(chunk) => chunk?,
-                Poll::Pending => {
-                    // Nothing more to read for now: what was written must not wait in the
-                    // socket's buffer.
-                    if self.unflushed {
-                        ready!(socket.as_mut().poll_flush(cx))?;
-                        self.unflushed = false;
-                    }
-                    return Poll::Pending;
-                }
-            };
-            count();
-            if chunk.is_empty() {
-                ready!(socket.as_mut().poll_flush(cx))?;
-                self.unflushed = false;
-                self.shutting_down = true;
-                continue;
-            }
-            let n = ready!(socket.as_mut().poll_write(cx, chunk))?;
-            if n == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-            }
-            Pin::new(&mut *tunnel).consume(n);
-            self.copied += n as u64;
-            self.unflushed = true;
-        }
-    }
 }
 
 enum Direction {
@@ -348,7 +185,7 @@ mod tests {
 
     /// `client` sends `request_len` bytes and half-closes; `far` reads them all, then answers
     /// `response_len` bytes and closes. Checks that both arrive whole; returns the two sizes.
-    async fn exchange<C, F>(
+    pub(super) async fn exchange<C, F>(
         mut client: C,
         far: &mut F,
         request_len: u32,
@@ -378,49 +215,6 @@ mod tests {
         far.shutdown().await.expect("close");
         assert_eq!(client_side.await.expect("client"), response);
         (u64::from(request_len), u64::from(response_len))
-    }
-
-    #[tokio::test]
-    async fn a_tunnel_and_a_socket_are_copied_whole_both_ways_with_their_half_closes() {
-        use nodemesh_hbone::{ClientSettings, ConnectRequest, ServerSettings};
-        // HBONE over an in-memory connection; the server hands its end of each tunnel over.
-        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
-        let (ends, mut far_ends) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let handle = move |connect: ConnectRequest| {
-                let ends = ends.clone();
-                async move {
-                    let (response, tunnel) = connect.accept();
-                    tokio::spawn(async move {
-                        if let Some(tunnel) = tunnel.await {
-                            let _ = ends.send(tunnel);
-                        }
-                    });
-                    response
-                }
-            };
-            let settings = ServerSettings::default();
-            nodemesh_hbone::serve(server_io, &settings, std::future::pending(), handle).await
-        });
-        let mut sender = nodemesh_hbone::handshake(client_io, &ClientSettings::default())
-            .await
-            .expect("HTTP/2");
-        let dst = "10.0.0.2:9000".parse().expect("address");
-        let mut tunnel = nodemesh_hbone::open_tunnel(&mut sender, dst)
-            .await
-            .expect("tunnel");
-        let mut far = far_ends.recv().await.expect("the server's end");
-        let (app, mut socket) = tokio::io::duplex(4096);
-        let proxy = tokio::spawn(async move {
-            let reads = AtomicU64::new(0);
-            let copied = with_tunnel(&mut socket, &mut tunnel, Some(&reads)).await;
-            (copied, reads.load(Ordering::Relaxed))
-        });
-        // More than a large buffer each way.
-        let sizes = exchange(app, &mut far, 150_000, 90_000).await;
-        let (copied, reads) = proxy.await.expect("proxy");
-        assert_eq!(copied.expect("copy"), sizes);
-        assert!(reads > 2, "every read is counted for the idle timeout");
     }
 
     #[tokio::test]
