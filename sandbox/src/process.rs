@@ -197,17 +197,24 @@ pub fn start_agent(layout: &Layout, index: usize) -> anyhow::Result<i32> {
     }
 }
 
-/// Whether `pid` is a live process (not a zombie). Reaps it if it is our exited child.
+/// Whether `pid` is a live process: any of its threads not yet a zombie. Reaps it if it is our
+/// exited child.
+///
+/// Every thread counts, not only the first: when a multi-threaded process is killed, its first
+/// thread can be a zombie while the others are still exiting and its sockets still open.
 pub fn is_alive(pid: i32) -> bool {
     let _ = waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG));
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the command name in parentheses: "Z" is a zombie, "X" dead.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X"),
-        Err(_) => false,
-    }
+    let Ok(threads) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    threads.flatten().any(|thread| {
+        std::fs::read_to_string(thread.path().join("stat")).is_ok_and(|stat| {
+            // The state follows the command name in parentheses: "Z" is a zombie, "X" dead.
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .is_some_and(|state| state != "Z" && state != "X")
+        })
+    })
 }
 
 /// SIGTERM, then SIGKILL for whatever is still alive after `grace`.
@@ -298,4 +305,50 @@ pub fn run_in_netns(netns: &str, program: &str, args: &[&str]) -> anyhow::Result
         .stdin(Stdio::null())
         .output()
         .with_context(|| format!("cannot run {program} in {netns}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The state letter of one thread of `pid`.
+    fn thread_state(pid: i32, tid: i32) -> Option<String> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
+        let (_, rest) = stat.rsplit_once(')')?;
+        rest.split_whitespace().next().map(str::to_owned)
+    }
+
+    #[test]
+    fn a_process_whose_first_thread_exited_is_alive_until_its_last_thread_has() {
+        // The first thread ends itself (exit(2), not exit_group) while a second one waits on
+        // stdin: the first is a zombie, the process is not gone.
+        let script = "import ctypes, sys, threading\n\
+                      threading.Thread(target=sys.stdin.read).start()\n\
+                      ctypes.CDLL(None).syscall(60, 0)\n";
+        let mut child = match std::process::Command::new("python3")
+            .args(["-c", script])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+        {
+            Ok(child) => child,
+            Err(e) => panic!("python3 is needed for this test (cargo xtask setup): {e}"),
+        };
+        let pid = child.id() as i32;
+        poll_until(Duration::from_secs(10), || {
+            anyhow::ensure!(
+                thread_state(pid, pid).as_deref() == Some("Z"),
+                "first thread runs"
+            );
+            Ok(())
+        })
+        .expect("the first thread exits");
+        assert!(is_alive(pid), "a process with a running thread is alive");
+
+        drop(child.stdin.take());
+        poll_until(Duration::from_secs(10), || {
+            anyhow::ensure!(!is_alive(pid), "still alive");
+            Ok(())
+        })
+        .expect("the process is gone once its last thread ends");
+    }
 }
