@@ -31,7 +31,7 @@ enum Task {
     /// Install what is missing: LLVM 22 dev packages, bpf-linker, the nightly's rust-src,
     /// and the tools tests use. Fast when nothing is missing.
     Setup,
-    /// Build the eBPF object and every binary.
+    /// Install what is missing (as `setup`), then build the eBPF object and every binary.
     Build {
         /// Optimised build (what benchmarks use).
         #[arg(long)]
@@ -80,7 +80,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.task {
         Task::Setup => setup::run(),
-        Task::Build { release } => build::run(profile(release)).map(drop),
+        Task::Build { release } => {
+            setup::run().and_then(|()| build::run(profile(release)).map(drop))
+        }
         Task::Demo => demo::run(),
         Task::Test => test::run(),
         Task::Fuzz { seconds } => fuzz::run(seconds),
