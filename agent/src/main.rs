@@ -220,6 +220,7 @@ async fn run(config: Arc<Config>, workers: Vec<tokio::runtime::Handle>) -> anyho
             Arc::new(MeshConnector::new(shared.clone())),
             sinks,
         ),
+        local: Default::default(),
     });
     let mut registry = WorkloadRegistry::new(config.clone(), datapath, shared);
     let (cni_tx, mut cni_requests) = mpsc::channel(64);

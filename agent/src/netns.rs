@@ -122,6 +122,18 @@ impl PodNetns {
         Ok(netns)
     }
 
+    /// A handle on the test process's own namespace, for tests of what holds one and never
+    /// enters it.
+    #[cfg(test)]
+    pub fn for_tests() -> Self {
+        let path = Path::new("/proc/self/ns/net");
+        Self {
+            origin: NetnsOrigin::Path(path.to_owned()),
+            file: File::open(path).expect("own network namespace"),
+            cookie: 0,
+        }
+    }
+
     /// Another handle on the same namespace, for a new enrollment of the same pod.
     pub fn try_clone(&self) -> io::Result<Self> {
         Ok(Self {

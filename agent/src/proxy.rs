@@ -3,6 +3,8 @@
 //! - `outbound`: a connection the capture redirected to a pod's :15001 goes to an enrolled
 //!   destination through an HBONE tunnel (mTLS, both identities checked), or as plain TCP to a
 //!   destination outside the mesh (unless egress is denied).
+//! - `local`: to an enrolled destination on this node, the outbound side hands the connection
+//!   to the destination's inbound side in-process instead of tunnelling to itself.
 //! - `hbone_inbound`: :15008 terminates HBONE for the pod, learns the client's identity and
 //!   hands each tunnel to the application.
 //! - `inbound`: :15006 takes plaintext that sk_lookup steered to the pod, if the pod's
@@ -20,6 +22,7 @@ pub mod http;
 mod idle;
 mod inbound;
 mod listener;
+pub(crate) mod local;
 mod outbound;
 mod pool;
 mod read_ahead;
@@ -43,7 +46,7 @@ use tokio::{
 
 use self::authz::ActiveConnections;
 use self::tracker::ConnectionTracker;
-pub use self::{listener::serve, pool::HbonePool};
+pub use self::{listener::serve, local::LocalPods, pool::HbonePool};
 
 /// The handler of each in-pod listener, for [`serve`].
 pub mod handlers {
@@ -86,6 +89,8 @@ pub struct ProxyShared {
     pub admission: Arc<admission::Admission>,
     /// The HTTP stack and the traffic state it keeps.
     pub http: http::outbound::HttpStacks,
+    /// The enrolled pods, by address: connections between two of them skip the tunnel.
+    pub local: LocalPods,
 }
 
 impl std::fmt::Debug for OriginalDstTable {
@@ -126,6 +131,26 @@ pub struct PodContext {
 }
 
 impl PodContext {
+    /// A pod with no policies, in the test process's own namespace.
+    #[cfg(test)]
+    pub fn for_tests(key: &str, ip: std::net::Ipv4Addr, identity: SpiffeId) -> Self {
+        let cancel = tokio_util::sync::CancellationToken::new();
+        Self {
+            key: key.to_owned(),
+            ip,
+            identity,
+            netns: PodNetns::for_tests(),
+            counters: Default::default(),
+            mtls: RwLock::new(default_mtls()),
+            policies: RwLock::default(),
+            active: Default::default(),
+            stop_accepting: cancel.child_token(),
+            cancel,
+            rate_limits: Default::default(),
+            baggage: None,
+        }
+    }
+
     pub fn mtls(&self) -> EffectiveMtls {
         self.mtls.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -228,6 +253,66 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
+    /// The same error once more, for the other end's record of a connection both ends of
+    /// which this proxy carries. A source it cannot copy is kept as text.
+    fn again(&self) -> Self {
+        let io = |e: &io::Error| io::Error::new(e.kind(), e.to_string());
+        match self {
+            Self::NoOriginalDst { client } => Self::NoOriginalDst { client: *client },
+            Self::Socket { netns, source } => Self::Socket {
+                netns: netns.clone(),
+                source: io(source),
+            },
+            Self::Connect { dst, source } => Self::Connect {
+                dst: *dst,
+                source: io(source),
+            },
+            Self::ConnectTimeout { dst, timeout } => Self::ConnectTimeout {
+                dst: *dst,
+                timeout: *timeout,
+            },
+            Self::HboneTimeout { dst, timeout } => Self::HboneTimeout {
+                dst: *dst,
+                timeout: *timeout,
+            },
+            Self::Tls { peer, source } => Self::Tls {
+                peer: *peer,
+                source: io(source),
+            },
+            Self::ForeignTrustDomain {
+                peer,
+                identity,
+                trusted,
+            } => Self::ForeignTrustDomain {
+                peer: *peer,
+                identity: identity.clone(),
+                trusted: trusted.clone(),
+            },
+            Self::EgressDenied { dst } => Self::EgressDenied { dst: *dst },
+            Self::PlaintextRefused { policy } => Self::PlaintextRefused {
+                policy: policy.clone(),
+            },
+            Self::NoEndpoint { reason } => Self::NoEndpoint {
+                reason: reason.clone(),
+            },
+            Self::Overflow {
+                service,
+                limit,
+                value,
+            } => Self::Overflow {
+                service: service.clone(),
+                limit,
+                value: *value,
+            },
+            Self::Denied { by } => Self::Denied { by: by.clone() },
+            Self::Revoked => Self::Revoked,
+            Self::Idle { timeout } => Self::Idle { timeout: *timeout },
+            Self::Http(text) => Self::Http(text.clone()),
+            Self::Io(e) => Self::Io(io(e)),
+            Self::Identity(_) | Self::Hbone(_) => Self::Io(io::Error::other(self.to_string())),
+        }
+    }
+
     /// A short label for metrics.
     fn reason(&self) -> &'static str {
         match self {

@@ -261,10 +261,12 @@ pub struct ConnectionRecord {
     /// or to the application in).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upstream_local: Option<SocketAddr>,
-    /// The destination pod's HBONE address, for a connection carried in a tunnel.
+    /// The destination pod's HBONE address, for a connection carried in a tunnel (none
+    /// between two pods of one node: the proxy hands those over in-process).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hbone: Option<SocketAddr>,
-    /// `mtls` when the connection crossed between proxies in an HBONE tunnel.
+    /// `mtls` when the connection crossed between proxies in an HBONE tunnel, or was handed
+    /// over in-process between two enrolled pods of this node, the client's identity known.
     pub security: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source_identity: Option<String>,

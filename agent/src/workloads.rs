@@ -178,7 +178,13 @@ impl WorkloadRegistry {
             self.converge(key, workload).await;
         }
         for enrolled in self.enrolled.values() {
-            let strict = apply_policies(&mesh, enrolled, &self.shared, &self.config.trust_domain);
+            let strict = apply_policies(
+                &mesh,
+                &enrolled.workload,
+                &enrolled.pod,
+                &self.shared,
+                &self.config.trust_domain,
+            );
             self.datapath.set_strict(&enrolled.capture, strict);
         }
         self.forget_traffic_state();

@@ -298,9 +298,14 @@ fn render(e: &PathExplanation, http: Option<&HttpAttributes>) -> String {
     {
         out.push_str(&format!("  path judged as: {judged} (normalised)\n"));
     }
+    let same_node = e.source.node.is_some() && e.source.node == e.destination.node;
     out.push_str(&format!(
         "  carried as: {}\n",
         match e.security {
+            "mtls" if same_node => {
+                "handed over inside the node's proxy (both pods on one node), the client's \
+                 identity known to the destination"
+            }
             "mtls" => "mTLS (HBONE), the client's identity proven to the destination",
             _ => "plain TCP",
         }
@@ -378,4 +383,46 @@ fn render(e: &PathExplanation, http: Option<&HttpAttributes>) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use nodemesh_policy::{Endpoint, PathExplanation, Step};
+
+    use super::render;
+
+    fn on(node: &str, last: u8) -> Endpoint {
+        Endpoint {
+            workload: Some(format!("default/p{last}")),
+            ip: Ipv4Addr::new(10, 88, 1, last),
+            identity: Some(format!("spiffe://cluster.local/ns/default/sa/p{last}")),
+            node: Some(node.to_owned()),
+        }
+    }
+
+    fn carried(source: Endpoint, destination: Endpoint) -> String {
+        let explanation = PathExplanation {
+            source,
+            destination,
+            port: 80,
+            security: "mtls",
+            destination_mtls: None,
+            judged_path: None,
+            allowed: true,
+            step: Step::DestinationOutsideMesh,
+        };
+        render(&explanation, None)
+            .lines()
+            .find(|l| l.contains("carried as"))
+            .expect("a carried-as line")
+            .to_owned()
+    }
+
+    #[test]
+    fn between_nodes_a_connection_is_a_tunnel_and_within_one_it_is_handed_over() {
+        assert!(carried(on("n1", 2), on("n2", 3)).contains("mTLS (HBONE)"));
+        assert!(carried(on("n1", 2), on("n1", 3)).contains("inside the node's proxy"));
+    }
 }

@@ -291,6 +291,76 @@ spec:
 }
 
 #[test]
+fn between_two_pods_of_one_node_the_destinations_policies_hold_without_a_tunnel() {
+    let Some(sb) = sandbox("tlocal") else { return };
+    let echo = sb.pod("n1-p2").server.echo;
+    let deny = "apiVersion: security.nodemesh.dev/v1
+kind: AuthorizationPolicy
+metadata:
+  name: deny-p1
+  namespace: default
+spec:
+  selector:
+    matchLabels:
+      app: n1-p2
+  action: DENY
+  rules:
+  - from:
+    - source:
+        principals: [\"cluster.local/ns/default/sa/n1-p1\"]
+    to:
+    - operation:
+        ports: [\"9000\"]
+";
+    fs::write(sb.config_dir().join("deny-p1.yaml"), deny).expect("write");
+    poll_until(SOON, || {
+        let reply = echo_from(&sb.pod("n1-p1").netns, echo, b"x")
+            .map(|e| e.reply)
+            .unwrap_or_default();
+        anyhow::ensure!(reply.is_empty(), "still allowed");
+        Ok(())
+    })
+    .expect("n1-p1 is refused by its principal, on the same node");
+    assert_eq!(
+        echo_from(&sb.pod("n2-p1").netns, echo, b"y")
+            .expect("n2-p1")
+            .reply,
+        b"y",
+        "another principal, through a tunnel, passes"
+    );
+    let record = nodemesh_tests::connections(&sb, "n1")
+        .into_iter()
+        .rev()
+        .find(|c| {
+            c["direction"] == "inbound"
+                && c["original_dst"] == echo.to_string()
+                && c["source_workload"] == "default/n1-p1"
+        })
+        .expect("the destination side is recorded");
+    assert!(
+        record["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("default/deny-p1")),
+        "{record}"
+    );
+    assert!(record["hbone"].is_null(), "{record}");
+
+    // HTTP rules are judged per request on the same path.
+    fs::remove_file(sb.config_dir().join("deny-p1.yaml")).expect("remove");
+    let public_get = PUBLIC_GET.replace("app: n2-p1", "app: n1-p2");
+    fs::write(sb.config_dir().join("public-get.yaml"), public_get).expect("write");
+    let base = format!("http://{}", sb.pod("n1-p2").server.http);
+    poll_until(SOON, || {
+        let answer = status_of(&sb, "n1-p1", &format!("{base}/private"), &[])?;
+        anyhow::ensure!(answer.0 == 403, "not enforced yet: {answer:?}");
+        Ok(())
+    })
+    .expect("a request the policy does not allow is answered 403");
+    let (status, _) = status_of(&sb, "n1-p1", &format!("{base}/public/x"), &[]).expect("curl");
+    assert_eq!(status, 200, "an allowed request passes");
+}
+
+#[test]
 fn audit_and_dry_run_are_counted_without_enforcing() {
     let Some(sb) = sandbox("taudit") else { return };
     let policies = "apiVersion: security.nodemesh.dev/v1

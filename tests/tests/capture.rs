@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use nodemesh_sandbox::poll_until;
-use nodemesh_tests::{curl, echo_from, recorded, refused, sandbox};
+use nodemesh_tests::{connections, curl, echo_from, recorded, refused, sandbox};
 
 const SOON: Duration = Duration::from_secs(10);
 
@@ -44,6 +44,23 @@ fn same_node_connection_goes_through_the_proxy() {
         Ok(())
     })
     .expect("agent n1 carried both ends");
+    // Both ends are this agent's: handed over in-process, with the client's identity, and no
+    // tunnel to itself.
+    let records = connections(&sb, "n1");
+    let inbound = records
+        .iter()
+        .find(|c| c["direction"] == "inbound" && c["original_dst"] == dst.to_string())
+        .expect("inbound record");
+    assert_eq!(
+        inbound["source_identity"],
+        "spiffe://cluster.local/ns/default/sa/n1-p1"
+    );
+    assert_eq!(inbound["security"], "mtls");
+    assert_eq!(inbound["bytes_from_client"], 4, "{inbound}");
+    assert!(
+        records.iter().all(|c| c["hbone"].is_null()),
+        "no HBONE connection between two pods of one node: {records:?}"
+    );
 }
 
 #[test]

@@ -32,6 +32,7 @@ use super::{
         outbound::OutboundConnection,
         state::ClientState,
     },
+    local::{self, Delivery},
     pool::PoolKey,
     splice, splice_tunnel,
 };
@@ -103,34 +104,40 @@ async fn to_address<S>(
     tracker: &mut ConnectionTracker,
 ) -> Result<(u64, u64), ProxyError>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let upstream = connect(target, destination, mesh, pod, shared, tracker).await?;
-    splice_to(client, upstream, shared.tcp_idle_timeout).await
+    splice_to(client, upstream, shared).await
 }
 
-/// Where a connection goes on: a tunnel to an enrolled workload, or plain TCP.
+/// Where a connection goes on: a tunnel to an enrolled workload, another pod of this node,
+/// or plain TCP.
 enum Upstream {
     Tunnel(Tunnel),
+    // Boxed: it holds the destination's record, and tunnels and plain TCP should not carry it.
+    Local(Box<Delivery>),
     Tcp(TcpStream),
 }
 
 async fn splice_to<S>(
     mut client: S,
     upstream: Upstream,
-    idle: Option<std::time::Duration>,
+    shared: &Arc<ProxyShared>,
 ) -> Result<(u64, u64), ProxyError>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
+    let idle = shared.tcp_idle_timeout;
     match upstream {
         Upstream::Tunnel(mut tunnel) => splice_tunnel(&mut client, &mut tunnel, idle).await,
+        Upstream::Local(delivery) => delivery.carry(client, shared).await,
         Upstream::Tcp(mut stream) => splice(&mut client, &mut stream, idle).await,
     }
 }
 
-/// Connects to `target`: in an HBONE tunnel when it is an enrolled workload, as plain TCP
-/// otherwise (unless egress is denied).
+/// Connects to `target`: handed over in-process when it is an enrolled workload of this
+/// node, in an HBONE tunnel when it is one elsewhere, as plain TCP otherwise (unless egress is
+/// denied).
 async fn connect(
     target: SocketAddr,
     destination: Option<Arc<Destination>>,
@@ -148,6 +155,15 @@ async fn connect(
     tracker.open();
     match identity {
         Some(identity) => {
+            let local = match target.ip() {
+                IpAddr::V4(ip) => shared.local.destination(ip, &identity),
+                IpAddr::V6(_) => None,
+            };
+            if let Some(destination) = local {
+                let client = tracker.record.client;
+                let delivery = local::accept(pod, client, target, destination, shared).await?;
+                return Ok(Upstream::Local(Box::new(delivery)));
+            }
             let from = tracker.record.client;
             let service = tracker.record.destination_service.clone();
             let tunnel =
@@ -226,7 +242,7 @@ async fn to_endpoint<S>(
     tracker: &mut ConnectionTracker,
 ) -> Result<(u64, u64), ProxyError>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let target = &port.service_target;
     let traffic = &shared.http.traffic;
@@ -296,7 +312,7 @@ where
         release: false,
     };
     balance::record(traffic, target, &health, endpoint.addr, finished);
-    splice_to(client, upstream?, shared.tcp_idle_timeout).await
+    splice_to(client, upstream?, shared).await
 }
 
 /// Gives back the endpoint's count of open connections when the connection ends.

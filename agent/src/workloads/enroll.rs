@@ -64,9 +64,6 @@ impl WorkloadRegistry {
                     // The refusal was pinned in a namespace since replaced.
                     self.datapath.forget_namespace(previous.netns_cookie());
                 }
-                if let Some(mesh) = &self.mesh {
-                    apply_policies(mesh, &enrolled, &self.shared, &self.config.trust_domain);
-                }
                 tracing::info!(
                     workload = %key,
                     %ip,
@@ -209,6 +206,10 @@ impl WorkloadRegistry {
             baggage: crate::proxy::baggage::baggage(&workload.key()),
         });
         let shared = &self.shared;
+        // Policies in force before the first connection is accepted.
+        if let Some(mesh) = &self.mesh {
+            apply_policies(mesh, workload, &pod, shared, &self.config.trust_domain);
+        }
         for (worker, (outbound, inbound, hbone)) in shared.workers.iter().zip(listeners) {
             worker.spawn(serve(
                 outbound,
@@ -224,6 +225,7 @@ impl WorkloadRegistry {
             ));
             worker.spawn(serve(hbone, pod.clone(), shared.clone(), handlers::hbone));
         }
+        shared.local.insert(pod.clone());
         Ok(Enrolled {
             workload: workload.clone(),
             origin,
@@ -239,6 +241,7 @@ impl WorkloadRegistry {
         };
         // Capture off first, so no new connection reaches listeners about to close.
         self.datapath.release(&enrolled.capture);
+        self.shared.local.remove(enrolled.pod.ip, &enrolled.pod.key);
         enrolled.pod.cancel.cancel();
         self.shared.identities.release(&enrolled.pod.identity);
         self.shared.pool.forget_source(key);
@@ -251,21 +254,17 @@ impl WorkloadRegistry {
 /// whether the workload is STRICT.
 pub(super) fn apply_policies(
     mesh: &MeshConfig,
-    enrolled: &Enrolled,
+    workload: &Workload,
+    pod: &PodContext,
     shared: &ProxyShared,
     trust_domain: &str,
 ) -> bool {
-    let mtls = mesh.mtls_mode(&enrolled.workload);
+    let mtls = mesh.mtls_mode(workload);
     let strict = mtls.mode == MtlsMode::Strict;
-    *enrolled.pod.mtls.write().unwrap_or_else(|e| e.into_inner()) = mtls;
-    let policies = nodemesh_policy::workload_policies(mesh, trust_domain, &enrolled.workload);
-    enrolled.pod.set_policies(shared, policies);
-    enrolled
-        .pod
-        .rate_limits
-        .set(nodemesh_traffic::rate_limit::for_workload(
-            mesh,
-            &enrolled.workload,
-        ));
+    *pod.mtls.write().unwrap_or_else(|e| e.into_inner()) = mtls;
+    let policies = nodemesh_policy::workload_policies(mesh, trust_domain, workload);
+    pod.set_policies(shared, policies);
+    pod.rate_limits
+        .set(nodemesh_traffic::rate_limit::for_workload(mesh, workload));
     strict
 }

@@ -1,12 +1,14 @@
-//! Opening a byte stream to an endpoint: an HBONE tunnel to an endpoint in the mesh, plain TCP
-//! from the client's pod otherwise. A trait, so that the pools are tested over in-memory
-//! streams.
+//! Opening a byte stream to an endpoint: a pipe to the proxy's own inbound side for a pod of
+//! this node, an HBONE tunnel to an endpoint in the mesh elsewhere, plain TCP from the client's
+//! pod otherwise. A trait, so that the pools are tested over in-memory streams.
 
 use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::proxy::{PodContext, ProxyError, ProxyShared, http::balance::ChosenEndpoint, outbound};
+use crate::proxy::{
+    PodContext, ProxyError, ProxyShared, http::balance::ChosenEndpoint, local, outbound,
+};
 
 /// A connected byte stream.
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
@@ -32,7 +34,8 @@ pub trait Connector: Send + Sync + std::fmt::Debug + 'static {
     fn connect(&self, target: ConnectTarget) -> ConnectFuture;
 }
 
-/// The mesh's connector: HBONE to enrolled endpoints, plain TCP to the others.
+/// The mesh's connector: in-process to enrolled endpoints of this node, HBONE to enrolled
+/// endpoints elsewhere, plain TCP to the others.
 #[derive(Debug)]
 pub struct MeshConnector {
     shared: std::sync::Weak<ProxyShared>,
@@ -63,6 +66,13 @@ impl Connector for MeshConnector {
                 match identity {
                     Some(identity) => {
                         let client = SocketAddr::new(pod.ip.into(), 0);
+                        if let Some(destination) = shared
+                            .local
+                            .destination(*target.endpoint.addr.ip(), &identity)
+                        {
+                            let pipe = local::pipe(&pod, client, dst, destination, &shared).await?;
+                            return Ok(Box::new(pipe) as UpstreamIo);
+                        }
                         let service = target.service.as_deref();
                         let tunnel = outbound::open_hbone_tunnel(
                             &pod, &shared, dst, identity, client, service,

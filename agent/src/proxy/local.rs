@@ -1,0 +1,243 @@
+//! Node-local delivery: a connection from one enrolled pod to another pod this agent serves
+//! skips the tunnel. The outbound half hands the client's stream to the destination's inbound
+//! half in the same task: the same records, authorization and connection to the application
+//! as at the far end of a tunnel, without TLS, HTTP/2 and a TCP connection to itself.
+//!
+//! The client's identity is the one the tunnel would have proven: the agent captured the
+//! connection in the source pod's namespace, which is what it issues that pod's certificate
+//! on. Only a destination whose identity is the one the mesh expects, and which is not
+//! draining, is delivered to here; any other goes by tunnel and fails or passes there.
+
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, SocketAddr},
+    sync::{Arc, RwLock, atomic::Ordering},
+};
+
+use nodemesh_identity::SpiffeId;
+use nodemesh_policy::Peer;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+};
+
+use super::{
+    ConnectionTracker, Direction, PodContext, ProxyError, ProxyShared, authz, connect_to_app,
+    deliver,
+};
+use crate::telemetry::Labels;
+
+/// The pods this agent serves, by address.
+#[derive(Debug, Default)]
+pub struct LocalPods(RwLock<HashMap<Ipv4Addr, Arc<PodContext>>>);
+
+impl LocalPods {
+    pub fn insert(&self, pod: Arc<PodContext>) {
+        self.write().insert(pod.ip, pod);
+    }
+
+    /// Forgets the pod at `ip` if it is still `key` (a new pod may have the address already).
+    pub fn remove(&self, ip: Ipv4Addr, key: &str) {
+        let mut pods = self.write();
+        if pods.get(&ip).is_some_and(|pod| pod.key == key) {
+            pods.remove(&ip);
+        }
+    }
+
+    /// The pod at `ip` to deliver a connection to in-process: served here, proving
+    /// `identity`, and still accepting connections.
+    pub(crate) fn destination(&self, ip: Ipv4Addr, identity: &SpiffeId) -> Option<Arc<PodContext>> {
+        let pods = self.0.read().unwrap_or_else(|e| e.into_inner());
+        pods.get(&ip)
+            .filter(|pod| pod.identity == *identity && !pod.stop_accepting.is_cancelled())
+            .cloned()
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<Ipv4Addr, Arc<PodContext>>> {
+        self.0.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The destination's half of a node-local connection, accepted and connected to the
+/// application.
+pub(super) struct Delivery {
+    pod: Arc<PodContext>,
+    tracker: ConnectionTracker,
+    upstream: TcpStream,
+    peer: Peer,
+    dst: SocketAddr,
+    labels: Arc<Labels>,
+}
+
+/// What the destination's HBONE listener does for a CONNECT from `source`'s `client` to
+/// `dst`: records the connection, authorizes it and connects to the application. A refusal
+/// is recorded on the destination's side and returned for the source's.
+pub(super) async fn accept(
+    source: &PodContext,
+    client: SocketAddr,
+    dst: SocketAddr,
+    pod: Arc<PodContext>,
+    shared: &Arc<ProxyShared>,
+) -> Result<Delivery, ProxyError> {
+    pod.counters.inbound.fetch_add(1, Ordering::Relaxed);
+    let mut tracker = ConnectionTracker::start(shared, &pod, Direction::Inbound, client, dst);
+    tracker.record.security = "mtls";
+    tracker.record.source_identity = Some(source.identity.to_string());
+    let labels = tracker.open();
+    let peer = authz::peer(Some(&source.identity), client);
+    let connected = match authz::authorize_connection(&pod, shared, &peer, dst) {
+        Ok(()) => connect_to_app(&pod, shared, SocketAddr::new(client.ip(), 0), dst).await,
+        Err(denied) => Err(denied),
+    };
+    match connected {
+        Ok(upstream) => {
+            tracker.record.upstream_local = upstream.local_addr().ok();
+            Ok(Delivery {
+                pod,
+                tracker,
+                upstream,
+                peer,
+                dst,
+                labels,
+            })
+        }
+        Err(e) => {
+            let again = e.again();
+            tracker.finish(Err(e));
+            Err(again)
+        }
+    }
+}
+
+impl Delivery {
+    /// Carries `client` to the application as the far end of a tunnel would, until both are
+    /// done or the destination is released; finishes the destination's record and returns the
+    /// source's result, (bytes from the client, bytes to it).
+    pub(super) async fn carry<S>(
+        self,
+        client: S,
+        shared: &Arc<ProxyShared>,
+    ) -> Result<(u64, u64), ProxyError>
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let Self {
+            pod,
+            tracker,
+            upstream,
+            peer,
+            dst,
+            labels,
+        } = self;
+        let released = pod.cancel.clone();
+        let result = tokio::select! {
+            result = deliver(client, upstream, peer, dst, labels, &pod, shared) => result,
+            () = released.cancelled() => Err(ProxyError::Io(std::io::Error::other(
+                "the destination workload was released",
+            ))),
+        };
+        let theirs = match &result {
+            Ok(counts) => Ok(*counts),
+            Err(e) => Err(e.again()),
+        };
+        tracker.finish(theirs);
+        result
+    }
+}
+
+/// How much an in-memory pipe to a local destination holds each way.
+const PIPE_BUFFER: usize = 64 * 1024;
+
+/// For a connection the proxy makes itself (an HTTP request's upstream): accepts it at the
+/// local `destination` as [`accept`] does and carries it on its own task; returns the near end
+/// of the pipe to it.
+pub(crate) async fn pipe(
+    source: &PodContext,
+    client: SocketAddr,
+    dst: SocketAddr,
+    destination: Arc<PodContext>,
+    shared: &Arc<ProxyShared>,
+) -> Result<tokio::io::DuplexStream, ProxyError> {
+    let delivery = accept(source, client, dst, destination, shared).await?;
+    let (near, far) = tokio::io::duplex(PIPE_BUFFER);
+    let shared = shared.clone();
+    // The destination's record says how it ended; the near end sees it as its stream ending.
+    tokio::spawn(async move { delivery.carry(far, &shared).await.map(drop) });
+    Ok(near)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(key: &str, ip: [u8; 4], account: &str) -> Arc<PodContext> {
+        Arc::new(PodContext::for_tests(
+            key,
+            Ipv4Addr::from(ip),
+            SpiffeId::new("cluster.local", "default", account).expect("identity"),
+        ))
+    }
+
+    fn id(account: &str) -> SpiffeId {
+        SpiffeId::new("cluster.local", "default", account).expect("identity")
+    }
+
+    #[test]
+    fn a_served_pod_with_the_expected_identity_is_delivered_to_in_process() {
+        let pods = LocalPods::default();
+        pods.insert(pod("default/web", [10, 0, 0, 2], "web"));
+
+        let found = pods.destination(Ipv4Addr::new(10, 0, 0, 2), &id("web"));
+
+        assert_eq!(found.map(|p| p.key.clone()).as_deref(), Some("default/web"));
+        assert!(
+            pods.destination(Ipv4Addr::new(10, 0, 0, 3), &id("web"))
+                .is_none(),
+            "an address served elsewhere goes by tunnel"
+        );
+    }
+
+    #[test]
+    fn another_identity_than_the_mesh_expects_goes_by_tunnel() {
+        let pods = LocalPods::default();
+        pods.insert(pod("default/web", [10, 0, 0, 2], "web"));
+
+        assert!(
+            pods.destination(Ipv4Addr::new(10, 0, 0, 2), &id("db"))
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn a_draining_pod_is_not_delivered_to() {
+        let pods = LocalPods::default();
+        let web = pod("default/web", [10, 0, 0, 2], "web");
+        pods.insert(web.clone());
+
+        web.stop_accepting.cancel();
+
+        assert!(
+            pods.destination(Ipv4Addr::new(10, 0, 0, 2), &id("web"))
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn removing_a_pod_leaves_a_newer_one_at_its_address() {
+        let pods = LocalPods::default();
+        pods.insert(pod("default/old", [10, 0, 0, 2], "web"));
+        pods.insert(pod("default/new", [10, 0, 0, 2], "web"));
+
+        pods.remove(Ipv4Addr::new(10, 0, 0, 2), "default/old");
+        assert!(
+            pods.destination(Ipv4Addr::new(10, 0, 0, 2), &id("web"))
+                .is_some(),
+            "the new pod stays"
+        );
+        pods.remove(Ipv4Addr::new(10, 0, 0, 2), "default/new");
+        assert!(
+            pods.destination(Ipv4Addr::new(10, 0, 0, 2), &id("web"))
+                .is_none()
+        );
+    }
+}
