@@ -114,7 +114,7 @@ where
 /// or plain TCP.
 enum Upstream {
     Tunnel(Tunnel),
-    // Boxed: it holds the destination's record, and tunnels and plain TCP should not carry it.
+    // Boxed: it holds the destination's record.
     Local(Box<Delivery>),
     Tcp(TcpStream),
 }
@@ -130,7 +130,8 @@ where
     let idle = shared.tcp_idle_timeout;
     match upstream {
         Upstream::Tunnel(mut tunnel) => splice_tunnel(&mut client, &mut tunnel, idle).await,
-        Upstream::Local(delivery) => delivery.carry(client, shared).await,
+        // Boxed, as the handover itself: tunnels and plain TCP should not carry its state.
+        Upstream::Local(delivery) => Box::pin(delivery.carry(client, shared)).await,
         Upstream::Tcp(mut stream) => splice(&mut client, &mut stream, idle).await,
     }
 }
@@ -161,7 +162,8 @@ async fn connect(
             };
             if let Some(destination) = local {
                 let client = tracker.record.client;
-                let delivery = local::accept(pod, client, target, destination, shared).await?;
+                let accept = local::accept(pod, client, target, destination, shared);
+                let delivery = Box::pin(accept).await?;
                 return Ok(Upstream::Local(Box::new(delivery)));
             }
             let from = tracker.record.client;
