@@ -1,7 +1,11 @@
 //! Istio's standard metrics with Istio's names and labels. Label values stay bounded: no
 //! paths, no ports, no addresses.
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use std::sync::OnceLock;
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
+};
 
 use crate::state::ConnectionRecord;
 
@@ -142,23 +146,51 @@ impl IstioMetrics {
         request_bytes: u64,
         response_bytes: u64,
     ) {
+        let looked_up;
+        let handles = if (protocol, code, flags) == COMMON_REQUEST {
+            labels
+                .common_request
+                .get_or_init(|| self.http_handles(labels, COMMON_REQUEST))
+        } else {
+            looked_up = self.http_handles(labels, (protocol, code, flags));
+            &looked_up
+        };
+        handles.requests.inc();
+        handles.duration.observe(duration_ms);
+        handles.request_bytes.observe(request_bytes as f64);
+        handles.response_bytes.observe(response_bytes as f64);
+    }
+
+    /// The request metrics of one label set, looked up (hashing every label value) once.
+    fn http_handles(&self, labels: &Labels, (protocol, code, flags): RequestKind) -> HttpHandles {
         let code = code.to_string();
         let values = labels.http(protocol, &code, flags);
-        self.requests.with_label_values(&values).inc();
-        self.duration
-            .with_label_values(&values)
-            .observe(duration_ms);
-        self.request_bytes
-            .with_label_values(&values)
-            .observe(request_bytes as f64);
-        self.response_bytes
-            .with_label_values(&values)
-            .observe(response_bytes as f64);
+        HttpHandles {
+            requests: self.requests.with_label_values(&values),
+            duration: self.duration.with_label_values(&values),
+            request_bytes: self.request_bytes.with_label_values(&values),
+            response_bytes: self.response_bytes.with_label_values(&values),
+        }
     }
 }
 
-/// The label values of one connection, as its reporter sees it.
+/// (protocol, response code, response flags) of a request.
+type RequestKind<'a> = (&'a str, u16, &'a str);
+
+/// What nearly every request is: its metrics are resolved once per label set.
+const COMMON_REQUEST: RequestKind<'static> = ("http", 200, "-");
+
+/// The request metrics of one label set.
 #[derive(Debug, Clone)]
+struct HttpHandles {
+    requests: IntCounter,
+    duration: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
+}
+
+/// The label values of one connection, as its reporter sees it.
+#[derive(Debug)]
 pub struct Labels {
     reporter: &'static str,
     source_workload: String,
@@ -169,6 +201,27 @@ pub struct Labels {
     destination_principal: String,
     destination_service: String,
     security: &'static str,
+    /// The request metrics of these labels for [`COMMON_REQUEST`], once one was counted.
+    common_request: OnceLock<HttpHandles>,
+}
+
+impl Clone for Labels {
+    /// The same label values; metrics resolved for them are not carried over, as a clone is
+    /// made to change some.
+    fn clone(&self) -> Self {
+        Self {
+            reporter: self.reporter,
+            source_workload: self.source_workload.clone(),
+            source_namespace: self.source_namespace.clone(),
+            source_principal: self.source_principal.clone(),
+            destination_workload: self.destination_workload.clone(),
+            destination_namespace: self.destination_namespace.clone(),
+            destination_principal: self.destination_principal.clone(),
+            destination_service: self.destination_service.clone(),
+            security: self.security,
+            common_request: OnceLock::new(),
+        }
+    }
 }
 
 /// A Service's host name as Istio labels it, from its `namespace/name`.
@@ -217,6 +270,7 @@ impl Labels {
             } else {
                 "none"
             },
+            common_request: OnceLock::new(),
         }
     }
 
@@ -294,5 +348,83 @@ impl Labels {
             flags,
             self.security,
         ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels() -> Labels {
+        Labels::of(&ConnectionRecord {
+            id: 1,
+            direction: "inbound",
+            workload: "shop/web".into(),
+            client: "10.0.0.9:40000".parse().expect("addr"),
+            original_dst: "10.0.0.1:8080".parse().expect("addr"),
+            source_workload: Some("shop/client".into()),
+            destination_workload: Some("shop/web".into()),
+            destination_service: None,
+            upstream_local: None,
+            hbone: None,
+            security: "mtls",
+            source_identity: None,
+            destination_identity: None,
+            bytes_from_client: 0,
+            bytes_to_client: 0,
+            started_unix_ms: 0,
+            duration_ms: 0,
+            error: None,
+        })
+    }
+
+    /// `istio_requests_total` by (response code, destination workload).
+    fn counted(registry: &Registry) -> Vec<(String, String, u64)> {
+        let mut rows = Vec::new();
+        for family in registry.gather() {
+            if family.name() != "istio_requests_total" {
+                continue;
+            }
+            for metric in family.get_metric() {
+                let label = |name: &str| {
+                    metric
+                        .get_label()
+                        .iter()
+                        .find(|l| l.name() == name)
+                        .map(|l| l.value().to_owned())
+                        .unwrap_or_default()
+                };
+                let value = metric.get_counter().get_value() as u64;
+                rows.push((label("response_code"), label("destination_workload"), value));
+            }
+        }
+        rows.sort();
+        rows
+    }
+
+    #[test]
+    fn requests_are_counted_under_their_own_labels_with_handles_resolved_once() {
+        let registry = Registry::new();
+        let metrics = IstioMetrics::new(&registry);
+        let labels = labels();
+
+        metrics.http_request(&labels, "http", 200, "-", 1.0, 10, 20);
+        metrics.http_request(&labels, "http", 200, "-", 1.0, 10, 20);
+        metrics.http_request(&labels, "http", 503, "UF", 1.0, 10, 0);
+        let other = labels.with_destination(Some("shop/db"), None, None);
+        metrics.http_request(&other, "http", 200, "-", 1.0, 10, 20);
+
+        assert_eq!(
+            counted(&registry),
+            [
+                ("200".to_owned(), "db".to_owned(), 1),
+                ("200".to_owned(), "web".to_owned(), 2),
+                ("503".to_owned(), "web".to_owned(), 1),
+            ]
+        );
+        assert!(
+            labels.common_request.get().is_some(),
+            "the common label set is kept"
+        );
     }
 }

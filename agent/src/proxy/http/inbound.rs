@@ -167,6 +167,7 @@ where
             .as_deref()
             .map(|p| Arc::from(format!("spiffe://{p}").as_str())),
         labels: conn.labels.clone(),
+        last: Default::default(),
     };
     let judging = Judging(Arc::new(PodJudge {
         peer: conn.peer.clone(),

@@ -124,6 +124,7 @@ where
         peer_ip: connection.client_ip,
         peer_identity: Some(Arc::from(connection.pod.identity.to_string().as_str())),
         labels: connection.labels.clone(),
+        last: Default::default(),
     };
     let pod = connection.pod.clone();
     let service = service_fn(move |req: Request<Incoming>| {

@@ -44,7 +44,17 @@ pub struct Reporter {
     /// Inbound: the connection's labels. Outbound: the client's side of them; the
     /// destination comes from the endpoint each request reaches.
     pub labels: Arc<Labels>,
+    /// Outbound: the labels the connection's last request was counted with.
+    pub last: Arc<LastLabels>,
 }
+
+/// The outbound labels of a connection's last request, by (destination workload, Service):
+/// the next request most often reaches the same, and is counted without building a key.
+#[derive(Debug, Default)]
+pub struct LastLabels(Mutex<Option<Remembered>>);
+
+/// (destination workload, Service, the labels of the pair).
+type Remembered = (Option<String>, Option<String>, Arc<Labels>);
 
 /// (client workload, destination workload, Service).
 type LabelKey = (Arc<str>, String, String);
@@ -188,37 +198,54 @@ impl Telemetry {
     /// The labels of an outbound request: the client's, and the endpoint's workload and
     /// Service it reached (`unknown` when it reached none).
     fn outbound_labels(&self, reporter: &Reporter, response: &HttpResponse) -> Arc<Labels> {
-        let endpoint = response.extensions().get::<ChosenEndpoint>();
+        let destination = response
+            .extensions()
+            .get::<ChosenEndpoint>()
+            .and_then(|e| e.destination.as_deref());
         let service = response
             .extensions()
             .get::<Routed>()
-            .map(|r| r.target.service_key.clone());
-        let destination = endpoint.and_then(|e| e.destination.clone());
-        let key = (
-            reporter.workload.clone(),
-            destination
-                .as_ref()
-                .map_or_else(String::new, |d| d.key.clone()),
-            service.clone().unwrap_or_default(),
-        );
-        let mut cache = self.labels.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(labels) = cache.get(&key) {
+            .map(|r| r.target.service_key.as_str());
+        let workload = destination.map(|d| d.key.as_str());
+        let mut last = reporter.last.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((last_workload, last_service, labels)) = last.as_ref()
+            && last_workload.as_deref() == workload
+            && last_service.as_deref() == service
+        {
             return labels.clone();
         }
-        let labels = Arc::new(
-            reporter.labels.with_destination(
-                destination.as_deref().map(|d| d.key.as_str()),
-                destination
-                    .as_deref()
-                    .and_then(|d| d.identity.as_ref())
-                    .map(|id| id.to_string()),
-                service.as_deref(),
-            ),
+        let key = (
+            reporter.workload.clone(),
+            workload.unwrap_or_default().to_owned(),
+            service.unwrap_or_default().to_owned(),
         );
-        if cache.len() > 10_000 {
-            cache.clear();
-        }
-        cache.insert(key, labels.clone());
+        let labels = {
+            let mut cache = self.labels.lock().unwrap_or_else(|e| e.into_inner());
+            match cache.get(&key) {
+                Some(labels) => labels.clone(),
+                None => {
+                    let labels = Arc::new(
+                        reporter.labels.with_destination(
+                            workload,
+                            destination
+                                .and_then(|d| d.identity.as_ref())
+                                .map(|id| id.to_string()),
+                            service,
+                        ),
+                    );
+                    if cache.len() > 10_000 {
+                        cache.clear();
+                    }
+                    cache.insert(key, labels.clone());
+                    labels
+                }
+            }
+        };
+        *last = Some((
+            workload.map(str::to_owned),
+            service.map(str::to_owned),
+            labels.clone(),
+        ));
         labels
     }
 }

@@ -77,6 +77,7 @@ async fn an_outbound_request_is_counted_with_the_endpoint_it_reached_and_its_fla
         peer_ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 9)),
         peer_identity: None,
         labels: client_labels(),
+        last: Default::default(),
     });
     let Ok(response) = layer.layer(inner).oneshot(req).await;
     assert_eq!(response.status(), http::StatusCode::GATEWAY_TIMEOUT);
@@ -97,4 +98,65 @@ async fn an_outbound_request_is_counted_with_the_endpoint_it_reached_and_its_fla
     ] {
         assert!(line.contains(label), "{label} in {line}");
     }
+}
+
+#[tokio::test]
+async fn requests_of_one_connection_to_different_endpoints_are_counted_under_each() {
+    let registry = Registry::new();
+    let layer = TelemetryLayer::new(Sinks {
+        istio: IstioMetrics::new(&registry),
+        access_log: None,
+        tracer: None,
+    });
+    let mesh = testing::mesh(1, "");
+    let target = Arc::new(testing::web_target(&mesh));
+    let inner = tower::service_fn(move |req: HttpRequest| {
+        let (mesh, target) = (mesh.clone(), target.clone());
+        async move {
+            let mut response = local_reply(http::StatusCode::OK, ResponseFlags::NONE, "ok");
+            let endpoint = req.uri().path().trim_start_matches('/').to_owned();
+            response.extensions_mut().insert(ChosenEndpoint {
+                addr: "10.0.0.1:8080".parse().expect("addr"),
+                destination: Some(Arc::new(Destination {
+                    key: format!("shop/{endpoint}"),
+                    identity: None,
+                })),
+            });
+            response.extensions_mut().insert(Routed {
+                mesh,
+                target,
+                rule: None,
+            });
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let service = layer.layer(inner);
+    let reporter = Reporter {
+        direction: Direction::Outbound,
+        workload: Arc::from("shop/client"),
+        peer_ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 9)),
+        peer_identity: None,
+        labels: client_labels(),
+        last: Default::default(),
+    };
+    for endpoint in ["web-1", "web-2", "web-1", "web-1"] {
+        let mut req = testing::request(&format!("/{endpoint}"));
+        req.extensions_mut().insert(reporter.clone());
+        let Ok(response) = service.clone().oneshot(req).await;
+        assert_eq!(response.status(), http::StatusCode::OK);
+    }
+
+    let text = prometheus::TextEncoder::new()
+        .encode_to_string(&registry.gather())
+        .expect("exposition");
+    let count = |workload: &str| {
+        text.lines()
+            .find(|l| {
+                l.starts_with("istio_requests_total{")
+                    && l.contains(&format!("destination_workload=\"{workload}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+    };
+    assert_eq!(count("web-1"), Some(3));
+    assert_eq!(count("web-2"), Some(1));
 }
