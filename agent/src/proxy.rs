@@ -131,15 +131,15 @@ pub struct PodContext {
 }
 
 impl PodContext {
-    /// A pod with no policies, in the test process's own namespace.
-    #[cfg(test)]
-    pub fn for_tests(key: &str, ip: std::net::Ipv4Addr, identity: SpiffeId) -> Self {
+    /// A newly enrolled pod: default mTLS mode, no policies or rate limits yet.
+    pub fn new(key: String, ip: std::net::Ipv4Addr, identity: SpiffeId, netns: PodNetns) -> Self {
         let cancel = tokio_util::sync::CancellationToken::new();
         Self {
-            key: key.to_owned(),
+            baggage: baggage::baggage(&key),
+            key,
             ip,
             identity,
-            netns: PodNetns::for_tests(),
+            netns,
             counters: Default::default(),
             mtls: RwLock::new(default_mtls()),
             policies: RwLock::default(),
@@ -147,8 +147,13 @@ impl PodContext {
             stop_accepting: cancel.child_token(),
             cancel,
             rate_limits: Default::default(),
-            baggage: None,
         }
+    }
+
+    /// A pod in the test process's own namespace.
+    #[cfg(test)]
+    pub fn for_tests(key: &str, ip: std::net::Ipv4Addr, identity: SpiffeId) -> Self {
+        Self::new(key.to_owned(), ip, identity, PodNetns::for_tests())
     }
 
     pub fn mtls(&self) -> EffectiveMtls {

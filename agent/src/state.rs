@@ -280,6 +280,33 @@ pub struct ConnectionRecord {
     pub error: Option<String>,
 }
 
+#[cfg(test)]
+impl ConnectionRecord {
+    /// An outbound connection of `shop/client` to 10.96.0.10:80, for tests to change.
+    pub fn example() -> Self {
+        Self {
+            id: 1,
+            direction: "outbound",
+            workload: "shop/client".into(),
+            client: "10.0.0.9:40000".parse().expect("addr"),
+            original_dst: "10.96.0.10:80".parse().expect("addr"),
+            source_workload: Some("shop/client".into()),
+            destination_workload: None,
+            destination_service: None,
+            upstream_local: None,
+            hbone: None,
+            security: "plaintext",
+            source_identity: None,
+            destination_identity: None,
+            bytes_from_client: 0,
+            bytes_to_client: 0,
+            started_unix_ms: 0,
+            duration_ms: 0,
+            error: None,
+        }
+    }
+}
+
 /// The last finished connections, newest last.
 #[derive(Debug, Default)]
 pub struct ConnectionLog {

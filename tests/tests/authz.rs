@@ -30,6 +30,42 @@ fn status_of(sb: &Sandbox, from: &str, url: &str, extra: &[&str]) -> anyhow::Res
     curl(&sb.pod(from).netns, url, extra)
 }
 
+/// An AuthorizationPolicy `name` denying n1-p1's principal port 9000 (the echo server) of the
+/// pod labelled `app`.
+fn deny_n1_p1_echo(name: &str, app: &str) -> String {
+    format!(
+        "apiVersion: security.nodemesh.dev/v1
+kind: AuthorizationPolicy
+metadata:
+  name: {name}
+  namespace: default
+spec:
+  selector:
+    matchLabels:
+      app: {app}
+  action: DENY
+  rules:
+  - from:
+    - source:
+        principals: [\"cluster.local/ns/default/sa/n1-p1\"]
+    to:
+    - operation:
+        ports: [\"9000\"]
+"
+    )
+}
+
+/// Waits until an echo from pod `from` to `echo` gets no reply.
+fn until_refused(sb: &Sandbox, from: &str, echo: SocketAddr) -> anyhow::Result<()> {
+    poll_until(SOON, || {
+        let reply = echo_from(&sb.pod(from).netns, echo, b"x")
+            .map(|e| e.reply)
+            .unwrap_or_default();
+        anyhow::ensure!(reply.is_empty(), "still allowed");
+        Ok(())
+    })
+}
+
 fn explain(config: &Path, args: &[&str]) -> (i32, String) {
     let out = Command::new(bin_dir().join("nodemesh"))
         .arg("explain")
@@ -203,33 +239,9 @@ fn an_l4_deny_cuts_new_and_existing_tcp_connections() {
     let mut held = Held::open(&sb.pod("n1-p1").netns, echo);
     assert!(held.alive());
 
-    let deny = "apiVersion: security.nodemesh.dev/v1
-kind: AuthorizationPolicy
-metadata:
-  name: deny-p1-echo
-  namespace: default
-spec:
-  selector:
-    matchLabels:
-      app: n2-p1
-  action: DENY
-  rules:
-  - from:
-    - source:
-        principals: [\"cluster.local/ns/default/sa/n1-p1\"]
-    to:
-    - operation:
-        ports: [\"9000\"]
-";
-    fs::write(sb.config_dir().join("deny.yaml"), deny).expect("write");
-    poll_until(SOON, || {
-        let reply = echo_from(&sb.pod("n1-p1").netns, echo, b"x")
-            .map(|e| e.reply)
-            .unwrap_or_default();
-        anyhow::ensure!(reply.is_empty(), "still allowed");
-        Ok(())
-    })
-    .expect("new connections from n1-p1 are cut");
+    let deny = deny_n1_p1_echo("deny-p1-echo", "n2-p1");
+    fs::write(sb.config_dir().join("deny.yaml"), &deny).expect("write");
+    until_refused(&sb, "n1-p1", echo).expect("new connections from n1-p1 are cut");
     // The poll may have ended on a connection the policy change closed; one more, made with
     // the policy surely in force, is refused as a new connection.
     let refused = echo_from(&sb.pod("n1-p1").netns, echo, b"x")
@@ -294,33 +306,9 @@ spec:
 fn between_two_pods_of_one_node_the_destinations_policies_hold_without_a_tunnel() {
     let Some(sb) = sandbox("tlocal") else { return };
     let echo = sb.pod("n1-p2").server.echo;
-    let deny = "apiVersion: security.nodemesh.dev/v1
-kind: AuthorizationPolicy
-metadata:
-  name: deny-p1
-  namespace: default
-spec:
-  selector:
-    matchLabels:
-      app: n1-p2
-  action: DENY
-  rules:
-  - from:
-    - source:
-        principals: [\"cluster.local/ns/default/sa/n1-p1\"]
-    to:
-    - operation:
-        ports: [\"9000\"]
-";
+    let deny = deny_n1_p1_echo("deny-p1", "n1-p2");
     fs::write(sb.config_dir().join("deny-p1.yaml"), deny).expect("write");
-    poll_until(SOON, || {
-        let reply = echo_from(&sb.pod("n1-p1").netns, echo, b"x")
-            .map(|e| e.reply)
-            .unwrap_or_default();
-        anyhow::ensure!(reply.is_empty(), "still allowed");
-        Ok(())
-    })
-    .expect("n1-p1 is refused by its principal, on the same node");
+    until_refused(&sb, "n1-p1", echo).expect("n1-p1 is refused by its principal, on the same node");
     assert_eq!(
         echo_from(&sb.pod("n2-p1").netns, echo, b"y")
             .expect("n2-p1")

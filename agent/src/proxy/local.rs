@@ -3,10 +3,10 @@
 //! half in the same task: the same records, authorization and connection to the application
 //! as at the far end of a tunnel, without TLS, HTTP/2 and a TCP connection to itself.
 //!
-//! The client's identity is the one the tunnel would have proven: the agent captured the
-//! connection in the source pod's namespace, which is what it issues that pod's certificate
-//! on. Only a destination whose identity is the one the mesh expects, and which is not
-//! draining, is delivered to here; any other goes by tunnel and fails or passes there.
+//! The client's identity is the one the tunnel would have proven: the connection was captured
+//! in the source pod's namespace, which is how the agent knows whose certificate to present in
+//! a tunnel too. Only a destination whose identity is the one the mesh expects, and which is
+//! not draining, is delivered to here; any other goes by tunnel and fails or passes there.
 
 use std::{
     collections::HashMap,
@@ -170,29 +170,36 @@ pub(crate) async fn pipe(
 mod tests {
     use super::*;
 
-    fn pod(key: &str, ip: [u8; 4], account: &str) -> Arc<PodContext> {
+    fn id(account: &str) -> SpiffeId {
+        SpiffeId::new("cluster.local", "default", account).expect("identity")
+    }
+
+    fn pod(key: &str, last: u8, account: &str) -> Arc<PodContext> {
         Arc::new(PodContext::for_tests(
             key,
-            Ipv4Addr::from(ip),
-            SpiffeId::new("cluster.local", "default", account).expect("identity"),
+            Ipv4Addr::new(10, 0, 0, last),
+            id(account),
         ))
     }
 
-    fn id(account: &str) -> SpiffeId {
-        SpiffeId::new("cluster.local", "default", account).expect("identity")
+    /// The key of the pod a connection to 10.0.0.`last` expecting `account` is delivered to.
+    fn delivered_to(pods: &LocalPods, last: u8, account: &str) -> Option<String> {
+        pods.destination(Ipv4Addr::new(10, 0, 0, last), &id(account))
+            .map(|pod| pod.key.clone())
     }
 
     #[test]
     fn a_served_pod_with_the_expected_identity_is_delivered_to_in_process() {
         let pods = LocalPods::default();
-        pods.insert(pod("default/web", [10, 0, 0, 2], "web"));
+        pods.insert(pod("default/web", 2, "web"));
 
-        let found = pods.destination(Ipv4Addr::new(10, 0, 0, 2), &id("web"));
-
-        assert_eq!(found.map(|p| p.key.clone()).as_deref(), Some("default/web"));
-        assert!(
-            pods.destination(Ipv4Addr::new(10, 0, 0, 3), &id("web"))
-                .is_none(),
+        assert_eq!(
+            delivered_to(&pods, 2, "web").as_deref(),
+            Some("default/web")
+        );
+        assert_eq!(
+            delivered_to(&pods, 3, "web"),
+            None,
             "an address served elsewhere goes by tunnel"
         );
     }
@@ -200,44 +207,34 @@ mod tests {
     #[test]
     fn another_identity_than_the_mesh_expects_goes_by_tunnel() {
         let pods = LocalPods::default();
-        pods.insert(pod("default/web", [10, 0, 0, 2], "web"));
+        pods.insert(pod("default/web", 2, "web"));
 
-        assert!(
-            pods.destination(Ipv4Addr::new(10, 0, 0, 2), &id("db"))
-                .is_none()
-        );
+        assert_eq!(delivered_to(&pods, 2, "db"), None);
     }
 
     #[test]
     fn a_draining_pod_is_not_delivered_to() {
         let pods = LocalPods::default();
-        let web = pod("default/web", [10, 0, 0, 2], "web");
+        let web = pod("default/web", 2, "web");
         pods.insert(web.clone());
 
         web.stop_accepting.cancel();
 
-        assert!(
-            pods.destination(Ipv4Addr::new(10, 0, 0, 2), &id("web"))
-                .is_none()
-        );
+        assert_eq!(delivered_to(&pods, 2, "web"), None);
     }
 
     #[test]
     fn removing_a_pod_leaves_a_newer_one_at_its_address() {
         let pods = LocalPods::default();
-        pods.insert(pod("default/old", [10, 0, 0, 2], "web"));
-        pods.insert(pod("default/new", [10, 0, 0, 2], "web"));
+        pods.insert(pod("default/old", 2, "web"));
+        pods.insert(pod("default/new", 2, "web"));
 
         pods.remove(Ipv4Addr::new(10, 0, 0, 2), "default/old");
-        assert!(
-            pods.destination(Ipv4Addr::new(10, 0, 0, 2), &id("web"))
-                .is_some(),
-            "the new pod stays"
+        assert_eq!(
+            delivered_to(&pods, 2, "web").as_deref(),
+            Some("default/new")
         );
         pods.remove(Ipv4Addr::new(10, 0, 0, 2), "default/new");
-        assert!(
-            pods.destination(Ipv4Addr::new(10, 0, 0, 2), &id("web"))
-                .is_none()
-        );
+        assert_eq!(delivered_to(&pods, 2, "web"), None);
     }
 }

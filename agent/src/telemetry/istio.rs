@@ -357,24 +357,12 @@ mod tests {
 
     fn labels() -> Labels {
         Labels::of(&ConnectionRecord {
-            id: 1,
             direction: "inbound",
             workload: "shop/web".into(),
-            client: "10.0.0.9:40000".parse().expect("addr"),
             original_dst: "10.0.0.1:8080".parse().expect("addr"),
-            source_workload: Some("shop/client".into()),
             destination_workload: Some("shop/web".into()),
-            destination_service: None,
-            upstream_local: None,
-            hbone: None,
             security: "mtls",
-            source_identity: None,
-            destination_identity: None,
-            bytes_from_client: 0,
-            bytes_to_client: 0,
-            started_unix_ms: 0,
-            duration_ms: 0,
-            error: None,
+            ..ConnectionRecord::example()
         })
     }
 

@@ -3,19 +3,18 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
-    sync::{Arc, RwLock},
+    sync::Arc,
 };
 
 use nodemesh_config::{MeshConfig, MtlsMode, Workload};
 use nodemesh_identity::SpiffeId;
-use tokio_util::sync::CancellationToken;
 
 use super::{EnrollError, Enrolled, Failed, WorkloadRegistry};
 use crate::{
     datapath::CaptureHandle,
     inpod,
     netns::{NetnsOrigin, PodNetns},
-    proxy::{PodContext, ProxyShared, default_mtls, handlers, serve},
+    proxy::{PodContext, ProxyShared, handlers, serve},
 };
 
 impl WorkloadRegistry {
@@ -190,21 +189,7 @@ impl WorkloadRegistry {
         // sk_lookup picks the group by its first listener; the kernel then picks within it.
         let capture = self.datapath.enroll(&netns, ip, inbound, hbone, strict)?;
         self.shared.identities.acquire(identity.clone());
-        let cancel = CancellationToken::new();
-        let pod = Arc::new(PodContext {
-            key: workload.key(),
-            ip,
-            identity,
-            netns,
-            counters: Default::default(),
-            mtls: RwLock::new(default_mtls()),
-            policies: RwLock::default(),
-            active: Default::default(),
-            stop_accepting: cancel.child_token(),
-            cancel,
-            rate_limits: Default::default(),
-            baggage: crate::proxy::baggage::baggage(&workload.key()),
-        });
+        let pod = Arc::new(PodContext::new(workload.key(), ip, identity, netns));
         let shared = &self.shared;
         // Policies in force before the first connection is accepted.
         if let Some(mesh) = &self.mesh {

@@ -15,25 +15,43 @@ use crate::{
 
 fn client_labels() -> Arc<Labels> {
     Arc::new(Labels::of(&ConnectionRecord {
-        id: 1,
-        direction: "outbound",
-        workload: "shop/client".into(),
-        client: "10.0.0.9:40000".parse().expect("addr"),
-        original_dst: "10.96.0.10:80".parse().expect("addr"),
-        source_workload: Some("shop/client".into()),
-        destination_workload: None,
         destination_service: Some("shop/web".into()),
-        upstream_local: None,
-        hbone: None,
-        security: "plaintext",
         source_identity: Some("spiffe://cluster.local/ns/shop/sa/client".into()),
-        destination_identity: None,
-        bytes_from_client: 0,
-        bytes_to_client: 0,
-        started_unix_ms: 0,
-        duration_ms: 0,
-        error: None,
+        ..ConnectionRecord::example()
     }))
+}
+
+/// The layers below telemetry: answers `reply()`, as if routed to the Service web and
+/// balanced to the endpoint `shop/<endpoint(request)>`.
+fn routed_to(
+    endpoint: fn(&HttpRequest) -> String,
+    reply: fn() -> HttpResponse,
+) -> impl tower::Service<HttpRequest, Response = HttpResponse, Error = Infallible, Future: Send>
++ Clone
++ Send
++ 'static {
+    let mesh = testing::mesh(1, "");
+    let target = Arc::new(testing::web_target(&mesh));
+    tower::service_fn(move |req: HttpRequest| {
+        let (mesh, target) = (mesh.clone(), target.clone());
+        let key = format!("shop/{}", endpoint(&req));
+        async move {
+            let mut response = reply();
+            response.extensions_mut().insert(ChosenEndpoint {
+                addr: "10.0.0.1:8080".parse().expect("addr"),
+                destination: Some(Arc::new(Destination {
+                    key,
+                    identity: None,
+                })),
+            });
+            response.extensions_mut().insert(Routed {
+                mesh,
+                target,
+                rule: None,
+            });
+            Ok::<_, Infallible>(response)
+        }
+    })
 }
 
 #[tokio::test]
@@ -45,31 +63,16 @@ async fn an_outbound_request_is_counted_with_the_endpoint_it_reached_and_its_fla
         access_log: None,
         tracer: None,
     });
-    let mesh = testing::mesh(1, "");
-    let target = Arc::new(testing::web_target(&mesh));
-    let inner = tower::service_fn(move |_req: HttpRequest| {
-        let (mesh, target) = (mesh.clone(), target.clone());
-        async move {
-            let mut response = local_reply(
+    let inner = routed_to(
+        |_| "web-1".to_owned(),
+        || {
+            local_reply(
                 http::StatusCode::GATEWAY_TIMEOUT,
                 ResponseFlags::UPSTREAM_TIMEOUT,
                 "timeout",
-            );
-            response.extensions_mut().insert(ChosenEndpoint {
-                addr: "10.0.0.1:8080".parse().expect("addr"),
-                destination: Some(Arc::new(Destination {
-                    key: "shop/web-1".into(),
-                    identity: None,
-                })),
-            });
-            response.extensions_mut().insert(Routed {
-                mesh,
-                target,
-                rule: None,
-            });
-            Ok::<_, Infallible>(response)
-        }
-    });
+            )
+        },
+    );
     let mut req = testing::request("/x");
     req.extensions_mut().insert(Reporter {
         direction: Direction::Outbound,
@@ -108,28 +111,11 @@ async fn requests_of_one_connection_to_different_endpoints_are_counted_under_eac
         access_log: None,
         tracer: None,
     });
-    let mesh = testing::mesh(1, "");
-    let target = Arc::new(testing::web_target(&mesh));
-    let inner = tower::service_fn(move |req: HttpRequest| {
-        let (mesh, target) = (mesh.clone(), target.clone());
-        async move {
-            let mut response = local_reply(http::StatusCode::OK, ResponseFlags::NONE, "ok");
-            let endpoint = req.uri().path().trim_start_matches('/').to_owned();
-            response.extensions_mut().insert(ChosenEndpoint {
-                addr: "10.0.0.1:8080".parse().expect("addr"),
-                destination: Some(Arc::new(Destination {
-                    key: format!("shop/{endpoint}"),
-                    identity: None,
-                })),
-            });
-            response.extensions_mut().insert(Routed {
-                mesh,
-                target,
-                rule: None,
-            });
-            Ok::<_, Infallible>(response)
-        }
-    });
+    // Each request reaches the endpoint its path names.
+    let inner = routed_to(
+        |req| req.uri().path().trim_start_matches('/').to_owned(),
+        || local_reply(http::StatusCode::OK, ResponseFlags::NONE, "ok"),
+    );
     let service = layer.layer(inner);
     let reporter = Reporter {
         direction: Direction::Outbound,
