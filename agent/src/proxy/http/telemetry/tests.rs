@@ -21,6 +21,18 @@ fn client_labels() -> Arc<Labels> {
     }))
 }
 
+/// The outbound reporter of one connection of shop/client.
+fn client_reporter() -> Reporter {
+    Reporter {
+        direction: Direction::Outbound,
+        workload: Arc::from("shop/client"),
+        peer_ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 9)),
+        peer_identity: None,
+        labels: client_labels(),
+        last: Default::default(),
+    }
+}
+
 /// The layers below telemetry: answers `reply()`, as if routed to the Service web and
 /// balanced to the endpoint `shop/<endpoint(request)>`.
 fn routed_to(
@@ -74,14 +86,7 @@ async fn an_outbound_request_is_counted_with_the_endpoint_it_reached_and_its_fla
         },
     );
     let mut req = testing::request("/x");
-    req.extensions_mut().insert(Reporter {
-        direction: Direction::Outbound,
-        workload: Arc::from("shop/client"),
-        peer_ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 9)),
-        peer_identity: None,
-        labels: client_labels(),
-        last: Default::default(),
-    });
+    req.extensions_mut().insert(client_reporter());
     let Ok(response) = layer.layer(inner).oneshot(req).await;
     assert_eq!(response.status(), http::StatusCode::GATEWAY_TIMEOUT);
     let text = prometheus::TextEncoder::new()
@@ -117,14 +122,7 @@ async fn requests_of_one_connection_to_different_endpoints_are_counted_under_eac
         || local_reply(http::StatusCode::OK, ResponseFlags::NONE, "ok"),
     );
     let service = layer.layer(inner);
-    let reporter = Reporter {
-        direction: Direction::Outbound,
-        workload: Arc::from("shop/client"),
-        peer_ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 9)),
-        peer_identity: None,
-        labels: client_labels(),
-        last: Default::default(),
-    };
+    let reporter = client_reporter();
     for endpoint in ["web-1", "web-2", "web-1", "web-1"] {
         let mut req = testing::request(&format!("/{endpoint}"));
         req.extensions_mut().insert(reporter.clone());
