@@ -46,7 +46,12 @@ impl Workers {
                 .name(format!("nodemesh-worker-{index}"))
                 .spawn(move || {
                     INDEX.set(index);
-                    runtime.block_on(stop.cancelled());
+                    runtime.block_on(async {
+                        tokio::select! {
+                            () = stop.cancelled() => {}
+                            never = keep_a_deadline_near() => match never {},
+                        }
+                    });
                 })?;
             workers.threads.push(thread);
         }
@@ -56,6 +61,22 @@ impl Workers {
     /// Each worker's runtime, by index.
     pub fn handles(&self) -> &[Handle] {
         &self.handles
+    }
+}
+
+/// How far ahead the worker's nearest deadline always is.
+const NEAREST_DEADLINE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Keeps a deadline at most [`NEAREST_DEADLINE`] ahead on the worker's timers, waking it once
+/// a second. Tokio wakes a runtime's driver (an eventfd write, and often one more epoll return)
+/// whenever a timer is set earlier than the nearest one pending when it last went to sleep,
+/// even from the runtime's own thread: without this, every HTTP request's timeout (seconds
+/// ahead, set per request) was such a timer and cost its worker a system call.
+async fn keep_a_deadline_near() -> std::convert::Infallible {
+    let mut ticks = tokio::time::interval(NEAREST_DEADLINE);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
     }
 }
 
