@@ -3,11 +3,7 @@
 //! identity is kept with the connection. Each CONNECT stream for an address of this pod becomes
 //! a connection to the application, from the client's address.
 
-use std::{
-    net::SocketAddr,
-    sync::{Arc, atomic::Ordering},
-    time::Duration,
-};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{Response, StatusCode};
@@ -18,8 +14,8 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
 use super::{
-    ConnectionTracker, Direction, PodContext, ProxyError, ProxyShared, authz, connect_to_app,
-    deliver, listener::until_released,
+    ConnectionTracker, Direction, PodContext, ProxyError, ProxyShared, destination,
+    listener::until_released,
 };
 
 /// How long a client may take to finish the TLS handshake: a silent one must not hold a task
@@ -114,42 +110,23 @@ async fn open(
         tracing::info!(%peer, %dst, workload = %pod.key, "HBONE request for an address that is not this pod's");
         return status(StatusCode::BAD_REQUEST);
     }
-    pod.counters.inbound.fetch_add(1, Ordering::Relaxed);
-    let mut tracker = ConnectionTracker::start(&shared, &pod, Direction::Inbound, peer, dst);
-    if tracker.record.source_workload.is_none() {
-        // A client the mesh does not know (another mesh's, say) may name itself.
-        tracker.record.source_workload = super::baggage::source_workload(connect.headers());
-    }
-    tracker.record.security = "mtls";
-    tracker.record.source_identity = Some(client_identity.to_string());
-    let labels = tracker.open();
-    let client_peer = authz::peer(Some(&client_identity), peer);
-    if let Err(denied) = authz::authorize_connection(&pod, &shared, &client_peer, dst) {
-        tracker.finish(Err(denied));
-        return status(StatusCode::FORBIDDEN);
-    }
-    let client = SocketAddr::new(peer.ip(), 0);
-    let upstream = match connect_to_app(&pod, &shared, client, dst).await {
-        Ok(upstream) => upstream,
-        Err(e) => {
-            tracker.finish(Err(e));
-            return status(StatusCode::SERVICE_UNAVAILABLE);
-        }
+    let claimed = || super::baggage::source_workload(connect.headers());
+    let accepted = destination::accept(pod.clone(), &shared, peer, dst, &client_identity, claimed);
+    let delivery = match accepted.await {
+        Ok(delivery) => delivery,
+        Err(ProxyError::Denied { .. }) => return status(StatusCode::FORBIDDEN),
+        Err(_) => return status(StatusCode::SERVICE_UNAVAILABLE),
     };
-    tracker.record.upstream_local = upstream.local_addr().ok();
     let (response, tunnel) = connect.accept();
     // Tied to the pod: releasing the workload ends its tunnels too.
     let released = pod.clone();
     let task = async move {
-        let result = match tunnel.await {
-            Some(tunnel) => {
-                deliver(tunnel, upstream, client_peer, dst, labels, &pod, &shared).await
-            }
-            None => Err(ProxyError::Io(std::io::Error::other(
+        match tunnel.await {
+            Some(tunnel) => drop(delivery.carry(tunnel, &shared).await),
+            None => delivery.abandoned(ProxyError::Io(std::io::Error::other(
                 "the client closed the stream before it opened",
             ))),
-        };
-        tracker.finish(result);
+        }
     };
     tokio::spawn(until_released(&released, task, None));
     response

@@ -1,7 +1,7 @@
 //! Node-local delivery: a connection from one enrolled pod to another pod this agent serves
-//! skips the tunnel. The outbound half hands the client's stream to the destination's inbound
-//! half in the same task: the same records, authorization and connection to the application
-//! as at the far end of a tunnel, without TLS, HTTP/2 and a TCP connection to itself.
+//! skips the tunnel. The outbound half hands the client's stream to the destination's side
+//! (`destination`, as at the far end of a tunnel) in the same task, without TLS, HTTP/2 and a
+//! TCP connection to itself.
 //!
 //! The client's identity is the one the tunnel would have proven: the connection was captured
 //! in the source pod's namespace, which is how the agent knows whose certificate to present in
@@ -11,21 +11,15 @@
 use std::{
     collections::HashMap,
     net::{Ipv4Addr, SocketAddr},
-    sync::{Arc, RwLock, atomic::Ordering},
+    sync::{Arc, RwLock},
 };
 
 use nodemesh_identity::SpiffeId;
-use nodemesh_policy::Peer;
-use tokio::{
-    io::{AsyncRead, AsyncWrite},
-    net::TcpStream,
-};
 
 use super::{
-    ConnectionTracker, Direction, PodContext, ProxyError, ProxyShared, authz, connect_to_app,
-    deliver,
+    PodContext, ProxyError, ProxyShared,
+    destination::{self, Delivery},
 };
-use crate::telemetry::Labels;
 
 /// The pods this agent serves, by address.
 #[derive(Debug, Default)]
@@ -58,91 +52,16 @@ impl LocalPods {
     }
 }
 
-/// The destination's half of a node-local connection, accepted and connected to the
-/// application.
-pub(super) struct Delivery {
-    pod: Arc<PodContext>,
-    tracker: ConnectionTracker,
-    upstream: TcpStream,
-    peer: Peer,
-    dst: SocketAddr,
-    labels: Arc<Labels>,
-}
-
-/// What the destination's HBONE listener does for a CONNECT from `source`'s `client` to
-/// `dst`: records the connection, authorizes it and connects to the application. A refusal
-/// is recorded on the destination's side and returned for the source's.
+/// Accepts a connection from `source`'s `client` to `dst` at the local `destination`, as its
+/// tunnel's far end would.
 pub(super) async fn accept(
     source: &PodContext,
     client: SocketAddr,
     dst: SocketAddr,
-    pod: Arc<PodContext>,
+    destination: Arc<PodContext>,
     shared: &Arc<ProxyShared>,
 ) -> Result<Delivery, ProxyError> {
-    pod.counters.inbound.fetch_add(1, Ordering::Relaxed);
-    let mut tracker = ConnectionTracker::start(shared, &pod, Direction::Inbound, client, dst);
-    tracker.record.security = "mtls";
-    tracker.record.source_identity = Some(source.identity.to_string());
-    let labels = tracker.open();
-    let peer = authz::peer(Some(&source.identity), client);
-    let connected = match authz::authorize_connection(&pod, shared, &peer, dst) {
-        Ok(()) => connect_to_app(&pod, shared, SocketAddr::new(client.ip(), 0), dst).await,
-        Err(denied) => Err(denied),
-    };
-    match connected {
-        Ok(upstream) => {
-            tracker.record.upstream_local = upstream.local_addr().ok();
-            Ok(Delivery {
-                pod,
-                tracker,
-                upstream,
-                peer,
-                dst,
-                labels,
-            })
-        }
-        Err(e) => {
-            let again = e.again();
-            tracker.finish(Err(e));
-            Err(again)
-        }
-    }
-}
-
-impl Delivery {
-    /// Carries `client` to the application as the far end of a tunnel would, until both are
-    /// done or the destination is released; finishes the destination's record and returns the
-    /// source's result, (bytes from the client, bytes to it).
-    pub(super) async fn carry<S>(
-        self,
-        client: S,
-        shared: &Arc<ProxyShared>,
-    ) -> Result<(u64, u64), ProxyError>
-    where
-        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-    {
-        let Self {
-            pod,
-            tracker,
-            upstream,
-            peer,
-            dst,
-            labels,
-        } = self;
-        let released = pod.cancel.clone();
-        let result = tokio::select! {
-            result = deliver(client, upstream, peer, dst, labels, &pod, shared) => result,
-            () = released.cancelled() => Err(ProxyError::Io(std::io::Error::other(
-                "the destination workload was released",
-            ))),
-        };
-        let theirs = match &result {
-            Ok(counts) => Ok(*counts),
-            Err(e) => Err(e.again()),
-        };
-        tracker.finish(theirs);
-        result
-    }
+    destination::accept(destination, shared, client, dst, &source.identity, || None).await
 }
 
 /// How much an in-memory pipe to a local destination holds each way.

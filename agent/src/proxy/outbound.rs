@@ -24,6 +24,7 @@ use tokio_rustls::TlsConnector;
 use super::{
     CONNECT_TIMEOUT, ConnectionTracker, Direction, PodContext, ProxyError, ProxyShared,
     connect_from_pod,
+    destination::Delivery,
     http::{
         self,
         balance::{self, PickInput},
@@ -32,7 +33,7 @@ use super::{
         outbound::OutboundConnection,
         state::ClientState,
     },
-    local::{self, Delivery},
+    local,
     pool::PoolKey,
     splice, splice_tunnel,
 };
