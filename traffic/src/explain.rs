@@ -122,7 +122,7 @@ pub fn explain_route(
         .unwrap_or_default()
         .iter()
         .map(|m| RuleConsidered {
-            route: m.rule.route.clone(),
+            route: m.rule.route.to_string(),
             rule: m.rule.rule_index,
             rule_name: m.rule.name.clone(),
             match_index: m.match_index,
@@ -161,7 +161,7 @@ pub fn explain_route(
                 .collect();
             (
                 Decision::Rule {
-                    route: rule.route.clone(),
+                    route: rule.route.to_string(),
                     rule: rule.rule_index,
                     redirect,
                 },

@@ -88,7 +88,7 @@ pub struct RuleMatch {
 #[derive(Debug)]
 pub struct CompiledRule {
     /// `namespace/name` of the HTTPRoute.
-    pub route: String,
+    pub route: Arc<str>,
     pub rule_index: usize,
     pub name: Option<String>,
     pub request_headers: Option<HeaderEdit>,
@@ -290,7 +290,7 @@ impl TrafficTable {
             backends.push(self.target(&key, parent_port, 1, route_policy, rule, policies));
         }
         CompiledRule {
-            route: route.key(),
+            route: Arc::from(route.key()),
             rule_index,
             name: rule.name.clone(),
             request_headers: filter(FilterType::RequestHeaderModifier)

@@ -160,14 +160,6 @@ pub fn add_flags(response: &mut HttpResponse, flags: ResponseFlags) {
     response.extensions_mut().insert(current | flags);
 }
 
-/// Boxes a service's future.
-fn respond<F>(future: F) -> ResponseFuture
-where
-    F: Future<Output = HttpResponse> + Send + 'static,
-{
-    Box::pin(async move { Ok(future.await) })
-}
-
 #[cfg(test)]
 mod server_limits {
     use std::time::Duration;

@@ -30,7 +30,7 @@ fn routed(
     let (_, web) = table.service("shop/web").expect("web");
     let port = web.port(80).expect("port 80");
     match route(port, namespace, &request(&Method::GET, path, headers)) {
-        RouteDecision::Rule(m) => Some((m.rule.route.clone(), m.rule.rule_index)),
+        RouteDecision::Rule(m) => Some((m.rule.route.to_string(), m.rule.rule_index)),
         RouteDecision::NoRoute => None,
         RouteDecision::Service => Some(("service".to_owned(), 0)),
     }

@@ -1,20 +1,13 @@
 //! The bottom of the inbound stack: the application, over the one connection the proxy opened
 //! to it for this client connection (HTTP/1.1 one request at a time, HTTP/2 multiplexed).
 
-use std::{
-    convert::Infallible,
-    sync::Arc,
-    task::{Context, Poll},
-};
+use std::sync::Arc;
 
 use http::{StatusCode, header};
 use hyper::client::conn::{http1, http2};
 use tokio::sync::Mutex;
-use tower::Service;
 
-use super::{
-    Body, HttpRequest, HttpResponse, ResponseFlags, ResponseFuture, boxed, local_reply, respond,
-};
+use super::{Body, HttpRequest, HttpResponse, ResponseFlags, boxed, filter::Inner, local_reply};
 
 /// The application's side of one client connection.
 #[derive(Debug)]
@@ -23,75 +16,65 @@ pub enum AppConnection {
     Http2(http2::SendRequest<Body>),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct App {
-    connection: Arc<AppConnection>,
+    connection: AppConnection,
     workload: Arc<str>,
 }
 
 impl App {
     pub fn new(connection: AppConnection, workload: Arc<str>) -> Self {
         Self {
-            connection: Arc::new(connection),
+            connection,
             workload,
         }
     }
 }
 
-impl Service<HttpRequest> for App {
-    type Response = HttpResponse;
-    type Error = Infallible;
-    type Future = ResponseFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: HttpRequest) -> Self::Future {
-        let app = self.clone();
-        respond(async move {
-            if req.headers().contains_key(header::UPGRADE) {
-                return local_reply(
-                    StatusCode::NOT_IMPLEMENTED,
-                    ResponseFlags::NONE,
-                    "HTTP upgrades are not carried yet for workloads with HTTP processing",
+impl Inner for App {
+    async fn handle(&self, req: HttpRequest) -> HttpResponse {
+        if req.headers().contains_key(header::UPGRADE) {
+            return local_reply(
+                StatusCode::NOT_IMPLEMENTED,
+                ResponseFlags::NONE,
+                "HTTP upgrades are not carried yet for workloads with HTTP processing",
+            );
+        }
+        let forwarded = match &self.connection {
+            AppConnection::Http1(sender) => {
+                let mut sender = sender.lock().await;
+                match sender.ready().await {
+                    Ok(()) => sender.send_request(req).await,
+                    Err(e) => Err(e),
+                }
+            }
+            AppConnection::Http2(sender) => sender.clone().send_request(req).await,
+        };
+        match forwarded {
+            Ok(response) => response.map(boxed),
+            Err(e) => {
+                tracing::info!(workload = %self.workload, error = %e, "the application did not answer");
+                let mut response = local_reply(
+                    StatusCode::BAD_GATEWAY,
+                    ResponseFlags::UPSTREAM_CONNECT_FAILURE,
+                    format!("the application did not answer: {e}"),
                 );
+                response
+                    .extensions_mut()
+                    .insert(nodemesh_traffic::retry::Attempt::Reset);
+                response
             }
-            let forwarded = match &*app.connection {
-                AppConnection::Http1(sender) => {
-                    let mut sender = sender.lock().await;
-                    match sender.ready().await {
-                        Ok(()) => sender.send_request(req).await,
-                        Err(e) => Err(e),
-                    }
-                }
-                AppConnection::Http2(sender) => sender.clone().send_request(req).await,
-            };
-            match forwarded {
-                Ok(response) => response.map(boxed),
-                Err(e) => {
-                    tracing::info!(workload = %app.workload, error = %e, "the application did not answer");
-                    let mut response = local_reply(
-                        StatusCode::BAD_GATEWAY,
-                        ResponseFlags::UPSTREAM_CONNECT_FAILURE,
-                        format!("the application did not answer: {e}"),
-                    );
-                    response
-                        .extensions_mut()
-                        .insert(nodemesh_traffic::retry::Attempt::Reset);
-                    response
-                }
-            }
-        })
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::convert::Infallible;
+
     use http::Response;
     use hyper::{body::Incoming, service::service_fn};
     use hyper_util::rt::TokioIo;
-    use tower::ServiceExt as _;
 
     use super::*;
     use crate::proxy::http::{flags_of, full_body, testing};
@@ -121,7 +104,7 @@ mod tests {
     async fn requests_reach_the_application_one_after_another_on_its_connection() {
         let app = app().await;
         for path in ["/a", "/b"] {
-            let Ok(response) = app.clone().oneshot(testing::request(path)).await;
+            let response = app.handle(testing::request(path)).await;
             assert_eq!(response.status(), StatusCode::OK);
             assert_eq!(testing::body_text(response).await, path);
         }
@@ -134,7 +117,7 @@ mod tests {
         upgrade
             .headers_mut()
             .insert(header::UPGRADE, "websocket".parse().expect("value"));
-        let Ok(response) = app.oneshot(upgrade).await;
+        let response = app.handle(upgrade).await;
         assert_eq!(response.status(), StatusCode::NOT_IMPLEMENTED);
 
         let (client, server) = tokio::io::duplex(1024);
@@ -147,7 +130,7 @@ mod tests {
             AppConnection::Http1(Mutex::new(sender)),
             Arc::from("shop/web-1"),
         );
-        let Ok(response) = gone.oneshot(testing::request("/")).await;
+        let response = gone.handle(testing::request("/")).await;
         assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
         assert_eq!(flags_of(&response), ResponseFlags::UPSTREAM_CONNECT_FAILURE);
     }

@@ -8,7 +8,7 @@ use nodemesh_policy::{Decision, HttpAttributes};
 
 use super::{
     HttpRequest, HttpResponse, ResponseFlags,
-    filter::{FilterLayer, HttpFilter, Inner, forward},
+    filter::{FilterLayer, HttpFilter, Inner},
     local_reply,
 };
 
@@ -58,7 +58,7 @@ pub fn attributes(req: &HttpRequest) -> HttpAttributes {
 }
 
 impl HttpFilter for Authz {
-    async fn filter<S: Inner>(&self, inner: S, req: HttpRequest) -> HttpResponse {
+    async fn filter<S: Inner>(&self, inner: &S, req: HttpRequest) -> HttpResponse {
         let Some(Judging(judge)) = req.extensions().get::<Judging>().cloned() else {
             return local_reply(
                 StatusCode::FORBIDDEN,
@@ -75,7 +75,7 @@ impl HttpFilter for Authz {
                 format!("RBAC: access denied by {by}"),
             );
         }
-        forward(inner, req).await
+        inner.handle(req).await
     }
 }
 

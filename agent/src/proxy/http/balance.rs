@@ -21,7 +21,7 @@ use nodemesh_traffic::{
 
 use super::{
     HttpRequest, HttpResponse, ResponseFlags,
-    filter::{FilterLayer, HttpFilter, Inner, forward},
+    filter::{FilterLayer, HttpFilter, Inner},
     local_reply,
     route::Routed,
     state::{BackendHealth, ClientWorkload, EndpointStats, TrafficState},
@@ -249,7 +249,7 @@ impl BalanceLayer {
 }
 
 impl HttpFilter for Balance {
-    async fn filter<S: Inner>(&self, inner: S, mut req: HttpRequest) -> HttpResponse {
+    async fn filter<S: Inner>(&self, inner: &S, mut req: HttpRequest) -> HttpResponse {
         let state = self.state.clone();
         let Some(routed) = req.extensions().get::<Routed>().cloned() else {
             return local_reply(
@@ -300,7 +300,7 @@ impl HttpFilter for Balance {
             started,
             outcome: None,
         };
-        let mut response = forward(inner, req).await;
+        let mut response = inner.handle(req).await;
         let mut guard = guard;
         guard.outcome = Some(outcome_of(&response));
         response.extensions_mut().insert(endpoint);

@@ -10,7 +10,7 @@ use nodemesh_traffic::retry::Attempt;
 
 use super::{
     HttpRequest, HttpResponse, ResponseFlags,
-    filter::{FilterLayer, HttpFilter, Inner, forward},
+    filter::{FilterLayer, HttpFilter, Inner},
     local_reply,
     route::Routed,
     state::{ClientState, ClientWorkload, TrafficState},
@@ -41,10 +41,10 @@ pub fn overflow(service: &str, limit: &str, value: u32) -> HttpResponse {
 }
 
 impl HttpFilter for Breaker {
-    async fn filter<S: Inner>(&self, inner: S, mut req: HttpRequest) -> HttpResponse {
+    async fn filter<S: Inner>(&self, inner: &S, mut req: HttpRequest) -> HttpResponse {
         let state = self.state.clone();
         let Some(routed) = req.extensions().get::<Routed>().cloned() else {
-            return forward(inner, req).await;
+            return inner.handle(req).await;
         };
         let target = &routed.target;
         // The retry layer above looked the client's state up already, when it retries.
@@ -74,7 +74,7 @@ impl HttpFilter for Breaker {
             return overflow(&target.service_key, "maxParallelRequests", limit);
         };
         req.extensions_mut().insert(client_state);
-        forward(inner, req).await
+        inner.handle(req).await
     }
 }
 

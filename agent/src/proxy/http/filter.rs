@@ -1,10 +1,15 @@
 //! One concern of the stack as an HTTP filter (Envoy's word): an async function of the request
 //! and the rest of the stack. [`FilterLayer`] turns any [`HttpFilter`] into a tower `Layer`,
 //! so each concern writes only what it does.
+//!
+//! A request goes down the stack by reference: each layer borrows the layers below it for the
+//! time of the request ([`Inner::handle`]), so a request costs no clone of the stack and no
+//! boxed future per layer. The stack is shared once, at its top ([`Stack`]).
 
 use std::{
     convert::Infallible,
     future::Future,
+    sync::Arc,
     task::{Context, Poll},
 };
 
@@ -12,21 +17,10 @@ use tower::{Layer, Service};
 
 use super::{HttpRequest, HttpResponse, ResponseFuture};
 
-/// The layers below a filter.
-pub trait Inner:
-    Service<HttpRequest, Response = HttpResponse, Error = Infallible, Future: Send>
-    + Clone
-    + Send
-    + 'static
-{
-}
-
-impl<S> Inner for S where
-    S: Service<HttpRequest, Response = HttpResponse, Error = Infallible, Future: Send>
-        + Clone
-        + Send
-        + 'static
-{
+/// The layers below a filter, or a whole stack: answers a request, borrowing itself while it
+/// does.
+pub trait Inner: Send + Sync + 'static {
+    fn handle(&self, req: HttpRequest) -> impl Future<Output = HttpResponse> + Send + '_;
 }
 
 /// What one layer does with a request: answer it, or hand it (changed) to `inner` and look at
@@ -34,17 +28,9 @@ impl<S> Inner for S where
 pub trait HttpFilter: Clone + Send + Sync + 'static {
     fn filter<S: Inner>(
         &self,
-        inner: S,
+        inner: &S,
         req: HttpRequest,
     ) -> impl Future<Output = HttpResponse> + Send;
-}
-
-/// Calls the layers below; they never fail, they answer.
-pub async fn forward<S: Inner>(mut inner: S, req: HttpRequest) -> HttpResponse {
-    match inner.call(req).await {
-        Ok(response) => response,
-        Err(never) => match never {},
-    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -68,7 +54,15 @@ pub struct Filtered<F, S> {
     inner: S,
 }
 
-impl<F: HttpFilter, S: Inner> Service<HttpRequest> for Filtered<F, S> {
+impl<F: HttpFilter, S: Inner> Inner for Filtered<F, S> {
+    fn handle(&self, req: HttpRequest) -> impl Future<Output = HttpResponse> + Send + '_ {
+        self.filter.filter(&self.inner, req)
+    }
+}
+
+/// A filter is also a tower service on its own (a copy of it answers each call); a composed
+/// stack is served through [`Stack`], which shares it instead.
+impl<F: HttpFilter, S: Inner + Clone> Service<HttpRequest> for Filtered<F, S> {
     type Response = HttpResponse;
     type Error = Infallible;
     type Future = ResponseFuture;
@@ -79,8 +73,54 @@ impl<F: HttpFilter, S: Inner> Service<HttpRequest> for Filtered<F, S> {
     }
 
     fn call(&mut self, req: HttpRequest) -> Self::Future {
-        let filter = self.filter.clone();
-        let inner = self.inner.clone();
-        Box::pin(async move { Ok(filter.filter(inner, req).await) })
+        let this = self.clone();
+        Box::pin(async move { Ok(this.handle(req).await) })
+    }
+}
+
+/// A composed stack, shared: a clone is one reference count, a request one boxed future for
+/// the whole stack.
+#[derive(Clone)]
+pub struct Stack(Arc<dyn Shared>);
+
+impl Stack {
+    pub fn new(stack: impl Inner) -> Self {
+        Self(Arc::new(stack))
+    }
+
+    /// Answers a request; the future owns a reference to the stack.
+    pub fn answer(&self, req: HttpRequest) -> ResponseFuture {
+        self.0.clone().answer(req)
+    }
+}
+
+impl std::fmt::Debug for Stack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Stack")
+    }
+}
+
+impl Service<HttpRequest> for Stack {
+    type Response = HttpResponse;
+    type Error = Infallible;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: HttpRequest) -> Self::Future {
+        self.answer(req)
+    }
+}
+
+/// [`Inner`] behind a trait object: the future it returns keeps the stack alive.
+trait Shared: Send + Sync + 'static {
+    fn answer(self: Arc<Self>, req: HttpRequest) -> ResponseFuture;
+}
+
+impl<S: Inner> Shared for S {
+    fn answer(self: Arc<Self>, req: HttpRequest) -> ResponseFuture {
+        Box::pin(async move { Ok(self.handle(req).await) })
     }
 }

@@ -19,7 +19,7 @@ use tokio::{
     net::TcpStream,
     sync::Mutex,
 };
-use tower::{ServiceBuilder, ServiceExt as _};
+use tower::ServiceBuilder;
 
 use super::{
     app::{App, AppConnection},
@@ -27,6 +27,7 @@ use super::{
     boxed,
     counted::Counted,
     detect::{Protocol, detect},
+    filter::Stack,
     normalize::NormalizeLayer,
     rate_limit::{Limited, PodLimits, RateLimitLayer},
     telemetry::{Reporter, TelemetryLayer},
@@ -151,12 +152,14 @@ where
     };
     let workload: Arc<str> = Arc::from(conn.pod.key.as_str());
     let http = &conn.shared.http;
-    let stack = ServiceBuilder::new()
-        .layer(TelemetryLayer::new(http.sinks.clone()))
-        .layer(NormalizeLayer::new(conn.shared.mesh.clone()))
-        .layer(AuthzLayer::default())
-        .layer(RateLimitLayer::new(http.traffic.metrics.clone()))
-        .service(App::new(app, workload.clone()));
+    let stack = Stack::new(
+        ServiceBuilder::new()
+            .layer(TelemetryLayer::new(http.sinks.clone()))
+            .layer(NormalizeLayer::new(conn.shared.mesh.clone()))
+            .layer(AuthzLayer::default())
+            .layer(RateLimitLayer::new(http.traffic.metrics.clone()))
+            .service(App::new(app, workload.clone())),
+    );
     let reporter = Reporter {
         direction: Direction::Inbound,
         workload: workload.clone(),
@@ -190,12 +193,7 @@ where
         extensions.insert(judging.clone());
         extensions.insert(limits.clone());
         extensions.insert(limited);
-        let stack = stack.clone();
-        let answer: super::ResponseFuture = Box::pin(async move {
-            let Ok(response) = stack.oneshot(req).await;
-            Ok(response)
-        });
-        answer
+        stack.answer(req)
     });
     let (client, counts) = Counted::new(client);
     let io = TokioIo::new(client);

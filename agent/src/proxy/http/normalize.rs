@@ -10,7 +10,7 @@ use nodemesh_policy::normalize::{InvalidRequest, check_method, normalize_path};
 
 use super::{
     HttpRequest, HttpResponse, ResponseFlags,
-    filter::{FilterLayer, HttpFilter, Inner, forward},
+    filter::{FilterLayer, HttpFilter, Inner},
     local_reply,
 };
 use crate::mesh::SharedMesh;
@@ -90,7 +90,7 @@ pub fn settle_authority(req: &mut HttpRequest) -> Result<(), InvalidRequest> {
 }
 
 impl HttpFilter for Normalize {
-    async fn filter<S: Inner>(&self, inner: S, mut req: HttpRequest) -> HttpResponse {
+    async fn filter<S: Inner>(&self, inner: &S, mut req: HttpRequest) -> HttpResponse {
         let mode = self.mesh.load().path_normalization;
         if let Err(e) =
             check_method(req.method().as_str()).and_then(|()| settle_authority(&mut req))
@@ -112,7 +112,7 @@ impl HttpFilter for Normalize {
                 );
             }
         }
-        forward(inner, req).await
+        inner.handle(req).await
     }
 }
 

@@ -2,7 +2,6 @@
 //! with it: each request is routed, timed, retried, balanced and limited on its own.
 
 use std::{
-    convert::Infallible,
     net::{IpAddr, SocketAddrV4},
     sync::Arc,
 };
@@ -11,14 +10,14 @@ use http::{Request, Version};
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tower::{ServiceBuilder, ServiceExt as _, util::BoxCloneSyncService};
+use tower::ServiceBuilder;
 
 use super::{
-    HttpRequest, HttpResponse,
     balance::BalanceLayer,
     boxed,
     breaker::BreakerLayer,
     detect::Protocol as Detected,
+    filter::Stack,
     normalize::NormalizeLayer,
     retry::RetryLayer,
     route::{Addressed, RouteLayer},
@@ -33,15 +32,13 @@ use crate::{
     telemetry::Labels,
 };
 
-pub type OutboundStack = BoxCloneSyncService<HttpRequest, HttpResponse, Infallible>;
-
 /// The traffic state and the outbound stack of the node proxy.
 #[derive(Debug)]
 pub struct HttpStacks {
     pub traffic: Arc<TrafficState>,
     pub pools: Arc<UpstreamPools>,
     pub sinks: Sinks,
-    outbound: OutboundStack,
+    outbound: Stack,
 }
 
 impl HttpStacks {
@@ -65,11 +62,11 @@ impl HttpStacks {
             traffic,
             pools,
             sinks,
-            outbound: BoxCloneSyncService::new(outbound),
+            outbound: Stack::new(outbound),
         }
     }
 
-    pub fn outbound(&self) -> OutboundStack {
+    pub fn outbound(&self) -> Stack {
         self.outbound.clone()
     }
 }
@@ -91,17 +88,18 @@ pub async fn serve<S>(
     client: S,
     protocol: Detected,
     connection: OutboundConnection,
-    stack: OutboundStack,
+    stack: Stack,
 ) -> Result<(), ProxyError>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let namespace = connection
-        .pod
-        .key
-        .split_once('/')
-        .map_or("default", |(ns, _)| ns)
-        .to_owned();
+    let namespace: Arc<str> = Arc::from(
+        connection
+            .pod
+            .key
+            .split_once('/')
+            .map_or("default", |(ns, _)| ns),
+    );
     let downstream_h2 = protocol == Detected::Http2;
     let upstream = if downstream_h2 || connection.http2_upstream {
         UpstreamProtocol::Http2
@@ -135,9 +133,9 @@ where
         extensions.insert(reporter.clone());
         extensions.insert(pod.clone());
         extensions.insert(Protocol(upstream));
-        let stack = stack.clone();
+        let answer = stack.answer(req);
         let answer: super::ResponseFuture = Box::pin(async move {
-            let Ok(mut response) = stack.oneshot(req).await;
+            let Ok(mut response) = answer.await;
             *response.version_mut() = if downstream_h2 {
                 Version::HTTP_2
             } else {

@@ -15,7 +15,7 @@ use nodemesh_traffic::rate_limit::{PodRateLimit, RateLimitRequest, TokenBucket};
 
 use super::{
     HttpRequest, HttpResponse, ResponseFlags,
-    filter::{FilterLayer, HttpFilter, Inner, forward},
+    filter::{FilterLayer, HttpFilter, Inner},
     local_reply,
     state::TrafficMetrics,
 };
@@ -177,14 +177,14 @@ pub struct PodLimits {
 }
 
 impl HttpFilter for RateLimit {
-    async fn filter<S: Inner>(&self, inner: S, req: HttpRequest) -> HttpResponse {
+    async fn filter<S: Inner>(&self, inner: &S, req: HttpRequest) -> HttpResponse {
         let metrics = self.metrics.clone();
         let extensions = req.extensions();
         let (Some(pod), Some(limited)) = (
             extensions.get::<PodLimits>().cloned(),
             extensions.get::<Limited>().copied(),
         ) else {
-            return forward(inner, req).await;
+            return inner.handle(req).await;
         };
         let verdict = pod.limits.check(
             limited.port,
@@ -197,7 +197,7 @@ impl HttpFilter for RateLimit {
             Instant::now(),
         );
         match verdict {
-            Verdict::Unlimited => forward(inner, req).await,
+            Verdict::Unlimited => inner.handle(req).await,
             Verdict::Refused {
                 policy,
                 limit,
@@ -226,7 +226,7 @@ impl HttpFilter for RateLimit {
                 remaining,
                 reset,
             } => {
-                let mut response = forward(inner, req).await;
+                let mut response = inner.handle(req).await;
                 set(&mut response, "x-ratelimit-limit", u64::from(limit));
                 set(&mut response, "x-ratelimit-remaining", u64::from(remaining));
                 set(&mut response, "x-ratelimit-reset", seconds(reset));

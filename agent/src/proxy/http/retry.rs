@@ -14,7 +14,7 @@ use nodemesh_traffic::retry::{Attempt, backoff, retriable};
 use super::{
     HttpRequest, HttpResponse, ResponseFlags, add_flags,
     body::{Buffered, RETRY_BUFFER_LIMIT, buffer},
-    filter::{FilterLayer, HttpFilter, Inner, forward},
+    filter::{FilterLayer, HttpFilter, Inner},
     local_reply,
     route::Routed,
     state::{ClientState, ClientWorkload, TrafficState},
@@ -57,7 +57,7 @@ fn failed(attempt: Attempt) -> bool {
 }
 
 impl HttpFilter for Retry {
-    async fn filter<S: Inner>(&self, inner: S, req: HttpRequest) -> HttpResponse {
+    async fn filter<S: Inner>(&self, inner: &S, req: HttpRequest) -> HttpResponse {
         let state = self.state.clone();
         let Some(routed) = req.extensions().get::<Routed>().cloned() else {
             return attempt(inner, req, None).await;
@@ -93,7 +93,7 @@ impl HttpFilter for Retry {
             let mut req =
                 Request::from_parts(copy_parts(&parts), Buffered::replay(&data, &trailers));
             req.extensions_mut().insert(AttemptNumber(n));
-            let mut response = attempt(inner.clone(), req, request.attempt_timeout).await;
+            let mut response = attempt(inner, req, request.attempt_timeout).await;
             drop(held_retry.take());
             let result = outcome(&response);
             if !retriable(&retry, result) {
@@ -143,11 +143,11 @@ impl HttpFilter for Retry {
 }
 
 /// One attempt, with its timeout.
-async fn attempt<S: Inner>(inner: S, req: HttpRequest, timeout: Option<Duration>) -> HttpResponse {
+async fn attempt<S: Inner>(inner: &S, req: HttpRequest, timeout: Option<Duration>) -> HttpResponse {
     let Some(timeout) = timeout else {
-        return forward(inner, req).await;
+        return inner.handle(req).await;
     };
-    match tokio::time::timeout(timeout, forward(inner, req)).await {
+    match tokio::time::timeout(timeout, inner.handle(req)).await {
         Ok(response) => response,
         Err(_) => {
             let mut response = local_reply(

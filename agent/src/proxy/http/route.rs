@@ -13,7 +13,7 @@ use nodemesh_traffic::{
 
 use super::{
     HttpRequest, HttpResponse, ResponseFlags,
-    filter::{FilterLayer, HttpFilter, Inner, forward},
+    filter::{FilterLayer, HttpFilter, Inner},
     local_reply,
 };
 use crate::mesh::MeshView;
@@ -24,7 +24,7 @@ pub struct Routed {
     pub mesh: Arc<MeshView>,
     pub target: Arc<BackendTarget>,
     /// `namespace/name` of the route and the rule's index, when a route decided.
-    pub rule: Option<(String, usize)>,
+    pub rule: Option<(Arc<str>, usize)>,
 }
 
 /// Where the client sent the request: a Service port, from a workload of `client_namespace`.
@@ -32,7 +32,7 @@ pub struct Routed {
 pub struct Addressed {
     pub service: nodemesh_traffic::ServiceId,
     pub port: u16,
-    pub client_namespace: String,
+    pub client_namespace: Arc<str>,
 }
 
 #[derive(Debug, Clone)]
@@ -49,10 +49,10 @@ impl RouteLayer {
 }
 
 impl HttpFilter for Route {
-    async fn filter<S: Inner>(&self, inner: S, mut req: HttpRequest) -> HttpResponse {
+    async fn filter<S: Inner>(&self, inner: &S, mut req: HttpRequest) -> HttpResponse {
         // The mesh as it is now: a weight change applies to the next request.
         let mesh = self.mesh.load();
-        let Some(destination) = req.extensions().get::<Addressed>().cloned() else {
+        let Some(destination) = req.extensions_mut().remove::<Addressed>() else {
             return local_reply(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 ResponseFlags::NO_ROUTE,
@@ -74,7 +74,7 @@ impl HttpFilter for Route {
             rule,
         };
         req.extensions_mut().insert(routed.clone());
-        let mut response = forward(inner, req).await;
+        let mut response = inner.handle(req).await;
         if let Some(edit) = response_headers {
             edit.apply(response.headers_mut());
         }
@@ -86,7 +86,7 @@ impl HttpFilter for Route {
 
 struct Plan {
     target: Arc<BackendTarget>,
-    rule: Option<(String, usize)>,
+    rule: Option<(Arc<str>, usize)>,
     response_headers: Option<nodemesh_traffic::filters::HeaderEdit>,
 }
 

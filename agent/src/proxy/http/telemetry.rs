@@ -16,7 +16,7 @@ use http::header;
 use super::{
     HttpRequest, HttpResponse,
     balance::ChosenEndpoint,
-    filter::{FilterLayer, HttpFilter, Inner, forward},
+    filter::{FilterLayer, HttpFilter, Inner},
     flags_of,
     route::Routed,
 };
@@ -87,10 +87,10 @@ fn announced_size<B: hyper::body::Body>(headers: &http::HeaderMap, body: &B) -> 
 }
 
 impl HttpFilter for Telemetry {
-    async fn filter<S: Inner>(&self, inner: S, mut req: HttpRequest) -> HttpResponse {
+    async fn filter<S: Inner>(&self, inner: &S, mut req: HttpRequest) -> HttpResponse {
         let layer = self;
-        let Some(reporter) = req.extensions().get::<Reporter>().cloned() else {
-            return forward(inner, req).await;
+        let Some(reporter) = req.extensions_mut().remove::<Reporter>() else {
+            return inner.handle(req).await;
         };
         let started = Instant::now();
         let started_at = SystemTime::now();
@@ -117,7 +117,7 @@ impl HttpFilter for Telemetry {
             .get("traceparent")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        let response = forward(inner, req).await;
+        let response = inner.handle(req).await;
         let code = response.status().as_u16();
         let flags = flags_of(&response).text();
         let response_bytes = announced_size(response.headers(), response.body());

@@ -14,9 +14,9 @@ use std::{
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt as _;
 use nodemesh_traffic::{BackendTarget, policy::RequestSettings};
-use tower::{Service, service_fn, util::BoxCloneSyncService};
+use tower::{ServiceExt as _, service_fn, util::BoxCloneSyncService};
 
-use super::{Body, HttpRequest, HttpResponse, full_body, route::Routed};
+use super::{Body, HttpRequest, HttpResponse, filter::Inner, full_body, route::Routed};
 use crate::mesh::MeshView;
 
 pub type TestService = BoxCloneSyncService<HttpRequest, HttpResponse, Infallible>;
@@ -169,40 +169,33 @@ impl Scripted {
     }
 }
 
-impl Service<HttpRequest> for Scripted {
-    type Response = HttpResponse;
-    type Error = Infallible;
-    type Future = super::ResponseFuture;
-
-    fn poll_ready(
-        &mut self,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Infallible>> {
-        std::task::Poll::Ready(Ok(()))
+impl Inner for TestService {
+    async fn handle(&self, req: HttpRequest) -> HttpResponse {
+        let Ok(response) = self.clone().oneshot(req).await;
+        response
     }
+}
 
-    fn call(&mut self, req: HttpRequest) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move {
-            let n = this.calls.fetch_add(1, Ordering::SeqCst);
-            let (parts, body) = req.into_parts();
-            let bytes = body
-                .collect()
-                .await
-                .map(|c| c.to_bytes())
-                .unwrap_or_default();
-            this.seen.lock().expect("lock").push(parts);
-            this.bodies.lock().expect("lock").push(bytes);
-            let answer = this.answers[n.min(this.answers.len() - 1)];
-            Ok(match answer {
-                HttpResponseMaker::Status(status) => response(status),
-                HttpResponseMaker::Failure(attempt) => {
-                    let mut response = response(503);
-                    response.extensions_mut().insert(attempt);
-                    response
-                }
-            })
-        })
+impl Inner for Scripted {
+    async fn handle(&self, req: HttpRequest) -> HttpResponse {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst);
+        let (parts, body) = req.into_parts();
+        let bytes = body
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        self.seen.lock().expect("lock").push(parts);
+        self.bodies.lock().expect("lock").push(bytes);
+        let answer = self.answers[n.min(self.answers.len() - 1)];
+        match answer {
+            HttpResponseMaker::Status(status) => response(status),
+            HttpResponseMaker::Failure(attempt) => {
+                let mut response = response(503);
+                response.extensions_mut().insert(attempt);
+                response
+            }
+        }
     }
 }
 

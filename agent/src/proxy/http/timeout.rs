@@ -6,7 +6,7 @@ use http::StatusCode;
 
 use super::{
     HttpRequest, HttpResponse, ResponseFlags,
-    filter::{FilterLayer, HttpFilter, Inner, forward},
+    filter::{FilterLayer, HttpFilter, Inner},
     local_reply,
     route::Routed,
 };
@@ -17,15 +17,15 @@ pub struct Timeout;
 pub type TimeoutLayer = FilterLayer<Timeout>;
 
 impl HttpFilter for Timeout {
-    async fn filter<S: Inner>(&self, inner: S, req: HttpRequest) -> HttpResponse {
+    async fn filter<S: Inner>(&self, inner: &S, req: HttpRequest) -> HttpResponse {
         let timeout = req
             .extensions()
             .get::<Routed>()
             .and_then(|r| r.target.request.request_timeout);
         let Some(timeout) = timeout else {
-            return forward(inner, req).await;
+            return inner.handle(req).await;
         };
-        match tokio::time::timeout(timeout, forward(inner, req)).await {
+        match tokio::time::timeout(timeout, inner.handle(req)).await {
             Ok(response) => response,
             Err(_) => local_reply(
                 StatusCode::GATEWAY_TIMEOUT,

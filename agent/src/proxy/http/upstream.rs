@@ -9,24 +9,20 @@
 mod connect;
 mod pool;
 
-use std::{
-    convert::Infallible,
-    sync::Arc,
-    task::{Context, Poll},
-};
+use std::sync::Arc;
 
 use http::{HeaderMap, HeaderValue, StatusCode, Uri, Version, header};
 use nodemesh_traffic::retry::Attempt;
-use tower::Service;
 
 pub use self::{
     connect::{ConnectTarget, Connector, MeshConnector, UpstreamIo},
     pool::UpstreamPools,
 };
 use super::{
-    HttpRequest, HttpResponse, ResponseFlags, ResponseFuture,
+    HttpRequest, HttpResponse, ResponseFlags,
     balance::ChosenEndpoint,
-    local_reply, respond,
+    filter::Inner,
+    local_reply,
     route::Routed,
     state::{ClientState, ClientWorkload},
 };
@@ -55,48 +51,37 @@ impl Upstream {
     }
 }
 
-impl Service<HttpRequest> for Upstream {
-    type Response = HttpResponse;
-    type Error = Infallible;
-    type Future = ResponseFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: HttpRequest) -> Self::Future {
-        let pools = self.pools.clone();
-        respond(async move {
-            let extensions = req.extensions();
-            let (Some(routed), Some(endpoint)) = (
-                extensions.get::<Routed>().cloned(),
-                extensions.get::<ChosenEndpoint>().cloned(),
-            ) else {
-                return local_reply(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    ResponseFlags::NO_HEALTHY_UPSTREAM,
-                    "the request reached the upstream without an endpoint",
-                );
-            };
-            let protocol = extensions
-                .get::<Protocol>()
-                .map_or(UpstreamProtocol::Http1, |p| p.0);
-            let client = extensions
-                .get::<ClientWorkload>()
-                .map_or_else(|| Arc::from("-"), |c| c.key.clone());
-            let client_state = extensions.get::<Arc<ClientState>>().cloned();
-            let pod = extensions.get::<Arc<PodContext>>().cloned();
-            let target = ConnectTarget {
-                endpoint,
-                pod,
-                connect_timeout: routed.target.settings.connect_timeout,
-                service: Some(routed.target.service_key.clone()),
-            };
-            let req = prepare(req, protocol);
-            pools
-                .send(&client, &routed.target, target, protocol, client_state, req)
-                .await
-        })
+impl Inner for Upstream {
+    async fn handle(&self, req: HttpRequest) -> HttpResponse {
+        let extensions = req.extensions();
+        let (Some(backend), Some(endpoint)) = (
+            extensions.get::<Routed>().map(|r| r.target.clone()),
+            extensions.get::<ChosenEndpoint>().cloned(),
+        ) else {
+            return local_reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                ResponseFlags::NO_HEALTHY_UPSTREAM,
+                "the request reached the upstream without an endpoint",
+            );
+        };
+        let protocol = extensions
+            .get::<Protocol>()
+            .map_or(UpstreamProtocol::Http1, |p| p.0);
+        let client = extensions
+            .get::<ClientWorkload>()
+            .map_or_else(|| Arc::from("-"), |c| c.key.clone());
+        let client_state = extensions.get::<Arc<ClientState>>().cloned();
+        let pod = extensions.get::<Arc<PodContext>>().cloned();
+        let target = ConnectTarget {
+            endpoint,
+            pod,
+            connect_timeout: backend.settings.connect_timeout,
+            service: Some(backend.service_key.clone()),
+        };
+        let req = prepare(req, protocol);
+        self.pools
+            .send(&client, &backend, target, protocol, client_state, req)
+            .await
     }
 }
 

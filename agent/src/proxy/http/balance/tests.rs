@@ -1,14 +1,10 @@
-use std::{
-    collections::BTreeMap,
-    convert::Infallible,
-    task::{Context, Poll},
-};
+use std::collections::BTreeMap;
 
-use tower::{Layer as _, Service, ServiceExt as _};
+use tower::{Layer as _, ServiceExt as _};
 
 use super::*;
 use crate::proxy::http::{
-    ResponseFuture, flags_of,
+    flags_of,
     testing::{self, Scripted},
 };
 
@@ -23,16 +19,8 @@ const FAIL_FAST: &str = "apiVersion: policy.nodemesh.dev/v1alpha1\nkind: Backend
 #[derive(Debug, Clone, Default)]
 struct FirstFails(Arc<std::sync::Mutex<BTreeMap<SocketAddrV4, usize>>>);
 
-impl Service<HttpRequest> for FirstFails {
-    type Response = HttpResponse;
-    type Error = Infallible;
-    type Future = ResponseFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: HttpRequest) -> Self::Future {
+impl Inner for FirstFails {
+    async fn handle(&self, req: HttpRequest) -> HttpResponse {
         let endpoint = req
             .extensions()
             .get::<ChosenEndpoint>()
@@ -44,7 +32,7 @@ impl Service<HttpRequest> for FirstFails {
         } else {
             200
         };
-        Box::pin(async move { Ok(testing::response(status)) })
+        testing::response(status)
     }
 }
 

@@ -37,7 +37,7 @@ fn stack(
     let destination = Addressed {
         service,
         port: 80,
-        client_namespace: "shop".to_owned(),
+        client_namespace: Arc::from("shop"),
     };
     (
         RouteLayer::new(mesh).layer(inner.clone()),
@@ -78,7 +78,7 @@ async fn no_matching_rule_is_404_nr_and_never_sent() {
     let Ok(response) = service.oneshot(request("/api/items", &destination)).await;
     assert_eq!(response.status(), StatusCode::OK);
     let routed = response.extensions().get::<Routed>().expect("routed");
-    assert_eq!(routed.rule, Some(("shop/r".to_owned(), 0)));
+    assert_eq!(routed.rule, Some((Arc::from("shop/r"), 0)));
 }
 
 #[tokio::test]

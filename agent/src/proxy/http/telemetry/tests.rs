@@ -38,13 +38,10 @@ fn client_reporter() -> Reporter {
 fn routed_to(
     endpoint: fn(&HttpRequest) -> String,
     reply: fn() -> HttpResponse,
-) -> impl tower::Service<HttpRequest, Response = HttpResponse, Error = Infallible, Future: Send>
-+ Clone
-+ Send
-+ 'static {
+) -> testing::TestService {
     let mesh = testing::mesh(1, "");
     let target = Arc::new(testing::web_target(&mesh));
-    tower::service_fn(move |req: HttpRequest| {
+    tower::util::BoxCloneSyncService::new(tower::service_fn(move |req: HttpRequest| {
         let (mesh, target) = (mesh.clone(), target.clone());
         let key = format!("shop/{}", endpoint(&req));
         async move {
@@ -63,7 +60,7 @@ fn routed_to(
             });
             Ok::<_, Infallible>(response)
         }
-    })
+    }))
 }
 
 #[tokio::test]
