@@ -24,6 +24,10 @@ use crate::{Profile, build, require_root, setup, target_dir};
 
 const SOCKPERF_PORT: u16 = 11111;
 const IPERF_PORT: u16 = 5201;
+/// How long the agents' allocator takes to return freed pages to the system: jemalloc's
+/// default `dirty_decay_ms` is 10 s, and its background threads purge in steps (measured
+/// here: half within 4 s of the end of an iperf3 load, the rest at about 14 s).
+const ALLOCATOR_DECAY: Duration = Duration::from_secs(20);
 
 /// How long each measurement runs, and the fixed request rate.
 #[derive(Debug, Clone, Copy)]
@@ -317,6 +321,17 @@ fn measure(
     let routed_measured = routed::median(&routed_runs);
     let metrics_measured = routed::median(&metrics_runs);
     drop(servers);
+    // What the loads left behind, then, once the allocator has returned what they freed (tens
+    // of MB of buffers after the throughput loads), the connections' own cost.
+    memory.push((
+        "node n1 agent, right after the loads".to_owned(),
+        tools::rss_mb(agent_pid("n1"))?,
+    ));
+    memory.push((
+        "node n2 agent, right after the loads".to_owned(),
+        tools::rss_mb(agent_pid("n2"))?,
+    ));
+    std::thread::sleep(ALLOCATOR_DECAY);
     let held = hold_connections(sandbox, 1000)?;
     memory.push((
         "node n1 agent, 1000 open connections".to_owned(),

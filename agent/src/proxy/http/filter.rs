@@ -124,3 +124,67 @@ impl<S: Inner> Shared for S {
         Box::pin(async move { Ok(self.handle(req).await) })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use http::HeaderValue;
+    use tower::ServiceBuilder;
+
+    use super::*;
+    use crate::proxy::http::testing::{self, Scripted};
+
+    /// Adds its name to `x-down` on the request and to `x-up` on the response.
+    #[derive(Debug, Clone)]
+    struct Tag(&'static str);
+
+    impl HttpFilter for Tag {
+        async fn filter<S: Inner>(&self, inner: &S, mut req: HttpRequest) -> HttpResponse {
+            req.headers_mut()
+                .append("x-down", HeaderValue::from_static(self.0));
+            let mut response = inner.handle(req).await;
+            response
+                .headers_mut()
+                .append("x-up", HeaderValue::from_static(self.0));
+            response
+        }
+    }
+
+    fn values(headers: &http::HeaderMap, name: &str) -> Vec<String> {
+        headers
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().expect("ascii").to_owned())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_shared_stack_passes_each_request_down_its_layers_in_order_and_back_up() {
+        let bottom = Scripted::statuses(&[200, 503]);
+        let stack = Stack::new(
+            ServiceBuilder::new()
+                .layer(FilterLayer(Tag("outer")))
+                .layer(FilterLayer(Tag("inner")))
+                .service(bottom.clone()),
+        );
+        let (first, second) = tokio::join!(
+            stack.answer(testing::request("/a")),
+            stack.clone().answer(testing::request("/b")),
+        );
+        let (Ok(first), Ok(second)) = (first, second);
+        // Both handles reach the one bottom, each request once.
+        assert_eq!(bottom.calls(), 2);
+        let statuses = [first.status().as_u16(), second.status().as_u16()];
+        assert!(
+            statuses == [200, 503] || statuses == [503, 200],
+            "{statuses:?}"
+        );
+        for response in [&first, &second] {
+            assert_eq!(values(response.headers(), "x-up"), ["inner", "outer"]);
+        }
+        let seen = bottom.seen.lock().expect("lock");
+        assert_eq!(seen.len(), 2);
+        for parts in seen.iter() {
+            assert_eq!(values(&parts.headers, "x-down"), ["outer", "inner"]);
+        }
+    }
+}
