@@ -231,20 +231,20 @@ fn measure(
     profiling: bool,
 ) -> anyhow::Result<Outcome> {
     let agent_pid = |node: &str| sandbox.node(node).agent.pid;
-    let mut memory = vec![
-        (
-            "node n1 agent, idle".to_owned(),
-            tools::rss_mb(agent_pid("n1"))?,
-        ),
-        (
-            "node n2 agent, idle".to_owned(),
-            tools::rss_mb(agent_pid("n2"))?,
-        ),
-        (
-            "node n1 agent, idle: anonymous memory only (heap, stacks)".to_owned(),
-            tools::rss_anon_mb(agent_pid("n1"))?,
-        ),
-    ];
+    // Both agents' resident memory, as rows `node <n> agent, <when>`.
+    let both = |memory: &mut Vec<(String, f64)>, when: &str| -> anyhow::Result<()> {
+        for node in ["n1", "n2"] {
+            let mb = tools::rss_mb(agent_pid(node))?;
+            memory.push((format!("node {node} agent, {when}"), mb));
+        }
+        Ok(())
+    };
+    let mut memory = Vec::new();
+    both(&mut memory, "idle")?;
+    memory.push((
+        "node n1 agent, idle: anonymous memory only (heap, stacks)".to_owned(),
+        tools::rss_anon_mb(agent_pid("n1"))?,
+    ));
     let servers = start_servers(sandbox)?;
     tools::settle();
     let script = target_dir().join("bench/wrk-report.lua");
@@ -323,36 +323,15 @@ fn measure(
     drop(servers);
     // What the loads left behind, then, once the allocator has returned what they freed (tens
     // of MB of buffers after the throughput loads), the connections' own cost.
-    memory.push((
-        "node n1 agent, right after the loads".to_owned(),
-        tools::rss_mb(agent_pid("n1"))?,
-    ));
-    memory.push((
-        "node n2 agent, right after the loads".to_owned(),
-        tools::rss_mb(agent_pid("n2"))?,
-    ));
+    both(&mut memory, "right after the loads")?;
     std::thread::sleep(ALLOCATOR_DECAY);
     let held = hold_connections(sandbox, 1000)?;
-    memory.push((
-        "node n1 agent, 1000 open connections".to_owned(),
-        tools::rss_mb(agent_pid("n1"))?,
-    ));
-    memory.push((
-        "node n2 agent, 1000 open connections".to_owned(),
-        tools::rss_mb(agent_pid("n2"))?,
-    ));
+    both(&mut memory, "1000 open connections")?;
     drop(held);
     // Idle tunnels: 10,000 CONNECT streams on the pooled HBONE connection from n1 to n2.
     std::thread::sleep(Duration::from_secs(1));
     let held = hold_connections(sandbox, 10_000)?;
-    memory.push((
-        "node n1 agent, 10,000 idle HBONE streams".to_owned(),
-        tools::rss_mb(agent_pid("n1"))?,
-    ));
-    memory.push((
-        "node n2 agent, 10,000 idle HBONE streams".to_owned(),
-        tools::rss_mb(agent_pid("n2"))?,
-    ));
+    both(&mut memory, "10,000 idle HBONE streams")?;
     drop(held);
     let (cross_no, cross_mesh) = (measured[2], measured[3]);
     let pair = |f: fn(&Measured) -> f64| {

@@ -100,20 +100,6 @@ impl std::fmt::Debug for Stack {
     }
 }
 
-impl Service<HttpRequest> for Stack {
-    type Response = HttpResponse;
-    type Error = Infallible;
-    type Future = ResponseFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: HttpRequest) -> Self::Future {
-        self.answer(req)
-    }
-}
-
 /// [`Inner`] behind a trait object: the future it returns keeps the stack alive.
 trait Shared: Send + Sync + 'static {
     fn answer(self: Arc<Self>, req: HttpRequest) -> ResponseFuture;
