@@ -6,14 +6,9 @@
 //! time of the request ([`Inner::handle`]), so a request costs no clone of the stack and no
 //! boxed future per layer. The stack is shared once, at its top ([`Stack`]).
 
-use std::{
-    convert::Infallible,
-    future::Future,
-    sync::Arc,
-    task::{Context, Poll},
-};
+use std::{future::Future, sync::Arc};
 
-use tower::{Layer, Service};
+use tower::Layer;
 
 use super::{HttpRequest, HttpResponse, ResponseFuture};
 
@@ -60,21 +55,33 @@ impl<F: HttpFilter, S: Inner> Inner for Filtered<F, S> {
     }
 }
 
-/// A filter is also a tower service on its own (a copy of it answers each call); a composed
-/// stack is served through [`Stack`], which shares it instead.
-impl<F: HttpFilter, S: Inner + Clone> Service<HttpRequest> for Filtered<F, S> {
-    type Response = HttpResponse;
-    type Error = Infallible;
-    type Future = ResponseFuture;
+/// In unit tests a filter is also a tower service on its own (a copy of it answers each call);
+/// the proxy serves a composed stack through [`Stack`], which shares it instead.
+#[cfg(test)]
+mod as_service {
+    use std::{
+        convert::Infallible,
+        task::{Context, Poll},
+    };
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        // Every layer answers each request on its own; none holds requests back.
-        Poll::Ready(Ok(()))
-    }
+    use tower::Service;
 
-    fn call(&mut self, req: HttpRequest) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move { Ok(this.handle(req).await) })
+    use super::{Filtered, HttpFilter, HttpRequest, HttpResponse, Inner, ResponseFuture};
+
+    impl<F: HttpFilter, S: Inner + Clone> Service<HttpRequest> for Filtered<F, S> {
+        type Response = HttpResponse;
+        type Error = Infallible;
+        type Future = ResponseFuture;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            // Every layer answers each request on its own; none holds requests back.
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, req: HttpRequest) -> Self::Future {
+            let this = self.clone();
+            Box::pin(async move { Ok(this.handle(req).await) })
+        }
     }
 }
 
