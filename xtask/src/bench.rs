@@ -208,7 +208,7 @@ fn probed<T>(
     let result = load()?;
     for (node, pid, before, recording) in watching {
         let counts = profile::SchedCounts::of(pid)?.since(before);
-        let svg = recording.finish()?;
+        let (svg, parts) = recording.finish()?;
         println!("   profile: {}", svg.display());
         probe.found.push(profile::PerUnit::new(
             figure,
@@ -216,6 +216,7 @@ fn probed<T>(
             unit,
             counts,
             units(&result),
+            parts,
         ));
     }
     Ok(result)
@@ -315,7 +316,8 @@ fn measure(
     if let Some(probe) = probe.as_mut() {
         // Profiling slows the agents down: a pass of its own, whose figures are not kept.
         println!("== profiling: cross node, mesh (these figures are not reported)");
-        measure_case(sandbox, CROSS_NODE_MESH, plan, &script, Some(probe))?;
+        measure_case(sandbox, CROSS_NODE_MESH, plan, &script, Some(&mut *probe))?;
+        routed::profile(sandbox, plan, &script, probe)?;
     }
     let measured: Vec<Measured> = runs.iter().map(|r| median_measured(r)).collect();
     let routed_measured = routed::median(&routed_runs);

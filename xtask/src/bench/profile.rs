@@ -1,7 +1,8 @@
 //! What the agents do while a load runs: CPU profiles (`perf record`, sampled on the CPU
 //! clock, which works where hardware counters do not, with DWARF call graphs) turned into
-//! flame graphs (inferno) and a top list, and the scheduler's counts per request (context
-//! switches and times scheduled in, from /proc, every thread of the agent).
+//! flame graphs (inferno), a top list and the share of each part of the proxy, and the
+//! scheduler's counts per request (context switches, times scheduled in and time on a CPU,
+//! from /proc, every thread of the agent).
 
 use std::{
     fmt::Write as _,
@@ -23,6 +24,8 @@ pub struct SchedCounts {
     pub involuntary: u64,
     /// Times a thread was put on a CPU (`schedstat`'s third field): wakeups, near enough.
     pub scheduled: u64,
+    /// Time on a CPU, ns (`schedstat`'s first field).
+    pub cpu_ns: u64,
 }
 
 impl SchedCounts {
@@ -41,10 +44,16 @@ impl SchedCounts {
             };
             counts.voluntary += field("voluntary_ctxt_switches:");
             counts.involuntary += field("nonvoluntary_ctxt_switches:");
-            counts.scheduled += fs::read_to_string(dir.join("schedstat"))
-                .ok()
-                .and_then(|s| s.split_whitespace().nth(2)?.parse().ok())
-                .unwrap_or(0);
+            let schedstat = fs::read_to_string(dir.join("schedstat")).unwrap_or_default();
+            let schedstat = |n: usize| -> u64 {
+                schedstat
+                    .split_whitespace()
+                    .nth(n)
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0)
+            };
+            counts.cpu_ns += schedstat(0);
+            counts.scheduled += schedstat(2);
         }
         Ok(counts)
     }
@@ -54,12 +63,13 @@ impl SchedCounts {
             voluntary: self.voluntary.saturating_sub(earlier.voluntary),
             involuntary: self.involuntary.saturating_sub(earlier.involuntary),
             scheduled: self.scheduled.saturating_sub(earlier.scheduled),
+            cpu_ns: self.cpu_ns.saturating_sub(earlier.cpu_ns),
         }
     }
 }
 
-/// Context switches and wakeups of one agent per request (or per connection, or per
-/// megabyte, as the load counts).
+/// Context switches, wakeups and CPU time of one agent per request (or per connection, or per
+/// megabyte, as the load counts), and where its samples were.
 #[derive(Debug, Clone, Serialize)]
 pub struct PerUnit {
     pub figure: String,
@@ -67,6 +77,9 @@ pub struct PerUnit {
     pub unit: &'static str,
     pub context_switches: f64,
     pub scheduled: f64,
+    /// µs on a CPU, profiler included (`perf` unwinding each sample's stack costs the agent).
+    pub cpu_us: f64,
+    pub parts: Parts,
 }
 
 impl PerUnit {
@@ -76,6 +89,7 @@ impl PerUnit {
         unit: &'static str,
         counts: SchedCounts,
         units: f64,
+        parts: Parts,
     ) -> Self {
         let per = |n: u64| if units > 0.0 { n as f64 / units } else { 0.0 };
         Self {
@@ -84,7 +98,100 @@ impl PerUnit {
             unit,
             context_switches: per(counts.voluntary + counts.involuntary),
             scheduled: per(counts.scheduled),
+            cpu_us: per(counts.cpu_ns) / 1000.0,
+            parts,
         }
+    }
+}
+
+/// The parts of the proxy a sample can be in, by the frames of its stack (the first that
+/// matches, in this order).
+pub const PART_NAMES: [&str; 7] = [
+    "access log (its thread)",
+    "HTTP stack (route, policy layers)",
+    "upstream HTTP connection (client codec)",
+    "HBONE connection (HTTP/2, TLS)",
+    "application's connection (HTTP server or byte copy)",
+    "waiting for events",
+    "other",
+];
+
+/// The share (per cent) of an agent's samples in each of [`PART_NAMES`], and the share in
+/// the kernel over all.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Parts {
+    pub shares: Vec<f64>,
+    pub kernel: f64,
+}
+
+impl Default for Parts {
+    /// No samples.
+    fn default() -> Self {
+        Self {
+            shares: vec![0.0; PART_NAMES.len()],
+            kernel: 0.0,
+        }
+    }
+}
+
+/// Which of [`PART_NAMES`] a stack (thread name first, leaf last) is in.
+fn part_of(frames: &[&str]) -> usize {
+    let any = |needles: &[&str]| {
+        frames
+            .iter()
+            .any(|frame| needles.iter().any(|needle| frame.contains(needle)))
+    };
+    if frames.first().is_some_and(|thread| *thread == "access-log") {
+        0
+    } else if any(&["proxy::http::filter::Filtered"]) {
+        1
+    } else if any(&["upstream::pool::spawn_driver"]) {
+        2
+    } else if any(&["nodemesh_hbone::client::handshake", "nodemesh_hbone::server::serve"]) {
+        3
+    } else if any(&[
+        "proxy::outbound::handle",
+        "proxy::hbone_inbound::",
+        "proxy::inbound::",
+        "proxy::local::",
+    ]) {
+        4
+    } else if any(&["::park", "epoll_wait"]) {
+        5
+    } else {
+        6
+    }
+}
+
+/// Where the samples of folded stacks (`thread;a;b;c count`, kernel frames ending `_[k]`) are.
+pub fn parts(folded: &[u8]) -> Parts {
+    let text = String::from_utf8_lossy(folded);
+    let mut counts = [0u64; PART_NAMES.len()];
+    let (mut total, mut kernel) = (0u64, 0u64);
+    for line in text.lines() {
+        let Some((stack, count)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(count) = count.parse::<u64>() else {
+            continue;
+        };
+        let frames: Vec<&str> = stack.split(';').collect();
+        counts[part_of(&frames)] += count;
+        total += count;
+        if frames.last().is_some_and(|leaf| leaf.ends_with("_[k]")) {
+            kernel += count;
+        }
+    }
+    let share = |n: u64| {
+        if total > 0 {
+            n as f64 * 100.0 / total as f64
+        } else {
+            0.0
+        }
+    };
+    Parts {
+        shares: counts.iter().map(|&n| share(n)).collect(),
+        kernel: share(kernel),
     }
 }
 
@@ -122,8 +229,9 @@ impl Recording {
 
     /// Stops recording (SIGINT, as perf expects) and writes `<name>.svg` (flame graph) and
     /// `<name>.top.txt` (where the samples are, by function); an agent that did nothing
-    /// meanwhile gets a top list saying so, and no flame graph.
-    pub fn finish(self) -> anyhow::Result<PathBuf> {
+    /// meanwhile gets a top list saying so, and no flame graph. Returns what it wrote and
+    /// the samples' [`Parts`].
+    pub fn finish(self) -> anyhow::Result<(PathBuf, Parts)> {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.child.id() as i32),
             nix::sys::signal::Signal::SIGINT,
@@ -143,7 +251,7 @@ impl Recording {
             .context("perf script")?;
         let folded = pipe(
             &crate::setup::inferno_binary("inferno-collapse-perf"),
-            &[],
+            &["--kernel"],
             &script.stdout,
         )?;
         let top_list = dir().join(format!("{}.top.txt", self.name));
@@ -154,7 +262,7 @@ impl Recording {
                 &top_list,
                 "no samples: the agent did not run during this load\n",
             )?;
-            return Ok(top_list);
+            return Ok((top_list, Parts::default()));
         }
         let svg = dir().join(format!("{}.svg", self.name));
         let title = format!("nodemesh agent: {}", self.name);
@@ -170,7 +278,7 @@ impl Recording {
         )?;
         // The raw data is large; the flame graph and the top list are what is read.
         let _ = fs::remove_file(&self.data);
-        Ok(svg)
+        Ok((svg, parts(&folded)))
     }
 }
 
@@ -264,14 +372,43 @@ mod tests {
             voluntary: 10,
             involuntary: 2,
             scheduled: 15,
+            cpu_ns: 1_000_000,
         };
         let now = SchedCounts {
             voluntary: 110,
             involuntary: 12,
             scheduled: 135,
+            cpu_ns: 3_500_000,
         };
-        let per = PerUnit::new("c1", "n1", "request", now.since(earlier), 50.0);
+        let per = PerUnit::new(
+            "c1",
+            "n1",
+            "request",
+            now.since(earlier),
+            50.0,
+            Parts::default(),
+        );
         assert_eq!(per.context_switches, 2.2);
         assert_eq!(per.scheduled, 2.4);
+        assert_eq!(per.cpu_us, 50.0);
+    }
+
+    #[test]
+    fn each_sample_counts_in_the_first_part_its_stack_matches() {
+        let folded = b"\
+nodemesh-worker;run;UntilReleased<proxy::outbound::handle>;hyper::dispatch;Filtered<proxy::http::filter::Filtered<Route>>;pick 3
+nodemesh-worker;run;UntilReleased<proxy::outbound::handle>;hyper::dispatch;writev;tcp_sendmsg_[k] 4
+nodemesh-worker;run;upstream::pool::spawn_driver::{{closure}};encode 2
+nodemesh-worker;run;nodemesh_hbone::client::handshake::{{closure}};aes_gcm_encrypt 4
+nodemesh-worker;block_on;nodemesh_hbone::server::serve::{{closure}};h2::Connection::poll 1
+nodemesh-worker;run;UntilReleased<proxy::hbone_inbound::open>;copy 1
+nodemesh-worker;block_on;Context::park;epoll_wait;do_epoll_wait_[k] 3
+access-log;write_entries;serde_json::to_writer 1
+nodemesh-worker;main;clap::parse 1
+";
+        let found = parts(folded);
+        // Access log, stack, upstream, HBONE, application, waiting, other; of 20 samples.
+        assert_eq!(found.shares, vec![5.0, 15.0, 10.0, 25.0, 25.0, 15.0, 5.0]);
+        assert_eq!(found.kernel, 35.0);
     }
 }

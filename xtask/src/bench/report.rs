@@ -81,21 +81,43 @@ fn spread(median: f64, runs: &[f64]) -> String {
     format!("{} ({}-{})", number(median), number(min), number(max))
 }
 
-/// Context switches and wakeups of each agent per unit of load, from a profiled run.
+/// Context switches, wakeups and CPU time of each agent per unit of load, and where its
+/// samples were, from a profiled run.
 pub fn scheduler_markdown(found: &[super::profile::PerUnit]) -> String {
     if found.is_empty() {
         return String::new();
     }
     let mut out = String::from(
-        "\nScheduler, cross node, mesh (from a profiling pass of its own, whose figures are not \
-         reported; flame graphs in `target/bench/profiles/`):\n\n| load | agent | context switches per unit | times scheduled per unit |\n|---|---|---|---|\n",
+        "\nScheduler and CPU, cross node, mesh (from a profiling pass of its own, whose figures \
+         are not reported; flame graphs in `target/bench/profiles/`; CPU time includes the \
+         profiler's cost of unwinding each sample; `routed` is the HTTP-routed path):\n\n\
+         | load | agent | context switches per unit | times scheduled per unit | CPU µs per unit |\n\
+         |---|---|---|---|---|\n",
     );
     for f in found {
         let _ = writeln!(
             out,
-            "| {} (per {}) | {} | {:.2} | {:.2} |",
-            f.figure, f.unit, f.node, f.context_switches, f.scheduled
+            "| {} (per {}) | {} | {:.2} | {:.2} | {:.1} |",
+            f.figure, f.unit, f.node, f.context_switches, f.scheduled, f.cpu_us
         );
+    }
+    let _ = write!(
+        out,
+        "\nWhere each agent's CPU goes (per cent of its samples in the same pass; the last \
+         column, over all parts, is in the kernel):\n\n| load | agent |"
+    );
+    for name in super::profile::PART_NAMES {
+        let _ = write!(out, " {name} |");
+    }
+    let _ = writeln!(out, " kernel |");
+    out.push_str(&"|---".repeat(super::profile::PART_NAMES.len() + 3));
+    out.push_str("|\n");
+    for f in found {
+        let _ = write!(out, "| {} | {} |", f.figure, f.node);
+        for share in &f.parts.shares {
+            let _ = write!(out, " {share:.0} |");
+        }
+        let _ = writeln!(out, " {:.0} |", f.parts.kernel);
     }
     out
 }
@@ -280,6 +302,44 @@ mod tests {
         );
         assert!(table.contains("| idle | 12.3 |"), "{table}");
         assert!(table.contains("- cross node, mesh: 1 error"), "{table}");
+    }
+
+    #[test]
+    fn the_scheduler_tables_give_each_profiled_load_a_row_of_every_column() {
+        use super::super::profile::{PART_NAMES, Parts, PerUnit, SchedCounts};
+        let counts = SchedCounts {
+            voluntary: 200,
+            involuntary: 4,
+            scheduled: 204,
+            cpu_ns: 8_000_000,
+        };
+        let parts = Parts {
+            shares: vec![2.0, 20.0, 10.0, 30.0, 25.0, 8.0, 5.0],
+            kernel: 55.0,
+        };
+        let found = [PerUnit::new(
+            "routed-c1",
+            "n1",
+            "request",
+            counts,
+            100.0,
+            parts,
+        )];
+        let table = scheduler_markdown(&found);
+        assert!(
+            table.contains("| routed-c1 (per request) | n1 | 2.04 | 2.04 | 80.0 |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| routed-c1 | n1 | 2 | 20 | 10 | 30 | 25 | 8 | 5 | 55 |"),
+            "{table}"
+        );
+        let header = table
+            .lines()
+            .find(|l| l.starts_with("| load | agent | access log"))
+            .expect("the parts table has a header");
+        assert_eq!(header.matches('|').count(), PART_NAMES.len() + 4, "{table}");
+        assert!(scheduler_markdown(&[]).is_empty());
     }
 
     #[test]

@@ -85,6 +85,39 @@ pub fn median(runs: &[Routed]) -> Routed {
 
 /// Installs the route and policy, waits until requests go through the HTTP stack, measures.
 pub fn measure(sandbox: &Sandbox, plan: Plan, script: &Path) -> anyhow::Result<Routed> {
+    let client = routed_service(sandbox)?;
+    load(&client, ROUTED_URL, plan, script)
+}
+
+/// Records the agents during the routed path's keep-alive loads (`--profile`), as
+/// `routed-c1-<node>` and `routed-c16-<node>`.
+pub fn profile(
+    sandbox: &Sandbox,
+    plan: Plan,
+    script: &Path,
+    probe: &mut super::Probe,
+) -> anyhow::Result<()> {
+    let client = routed_service(sandbox)?;
+    let requests = |l: &tools::LoadResult| l.requests as f64;
+    for (figure, threads, connections) in [("routed-c1", 1, 1), ("routed-c16", 2, 16)] {
+        super::probed(Some(&mut *probe), figure, "request", requests, || {
+            tools::wrk(
+                &client,
+                ROUTED_URL,
+                threads,
+                connections,
+                plan.seconds,
+                false,
+                script,
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// Configures the routed Service and waits until n1-p1's requests to it go through the HTTP
+/// stack; the client's network namespace.
+fn routed_service(sandbox: &Sandbox) -> anyhow::Result<String> {
     std::fs::write(sandbox.config_dir().join("bench-routed.yaml"), CONFIG)?;
     let client = sandbox.pod("n1-p1").netns.clone();
     poll_until(Duration::from_secs(15), || {
@@ -100,7 +133,7 @@ pub fn measure(sandbox: &Sandbox, plan: Plan, script: &Path) -> anyhow::Result<R
         metrics.contains("destination_service=\"routed.default.svc.cluster.local\""),
         "requests to the routed Service did not go through the HTTP stack"
     );
-    load(&client, ROUTED_URL, plan, script)
+    Ok(client)
 }
 
 /// Turns request metrics on for the whole mesh, waits until n2's proxy counts the requests to
