@@ -147,7 +147,10 @@ fn part_of(frames: &[&str]) -> usize {
         1
     } else if any(&["upstream::pool::spawn_driver"]) {
         2
-    } else if any(&["nodemesh_hbone::client::handshake", "nodemesh_hbone::server::serve"]) {
+    } else if any(&[
+        "nodemesh_hbone::client::handshake",
+        "nodemesh_hbone::server::serve",
+    ]) {
         3
     } else if any(&[
         "proxy::outbound::handle",
