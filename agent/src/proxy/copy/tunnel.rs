@@ -10,11 +10,20 @@ use std::{
     task::{Context, Poll, ready},
 };
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut as _, Bytes, BytesMut};
 use nodemesh_hbone::Tunnel;
 use tokio::io::{AsyncBufRead as _, AsyncRead, AsyncWrite};
 
 use super::{LARGE, SMALL};
+
+/// A bulk read into the tunnel: one HTTP/2 DATA frame of it, head included, is exactly
+/// [`LARGE`], four full TLS records, all of which TLS takes in one write (its send buffer
+/// holds 64 KiB). A 64 KiB read made a 64 KiB + 9 byte frame, whose last 9 bytes went out
+/// as a TLS record and a `writev` of their own.
+const LARGE_READ: usize = LARGE - FRAME_HEAD;
+
+/// The length of an HTTP/2 frame's head (RFC 9113, section 4.1).
+const FRAME_HEAD: usize = 9;
 
 /// Copies between `socket` and `tunnel` until both directions are done, with a half-close
 /// passed on each way, like `bidirectional`, but without copying the bytes in between. Every
@@ -98,11 +107,12 @@ impl IntoTunnel {
                 continue;
             }
             self.buffer.reserve(self.room);
-            let offered = self.buffer.capacity() - self.buffer.len();
+            // The allocation may be larger than asked: read no more than `room`.
+            let offered = (self.buffer.capacity() - self.buffer.len()).min(self.room);
             let n = ready!(tokio_util::io::poll_read_buf(
                 Pin::new(&mut *socket),
                 cx,
-                &mut self.buffer
+                &mut (&mut self.buffer).limit(offered)
             ))?;
             count();
             if n == 0 {
@@ -110,7 +120,7 @@ impl IntoTunnel {
                 continue;
             }
             if n == offered {
-                self.room = LARGE;
+                self.room = LARGE_READ;
             }
             self.pending = self.buffer.split().freeze();
         }
@@ -183,10 +193,10 @@ mod tests {
     use super::*;
     use crate::proxy::copy::tests::exchange;
 
-    #[tokio::test]
-    async fn a_tunnel_and_a_socket_are_copied_whole_both_ways_with_their_half_closes() {
+    /// A tunnel over HBONE on an in-memory connection, and the server's end of it.
+    async fn tunnel_pair() -> (Tunnel, Tunnel) {
         use nodemesh_hbone::{ClientSettings, ConnectRequest, ServerSettings};
-        // HBONE over an in-memory connection; the server hands its end of each tunnel over.
+        // The server hands its end of each tunnel over.
         let (client_io, server_io) = tokio::io::duplex(64 * 1024);
         let (ends, mut far_ends) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
@@ -209,10 +219,16 @@ mod tests {
             .await
             .expect("HTTP/2");
         let dst = "10.0.0.2:9000".parse().expect("address");
-        let mut tunnel = nodemesh_hbone::open_tunnel(&mut sender, dst)
+        let tunnel = nodemesh_hbone::open_tunnel(&mut sender, dst)
             .await
             .expect("tunnel");
-        let mut far = far_ends.recv().await.expect("the server's end");
+        let far = far_ends.recv().await.expect("the server's end");
+        (tunnel, far)
+    }
+
+    #[tokio::test]
+    async fn a_tunnel_and_a_socket_are_copied_whole_both_ways_with_their_half_closes() {
+        let (mut tunnel, mut far) = tunnel_pair().await;
         let (app, mut socket) = tokio::io::duplex(4096);
         let proxy = tokio::spawn(async move {
             let reads = AtomicU64::new(0);
@@ -224,5 +240,33 @@ mod tests {
         let (copied, reads) = proxy.await.expect("proxy");
         assert_eq!(copied.expect("copy"), sizes);
         assert!(reads > 2, "every read is counted for the idle timeout");
+    }
+
+    #[tokio::test]
+    async fn a_bulk_read_becomes_one_data_frame_of_64_kib_with_its_head() {
+        use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+        assert_eq!(LARGE_READ + FRAME_HEAD, 64 * 1024);
+        let (mut tunnel, mut far) = tunnel_pair().await;
+        let (mut app, mut socket) = tokio::io::duplex(1 << 20);
+        let sent = 300_000;
+        app.write_all(&vec![7; sent]).await.expect("write");
+        app.shutdown().await.expect("shutdown");
+        tokio::spawn(async move { with_tunnel(&mut socket, &mut tunnel, None).await });
+        // Each chunk the far end reads is one DATA frame as it arrived.
+        let mut frames = Vec::new();
+        loop {
+            let frame = far.fill_buf().await.expect("read").len();
+            if frame == 0 {
+                break;
+            }
+            far.consume(frame);
+            frames.push(frame);
+        }
+        assert_eq!(frames.iter().sum::<usize>(), sent);
+        assert!(frames.iter().all(|&f| f <= LARGE_READ), "{frames:?}");
+        assert!(
+            frames.iter().filter(|&&f| f == LARGE_READ).count() >= 3,
+            "bulk reads fill a frame to 64 KiB with its head: {frames:?}"
+        );
     }
 }
