@@ -166,19 +166,21 @@ fn part_of(frames: &[&str]) -> usize {
     }
 }
 
-/// Where the samples of folded stacks (`thread;a;b;c count`, kernel frames ending `_[k]`) are.
+/// The stacks of folded text (`thread;a;b;c count`, one per line) with their sample counts;
+/// lines that are not stacks are skipped.
+fn stacks(text: &str) -> impl Iterator<Item = (Vec<&str>, u64)> {
+    text.lines().filter_map(|line| {
+        let (stack, count) = line.rsplit_once(' ')?;
+        Some((stack.split(';').collect(), count.parse().ok()?))
+    })
+}
+
+/// Where the samples of folded stacks (kernel frames ending `_[k]`) are.
 pub fn parts(folded: &[u8]) -> Parts {
     let text = String::from_utf8_lossy(folded);
     let mut counts = [0u64; PART_NAMES.len()];
     let (mut total, mut kernel) = (0u64, 0u64);
-    for line in text.lines() {
-        let Some((stack, count)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        let Ok(count) = count.parse::<u64>() else {
-            continue;
-        };
-        let frames: Vec<&str> = stack.split(';').collect();
+    for (frames, count) in stacks(&text) {
         counts[part_of(&frames)] += count;
         total += count;
         if frames.last().is_some_and(|leaf| leaf.ends_with("_[k]")) {
@@ -315,15 +317,8 @@ pub fn top(folded: &[u8], n: usize) -> String {
     let mut total = 0u64;
     let mut leaf: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
     let mut any: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
-    for line in text.lines() {
-        let Some((stack, count)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        let Ok(count) = count.parse::<u64>() else {
-            continue;
-        };
+    for (frames, count) in stacks(&text) {
         total += count;
-        let frames: Vec<&str> = stack.split(';').collect();
         if let Some(last) = frames.last() {
             *leaf.entry(last).or_default() += count;
         }
