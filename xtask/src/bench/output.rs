@@ -8,7 +8,10 @@ use serde_json::json;
 use super::{Outcome, Plan, report, routed};
 use crate::target_dir;
 
-/// The machine the figures come from: CPU model and count, kernel.
+/// The machine the figures come from: CPU model and count, kernel, and the TCP congestion
+/// control the sandbox's namespaces take from it at creation. The last moves the figures:
+/// BBR paces every socket with a timer, which on this machine kind held one iperf3 stream
+/// without the mesh to 17.5 Gbit/s against 28 with CUBIC.
 fn machine() -> String {
     let cpu = fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -21,8 +24,10 @@ fn machine() -> String {
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|k| k.trim().to_owned())
         .unwrap_or_default();
+    let congestion = fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
+        .map_or_else(|_| "unknown".to_owned(), |c| c.trim().to_owned());
     format!(
-        "{} vCPUs ({cpu}), Linux {kernel}",
+        "{} vCPUs ({cpu}), Linux {kernel}, TCP congestion control {congestion}",
         std::thread::available_parallelism().map_or(0, usize::from)
     )
 }
