@@ -3,6 +3,7 @@
 //! nodes. Real load tools: wrk, oha, sockperf, iperf3. Outputs `target/bench/results.json`,
 //! `results.md` and `chart.png`. Figures are never asserted anywhere.
 
+mod figures;
 mod output;
 mod profile;
 mod report;
@@ -17,7 +18,7 @@ use serde_json::json;
 
 pub use self::{output::readme, tools::oha_binary};
 use self::{
-    report::{Pair, Row},
+    report::Row,
     tools::{LoadResult, Server},
 };
 use crate::{Profile, build, require_root, setup, target_dir};
@@ -232,16 +233,8 @@ fn measure(
     profiling: bool,
 ) -> anyhow::Result<Outcome> {
     let agent_pid = |node: &str| sandbox.node(node).agent.pid;
-    // Both agents' resident memory, as rows `node <n> agent, <when>`.
-    let both = |memory: &mut Vec<(String, f64)>, when: &str| -> anyhow::Result<()> {
-        for node in ["n1", "n2"] {
-            let mb = tools::rss_mb(agent_pid(node))?;
-            memory.push((format!("node {node} agent, {when}"), mb));
-        }
-        Ok(())
-    };
     let mut memory = Vec::new();
-    both(&mut memory, "idle")?;
+    agents_memory(sandbox, "idle", &mut memory)?;
     memory.push((
         "node n1 agent, idle: anonymous memory only (heap, stacks)".to_owned(),
         tools::rss_anon_mb(agent_pid("n1"))?,
@@ -257,7 +250,7 @@ fn measure(
         ("cross node, no mesh", CROSS_NODE_NO_MESH),
         ("cross node, mesh", CROSS_NODE_MESH),
     ];
-    let mut runs: Vec<Vec<Measured>> = vec![Vec::new(); cases.len()];
+    let mut runs: [Vec<Measured>; 4] = Default::default();
     let mut routed_runs = Vec::new();
     let mut metrics_runs = Vec::new();
     let mut notes = Vec::new();
@@ -323,167 +316,10 @@ fn measure(
     let routed_measured = routed::median(&routed_runs);
     let metrics_measured = routed::median(&metrics_runs);
     drop(servers);
-    // What the loads left behind, then, once the allocator has returned what they freed (tens
-    // of MB of buffers after the throughput loads), the connections' own cost.
-    both(&mut memory, "right after the loads")?;
-    std::thread::sleep(ALLOCATOR_DECAY);
-    let held = hold_connections(sandbox, 1000)?;
-    both(&mut memory, "1000 open connections")?;
-    drop(held);
-    // Idle tunnels: 10,000 CONNECT streams on the pooled HBONE connection from n1 to n2.
-    std::thread::sleep(Duration::from_secs(1));
-    let held = hold_connections(sandbox, 10_000)?;
-    both(&mut memory, "10,000 idle HBONE streams")?;
-    drop(held);
+    memory_after_loads(sandbox, &mut memory)?;
     let (cross_no, cross_mesh) = (measured[2], measured[3]);
-    let pair = |f: fn(&Measured) -> f64| {
-        let each = |i: usize| runs[i].iter().map(f).collect::<Vec<f64>>();
-        (Pair::of(each(0), each(1)), Pair::of(each(2), each(3)))
-    };
-    let row = |figure: String,
-               unit: &'static str,
-               higher_is_better: bool,
-               target: Option<&'static str>,
-               f: fn(&Measured) -> f64| {
-        let (same_node, cross_node) = pair(f);
-        Row {
-            figure,
-            unit,
-            higher_is_better,
-            same_node,
-            cross_node,
-            target,
-        }
-    };
     let rate = plan.fixed_rate;
-    let rows = vec![
-        row(
-            "HTTP keep-alive, 1 connection: p50".into(),
-            "µs",
-            false,
-            Some("added ≤ +30 µs on a 28 µs baseline, about 2.1x (ztunnel 3.9x)"),
-            |m| m.http_c1.latency.p50_us,
-        ),
-        row(
-            "HTTP keep-alive, 1 connection: p99".into(),
-            "µs",
-            false,
-            None,
-            |m| m.http_c1.latency.p99_us,
-        ),
-        row(
-            format!("HTTP at {rate} req/s: p50"),
-            "µs",
-            false,
-            None,
-            |m| m.http_fixed.latency.p50_us,
-        ),
-        row(
-            format!("HTTP at {rate} req/s: p99"),
-            "µs",
-            false,
-            None,
-            |m| m.http_fixed.latency.p99_us,
-        ),
-        row(
-            format!("HTTP at {rate} req/s: p99.9"),
-            "µs",
-            false,
-            None,
-            |m| m.http_fixed.latency.p999_us,
-        ),
-        row(
-            "HTTP keep-alive, 16 connections: throughput".into(),
-            "req/s",
-            true,
-            Some("≥ 0.6x (ztunnel 0.26x)"),
-            |m| m.http_c16.per_second,
-        ),
-        row(
-            "HTTP at the highest rate (16 conn.): p50".into(),
-            "µs",
-            false,
-            None,
-            |m| m.http_c16.latency.p50_us,
-        ),
-        row(
-            "HTTP at the highest rate (16 conn.): p99".into(),
-            "µs",
-            false,
-            None,
-            |m| m.http_c16.latency.p99_us,
-        ),
-        row(
-            "HTTP at the highest rate (16 conn.): p99.9".into(),
-            "µs",
-            false,
-            None,
-            |m| m.http_c16.latency.p999_us,
-        ),
-        row(
-            "HTTP Connection: close (4 conn.): new connections".into(),
-            "conn/s",
-            true,
-            Some("≥ 0.5x (ztunnel 0.19x)"),
-            |m| m.http_close.per_second,
-        ),
-        row(
-            "TCP request/response (sockperf): p50".into(),
-            "µs",
-            false,
-            None,
-            |m| m.tcp_rr.latency.p50_us,
-        ),
-        row(
-            "TCP request/response (sockperf): p99".into(),
-            "µs",
-            false,
-            None,
-            |m| m.tcp_rr.latency.p99_us,
-        ),
-        row(
-            "TCP request/response (sockperf): p99.9".into(),
-            "µs",
-            false,
-            None,
-            |m| m.tcp_rr.latency.p999_us,
-        ),
-        row(
-            "TCP throughput, 1 stream (iperf3)".into(),
-            "Gbit/s",
-            true,
-            Some("≥ 0.5x (ztunnel 0.22x)"),
-            |m| m.gbps_1,
-        ),
-        row(
-            "TCP throughput, 4 streams (iperf3)".into(),
-            "Gbit/s",
-            true,
-            Some("mesh ≥ 1.5 × its one stream"),
-            |m| m.gbps_4,
-        ),
-        row(
-            "host CPU busy during iperf3, 1 stream".into(),
-            "% of all CPUs",
-            false,
-            None,
-            |m| m.busy_1,
-        ),
-        row(
-            "host CPU busy during iperf3, 4 streams".into(),
-            "% of all CPUs",
-            false,
-            None,
-            |m| m.busy_4,
-        ),
-        row(
-            "host CPU per 1000 requests (16 conn.)".into(),
-            "ms",
-            false,
-            Some("≤ 1.8x (ztunnel 3.7x)"),
-            |m| m.cpu_ms_per_1000,
-        ),
-    ];
+    let rows = figures::rows(&runs, rate);
     let raw = json!({
         "same_node": { "no_mesh": runs[0], "mesh": runs[1] },
         "cross_node": { "no_mesh": runs[2], "mesh": runs[3], "routed": routed_runs, "http_metrics": metrics_runs },
@@ -502,6 +338,35 @@ fn measure(
         ),
         scheduler: probe.map(|p| p.found).unwrap_or_default(),
     })
+}
+
+/// Both agents' resident memory, as rows `node <n> agent, <when>`.
+fn agents_memory(
+    sandbox: &Sandbox,
+    when: &str,
+    memory: &mut Vec<(String, f64)>,
+) -> anyhow::Result<()> {
+    for node in ["n1", "n2"] {
+        let mb = tools::rss_mb(sandbox.node(node).agent.pid)?;
+        memory.push((format!("node {node} agent, {when}"), mb));
+    }
+    Ok(())
+}
+
+/// What the loads left behind in the agents, then, once the allocator has returned what they
+/// freed (tens of MB of buffers after the throughput loads), the cost of open connections and
+/// of idle tunnels (CONNECT streams on the pooled HBONE connection from n1 to n2).
+fn memory_after_loads(sandbox: &Sandbox, memory: &mut Vec<(String, f64)>) -> anyhow::Result<()> {
+    agents_memory(sandbox, "right after the loads", memory)?;
+    std::thread::sleep(ALLOCATOR_DECAY);
+    let held = hold_connections(sandbox, 1000)?;
+    agents_memory(sandbox, "1000 open connections", memory)?;
+    drop(held);
+    std::thread::sleep(Duration::from_secs(1));
+    let held = hold_connections(sandbox, 10_000)?;
+    agents_memory(sandbox, "10,000 idle HBONE streams", memory)?;
+    drop(held);
+    Ok(())
 }
 
 /// A note for each of `loads` that saw errors: a figure with errors is less trustworthy.
