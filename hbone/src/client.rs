@@ -1,22 +1,30 @@
 //! The client side: one HTTP/2 connection, many CONNECT streams.
 
 use std::{
+    future::Future,
     net::SocketAddr,
+    pin::Pin,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
+    task::{Context, Poll, ready},
     time::Duration,
 };
 
 use bytes::Bytes;
-use h2::{Reason, client::SendRequest};
+use h2::{
+    Reason, SendStream,
+    client::{ResponseFuture, SendRequest},
+};
 use http::{HeaderMap, Method, Request, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::{
     CONNECTION_WINDOW, HboneError, MAX_FRAME, MAX_HEADER_LIST, MAX_SEND_BUFFER, STREAM_WINDOW,
-    Tunnel, activity::Activity, keepalive,
+    Tunnel,
+    activity::{Activity, StreamGuard},
+    keepalive,
 };
 
 /// The bounds of one client connection.
@@ -144,6 +152,16 @@ pub async fn open_tunnel_with(
     authority: SocketAddr,
     headers: HeaderMap,
 ) -> Result<Tunnel, HboneError> {
+    connect(sender, authority, headers).await?.await
+}
+
+/// Sends a CONNECT to `authority` carrying `headers`, without waiting for its answer: the
+/// returned [`Connecting`] resolves to the tunnel once the server accepts.
+pub async fn connect(
+    sender: &mut HboneSender,
+    authority: SocketAddr,
+    headers: HeaderMap,
+) -> Result<Connecting, HboneError> {
     let open = sender.activity.open();
     // Waits while the server's cap on concurrent streams is reached.
     let mut ready = sender
@@ -161,22 +179,75 @@ pub async fn open_tunnel_with(
     let (response, send) = ready
         .send_request(request, false)
         .map_err(|_| sender.close())?;
-    let response = response.await.map_err(|source| {
-        // Refused before the server looked at it (a GOAWAY raced the request): safe to send
-        // again on another connection.
-        if source.is_go_away() || source.reason() == Some(Reason::REFUSED_STREAM) {
-            sender.close()
-        } else {
-            HboneError::Connect { authority, source }
-        }
-    })?;
-    if response.status() != StatusCode::OK {
-        return Err(HboneError::Refused {
-            authority,
-            status: response.status(),
-        });
+    Ok(Connecting {
+        stream: Some((send, open)),
+        response,
+        authority,
+        closed: sender.closed.clone(),
+    })
+}
+
+/// A CONNECT sent, its answer still to come. Bytes may go ahead of the answer
+/// ([`Connecting::send_early`]): the server reads them once it has connected to the
+/// destination, so a client that speaks first waits no round trip for the answer. Dropped
+/// before the answer, it cancels the stream.
+pub struct Connecting {
+    /// Taken when the answer arrives.
+    stream: Option<(SendStream<Bytes>, StreamGuard)>,
+    response: ResponseFuture,
+    authority: SocketAddr,
+    closed: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Connecting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connecting")
+            .field("authority", &self.authority)
+            .finish_non_exhaustive()
     }
-    Ok(Tunnel::new(send, response.into_body(), open))
+}
+
+impl Connecting {
+    /// Queues `data` on the stream ahead of the answer. The caller bounds what it sends this
+    /// way: the stream's window is not waited for.
+    pub fn send_early(&mut self, data: Bytes) -> Result<(), HboneError> {
+        let (send, _) = self
+            .stream
+            .as_mut()
+            .expect("no early bytes after the answer");
+        send.send_data(data, false).map_err(|e| self.failed(e))
+    }
+
+    /// A refusal before the server looked at the stream (a GOAWAY raced the request) closes
+    /// the connection for new streams and is safe to send again on another one.
+    fn failed(&self, source: h2::Error) -> HboneError {
+        if source.is_go_away() || source.reason() == Some(Reason::REFUSED_STREAM) {
+            self.closed.store(true, Ordering::Release);
+            HboneError::Closed
+        } else {
+            HboneError::Connect {
+                authority: self.authority,
+                source,
+            }
+        }
+    }
+}
+
+impl Future for Connecting {
+    type Output = Result<Tunnel, HboneError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let response = ready!(Pin::new(&mut this.response).poll(cx)).map_err(|e| this.failed(e))?;
+        if response.status() != StatusCode::OK {
+            return Poll::Ready(Err(HboneError::Refused {
+                authority: this.authority,
+                status: response.status(),
+            }));
+        }
+        let (send, open) = this.stream.take().expect("polled after the answer");
+        Poll::Ready(Ok(Tunnel::new(send, response.into_body(), open)))
+    }
 }
 
 #[cfg(test)]
@@ -201,6 +272,98 @@ mod tests {
         })
         .await
         .expect("closed once a ping went unanswered");
+    }
+
+    /// A server whose answers wait for the test's word, and which hands the test each
+    /// accepted tunnel's far end.
+    fn held_server(
+        server_io: tokio::io::DuplexStream,
+        answer: StatusCode,
+    ) -> (
+        tokio::sync::mpsc::UnboundedSender<()>,
+        tokio::sync::mpsc::UnboundedReceiver<Tunnel>,
+    ) {
+        let (go, go_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let go_rx = Arc::new(tokio::sync::Mutex::new(go_rx));
+        let (ends, far_ends) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let settings = ServerSettings::default();
+            let handle = move |c: ConnectRequest| {
+                let (go_rx, ends) = (go_rx.clone(), ends.clone());
+                async move {
+                    let _ = go_rx.lock().await.recv().await;
+                    if answer != StatusCode::OK {
+                        return crate::status(answer);
+                    }
+                    let (response, tunnel) = c.accept();
+                    tokio::spawn(async move {
+                        if let Some(tunnel) = tunnel.await {
+                            let _ = ends.send(tunnel);
+                        }
+                    });
+                    response
+                }
+            };
+            serve(server_io, &settings, std::future::pending(), handle).await
+        });
+        (go, far_ends)
+    }
+
+    #[tokio::test]
+    async fn bytes_sent_ahead_of_the_answer_reach_the_far_end_first_and_in_order() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let (go, mut far_ends) = held_server(server_io, StatusCode::OK);
+        let mut sender = handshake(client_io, &ClientSettings::default())
+            .await
+            .expect("HTTP/2");
+        let dst = "10.0.0.2:9000".parse().expect("addr");
+        let mut connecting = connect(&mut sender, dst, HeaderMap::new())
+            .await
+            .expect("CONNECT sent");
+        // The server has not answered, and cannot until told: sending must not wait for it.
+        connecting
+            .send_early(Bytes::from_static(b"GET / HTTP/1.1\r\n"))
+            .expect("sent ahead");
+        go.send(()).expect("server");
+        let mut tunnel = tokio::time::timeout(Duration::from_secs(10), connecting)
+            .await
+            .expect("answered")
+            .expect("accepted");
+        tunnel.write_all(b"\r\n").await.expect("write");
+        tunnel.shutdown().await.expect("end");
+        let mut far = far_ends.recv().await.expect("far end");
+        let mut received = Vec::new();
+        far.read_to_end(&mut received).await.expect("read");
+        assert_eq!(received, b"GET / HTTP/1.1\r\n\r\n");
+    }
+
+    #[tokio::test]
+    async fn a_refused_connect_is_an_error_even_with_bytes_sent_ahead() {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let (go, _far_ends) = held_server(server_io, StatusCode::FORBIDDEN);
+        let mut sender = handshake(client_io, &ClientSettings::default())
+            .await
+            .expect("HTTP/2");
+        let dst = "10.0.0.2:9000".parse().expect("addr");
+        let mut connecting = connect(&mut sender, dst, HeaderMap::new())
+            .await
+            .expect("CONNECT sent");
+        connecting
+            .send_early(Bytes::from_static(b"hello"))
+            .expect("sent ahead");
+        go.send(()).expect("server");
+        let answer = tokio::time::timeout(Duration::from_secs(10), connecting)
+            .await
+            .expect("answered");
+        assert!(
+            matches!(answer, Err(HboneError::Refused { status, .. }) if status == StatusCode::FORBIDDEN),
+            "{answer:?}"
+        );
+        assert!(
+            !sender.is_closed(),
+            "a refused stream leaves the connection open"
+        );
     }
 
     #[tokio::test]

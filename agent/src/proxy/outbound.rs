@@ -5,18 +5,23 @@
 //! appProtocol says so), each request is routed on its own by the HTTP stack.
 
 use std::{
+    future::Future as _,
+    mem::MaybeUninit,
     net::{IpAddr, SocketAddr, SocketAddrV4},
+    pin::Pin,
     sync::{Arc, atomic::Ordering},
+    task::Poll,
     time::{Duration, Instant},
 };
 
+use bytes::Bytes;
 use nodemesh_config::EgressPolicy;
-use nodemesh_hbone::{HboneSender, Tunnel};
+use nodemesh_hbone::{Connecting, HboneSender, Tunnel};
 use nodemesh_identity::SpiffeId;
 use nodemesh_traffic::{outlier::Outcome, policy::BudgetSettings};
 use rustls_pki_types::ServerName;
 use tokio::{
-    io::{AsyncRead, AsyncWrite},
+    io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
 };
 use tokio_rustls::TlsConnector;
@@ -107,8 +112,12 @@ async fn to_address<S>(
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let upstream = connect(target, destination, mesh, pod, shared, tracker).await?;
-    splice_to(client, upstream, shared).await
+    let mut client = client;
+    let mut first = FirstBytes::new(&mut client);
+    let upstream = connect(target, destination, mesh, pod, shared, tracker, &mut first).await?;
+    let ahead = first.sent();
+    let (sent, received) = splice_to(client, upstream, shared).await?;
+    Ok((sent + ahead, received))
 }
 
 /// Where a connection goes on: a tunnel to an enrolled workload, another pod of this node,
@@ -138,8 +147,8 @@ where
 }
 
 /// Connects to `target`: handed over in-process when it is an enrolled workload of this
-/// node, in an HBONE tunnel when it is one elsewhere, as plain TCP otherwise (unless egress is
-/// denied).
+/// node, in an HBONE tunnel when it is one elsewhere (the client's `first` bytes going ahead
+/// of the tunnel's answer), as plain TCP otherwise (unless egress is denied).
 async fn connect(
     target: SocketAddr,
     destination: Option<Arc<Destination>>,
@@ -147,6 +156,7 @@ async fn connect(
     pod: &PodContext,
     shared: &Arc<ProxyShared>,
     tracker: &mut ConnectionTracker,
+    first: &mut FirstBytes<'_>,
 ) -> Result<Upstream, ProxyError> {
     tracker.record.destination_workload = destination.as_ref().map(|d| d.key.clone());
     let identity = destination.and_then(|d| d.identity.clone());
@@ -169,8 +179,12 @@ async fn connect(
             }
             let from = tracker.record.client;
             let service = tracker.record.destination_service.clone();
+            let to = Target {
+                dst: target,
+                identity,
+            };
             let tunnel =
-                open_hbone_tunnel(pod, shared, target, identity, from, service.as_deref()).await?;
+                open_tunnel(pod, shared, to, from, service.as_deref(), Some(first)).await?;
             tracker.record.hbone = Some(SocketAddr::new(target.ip(), shared.hbone_port));
             Ok(Upstream::Tunnel(tunnel))
         }
@@ -247,6 +261,7 @@ async fn to_endpoint<S>(
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
+    let mut client = client;
     let target = &port.service_target;
     let traffic = &shared.http.traffic;
     let client_state: Arc<ClientState> =
@@ -280,6 +295,7 @@ where
     let addr = SocketAddr::V4(endpoint.addr);
     // Connections open count as in flight; only connecting says anything of the endpoint.
     let _open = Open(&health, endpoint.addr);
+    let mut first = FirstBytes::new(&mut client);
     let connect = tokio::time::timeout(
         target.settings.connect_timeout,
         connect(
@@ -289,6 +305,7 @@ where
             pod,
             shared,
             tracker,
+            &mut first,
         ),
     );
     let upstream = match connect.await {
@@ -315,7 +332,9 @@ where
         release: false,
     };
     balance::record(traffic, target, &health, endpoint.addr, finished);
-    splice_to(client, upstream?, shared).await
+    let ahead = first.sent();
+    let (sent, received) = splice_to(client, upstream?, shared).await?;
+    Ok((sent + ahead, received))
 }
 
 /// Gives back the endpoint's count of open connections when the connection ends.
@@ -337,6 +356,32 @@ pub async fn open_hbone_tunnel(
     client: SocketAddr,
     service: Option<&str>,
 ) -> Result<Tunnel, ProxyError> {
+    let to = Target {
+        dst,
+        identity: destination_identity,
+    };
+    open_tunnel(pod, shared, to, client, service, None).await
+}
+
+/// Where a tunnel goes: an enrolled workload's address and the identity it must prove.
+struct Target {
+    dst: SocketAddr,
+    identity: SpiffeId,
+}
+
+/// [`open_hbone_tunnel`], with the client's `first` bytes sent ahead of the answer.
+async fn open_tunnel(
+    pod: &PodContext,
+    shared: &Arc<ProxyShared>,
+    to: Target,
+    client: SocketAddr,
+    service: Option<&str>,
+    mut first: Option<&mut FirstBytes<'_>>,
+) -> Result<Tunnel, ProxyError> {
+    let Target {
+        dst,
+        identity: destination_identity,
+    } = to;
     let hbone_addr = SocketAddr::new(dst.ip(), shared.hbone_port);
     let key = PoolKey {
         source: pod.key.clone(),
@@ -367,18 +412,86 @@ pub async fn open_hbone_tunnel(
             })
             .await?;
         let headers = super::baggage::connect_headers(pod.baggage.as_ref(), client, service);
-        let answer = nodemesh_hbone::open_tunnel_with(&mut sender, dst, headers);
+        let answer = async {
+            let connecting = nodemesh_hbone::connect(&mut sender, dst, headers).await?;
+            match first.as_deref_mut() {
+                Some(first) => first.ahead_of(connecting).await,
+                None => Ok(connecting.await?),
+            }
+        };
         return match tokio::time::timeout(HBONE_STEP_TIMEOUT, answer).await {
-            Ok(Err(nodemesh_hbone::HboneError::Closed)) if !retried => {
+            Ok(Err(ProxyError::Hbone(nodemesh_hbone::HboneError::Closed))) if !retried => {
                 retried = true;
                 continue;
             }
-            Ok(tunnel) => Ok(tunnel?),
+            Ok(tunnel) => tunnel,
             Err(_) => Err(ProxyError::HboneTimeout {
                 dst: hbone_addr,
                 timeout: HBONE_STEP_TIMEOUT,
             }),
         };
+    }
+}
+
+/// Most of the client's first bytes that go ahead of a tunnel's answer: a request's head, a TLS
+/// ClientHello. The rest follows the answer.
+const FIRST_BYTES: usize = 16 * 1024;
+
+/// The client's first bytes, sent on a new tunnel ahead of the CONNECT's answer, so that a
+/// client that speaks first (HTTP, TLS) waits no round trip more than without the mesh: the
+/// destination's proxy reads them once it has connected to the application.
+struct FirstBytes<'a> {
+    client: &'a mut (dyn AsyncRead + Send + Unpin + 'a),
+    /// What was read and sent; kept to send again when the CONNECT has to go on another
+    /// connection (one that closed before its server looked at the stream).
+    sent: Bytes,
+}
+
+impl<'a> FirstBytes<'a> {
+    fn new(client: &'a mut (dyn AsyncRead + Send + Unpin + 'a)) -> Self {
+        Self {
+            client,
+            sent: Bytes::new(),
+        }
+    }
+
+    /// How many bytes of the client went ahead of the answer.
+    fn sent(&self) -> u64 {
+        self.sent.len() as u64
+    }
+
+    /// Waits for the answer to `connecting`, sending ahead of it the client's first bytes if
+    /// they come first (or those already sent once, on a connection that refused the stream).
+    async fn ahead_of(&mut self, mut connecting: Connecting) -> Result<Tunnel, ProxyError> {
+        if !self.sent.is_empty() {
+            connecting.send_early(self.sent.clone())?;
+            return Ok(connecting.await?);
+        }
+        let mut reading = true;
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(answer) = Pin::new(&mut connecting).poll(cx) {
+                return Poll::Ready(answer.map_err(ProxyError::from));
+            }
+            if reading {
+                let mut buffer = [MaybeUninit::uninit(); FIRST_BYTES];
+                let mut read = ReadBuf::uninit(&mut buffer);
+                match Pin::new(&mut *self.client).poll_read(cx, &mut read) {
+                    Poll::Pending => {}
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(ProxyError::Io(e))),
+                    Poll::Ready(Ok(())) => {
+                        reading = false;
+                        if !read.filled().is_empty() {
+                            self.sent = Bytes::copy_from_slice(read.filled());
+                            if let Err(e) = connecting.send_early(self.sent.clone()) {
+                                return Poll::Ready(Err(e.into()));
+                            }
+                        }
+                    }
+                }
+            }
+            Poll::Pending
+        })
+        .await
     }
 }
 
@@ -427,4 +540,156 @@ async fn connect_hbone(
             dst: hbone_addr,
             timeout: HBONE_STEP_TIMEOUT,
         }))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use nodemesh_hbone::{ClientSettings, ConnectRequest, HboneSender, ServerSettings};
+    use tokio::{
+        io::{AsyncReadExt as _, AsyncWriteExt as _},
+        sync::mpsc,
+    };
+
+    use super::*;
+
+    /// An HBONE connection in memory whose server answers each CONNECT only when the test
+    /// says so, and hands the test the server's end of each tunnel.
+    async fn held_hbone() -> (
+        HboneSender,
+        mpsc::UnboundedSender<()>,
+        mpsc::UnboundedReceiver<Tunnel>,
+    ) {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let (go, go_rx) = mpsc::unbounded_channel::<()>();
+        let go_rx = Arc::new(tokio::sync::Mutex::new(go_rx));
+        let (ends, far_ends) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let handle = move |connect: ConnectRequest| {
+                let (go_rx, ends) = (go_rx.clone(), ends.clone());
+                async move {
+                    let _ = go_rx.lock().await.recv().await;
+                    let (response, tunnel) = connect.accept();
+                    tokio::spawn(async move {
+                        if let Some(tunnel) = tunnel.await {
+                            let _ = ends.send(tunnel);
+                        }
+                    });
+                    response
+                }
+            };
+            let settings = ServerSettings::default();
+            nodemesh_hbone::serve(server_io, &settings, std::future::pending(), handle).await
+        });
+        let sender = nodemesh_hbone::handshake(client_io, &ClientSettings::default())
+            .await
+            .expect("HTTP/2");
+        (sender, go, far_ends)
+    }
+
+    async fn connecting(sender: &mut HboneSender) -> Connecting {
+        let dst = "10.0.0.2:9000".parse().expect("address");
+        nodemesh_hbone::connect(sender, dst, ::http::HeaderMap::new())
+            .await
+            .expect("CONNECT sent")
+    }
+
+    /// Reads what the far end has received, up to `len` bytes.
+    async fn received(far: &mut Tunnel, len: usize) -> Vec<u8> {
+        let mut bytes = vec![0; len];
+        tokio::time::timeout(Duration::from_secs(10), far.read_exact(&mut bytes))
+            .await
+            .expect("received in time")
+            .expect("read");
+        bytes
+    }
+
+    #[tokio::test]
+    async fn a_clients_first_bytes_go_ahead_of_the_answer_and_the_rest_follows() {
+        let (mut sender, go, mut far_ends) = held_hbone().await;
+        let (mut app, mut socket) = tokio::io::duplex(64 * 1024);
+        app.write_all(b"GET / HTTP/1.1\r\n").await.expect("write");
+        let mut first = FirstBytes::new(&mut socket);
+        let connecting = connecting(&mut sender).await;
+        let answer = tokio::time::timeout(Duration::from_secs(10), first.ahead_of(connecting));
+        // The server answers only a while after the bytes could have been taken.
+        let answer_later = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            go.send(()).expect("server");
+        };
+        let (tunnel, ()) = tokio::join!(answer, answer_later);
+        let mut tunnel = tunnel.expect("answered").expect("tunnel");
+        assert_eq!(&first.sent[..], b"GET / HTTP/1.1\r\n");
+        drop(first);
+        app.write_all(b"\r\n").await.expect("write");
+        let mut rest = [0; 2];
+        socket.read_exact(&mut rest).await.expect("read");
+        tunnel.write_all(&rest).await.expect("forward");
+        let mut far = far_ends.recv().await.expect("far end");
+        assert_eq!(received(&mut far, 18).await, b"GET / HTTP/1.1\r\n\r\n");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_waits_for_the_server_to_speak_first_gets_its_tunnel() {
+        let (mut sender, go, _far_ends) = held_hbone().await;
+        let (_app, mut socket) = tokio::io::duplex(64 * 1024);
+        let mut first = FirstBytes::new(&mut socket);
+        let connecting = connecting(&mut sender).await;
+        go.send(()).expect("server");
+        tokio::time::timeout(Duration::from_secs(10), first.ahead_of(connecting))
+            .await
+            .expect("answered without the client speaking")
+            .expect("tunnel");
+        assert_eq!(first.sent(), 0);
+    }
+
+    #[tokio::test]
+    async fn on_another_connection_the_bytes_sent_ahead_go_again_and_nothing_more_is_read() {
+        let (mut sender, go, mut far_ends) = held_hbone().await;
+        let (mut app, mut socket) = tokio::io::duplex(64 * 1024);
+        app.write_all(b"later").await.expect("write");
+        let mut first = FirstBytes::new(&mut socket);
+        // As left by a first attempt whose connection closed before its server answered.
+        first.sent = Bytes::from_static(b"first");
+        let connecting = connecting(&mut sender).await;
+        go.send(()).expect("server");
+        tokio::time::timeout(Duration::from_secs(10), first.ahead_of(connecting))
+            .await
+            .expect("answered")
+            .expect("tunnel");
+        let mut far = far_ends.recv().await.expect("far end");
+        assert_eq!(received(&mut far, 5).await, b"first");
+        let mut unread = [0; 5];
+        socket.read_exact(&mut unread).await.expect("read");
+        assert_eq!(
+            &unread, b"later",
+            "the client's next bytes stay for the copy"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_client_gone_while_waiting_for_the_answer_fails_the_tunnel() {
+        let (mut sender, _go, _far_ends) = held_hbone().await;
+        let mut socket = ResetOnRead;
+        let mut first = FirstBytes::new(&mut socket);
+        let connecting = connecting(&mut sender).await;
+        let answer = tokio::time::timeout(Duration::from_secs(10), first.ahead_of(connecting))
+            .await
+            .expect("failed without waiting for the answer");
+        assert!(matches!(answer, Err(ProxyError::Io(_))), "{answer:?}");
+    }
+
+    /// A client socket the peer has reset.
+    struct ResetOnRead;
+
+    impl AsyncRead for ResetOnRead {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _cx: &mut std::task::Context<'_>,
+            _buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Err(std::io::ErrorKind::ConnectionReset.into()))
+        }
+    }
 }
