@@ -79,6 +79,8 @@ struct Measured {
     cpu_ms_per_1000: f64,
     http_fixed: LoadResult,
     http_close: LoadResult,
+    /// New connections one at a time: what a connection's setup adds.
+    http_close_c1: LoadResult,
     tcp_rr: LoadResult,
     gbps_1: f64,
     gbps_4: f64,
@@ -174,6 +176,7 @@ fn median_measured(runs: &[Measured]) -> Measured {
         cpu_ms_per_1000: of(|m| m.cpu_ms_per_1000),
         http_fixed: loads(|m| m.http_fixed),
         http_close: loads(|m| m.http_close),
+        http_close_c1: loads(|m| m.http_close_c1),
         tcp_rr: loads(|m| m.tcp_rr),
         gbps_1: of(|m| m.gbps_1),
         gbps_4: of(|m| m.gbps_4),
@@ -272,6 +275,7 @@ fn measure(
                     ("HTTP keep-alive, 16 connections", m.http_c16),
                     ("HTTP at a fixed rate", m.http_fixed),
                     ("HTTP Connection: close", m.http_close),
+                    ("HTTP Connection: close, 1 connection", m.http_close_c1),
                 ],
             );
             runs[i].push(m);
@@ -448,6 +452,7 @@ fn measure_case(
         requests,
         || tools::wrk(client, &url, 1, 4, t, true, script),
     )?;
+    let http_close_c1 = tools::wrk(client, &url, 1, 1, t, true, script)?;
     let tcp_rr = tools::sockperf(client, server.ip, SOCKPERF_PORT, t)?;
     // Per megabyte carried.
     let megabytes = |gbps: &f64| gbps * t as f64 * 125.0;
@@ -467,6 +472,7 @@ fn measure_case(
         http_c16,
         http_fixed,
         http_close,
+        http_close_c1,
         tcp_rr,
         gbps_1,
         gbps_4,

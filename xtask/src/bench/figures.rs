@@ -17,7 +17,7 @@ struct Figure {
     value: fn(&Measured) -> f64,
 }
 
-const FIGURES: [Figure; 18] = [
+const FIGURES: [Figure; 19] = [
     Figure {
         name: "HTTP keep-alive, 1 connection: p50",
         unit: "µs",
@@ -87,6 +87,13 @@ const FIGURES: [Figure; 18] = [
         higher_is_better: true,
         target: Some("≥ 0.5x (ztunnel 0.19x)"),
         value: |m| m.http_close.per_second,
+    },
+    Figure {
+        name: "HTTP Connection: close, 1 connection: p50",
+        unit: "µs",
+        higher_is_better: false,
+        target: None,
+        value: |m| m.http_close_c1.latency.p50_us,
     },
     Figure {
         name: "TCP request/response (sockperf): p50",
