@@ -115,7 +115,7 @@ where
     let mut client = client;
     let mut first = FirstBytes::new(&mut client);
     let upstream = connect(target, destination, mesh, pod, shared, tracker, &mut first).await?;
-    let ahead = first.sent();
+    let ahead = first.finish();
     let (sent, received) = splice_to(client, upstream, shared).await?;
     Ok((sent + ahead, received))
 }
@@ -332,7 +332,7 @@ where
         release: false,
     };
     balance::record(traffic, target, &health, endpoint.addr, finished);
-    let ahead = first.sent();
+    let ahead = first.finish();
     let (sent, received) = splice_to(client, upstream?, shared).await?;
     Ok((sent + ahead, received))
 }
@@ -455,8 +455,9 @@ impl<'a> FirstBytes<'a> {
         }
     }
 
-    /// How many bytes of the client went ahead of the answer.
-    fn sent(&self) -> u64 {
+    /// How many bytes of the client went ahead of the answer; they are let go, not held for
+    /// the connection's life.
+    fn finish(self) -> u64 {
         self.sent.len() as u64
     }
 
@@ -641,7 +642,7 @@ mod tests {
             .await
             .expect("answered without the client speaking")
             .expect("tunnel");
-        assert_eq!(first.sent(), 0);
+        assert_eq!(first.finish(), 0);
     }
 
     #[tokio::test]
