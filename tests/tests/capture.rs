@@ -106,6 +106,75 @@ fn cross_node_http_goes_through_both_agents() {
     )
     .expect("a megabyte echoed across nodes");
     assert_eq!(echo.reply.len(), 1 << 20);
+
+    // A protocol whose server speaks first (SMTP, MySQL): the client's proxy has nothing to
+    // send ahead of the tunnel's answer, and the greeting still comes through.
+    let (dst, exchanged) = server_speaks_first(&sb, "n1-p1", "n2-p1").expect("server first");
+    assert_eq!(exchanged, b"220 ready\r\nHELO\r\n");
+    poll_until(SOON, || {
+        anyhow::ensure!(recorded(&sb, "n1", "outbound", "default/n1-p1", dst));
+        anyhow::ensure!(recorded(&sb, "n2", "inbound", "default/n2-p1", dst));
+        Ok(())
+    })
+    .expect("both agents carried the server-first connection");
+}
+
+/// A server in `server`'s namespace greets its one connection before reading, then echoes
+/// one line; from `client`, a connection that says nothing until greeted. Returns the
+/// server's address and what the client read (greeting, then echo).
+fn server_speaks_first(
+    sb: &nodemesh_sandbox::Sandbox,
+    client: &str,
+    server: &str,
+) -> anyhow::Result<(SocketAddr, Vec<u8>)> {
+    use std::io::{Read as _, Write as _};
+
+    use anyhow::Context as _;
+
+    let dst = SocketAddr::from((sb.pod(server).ip, 9100));
+    let listener = nodemesh_sandbox::in_netns(&sb.pod(server).netns, move || {
+        let listener = std::net::TcpListener::bind(dst)?;
+        listener.set_nonblocking(true)?;
+        Ok(listener)
+    })?;
+    let serving = std::thread::spawn(move || -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + SOON;
+        let mut stream = loop {
+            match listener.accept() {
+                Ok((stream, _)) => break stream,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    anyhow::ensure!(std::time::Instant::now() < deadline, "no connection came");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        stream.set_nonblocking(false)?;
+        stream.set_read_timeout(Some(SOON))?;
+        stream.write_all(b"220 ready\r\n")?;
+        let mut line = [0; 6];
+        stream.read_exact(&mut line)?;
+        stream.write_all(&line)?;
+        Ok(())
+    });
+    let exchanged = nodemesh_sandbox::in_netns(&sb.pod(client).netns, move || {
+        let mut stream = std::net::TcpStream::connect_timeout(&dst, SOON)?;
+        stream.set_read_timeout(Some(SOON))?;
+        let mut greeting = [0; 11];
+        stream
+            .read_exact(&mut greeting)
+            .context("the greeting, before the client sent anything")?;
+        stream.write_all(b"HELO\r\n")?;
+        let mut echo = [0; 6];
+        stream.read_exact(&mut echo).context("the echo")?;
+        Ok([&greeting[..], &echo[..]].concat())
+    });
+    let served = serving
+        .join()
+        .map_err(|_| anyhow::anyhow!("the server thread panicked"))?;
+    let exchanged = exchanged?;
+    served?;
+    Ok((dst, exchanged))
 }
 
 #[test]
