@@ -142,21 +142,12 @@ pub async fn open_tunnel(
     sender: &mut HboneSender,
     authority: SocketAddr,
 ) -> Result<Tunnel, HboneError> {
-    open_tunnel_with(sender, authority, HeaderMap::new()).await
+    connect(sender, authority, HeaderMap::new()).await?.await
 }
 
-/// Opens a tunnel carrying `headers` on its CONNECT request (ztunnel's `baggage` and
-/// `forwarded`, say).
-pub async fn open_tunnel_with(
-    sender: &mut HboneSender,
-    authority: SocketAddr,
-    headers: HeaderMap,
-) -> Result<Tunnel, HboneError> {
-    connect(sender, authority, headers).await?.await
-}
-
-/// Sends a CONNECT to `authority` carrying `headers`, without waiting for its answer: the
-/// returned [`Connecting`] resolves to the tunnel once the server accepts.
+/// Sends a CONNECT to `authority` carrying `headers` (ztunnel's `baggage` and `forwarded`,
+/// say), without waiting for its answer: the returned [`Connecting`] resolves to the tunnel
+/// once the server accepts.
 pub async fn connect(
     sender: &mut HboneSender,
     authority: SocketAddr,
@@ -274,15 +265,17 @@ mod tests {
         .expect("closed once a ping went unanswered");
     }
 
-    /// A server whose answers wait for the test's word, and which hands the test each
-    /// accepted tunnel's far end.
-    fn held_server(
-        server_io: tokio::io::DuplexStream,
+    /// A CONNECT sent to a server that answers `answer` only when the test says so (`go`) and
+    /// hands the test each accepted tunnel's far end.
+    async fn held_connect(
         answer: StatusCode,
     ) -> (
+        HboneSender,
+        Connecting,
         tokio::sync::mpsc::UnboundedSender<()>,
         tokio::sync::mpsc::UnboundedReceiver<Tunnel>,
     ) {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
         let (go, go_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
         let go_rx = Arc::new(tokio::sync::Mutex::new(go_rx));
         let (ends, far_ends) = tokio::sync::mpsc::unbounded_channel();
@@ -306,21 +299,20 @@ mod tests {
             };
             serve(server_io, &settings, std::future::pending(), handle).await
         });
-        (go, far_ends)
+        let mut sender = handshake(client_io, &ClientSettings::default())
+            .await
+            .expect("HTTP/2");
+        let dst = "10.0.0.2:9000".parse().expect("addr");
+        let connecting = connect(&mut sender, dst, HeaderMap::new())
+            .await
+            .expect("CONNECT sent");
+        (sender, connecting, go, far_ends)
     }
 
     #[tokio::test]
     async fn bytes_sent_ahead_of_the_answer_reach_the_far_end_first_and_in_order() {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
-        let (go, mut far_ends) = held_server(server_io, StatusCode::OK);
-        let mut sender = handshake(client_io, &ClientSettings::default())
-            .await
-            .expect("HTTP/2");
-        let dst = "10.0.0.2:9000".parse().expect("addr");
-        let mut connecting = connect(&mut sender, dst, HeaderMap::new())
-            .await
-            .expect("CONNECT sent");
+        let (_sender, mut connecting, go, mut far_ends) = held_connect(StatusCode::OK).await;
         // The server has not answered, and cannot until told: sending must not wait for it.
         connecting
             .send_early(Bytes::from_static(b"GET / HTTP/1.1\r\n"))
@@ -340,15 +332,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_refused_connect_is_an_error_even_with_bytes_sent_ahead() {
-        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
-        let (go, _far_ends) = held_server(server_io, StatusCode::FORBIDDEN);
-        let mut sender = handshake(client_io, &ClientSettings::default())
-            .await
-            .expect("HTTP/2");
-        let dst = "10.0.0.2:9000".parse().expect("addr");
-        let mut connecting = connect(&mut sender, dst, HeaderMap::new())
-            .await
-            .expect("CONNECT sent");
+        let (sender, mut connecting, go, _far_ends) = held_connect(StatusCode::FORBIDDEN).await;
         connecting
             .send_early(Bytes::from_static(b"hello"))
             .expect("sent ahead");

@@ -15,9 +15,7 @@ mod keepalive;
 mod server;
 mod tunnel;
 
-pub use client::{
-    ClientSettings, Connecting, HboneSender, connect, handshake, open_tunnel, open_tunnel_with,
-};
+pub use client::{ClientSettings, Connecting, HboneSender, connect, handshake, open_tunnel};
 pub use server::{ConnectRequest, ServerSettings, serve, status};
 pub use tunnel::Tunnel;
 

@@ -101,7 +101,7 @@ pub async fn handle(
 
 /// A connection to a workload's own address, or to an address the mesh does not know.
 async fn to_address<S>(
-    client: S,
+    mut client: S,
     target: SocketAddr,
     destination: Option<Arc<Destination>>,
     mesh: &MeshView,
@@ -112,7 +112,6 @@ async fn to_address<S>(
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let mut client = client;
     let mut first = FirstBytes::new(&mut client);
     let upstream = connect(target, destination, mesh, pod, shared, tracker, &mut first).await?;
     let ahead = first.finish();
@@ -179,12 +178,9 @@ async fn connect(
             }
             let from = tracker.record.client;
             let service = tracker.record.destination_service.clone();
-            let to = Target {
-                dst: target,
-                identity,
-            };
+            let service = service.as_deref();
             let tunnel =
-                open_tunnel(pod, shared, to, from, service.as_deref(), Some(first)).await?;
+                open_tunnel(pod, shared, target, identity, from, service, Some(first)).await?;
             tracker.record.hbone = Some(SocketAddr::new(target.ip(), shared.hbone_port));
             Ok(Upstream::Tunnel(tunnel))
         }
@@ -250,7 +246,7 @@ async fn to_service(
 /// `maxConnections`, connected within `connectTimeout`; a failed connect counts toward the
 /// endpoint's ejection.
 async fn to_endpoint<S>(
-    client: S,
+    mut client: S,
     peer: SocketAddr,
     port: &nodemesh_traffic::PortEntry,
     mesh: &MeshView,
@@ -261,7 +257,6 @@ async fn to_endpoint<S>(
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let mut client = client;
     let target = &port.service_target;
     let traffic = &shared.http.traffic;
     let client_state: Arc<ClientState> =
@@ -356,32 +351,28 @@ pub async fn open_hbone_tunnel(
     client: SocketAddr,
     service: Option<&str>,
 ) -> Result<Tunnel, ProxyError> {
-    let to = Target {
+    open_tunnel(
+        pod,
+        shared,
         dst,
-        identity: destination_identity,
-    };
-    open_tunnel(pod, shared, to, client, service, None).await
-}
-
-/// Where a tunnel goes: an enrolled workload's address and the identity it must prove.
-struct Target {
-    dst: SocketAddr,
-    identity: SpiffeId,
+        destination_identity,
+        client,
+        service,
+        None,
+    )
+    .await
 }
 
 /// [`open_hbone_tunnel`], with the client's `first` bytes sent ahead of the answer.
 async fn open_tunnel(
     pod: &PodContext,
     shared: &Arc<ProxyShared>,
-    to: Target,
+    dst: SocketAddr,
+    destination_identity: SpiffeId,
     client: SocketAddr,
     service: Option<&str>,
     mut first: Option<&mut FirstBytes<'_>>,
 ) -> Result<Tunnel, ProxyError> {
-    let Target {
-        dst,
-        identity: destination_identity,
-    } = to;
     let hbone_addr = SocketAddr::new(dst.ip(), shared.hbone_port);
     let key = PoolKey {
         source: pod.key.clone(),
