@@ -4,6 +4,7 @@
 //! `results.md` and `chart.png`. Figures are never asserted anywhere.
 
 mod figures;
+pub mod layout;
 mod output;
 mod profile;
 mod report;
@@ -100,6 +101,9 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     setup::run()?;
     setup::bench_tools()?;
     let bin_dir = build::run(Profile::Release)?;
+    // The idle agent's memory depends on its functions' link order matching its code.
+    let link_order = layout::OrderCoverage::of(&bin_dir.join("nodemesh-agent"))?;
+    println!("== {link_order}");
     let plan = if quick {
         Plan {
             seconds: 2,
@@ -119,8 +123,12 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     let sandbox = Sandbox::up(&spec)?;
     let result = measure(&sandbox, plan, repeat, profile);
     let down = sandbox.down();
-    let outcome = result?;
+    let mut outcome = result?;
     down?;
+    outcome.raw["link_order"] = json!(link_order);
+    if !link_order.is_current() {
+        outcome.notes.push(link_order.to_string());
+    }
     output::write_outputs(&outcome, plan, quick, repeat)
 }
 

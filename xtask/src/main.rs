@@ -67,6 +67,11 @@ enum Task {
         #[arg(long, default_value_t = 60)]
         seconds: u64,
     },
+    /// Trace which of the agent's functions run at idle and under the benchmark's loads, in
+    /// a sandbox of its own, and write agent/layout.order, the order the release build links
+    /// them in (less code resident per agent). Run again after changing the agent's code or
+    /// dependencies; `cargo xtask bench` says when the order has gone stale.
+    Layout,
     /// Regenerate manifests/ (kustomization, CRDs, controller, agent) from code.
     Manifests,
     /// The local sandbox: network namespaces as nodes and pods, one agent per node.
@@ -77,6 +82,9 @@ enum Task {
 }
 
 fn main() -> ExitCode {
+    if let Some(code) = bench::layout::as_rustc_wrapper() {
+        return code;
+    }
     let cli = Cli::parse();
     let result = match cli.task {
         Task::Setup => setup::run(),
@@ -87,6 +95,7 @@ fn main() -> ExitCode {
         Task::Test => test::run(),
         Task::Fuzz { seconds } => fuzz::run(seconds),
         Task::Manifests => manifests::write(),
+        Task::Layout => bench::layout::run(),
         Task::Bench {
             quick,
             repeat,
