@@ -6,15 +6,22 @@
 //! skipped silently and only cost memory, which `cargo xtask bench` reports.
 //!
 //! Release builds only, with rustc's default linker on x86-64 Linux (LLD, which takes
-//! `--symbol-ordering-file`). NODEMESH_LINK_ORDER=0 turns it off, for a linker without it.
+//! `--symbol-ordering-file`): not when the build names another linker. NODEMESH_LINK_ORDER=0
+//! turns it off.
 
 use std::{env, path::Path};
 
 fn main() {
     println!("cargo:rerun-if-env-changed=NODEMESH_LINK_ORDER");
+    let flags = env::var("CARGO_ENCODED_RUSTFLAGS").unwrap_or_default();
+    let default_linker = env::var_os("RUSTC_LINKER").is_none()
+        && !["linker", "link-self-contained", "fuse-ld"]
+            .iter()
+            .any(|f| flags.contains(f));
     let wanted = env::var("PROFILE").as_deref() == Ok("release")
         && env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux")
         && env::var("CARGO_CFG_TARGET_ARCH").as_deref() == Ok("x86_64")
+        && default_linker
         && env::var("NODEMESH_LINK_ORDER").as_deref() != Ok("0");
     let Ok(dir) = env::var("CARGO_MANIFEST_DIR") else {
         return;
