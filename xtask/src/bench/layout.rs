@@ -288,34 +288,60 @@ fn render(order: &Order, functions: &Functions) -> String {
     text
 }
 
-/// How much of the order file a binary's symbols still match.
+/// How much of the order file a binary's symbols still match, and whether the binary was
+/// linked in it.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct OrderCoverage {
     pub names: usize,
     pub found: usize,
+    /// The first names found lie back to back in the binary, in the file's order (not so when
+    /// the build left the order out: `NODEMESH_LINK_ORDER=0`, another linker).
+    pub applied: bool,
 }
+
+/// How many of the order's first names found must lie back to back for it to count as applied.
+const APPLIED_PREFIX: usize = 100;
+/// Most a function's start is aligned to: the gap allowed between two ordered functions.
+const FUNCTION_ALIGN: u64 = 64;
 
 impl OrderCoverage {
     pub fn of(binary: &Path) -> anyhow::Result<Self> {
         let path = order_file();
         let text = fs::read_to_string(&path).unwrap_or_default();
-        let functions = Functions::of(binary)?;
-        let present: HashSet<&str> = functions.all.iter().map(|f| f.name.as_str()).collect();
-        let names: Vec<&str> = text
+        Ok(Self::new(&text, &Functions::of(binary)?))
+    }
+
+    fn new(order: &str, functions: &Functions) -> Self {
+        let mut by_name = std::collections::HashMap::new();
+        for f in &functions.all {
+            by_name.entry(f.name.as_str()).or_insert(f);
+        }
+        let names: Vec<&str> = order
             .lines()
             .map(str::trim)
             .filter(|l| !l.is_empty() && !l.starts_with('#'))
             .collect();
-        Ok(Self {
+        let found: Vec<&Function> = names
+            .iter()
+            .filter_map(|n| by_name.get(n).copied())
+            .collect();
+        let prefix = &found[..found.len().min(APPLIED_PREFIX)];
+        let back_to_back = |a: &Function, b: &Function| {
+            (b.offset)
+                .checked_sub(a.offset + a.size)
+                .is_some_and(|gap| gap < FUNCTION_ALIGN)
+        };
+        Self {
             names: names.len(),
-            found: names.iter().filter(|n| present.contains(*n)).count(),
-        })
+            found: found.len(),
+            applied: prefix.len() > 1 && prefix.windows(2).all(|w| back_to_back(w[0], w[1])),
+        }
     }
 
-    /// Whether the order still finds most of what it names (else the idle agent's memory
-    /// grows back: trace again).
+    /// Whether the binary is linked in the order and it still finds most of what it names
+    /// (else the idle agent's memory grows back).
     pub fn is_current(&self) -> bool {
-        self.names > 0 && self.found * 100 >= self.names * 95
+        self.applied && self.names > 0 && self.found * 100 >= self.names * 95
     }
 }
 
@@ -326,7 +352,12 @@ impl std::fmt::Display for OrderCoverage {
             "link order: the agent has {} of the {} functions agent/layout.order names",
             self.found, self.names
         )?;
-        if !self.is_current() {
+        if !self.applied {
+            write!(
+                f,
+                "; not linked in that order (NODEMESH_LINK_ORDER=0, or another linker)"
+            )?;
+        } else if !self.is_current() {
             write!(f, "; stale, run `cargo xtask layout` to trace it again")?;
         }
         Ok(())
@@ -454,20 +485,29 @@ mod tests {
 
     #[test]
     fn an_order_is_stale_once_a_twentieth_of_its_names_are_gone() {
-        assert!(
-            OrderCoverage {
-                names: 100,
-                found: 95
-            }
-            .is_current()
-        );
-        assert!(
-            !OrderCoverage {
-                names: 100,
-                found: 94
-            }
-            .is_current()
-        );
-        assert!(!OrderCoverage { names: 0, found: 0 }.is_current());
+        let coverage = |names, found| OrderCoverage {
+            names,
+            found,
+            applied: true,
+        };
+        assert!(coverage(100, 95).is_current());
+        assert!(!coverage(100, 94).is_current());
+        assert!(!coverage(0, 0).is_current());
+    }
+
+    #[test]
+    fn a_binary_counts_as_linked_in_the_order_when_its_names_lie_in_that_order() {
+        let order = "# comment\nb\ngone\nc\na\n";
+        let linked = functions(&[("b", 0, 10), ("c", 16, 10), ("a", 32, 10)]);
+        let coverage = OrderCoverage::new(order, &linked);
+        assert_eq!((coverage.names, coverage.found), (4, 3));
+        assert!(coverage.applied);
+        // In the file's order but apart, as the compiler may leave them: not applied.
+        let unordered = functions(&[("b", 0, 10), ("c", 4096, 10), ("a", 8192, 10)]);
+        let coverage = OrderCoverage::new(order, &unordered);
+        assert_eq!(coverage.found, 3);
+        assert!(!coverage.applied);
+        assert!(!coverage.is_current());
+        assert!(coverage.to_string().contains("not linked in that order"));
     }
 }
