@@ -7,7 +7,10 @@
 //! connection is refused instead of passed through.
 
 use aya_ebpf::{
-    bindings::sk_action::{SK_DROP, SK_PASS},
+    bindings::{
+        BPF_F_NO_PREALLOC,
+        sk_action::{SK_DROP, SK_PASS},
+    },
     macros::{map, sk_lookup},
     maps::{HashMap, SockHash},
     programs::SkLookupContext,
@@ -35,8 +38,15 @@ static PODS: HashMap<u32, EnrolledPod> = HashMap::with_max_entries(capacity::POD
 /// (IP_TRANSPARENT): client address as source, application address as destination. The proxy
 /// adds an entry just before its connect and removes it once connected; only it can write
 /// here, so a remote client cannot slip past the proxy by choosing its source.
+///
+/// Its entries live for a connect's round trip inside the pod, so a handful exist at once:
+/// they are allocated as they come (`BPF_F_NO_PREALLOC`) rather than all up front, where the
+/// capacity alone held 5.5 MiB of kernel memory, charged to the memory cgroup of the agent
+/// that made the map. (The loopback device these connects arrive on cannot be the sign
+/// instead: for an address of the namespace, `ingress_ifindex` is the address's device.)
 #[map(name = "TRANSPARENT")]
-static TRANSPARENT: HashMap<ConnTuple, u32> = HashMap::with_max_entries(capacity::TRANSPARENT, 0);
+static TRANSPARENT: HashMap<ConnTuple, u32> =
+    HashMap::with_max_entries(capacity::TRANSPARENT, BPF_F_NO_PREALLOC);
 
 #[sk_lookup]
 pub fn nodemesh_sk_lookup(ctx: SkLookupContext) -> u32 {
