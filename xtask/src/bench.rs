@@ -250,6 +250,10 @@ fn measure(
         "node n1 agent, idle: anonymous memory only (heap, stacks)".to_owned(),
         tools::rss_anon_mb(agent_pid("n1"))?,
     ));
+    memory.push((
+        "node n1: the eBPF maps (kernel memory, not resident)".to_owned(),
+        tools::bpf_maps_mb(agent_pid("n1"))?,
+    ));
     let servers = start_servers(sandbox)?;
     tools::settle();
     let script = target_dir().join("bench/wrk-report.lua");

@@ -145,10 +145,7 @@ pub fn markdown(rows: &[Row], memory: &[(String, f64)], notes: &[String], header
             row.target.unwrap_or("")
         );
     }
-    let _ = writeln!(
-        out,
-        "\n| agent memory (resident) | MB | target |\n|---|---|---|"
-    );
+    let _ = writeln!(out, "\n| agent memory | MB | target |\n|---|---|---|");
     for (what, mb) in memory {
         let target = if what.ends_with("agent, idle") {
             "≤ 10"

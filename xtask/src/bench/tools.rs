@@ -329,6 +329,45 @@ fn status_mb(pid: i32, field: &str) -> anyhow::Result<f64> {
     Ok(kb / 1024.0)
 }
 
+/// The kernel memory of the eBPF maps a process holds, in MB: each map's `memlock` (what its
+/// capacity reserves, or holds now for maps allocated as they fill) from the `fdinfo` of its
+/// descriptors, each map once. Not part of the resident memory; the kernel charges it to the
+/// memory cgroup of the process that made the map.
+pub fn bpf_maps_mb(pid: i32) -> anyhow::Result<f64> {
+    let mut seen = std::collections::HashSet::new();
+    let mut bytes = 0;
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+        let fd = entry?.file_name();
+        let is_map = std::fs::read_link(format!("/proc/{pid}/fd/{}", fd.to_string_lossy()))
+            .is_ok_and(|target| target == Path::new("anon_inode:bpf-map"));
+        if !is_map {
+            continue;
+        }
+        // A descriptor closed meanwhile has no fdinfo: it is simply not counted.
+        let Ok(info) =
+            std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", fd.to_string_lossy()))
+        else {
+            continue;
+        };
+        let (id, memlock) = map_memlock(&info)
+            .with_context(|| format!("no map_id or memlock in the fdinfo of a map: {info}"))?;
+        if seen.insert(id) {
+            bytes += memlock;
+        }
+    }
+    Ok(bytes as f64 / (1024.0 * 1024.0))
+}
+
+/// A map descriptor's id and `memlock` bytes, from its fdinfo.
+fn map_memlock(fdinfo: &str) -> Option<(u64, u64)> {
+    let field = |name: &str| {
+        fdinfo
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok())
+    };
+    Some((field("map_id:")?, field("memlock:")?))
+}
+
 /// Lets a server come up.
 pub fn settle() {
     std::thread::sleep(Duration::from_millis(300));
@@ -337,6 +376,19 @@ pub fn settle() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_maps_kernel_memory_is_read_from_its_fdinfo() {
+        let fdinfo = "pos:\t0\nflags:\t02000002\nmnt_id:\t15\nino:\t1057\nmap_type:\t1\n\
+                      key_size:\t12\nvalue_size:\t4\nmax_entries:\t65536\nmap_flags:\t0x0\n\
+                      map_extra:\t0x0\nmemlock:\t5768224\nmap_id:\t1347\nfrozen:\t0\n";
+        assert_eq!(map_memlock(fdinfo), Some((1347, 5_768_224)));
+        assert_eq!(
+            map_memlock("pos:\t0\nmap_id:\t3\n"),
+            None,
+            "no memlock, no figure"
+        );
+    }
 
     /// The end of what sockperf 3.7 prints for a ping-pong run.
     const SOCKPERF: &str = "\
