@@ -22,12 +22,15 @@ use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     os::fd::AsRawFd,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, SockHash},
+    maps::{HashMap, IterableMap as _, MapData, PerCpuArray, SockHash},
     programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps, links::FdLink},
 };
 use nix::sys::statfs::{CGROUP2_SUPER_MAGIC, statfs};
@@ -40,6 +43,7 @@ use self::pins::{PINNED_MAPS, check_pinned_maps, link_name, pin_in_place, prepar
 use crate::{config::Config, netns::PodNetns};
 
 mod pins;
+mod take;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -222,7 +226,11 @@ impl Datapath {
         let enrolled: HashMap<MapData, u64, EnrolledPod> = take_map(&mut bpf, names::ENROLLED)?;
         let pods = take_map(&mut bpf, names::PODS)?;
         let inbound = take_map(&mut bpf, names::INBOUND)?;
-        let original_dst = OriginalDstTable(Arc::new(take_map(&mut bpf, names::TUPLE_DST)?));
+        let taken = Arc::new(AtomicU64::new(0));
+        let original_dst = OriginalDstTable {
+            map: Arc::new(take_map(&mut bpf, names::TUPLE_DST)?),
+            taken: taken.clone(),
+        };
         let mut transparent: HashMap<MapData, ConnTuple, u32> =
             take_map(&mut bpf, names::TRANSPARENT)?;
         // Connects of a previous proxy that never completed: none of them is coming.
@@ -231,7 +239,10 @@ impl Datapath {
             let _ = transparent.remove(&key);
         }
         let transparent = TransparentConnects(Arc::new(std::sync::Mutex::new(transparent)));
-        let stats = DatapathStats(Arc::new(take_map(&mut bpf, names::STATS)?));
+        let stats = DatapathStats {
+            counters: Arc::new(take_map(&mut bpf, names::STATS)?),
+            tuples_taken: taken,
+        };
         let adopted = enrolled.keys().filter_map(Result::ok).collect();
         Ok(Self {
             bpf,
@@ -532,14 +543,22 @@ fn cgroup_root(configured: Option<&Path>) -> Result<PathBuf, DatapathError> {
     }
 }
 
-/// Read access to TUPLE_DST for the proxy: where a captured connection was going.
+/// The proxy's side of TUPLE_DST: where a captured connection was going. The proxy takes
+/// (reads and removes) an entry once it has accepted the connection, so the map holds only
+/// connections between `connect()` and the proxy's `accept()`.
 #[derive(Clone)]
-pub struct OriginalDstTable(Arc<HashMap<MapData, ConnTuple, OriginalDst>>);
+pub struct OriginalDstTable {
+    map: Arc<HashMap<MapData, ConnTuple, OriginalDst>>,
+    /// Entries taken, for the map's occupancy in the metrics.
+    taken: Arc<AtomicU64>,
+}
 
 impl OriginalDstTable {
     /// The original destination of the connection the proxy accepted from `client` on its
-    /// outbound listener `listener`.
-    pub fn lookup(&self, client: SocketAddr, listener: SocketAddr) -> Option<SocketAddrV4> {
+    /// outbound listener `listener`, removed from the map. A kernel that cannot remove hash
+    /// entries on reading (before 5.14) has it read only: sock_ops removes it when the
+    /// connection closes.
+    pub fn take(&self, client: SocketAddr, listener: SocketAddr) -> Option<SocketAddrV4> {
         let (SocketAddr::V4(client), SocketAddr::V4(listener)) = (client, listener) else {
             return None;
         };
@@ -549,7 +568,14 @@ impl OriginalDstTable {
             src_port: client.port(),
             dst_port: listener.port(),
         };
-        let dst = self.0.get(&key, 0).ok()?;
+        let dst = match take::lookup_and_delete::<_, OriginalDst>(self.map.map(), &key) {
+            Ok(found) => {
+                let dst = found?;
+                self.taken.fetch_add(1, Ordering::Relaxed);
+                dst
+            }
+            Err(_) => self.map.get(&key, 0).ok()?,
+        };
         Some(SocketAddrV4::new(
             Ipv4Addr::from(dst.ip4.to_ne_bytes()),
             dst.port,
@@ -606,7 +632,10 @@ impl Drop for TransparentGuard {
 
 /// The programs' per-CPU counters, summed.
 #[derive(Clone)]
-pub struct DatapathStats(Arc<PerCpuArray<MapData, u64>>);
+pub struct DatapathStats {
+    counters: Arc<PerCpuArray<MapData, u64>>,
+    tuples_taken: Arc<AtomicU64>,
+}
 
 impl std::fmt::Debug for DatapathStats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -620,13 +649,18 @@ impl DatapathStats {
             .iter()
             .map(|&stat| {
                 let total = self
-                    .0
+                    .counters
                     .get(&(stat as u32), 0)
                     .map(|values| values.iter().sum())
                     .unwrap_or(0);
                 (stat, total)
             })
             .collect()
+    }
+
+    /// TUPLE_DST entries the proxy has taken since this agent started.
+    pub fn tuples_taken(&self) -> u64 {
+        self.tuples_taken.load(Ordering::Relaxed)
     }
 }
 

@@ -237,7 +237,10 @@ impl Metrics {
             ),
             (
                 "TUPLE_DST",
-                in_flight(stat(Stat::TupleRecorded), stat(Stat::TupleRemoved)),
+                in_flight(
+                    stat(Stat::TupleRecorded),
+                    stat(Stat::TupleRemoved) + inputs.datapath.tuples_taken(),
+                ),
                 capacity::TUPLE_DST,
             ),
         ] {

@@ -342,6 +342,47 @@ fn an_agent_refuses_pinned_maps_of_another_shape() {
     );
 }
 
+#[test]
+fn an_upgraded_agent_replaces_a_map_of_connections_in_flight_and_the_proxy_takes_each_entry() {
+    let Some(mut sb) = sandbox("tflight") else {
+        return;
+    };
+    sb.stop_agent("n1").expect("SIGTERM agent n1");
+    let pins = nodemesh_sandbox::pins_of("tflight").join("n1");
+    // An earlier version's TUPLE_DST, of another shape (here COOKIE_DST's 8-byte keys).
+    let other = aya::maps::MapData::from_pin(pins.join("COOKIE_DST")).expect("COOKIE_DST");
+    std::fs::remove_file(pins.join("TUPLE_DST")).expect("unpin TUPLE_DST");
+    other
+        .pin(pins.join("TUPLE_DST"))
+        .expect("pin another map there");
+
+    sb.start_agent("n1")
+        .expect("a map of connections in flight is replaced, not refused");
+    let replaced = aya::maps::MapInfo::from_pin(pins.join("TUPLE_DST")).expect("TUPLE_DST");
+    assert_eq!(replaced.key_size(), 12, "a new map of this version's shape");
+
+    // While a captured connection is open, the proxy has already taken its entry.
+    let dst = echo_addr(&sb, "n2-p1");
+    let left = nodemesh_sandbox::in_netns(&sb.pod("n1-p1").netns, move || {
+        use std::io::{Read as _, Write as _};
+        let mut stream = std::net::TcpStream::connect_timeout(&dst, SOON)?;
+        stream.set_read_timeout(Some(SOON))?;
+        stream.write_all(b"held")?;
+        let mut echoed = [0; 4];
+        stream.read_exact(&mut echoed)?;
+        anyhow::ensure!(&echoed == b"held", "echoed {echoed:?}");
+        let map = aya::maps::MapData::from_pin(pins.join("TUPLE_DST"))?;
+        let tuples: aya::maps::HashMap<_, [u8; 12], [u8; 8]> =
+            aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(map))?;
+        Ok(tuples.keys().count())
+    })
+    .expect("a connection through the proxy, held open");
+    assert_eq!(
+        left, 0,
+        "TUPLE_DST keeps no entry of an accepted connection"
+    );
+}
+
 /// Serves at most `count` connections on `listener` for up to 20 s, answering each with
 /// `ok` and closing it.
 fn answer_ok(listener: std::net::TcpListener, count: usize) -> std::thread::JoinHandle<usize> {

@@ -42,8 +42,15 @@ pub(super) fn link_name(program: &str) -> &str {
     program.strip_prefix("nodemesh_").unwrap_or(program)
 }
 
+/// Pinned maps that hold only connections in flight (between a connect and its SYN, between
+/// the SYN and the proxy's accept): one of an earlier version's shape is replaced by a new
+/// one rather than refused. At worst the connections opened while the agent starts lose their
+/// original destination, and the proxy refuses them.
+const IN_FLIGHT_MAPS: [&str; 2] = [names::COOKIE_DST, names::TUPLE_DST];
+
 /// Refuses pinned maps whose shape (key and value sizes, capacity) differs from what the
-/// object's programs declare: reusing them would corrupt the datapath rather than fail.
+/// object's programs declare: reusing them would corrupt the datapath rather than fail. Maps
+/// of connections in flight are unpinned instead, so that the programs make new ones.
 pub(super) fn check_pinned_maps(
     object: &[u8],
     path: &Path,
@@ -76,7 +83,18 @@ pub(super) fn check_pinned_maps(
             declared.max_entries(),
         );
         let found = shape(pinned.key_size(), pinned.value_size(), pinned.max_entries());
-        if expected != found {
+        if expected != found && IN_FLIGHT_MAPS.contains(&name) {
+            std::fs::remove_file(&pin).map_err(|e| DatapathError::Pin {
+                path: pin.clone(),
+                reason: format!("cannot replace a map of an earlier version: {e}"),
+            })?;
+            tracing::info!(
+                map = name,
+                pinned = %found,
+                expected = %expected,
+                "replacing a map of connections in flight pinned by an earlier version"
+            );
+        } else if expected != found {
             return Err(DatapathError::Incompatible {
                 map: name,
                 pin_dir: pin_dir.to_owned(),

@@ -58,7 +58,7 @@ pub async fn handle(
             return;
         }
     };
-    let Some(dst) = shared.original_dst.lookup(peer, listener) else {
+    let Some(dst) = shared.original_dst.take(peer, listener) else {
         ConnectionTracker::start(shared, &pod, Direction::Outbound, peer, listener)
             .finish(Err(ProxyError::NoOriginalDst { client: peer }));
         return;

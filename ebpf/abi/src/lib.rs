@@ -31,13 +31,15 @@ pub mod names {
     pub const DNS_PORT: &str = "DNS_PORT";
 }
 
-/// Capacity of the maps. The LRU maps hold one entry per connection between `connect()` and the
-/// proxy's `accept()` (COOKIE_DST) or for the life of the connection (TUPLE_DST), so they are
-/// sized for a busy node; eviction only ever drops entries of connections long gone.
+/// Capacity of the maps. The LRU maps hold one entry per connection in flight: from `connect()`
+/// to the SYN (COOKIE_DST), from the SYN to the proxy's `accept()`, where the proxy takes it
+/// (TUPLE_DST). They are sized for a busy node and many CPUs (the kernel's LRU keeps free
+/// entries per CPU); eviction only ever drops entries of connections long gone. Each entry's
+/// place is allocated up front: TUPLE_DST's 65,536 take 5.5 MiB of kernel memory.
 pub mod capacity {
     pub const ENROLLED: u32 = 4096;
     pub const COOKIE_DST: u32 = 65_536;
-    pub const TUPLE_DST: u32 = 262_144;
+    pub const TUPLE_DST: u32 = 65_536;
     /// Two listeners (inbound, HBONE) per enrolled pod.
     pub const INBOUND: u32 = 8192;
     pub const PODS: u32 = 4096;
@@ -132,7 +134,8 @@ pub enum Stat {
     /// A native IPv6 connect from an enrolled workload, which the mesh does not carry, was
     /// refused (EPERM), so that it cannot go around the mesh; clients fall back to IPv4.
     OutboundIpv6Refused = 8,
-    /// sock_ops removed a TUPLE_DST entry when its socket closed.
+    /// sock_ops removed a TUPLE_DST entry when its socket closed: one the proxy never took
+    /// (it refused the connection, or no proxy was there to accept it).
     TupleRemoved = 9,
     /// An inbound connection to an enrolled pod was refused because no proxy listener was
     /// there to take it (agent stopped or restarting, enrollment failed).

@@ -30,7 +30,8 @@ static ENROLLED: HashMap<u64, EnrolledPod> = HashMap::with_max_entries(capacity:
 static COOKIE_DST: LruHashMap<u64, OriginalDst> =
     LruHashMap::with_max_entries(capacity::COOKIE_DST, 0);
 
-/// Original destination by the client's 4-tuple, from the SYN until the socket closes.
+/// Original destination by the client's 4-tuple, from the SYN until the proxy takes it after
+/// `accept()` (or, when no proxy does, until the socket closes).
 #[map(name = "TUPLE_DST")]
 static TUPLE_DST: LruHashMap<ConnTuple, OriginalDst> =
     LruHashMap::with_max_entries(capacity::TUPLE_DST, 0);
@@ -189,7 +190,7 @@ pub fn nodemesh_sock_ops(ctx: SockOpsContext) -> u32 {
     1
 }
 
-/// The socket is closed: its original destination is no longer needed.
+/// The socket is closed: an original destination the proxy did not take is no longer needed.
 #[inline(always)]
 fn on_close(ctx: &SockOpsContext) {
     if TUPLE_DST.remove(tuple(ctx)).is_ok() {
@@ -212,7 +213,7 @@ fn on_connect(ctx: &SockOpsContext) {
         return;
     }
     count(Stat::TupleRecorded);
-    // Ask for state changes on this socket only, to drop the entry when it closes.
+    // Ask for state changes on this socket only, to drop the entry when it closes untaken.
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
 }
 

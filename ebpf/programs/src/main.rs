@@ -5,7 +5,8 @@
 //!   outbound listener, and its original destination kept in `COOKIE_DST` by socket cookie.
 //! - `nodemesh_sock_ops` (same cgroup): when that connect sends its SYN, the source port is
 //!   known, so the original destination moves to `TUPLE_DST` under the connection's 4-tuple,
-//!   which the proxy reads after `accept()`; the entry is removed when the socket closes.
+//!   which the proxy takes after `accept()`; an entry it never takes is removed when the
+//!   socket closes.
 //! - `nodemesh_sk_lookup` (attached to each enrolled pod's netns): an inbound TCP connection
 //!   to the pod's address is handed to the proxy's in-pod inbound or HBONE listener. The
 //!   accepted socket keeps the original destination as its local address, so no map is needed.
