@@ -24,7 +24,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
 };
 
@@ -230,6 +230,7 @@ impl Datapath {
         let original_dst = OriginalDstTable {
             map: Arc::new(take_map(&mut bpf, names::TUPLE_DST)?),
             taken: taken.clone(),
+            read_only: Arc::default(),
         };
         let mut transparent: HashMap<MapData, ConnTuple, u32> =
             take_map(&mut bpf, names::TRANSPARENT)?;
@@ -551,6 +552,8 @@ pub struct OriginalDstTable {
     map: Arc<HashMap<MapData, ConnTuple, OriginalDst>>,
     /// Entries taken, for the map's occupancy in the metrics.
     taken: Arc<AtomicU64>,
+    /// Set once the kernel has refused to remove entries on reading (before 5.14).
+    read_only: Arc<AtomicBool>,
 }
 
 impl OriginalDstTable {
@@ -568,13 +571,28 @@ impl OriginalDstTable {
             src_port: client.port(),
             dst_port: listener.port(),
         };
-        let dst = match take::lookup_and_delete::<_, OriginalDst>(self.map.map(), &key) {
-            Ok(found) => {
-                let dst = found?;
+        let taken = if self.read_only.load(Ordering::Relaxed) {
+            None
+        } else {
+            match take::lookup_and_delete::<_, OriginalDst>(self.map.map(), &key) {
+                Ok(found) => Some(found?),
+                Err(e) => {
+                    tracing::info!(
+                        error = %e,
+                        "this kernel cannot remove TUPLE_DST entries on reading them: the proxy \
+                         reads them, and sock_ops removes each when its connection closes"
+                    );
+                    self.read_only.store(true, Ordering::Relaxed);
+                    None
+                }
+            }
+        };
+        let dst = match taken {
+            Some(dst) => {
                 self.taken.fetch_add(1, Ordering::Relaxed);
                 dst
             }
-            Err(_) => self.map.get(&key, 0).ok()?,
+            None => self.map.get(&key, 0).ok()?,
         };
         Some(SocketAddrV4::new(
             Ipv4Addr::from(dst.ip4.to_ne_bytes()),
