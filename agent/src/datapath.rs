@@ -30,7 +30,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, IterableMap as _, MapData, PerCpuArray, SockHash},
+    maps::{HashMap, MapData, PerCpuArray, SockHash},
     programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps, links::FdLink},
 };
 use nix::sys::statfs::{CGROUP2_SUPER_MAGIC, statfs};
@@ -574,7 +574,7 @@ impl OriginalDstTable {
         let taken = if self.read_only.load(Ordering::Relaxed) {
             None
         } else {
-            match take::lookup_and_delete::<_, OriginalDst>(self.map.map(), &key) {
+            match take::lookup_and_delete(&self.map, &key) {
                 Ok(found) => Some(found?),
                 Err(e) => {
                     tracing::info!(

@@ -12,23 +12,29 @@ use std::{
     os::fd::{AsFd as _, AsRawFd as _},
 };
 
-use aya::maps::MapData;
+use aya::{
+    Pod,
+    maps::{HashMap, IterableMap as _, MapData},
+};
 use aya_obj::generated::{bpf_attr, bpf_cmd};
 
 /// The value under `key`, removed from the map; `None` when there is none. An error (other
 /// than no entry) when the kernel cannot remove hash entries this way: the caller reads the
 /// entry instead.
-pub(super) fn lookup_and_delete<K: Copy, V: Copy>(map: &MapData, key: &K) -> io::Result<Option<V>> {
+pub(super) fn lookup_and_delete<K: Pod, V: Pod>(
+    map: &HashMap<MapData, K, V>,
+    key: &K,
+) -> io::Result<Option<V>> {
     let mut value = MaybeUninit::<V>::uninit();
     // SAFETY: bpf_attr is plain data, for which all zeroes is the value the kernel expects in
     // every field this command does not use.
     let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
     // SAFETY: the map element commands use this member of the union; the pointers written
-    // into it are to `key` and `value`, which outlive the call, and the map was made with
-    // keys of `K` and values of `V` (the programs and the agent share these types).
+    // into it are to `key` and `value`, which outlive the call and are of the map's key and
+    // value sizes (aya checked them when it made the typed `HashMap`).
     let ret = unsafe {
         let elem = &mut attr.__bindgen_anon_2;
-        elem.map_fd = map.fd().as_fd().as_raw_fd() as u32;
+        elem.map_fd = map.map().fd().as_fd().as_raw_fd() as u32;
         elem.key = std::ptr::from_ref(key) as u64;
         elem.__bindgen_anon_1.value = value.as_mut_ptr() as u64;
         libc::syscall(
