@@ -19,12 +19,12 @@
 use std::{
     collections::{BTreeSet, HashSet},
     fs::File,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddrV4},
     os::fd::AsRawFd,
     path::{Path, PathBuf},
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
 };
 
@@ -34,14 +34,13 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps, links::FdLink},
 };
 use nix::sys::statfs::{CGROUP2_SUPER_MAGIC, statfs};
-use nodemesh_ebpf_abi::{
-    ConnTuple, EnrolledPod, Listener, OriginalDst, Stat, listener_key, names, pod_flags,
-};
+use nodemesh_ebpf_abi::{ConnTuple, EnrolledPod, Listener, Stat, listener_key, names, pod_flags};
 
-pub use self::pins::uninstall;
 use self::pins::{PINNED_MAPS, check_pinned_maps, link_name, pin_in_place, prepare_pin_dir};
+pub use self::{original_dst::OriginalDstTable, pins::uninstall};
 use crate::{config::Config, netns::PodNetns};
 
+mod original_dst;
 mod pins;
 mod take;
 
@@ -227,11 +226,8 @@ impl Datapath {
         let pods = take_map(&mut bpf, names::PODS)?;
         let inbound = take_map(&mut bpf, names::INBOUND)?;
         let taken = Arc::new(AtomicU64::new(0));
-        let original_dst = OriginalDstTable {
-            map: Arc::new(take_map(&mut bpf, names::TUPLE_DST)?),
-            taken: taken.clone(),
-            read_only: Arc::default(),
-        };
+        let original_dst =
+            OriginalDstTable::new(take_map(&mut bpf, names::TUPLE_DST)?, taken.clone());
         let mut transparent: HashMap<MapData, ConnTuple, u32> =
             take_map(&mut bpf, names::TRANSPARENT)?;
         // Connects of a previous proxy that never completed: none of them is coming.
@@ -541,63 +537,6 @@ fn cgroup_root(configured: Option<&Path>) -> Result<PathBuf, DatapathError> {
             .map(PathBuf::from)
             .find(|p| is_cgroup2(p))
             .ok_or(DatapathError::NoCgroup2),
-    }
-}
-
-/// The proxy's side of TUPLE_DST: where a captured connection was going. The proxy takes
-/// (reads and removes) an entry once it has accepted the connection, so the map holds only
-/// connections between `connect()` and the proxy's `accept()`.
-#[derive(Clone)]
-pub struct OriginalDstTable {
-    map: Arc<HashMap<MapData, ConnTuple, OriginalDst>>,
-    /// Entries taken, for the map's occupancy in the metrics.
-    taken: Arc<AtomicU64>,
-    /// Set once the kernel has refused to remove entries on reading (before 5.14).
-    read_only: Arc<AtomicBool>,
-}
-
-impl OriginalDstTable {
-    /// The original destination of the connection the proxy accepted from `client` on its
-    /// outbound listener `listener`, removed from the map. A kernel that cannot remove hash
-    /// entries on reading (before 5.14) has it read only: sock_ops removes it when the
-    /// connection closes.
-    pub fn take(&self, client: SocketAddr, listener: SocketAddr) -> Option<SocketAddrV4> {
-        let (SocketAddr::V4(client), SocketAddr::V4(listener)) = (client, listener) else {
-            return None;
-        };
-        let key = ConnTuple {
-            src_ip4: u32::from_ne_bytes(client.ip().octets()),
-            dst_ip4: u32::from_ne_bytes(listener.ip().octets()),
-            src_port: client.port(),
-            dst_port: listener.port(),
-        };
-        let taken = if self.read_only.load(Ordering::Relaxed) {
-            None
-        } else {
-            match take::lookup_and_delete(&self.map, &key) {
-                Ok(found) => Some(found?),
-                Err(e) => {
-                    tracing::info!(
-                        error = %e,
-                        "this kernel cannot remove TUPLE_DST entries on reading them: the proxy \
-                         reads them, and sock_ops removes each when its connection closes"
-                    );
-                    self.read_only.store(true, Ordering::Relaxed);
-                    None
-                }
-            }
-        };
-        let dst = match taken {
-            Some(dst) => {
-                self.taken.fetch_add(1, Ordering::Relaxed);
-                dst
-            }
-            None => self.map.get(&key, 0).ok()?,
-        };
-        Some(SocketAddrV4::new(
-            Ipv4Addr::from(dst.ip4.to_ne_bytes()),
-            dst.port,
-        ))
     }
 }
 
