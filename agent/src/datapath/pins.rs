@@ -48,6 +48,26 @@ pub(super) fn link_name(program: &str) -> &str {
 /// original destination, and the proxy refuses them.
 const IN_FLIGHT_MAPS: [&str; 2] = [names::COOKIE_DST, names::TUPLE_DST];
 
+/// What to do with a pinned map, given its shape and the one this agent's programs need.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PinnedMap {
+    Reuse,
+    Replace,
+    Refuse,
+}
+
+impl PinnedMap {
+    fn decide(name: &str, pinned: &str, expected: &str) -> Self {
+        if pinned == expected {
+            Self::Reuse
+        } else if IN_FLIGHT_MAPS.contains(&name) {
+            Self::Replace
+        } else {
+            Self::Refuse
+        }
+    }
+}
+
 /// Refuses pinned maps whose shape (key and value sizes, capacity) differs from what the
 /// object's programs declare: reusing them would corrupt the datapath rather than fail. Maps
 /// of connections in flight are unpinned instead, so that the programs make new ones.
@@ -83,24 +103,28 @@ pub(super) fn check_pinned_maps(
             declared.max_entries(),
         );
         let found = shape(pinned.key_size(), pinned.value_size(), pinned.max_entries());
-        if expected != found && IN_FLIGHT_MAPS.contains(&name) {
-            std::fs::remove_file(&pin).map_err(|e| DatapathError::Pin {
-                path: pin.clone(),
-                reason: format!("cannot replace a map of an earlier version: {e}"),
-            })?;
-            tracing::info!(
-                map = name,
-                pinned = %found,
-                expected = %expected,
-                "replacing a map of connections in flight pinned by an earlier version"
-            );
-        } else if expected != found {
-            return Err(DatapathError::Incompatible {
-                map: name,
-                pin_dir: pin_dir.to_owned(),
-                pinned: found,
-                expected,
-            });
+        match PinnedMap::decide(name, &found, &expected) {
+            PinnedMap::Reuse => {}
+            PinnedMap::Replace => {
+                std::fs::remove_file(&pin).map_err(|e| DatapathError::Pin {
+                    path: pin.clone(),
+                    reason: format!("cannot replace a map of an earlier version: {e}"),
+                })?;
+                tracing::info!(
+                    map = name,
+                    pinned = %found,
+                    expected = %expected,
+                    "replacing a map of connections in flight pinned by an earlier version"
+                );
+            }
+            PinnedMap::Refuse => {
+                return Err(DatapathError::Incompatible {
+                    map: name,
+                    pin_dir: pin_dir.to_owned(),
+                    pinned: found,
+                    expected,
+                });
+            }
         }
     }
     Ok(())
@@ -174,6 +198,35 @@ mod tests {
         std::fs::create_dir_all(dir.join("pods")).expect("a pin directory");
         assert!(uninstall(&dir).expect("removed"));
         assert!(!uninstall(&dir).expect("nothing left"));
+    }
+
+    #[test]
+    fn only_maps_of_connections_in_flight_are_replaced_when_their_shape_changed() {
+        let (old, new) = ("262144 entries", "65536 entries");
+        assert_eq!(
+            PinnedMap::decide(names::TUPLE_DST, new, new),
+            PinnedMap::Reuse
+        );
+        assert_eq!(
+            PinnedMap::decide(names::TUPLE_DST, old, new),
+            PinnedMap::Replace
+        );
+        assert_eq!(
+            PinnedMap::decide(names::COOKIE_DST, old, new),
+            PinnedMap::Replace
+        );
+        for kept in [
+            names::ENROLLED,
+            names::PODS,
+            names::INBOUND,
+            names::TRANSPARENT,
+        ] {
+            assert_eq!(
+                PinnedMap::decide(kept, old, new),
+                PinnedMap::Refuse,
+                "{kept}"
+            );
+        }
     }
 
     #[test]
