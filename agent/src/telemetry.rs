@@ -7,7 +7,7 @@ mod istio;
 mod traces;
 
 pub use self::{
-    access_log::{AccessLog, AccessLogTarget, RequestLogEntry},
+    access_log::{AccessLog, AccessLogTarget, RequestLine, RequestLogEntry},
     istio::{IstioMetrics, Labels},
     traces::{FinishedSpan, Tracer},
 };

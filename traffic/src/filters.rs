@@ -149,10 +149,19 @@ pub fn redirect(redirect: &RequestRedirect, input: &RedirectInput<'_>) -> Redire
 
 /// The request's host without a port: `:authority` (from the URI) or `Host`.
 pub fn request_host<'a>(uri: &'a http::Uri, headers: &'a HeaderMap) -> &'a str {
-    uri.authority()
+    host_of(uri.authority(), headers.get(header::HOST))
+}
+
+/// [`request_host`] from the two places a host can be: the URI's authority, else the `Host`
+/// header (its port, if any, left out).
+pub fn host_of<'a>(
+    authority: Option<&'a http::uri::Authority>,
+    host: Option<&'a http::HeaderValue>,
+) -> &'a str {
+    authority
         .map(|a| a.host())
         .or_else(|| {
-            let host = headers.get(header::HOST)?.to_str().ok()?;
+            let host = host?.to_str().ok()?;
             Some(match host.rsplit_once(':') {
                 Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
                 _ => host,

@@ -134,16 +134,15 @@ where
         extensions.insert(pod.clone());
         extensions.insert(Protocol(upstream));
         let answer = stack.answer(req);
-        let answer: super::ResponseFuture = Box::pin(async move {
+        async move {
             let Ok(mut response) = answer.await;
             *response.version_mut() = if downstream_h2 {
                 Version::HTTP_2
             } else {
                 Version::HTTP_11
             };
-            Ok(response)
-        });
-        answer
+            Ok::<_, std::convert::Infallible>(response)
+        }
     });
     let io = TokioIo::new(client);
     let served = if downstream_h2 {

@@ -21,7 +21,8 @@ use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
 #[derive(Debug)]
 pub struct TrafficState {
     pub metrics: TrafficMetrics,
-    clients: Mutex<HashMap<(String, String), Arc<ClientState>>>,
+    /// By client workload, then by backend: looked up by reference, without building a key.
+    clients: Mutex<HashMap<String, HashMap<String, Arc<ClientState>>>>,
     backends: Mutex<HashMap<String, Arc<BackendHealth>>>,
 }
 
@@ -170,15 +171,17 @@ impl TrafficState {
         budget: BudgetSettings,
     ) -> Arc<ClientState> {
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (client.to_owned(), state_key.to_owned());
-        match clients.get(&key) {
-            Some(state) if state.budget_settings() == budget => state.clone(),
-            _ => {
-                let state = Arc::new(ClientState::new(budget));
-                clients.insert(key, state.clone());
-                state
-            }
+        if let Some(state) = clients.get(client).and_then(|states| states.get(state_key))
+            && state.budget_settings() == budget
+        {
+            return state.clone();
         }
+        let state = Arc::new(ClientState::new(budget));
+        clients
+            .entry(client.to_owned())
+            .or_default()
+            .insert(state_key.to_owned(), state.clone());
+        state
     }
 
     pub fn backend(&self, state_key: &str) -> Arc<BackendHealth> {
@@ -234,7 +237,10 @@ impl TrafficState {
         self.clients
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|(client, key), _| clients.contains(client) && state_keys.contains(key));
+            .retain(|client, states| {
+                states.retain(|key, _| state_keys.contains(key));
+                clients.contains(client) && !states.is_empty()
+            });
     }
 }
 
@@ -312,5 +318,55 @@ impl TrafficMetrics {
                 &["workload", "policy"],
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+
+    fn set(items: &[&str]) -> HashSet<String> {
+        items.iter().map(|i| (*i).to_owned()).collect()
+    }
+
+    #[test]
+    fn a_client_has_one_state_per_backend_until_its_budget_changes_or_it_is_forgotten() {
+        let state = TrafficState::new(&Registry::new());
+        let budget = BudgetSettings::default();
+        let web = state.client("shop/a", "web", budget);
+        assert!(Arc::ptr_eq(&web, &state.client("shop/a", "web", budget)));
+        let other_backend = state.client("shop/a", "api", budget);
+        let other_client = state.client("shop/b", "web", budget);
+        assert!(!Arc::ptr_eq(&web, &other_backend));
+        assert!(!Arc::ptr_eq(&web, &other_client));
+
+        // A new retry budget starts a new state (its counts start over).
+        let changed = BudgetSettings {
+            min_retries_per_second: budget.min_retries_per_second + 1,
+            ..budget
+        };
+        let renewed = state.client("shop/a", "web", changed);
+        assert!(!Arc::ptr_eq(&web, &renewed));
+        assert!(Arc::ptr_eq(
+            &renewed,
+            &state.client("shop/a", "web", changed)
+        ));
+
+        // Forgotten: the backend `api`, and the client `shop/b`.
+        state.retain(&set(&["web"]), &set(&["shop/a"]));
+        assert!(Arc::ptr_eq(
+            &renewed,
+            &state.client("shop/a", "web", changed)
+        ));
+        assert!(!Arc::ptr_eq(
+            &other_backend,
+            &state.client("shop/a", "api", budget)
+        ));
+        assert!(!Arc::ptr_eq(
+            &other_client,
+            &state.client("shop/b", "web", budget)
+        ));
     }
 }

@@ -4,7 +4,6 @@
 //! `destination`.
 
 use std::{
-    borrow::Cow,
     collections::HashMap,
     net::IpAddr,
     sync::{Arc, Mutex},
@@ -22,7 +21,9 @@ use super::{
 };
 use crate::{
     state::unix_millis,
-    telemetry::{AccessLog, FinishedSpan, IstioMetrics, Labels, RequestLogEntry, Tracer},
+    telemetry::{
+        AccessLog, FinishedSpan, IstioMetrics, Labels, RequestLine, RequestLogEntry, Tracer,
+    },
 };
 
 /// Where reports go.
@@ -94,10 +95,7 @@ impl HttpFilter for Telemetry {
         };
         let started = Instant::now();
         let started_at = SystemTime::now();
-        let method = req.method().as_str().to_owned();
-        let path = req.uri().path().to_owned();
-        let authority =
-            nodemesh_traffic::filters::request_host(req.uri(), req.headers()).to_owned();
+        let line = RequestLine::of(&req);
         let request_bytes = announced_size(req.headers(), req.body());
         let grpc = req
             .headers()
@@ -139,13 +137,13 @@ impl HttpFilter for Telemetry {
         if let (Some(context), Some(tracer)) = (span, &layer.sinks.tracer) {
             tracer.finish(FinishedSpan {
                 context,
-                name: format!("{method} {authority}"),
+                name: format!("{} {}", line.method(), line.authority()),
                 start: started_at,
                 end: SystemTime::now(),
                 attributes: vec![
-                    ("http.request.method", method.clone()),
-                    ("url.path", path.clone()),
-                    ("server.address", authority.clone()),
+                    ("http.request.method", line.method().to_owned()),
+                    ("url.path", line.path().to_owned()),
+                    ("server.address", line.authority().to_owned()),
                     ("http.response.status_code", code.to_string()),
                     ("network.peer.address", reporter.peer_ip.to_string()),
                     ("source.workload", labels.source_workload().to_owned()),
@@ -169,25 +167,22 @@ impl HttpFilter for Telemetry {
                 direction: reporter.direction.as_str(),
                 start_unix_ms: unix_millis(started_at),
                 duration_ms,
-                workload: reporter.workload.to_string(),
-                client: reporter.peer_ip.to_string(),
-                source_identity: reporter.peer_identity.as_deref().map(str::to_owned),
-                method,
-                path,
-                authority,
+                workload: reporter.workload,
+                client: reporter.peer_ip,
+                source_identity: reporter.peer_identity,
+                request: line,
                 protocol,
                 response_code: code,
-                response_flags: Cow::Owned(flags.into_owned()),
+                response_flags: flags,
                 request_bytes,
                 response_bytes,
                 traceparent,
-                upstream: endpoint.map(|e| e.addr.to_string()),
+                upstream: endpoint.map(|e| e.addr),
                 route: response
                     .extensions()
                     .get::<Routed>()
-                    .and_then(|r| r.rule.as_ref())
-                    .map(|(route, index)| format!("{route}#{index}")),
-                destination_service: (!inbound).then(|| labels.destination_service().to_owned()),
+                    .and_then(|r| r.rule.clone()),
+                destination: (!inbound).then_some(labels),
             });
         }
         response

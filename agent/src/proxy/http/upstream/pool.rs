@@ -37,10 +37,10 @@ use crate::{
     workers,
 };
 
+/// A client workload's connections to one endpoint, by protocol; under it, by backend.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct PoolKey {
     client: Arc<str>,
-    state_key: String,
     endpoint: SocketAddrV4,
     protocol: UpstreamProtocol,
 }
@@ -49,7 +49,9 @@ struct PoolKey {
 #[derive(Debug)]
 pub struct UpstreamPools {
     connector: Arc<dyn Connector>,
-    pools: Mutex<HashMap<PoolKey, Arc<EndpointPool>>>,
+    /// By client, endpoint and protocol, then by backend (`state_key`, looked up by
+    /// reference: a request builds no key string).
+    pools: Mutex<HashMap<PoolKey, HashMap<String, Arc<EndpointPool>>>>,
 }
 
 /// The connections of one client workload to one endpoint of one backend.
@@ -156,13 +158,15 @@ impl UpstreamPools {
         }
     }
 
-    fn pool(&self, key: PoolKey) -> Arc<EndpointPool> {
-        self.pools
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(key)
-            .or_default()
-            .clone()
+    fn pool(&self, key: PoolKey, state_key: &str) -> Arc<EndpointPool> {
+        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        let backends = pools.entry(key).or_default();
+        if let Some(pool) = backends.get(state_key) {
+            return pool.clone();
+        }
+        let pool = Arc::new(EndpointPool::default());
+        backends.insert(state_key.to_owned(), pool.clone());
+        pool
     }
 
     /// Forgets the pools of clients and backends the configuration no longer has; their
@@ -175,7 +179,10 @@ impl UpstreamPools {
         self.pools
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|key, _| clients.contains(&*key.client) && state_keys.contains(&key.state_key));
+            .retain(|key, backends| {
+                backends.retain(|state_key, _| state_keys.contains(state_key));
+                clients.contains(&*key.client) && !backends.is_empty()
+            });
     }
 
     /// Sends `req` to `target`'s endpoint on a pooled connection.
@@ -188,12 +195,14 @@ impl UpstreamPools {
         client_state: Option<Arc<ClientState>>,
         req: HttpRequest,
     ) -> HttpResponse {
-        let pool = self.pool(PoolKey {
-            client: client.clone(),
-            state_key: backend.state_key.clone(),
-            endpoint: target.endpoint.addr,
-            protocol,
-        });
+        let pool = self.pool(
+            PoolKey {
+                client: client.clone(),
+                endpoint: target.endpoint.addr,
+                protocol,
+            },
+            &backend.state_key,
+        );
         let client_state =
             client_state.unwrap_or_else(|| Arc::new(ClientState::new(BudgetSettings::default())));
         let settings = &backend.settings;

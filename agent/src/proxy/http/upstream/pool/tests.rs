@@ -328,3 +328,51 @@ async fn an_idle_connection_closes_after_the_idle_timeout() {
     let (_, body, _) = send(&pools, &backend, UpstreamProtocol::Http1, &client).await;
     assert_eq!(body, "connection 1", "the idle one was closed");
 }
+
+#[tokio::test]
+async fn each_backend_has_its_own_connections_and_retain_forgets_the_ones_configuration_dropped() {
+    let memory = Arc::new(Memory::default());
+    let pools = UpstreamPools::new(memory.clone());
+    let web = testing::target();
+    let mut canary = web.clone();
+    canary.state_key = format!("policy|{}", web.state_key);
+    let client = client_state();
+    let body = |answer: (StatusCode, String, ResponseFlags)| answer.1;
+    // Two backends to the same endpoint (the same Service under two policies): a connection
+    // each, each reused.
+    assert_eq!(
+        body(send(&pools, &web, UpstreamProtocol::Http1, &client).await),
+        "connection 0"
+    );
+    assert_eq!(
+        body(send(&pools, &canary, UpstreamProtocol::Http1, &client).await),
+        "connection 1"
+    );
+    assert_eq!(
+        body(send(&pools, &web, UpstreamProtocol::Http1, &client).await),
+        "connection 0"
+    );
+    assert_eq!(
+        body(send(&pools, &canary, UpstreamProtocol::Http1, &client).await),
+        "connection 1"
+    );
+
+    let keys = |keys: &[&str]| keys.iter().map(|k| (*k).to_owned()).collect();
+    pools.retain(&keys(&[&web.state_key]), &keys(&["shop/client"]));
+    assert_eq!(
+        body(send(&pools, &web, UpstreamProtocol::Http1, &client).await),
+        "connection 0"
+    );
+    assert_eq!(
+        body(send(&pools, &canary, UpstreamProtocol::Http1, &client).await),
+        "connection 2",
+        "the dropped backend's pool is gone"
+    );
+    // A client that left takes its pools with it.
+    pools.retain(&keys(&[&web.state_key, &canary.state_key]), &keys(&[]));
+    assert_eq!(
+        body(send(&pools, &web, UpstreamProtocol::Http1, &client).await),
+        "connection 3"
+    );
+    assert_eq!(memory.connections.load(Ordering::SeqCst), 4);
+}
