@@ -212,13 +212,14 @@ pub(crate) async fn connect_from_pod(
     connect_with_timeout(socket, dst).await
 }
 
-/// Connects to the application in the pod at `dst` from `client`'s address.
+/// Connects to the application in the pod at `dst` from `client`'s address; also returns the
+/// address it connected from (the port bound before connecting, read once).
 async fn connect_to_app(
     pod: &PodContext,
     shared: &ProxyShared,
     client: SocketAddr,
     dst: SocketAddr,
-) -> Result<TcpStream, ProxyError> {
+) -> Result<(TcpStream, SocketAddr), ProxyError> {
     let socket_error = |source| ProxyError::Socket {
         netns: pod.netns.to_string(),
         source,
@@ -237,7 +238,8 @@ async fn connect_to_app(
         .transparent
         .allow(local, dst4)
         .map_err(|e| socket_error(io::Error::other(format!("TRANSPARENT map: {e}"))))?;
-    connect_with_timeout(socket, dst).await
+    let stream = connect_with_timeout(socket, dst).await?;
+    Ok((stream, SocketAddr::V4(local)))
 }
 
 async fn connect_with_timeout(

@@ -56,8 +56,8 @@ pub(super) async fn accept(
         Err(denied) => Err(denied),
     };
     match connected {
-        Ok(upstream) => {
-            tracker.record.upstream_local = upstream.local_addr().ok();
+        Ok((upstream, local)) => {
+            tracker.record.upstream_local = Some(local);
             Ok(Delivery {
                 pod,
                 tracker,

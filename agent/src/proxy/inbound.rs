@@ -39,8 +39,8 @@ pub async fn handle(
         }
         let client_peer = authz::peer(None, peer);
         authz::authorize_connection(&pod, shared, &client_peer, dst)?;
-        let upstream = connect_to_app(&pod, shared, peer, dst).await?;
-        tracker.record.upstream_local = upstream.local_addr().ok();
+        let (upstream, local) = connect_to_app(&pod, shared, peer, dst).await?;
+        tracker.record.upstream_local = Some(local);
         deliver(client, upstream, client_peer, dst, labels, &pod, shared).await
     }
     .await;
