@@ -311,7 +311,7 @@ impl ConnectionRecord {
 #[derive(Debug, Default)]
 pub struct ConnectionLog {
     next_id: AtomicU64,
-    recent: Mutex<VecDeque<ConnectionRecord>>,
+    recent: Mutex<VecDeque<Arc<ConnectionRecord>>>,
 }
 
 impl ConnectionLog {
@@ -319,7 +319,7 @@ impl ConnectionLog {
         self.next_id.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    pub fn push(&self, record: ConnectionRecord) {
+    pub fn push(&self, record: Arc<ConnectionRecord>) {
         let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
         if recent.len() == CONNECTION_LOG_LEN {
             recent.pop_front();
@@ -329,7 +329,10 @@ impl ConnectionLog {
 
     pub fn recent(&self) -> Vec<ConnectionRecord> {
         let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
-        recent.iter().cloned().collect()
+        recent
+            .iter()
+            .map(|record| ConnectionRecord::clone(record))
+            .collect()
     }
 }
 

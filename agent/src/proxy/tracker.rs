@@ -7,6 +7,8 @@ use std::{
     time::{Instant, SystemTime},
 };
 
+use prometheus::IntGauge;
+
 use super::{Direction, PodContext, ProxyError, ProxyShared};
 use crate::{
     state::{ConnectionRecord, unix_millis},
@@ -20,6 +22,16 @@ pub(super) struct ConnectionTracker {
     started: Instant,
     /// Istio's labels, fixed once the connection's ends are known (see [`open`](Self::open)).
     labels: Option<Arc<Labels>>,
+    _active: Active,
+}
+
+/// Counts the connection in `nodemesh_proxy_connections_active` while it lives.
+struct Active(IntGauge);
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// Envoy's response flags for why a connection failed, as Istio's metrics carry them.
@@ -59,10 +71,10 @@ impl ConnectionTracker {
             .connections_opened
             .with_label_values(&[direction.as_str()])
             .inc();
-        metrics
+        let active = metrics
             .connections_active
-            .with_label_values(&[direction.as_str()])
-            .inc();
+            .with_label_values(&[direction.as_str()]);
+        active.inc();
         let local = Some(pod.identity.to_string());
         let (source_identity, destination_identity) = match direction {
             Direction::Outbound => (local, None),
@@ -102,6 +114,7 @@ impl ConnectionTracker {
             },
             started: Instant::now(),
             labels: None,
+            _active: Active(active),
         }
     }
 
@@ -111,70 +124,65 @@ impl ConnectionTracker {
         if let Some(labels) = &self.labels {
             return labels.clone();
         }
-        let labels = Arc::new(Labels::of(&self.record));
+        let labels = self.shared.state.istio.connection_labels(&self.record);
         self.shared.state.istio.tcp_opened(&labels, "-");
         self.labels = Some(labels.clone());
         labels
     }
 
-    pub(super) fn finish(mut self, result: Result<(u64, u64), ProxyError>) {
-        let direction = self.direction.as_str();
+    pub(super) fn finish(self, result: Result<(u64, u64), ProxyError>) {
+        let Self {
+            shared,
+            direction,
+            mut record,
+            started,
+            labels,
+            ..
+        } = self;
+        let direction = direction.as_str();
+        let state = &shared.state;
         let mut flags = "-";
         match result {
             Ok((from_client, to_client)) => {
-                self.record.bytes_from_client = from_client;
-                self.record.bytes_to_client = to_client;
+                record.bytes_from_client = from_client;
+                record.bytes_to_client = to_client;
             }
             Err(e) => {
                 flags = response_flags(&e);
-                self.shared
-                    .state
+                state
                     .metrics
                     .connection_failures
                     .with_label_values(&[direction, e.reason()])
                     .inc();
                 tracing::info!(
                     direction,
-                    workload = %self.record.workload,
-                    client = %self.record.client,
-                    dst = %self.record.original_dst,
+                    workload = %record.workload,
+                    client = %record.client,
+                    dst = %record.original_dst,
                     error = %e,
                     "connection failed"
                 );
-                self.record.error = Some(e.to_string());
+                record.error = Some(e.to_string());
             }
         }
-        self.record.duration_ms = self.started.elapsed().as_millis() as u64;
-        let labels = match &self.labels {
-            Some(labels) => labels.clone(),
-            None => {
-                // Failed before its ends were settled: still opened and closed once.
-                let labels = Labels::of(&self.record);
-                self.shared.state.istio.tcp_opened(&labels, flags);
-                Arc::new(labels)
-            }
-        };
-        let state = &self.shared.state;
+        record.duration_ms = started.elapsed().as_millis() as u64;
+        let labels = labels.unwrap_or_else(|| {
+            // Failed before its ends were settled: still opened and closed once.
+            let labels = state.istio.connection_labels(&record);
+            state.istio.tcp_opened(&labels, flags);
+            labels
+        });
         state.istio.tcp_closed(
             &labels,
             flags,
-            self.record.bytes_from_client,
-            self.record.bytes_to_client,
+            record.bytes_from_client,
+            record.bytes_to_client,
         );
+        // One record for the access log and `/connections`.
+        let record = Arc::new(record);
         if let Some(log) = &state.access_log {
-            log.connection(&self.record, flags);
+            log.connection(&record, flags);
         }
-        state.connections.push(self.record.clone());
-    }
-}
-
-impl Drop for ConnectionTracker {
-    fn drop(&mut self) {
-        self.shared
-            .state
-            .metrics
-            .connections_active
-            .with_label_values(&[self.direction.as_str()])
-            .dec();
+        state.connections.push(record);
     }
 }

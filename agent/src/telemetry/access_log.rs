@@ -161,10 +161,20 @@ fn service_of<S: Serializer>(
 enum Entry {
     Connection {
         #[serde(flatten)]
-        record: Box<ConnectionRecord>,
+        record: Finished,
         response_flags: &'static str,
     },
     Request(Box<RequestLogEntry>),
+}
+
+/// A finished connection's record, shared with `/connections`.
+#[derive(Debug)]
+struct Finished(Arc<ConnectionRecord>);
+
+impl Serialize for Finished {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(serializer)
+    }
 }
 
 #[derive(Debug)]
@@ -227,10 +237,10 @@ impl AccessLog {
         }
     }
 
-    pub fn connection(&self, record: &ConnectionRecord, response_flags: &'static str) {
+    pub fn connection(&self, record: &Arc<ConnectionRecord>, response_flags: &'static str) {
         if self.sampled() {
             self.offer(Entry::Connection {
-                record: Box::new(record.clone()),
+                record: Finished(record.clone()),
                 response_flags,
             });
         }

@@ -1,12 +1,16 @@
 //! Istio's standard metrics with Istio's names and labels. Label values stay bounded: no
 //! paths, no ports, no addresses.
 
-use std::sync::OnceLock;
+mod labels;
+
+use std::sync::{Arc, Mutex};
 
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
 };
 
+use self::labels::LabelCache;
+pub use self::labels::Labels;
 use crate::state::ConnectionRecord;
 
 const TCP_LABELS: [&str; 11] = [
@@ -48,6 +52,8 @@ pub struct IstioMetrics {
     duration: HistogramVec,
     request_bytes: HistogramVec,
     response_bytes: HistogramVec,
+    /// The labels of connections by their ends, shared by connections with the same.
+    connection_labels: Arc<Mutex<LabelCache>>,
 }
 
 fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -101,6 +107,7 @@ impl IstioMetrics {
                 bytes_buckets.clone(),
             ),
             response_bytes: histogram("istio_response_bytes", "HTTP response sizes", bytes_buckets),
+            connection_labels: Arc::default(),
         };
         for collector in [
             Box::new(metrics.tcp_opened.clone()) as Box<dyn prometheus::core::Collector>,
@@ -119,17 +126,44 @@ impl IstioMetrics {
         metrics
     }
 
+    /// The labels of a connection whose ends `record` names: those of an earlier connection
+    /// with the same ends, or new ones. Shared, so that their metrics are looked up (every
+    /// label value hashed) once per pair of ends rather than four times per connection.
+    pub fn connection_labels(&self, record: &ConnectionRecord) -> Arc<Labels> {
+        self.connection_labels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(record)
+    }
+
     pub fn tcp_opened(&self, labels: &Labels, flags: &str) {
-        self.tcp_opened.with_label_values(&labels.tcp(flags)).inc();
+        self.tcp_handles(labels, flags).opened.inc();
     }
 
     pub fn tcp_closed(&self, labels: &Labels, flags: &str, received: u64, sent: u64) {
-        let values = labels.tcp(flags);
-        self.tcp_closed.with_label_values(&values).inc();
-        self.tcp_received
-            .with_label_values(&values)
-            .inc_by(received);
-        self.tcp_sent.with_label_values(&values).inc_by(sent);
+        let handles = self.tcp_handles(labels, flags);
+        handles.closed.inc();
+        handles.received.inc_by(received);
+        handles.sent.inc_by(sent);
+    }
+
+    /// The TCP metrics of `labels` with `flags`: resolved once per label set for connections
+    /// that end well (`-`), looked up for the others.
+    fn tcp_handles<'a>(&self, labels: &'a Labels, flags: &str) -> std::borrow::Cow<'a, TcpHandles> {
+        let resolve = |flags: &str| {
+            let values = labels.tcp(flags);
+            TcpHandles {
+                opened: self.tcp_opened.with_label_values(&values),
+                closed: self.tcp_closed.with_label_values(&values),
+                received: self.tcp_received.with_label_values(&values),
+                sent: self.tcp_sent.with_label_values(&values),
+            }
+        };
+        if flags == "-" {
+            std::borrow::Cow::Borrowed(labels.common_tcp.get_or_init(|| resolve(flags)))
+        } else {
+            std::borrow::Cow::Owned(resolve(flags))
+        }
     }
 
     #[expect(
@@ -180,6 +214,15 @@ type RequestKind<'a> = (&'a str, u16, &'a str);
 /// What nearly every request is: its metrics are resolved once per label set.
 const COMMON_REQUEST: RequestKind<'static> = ("http", 200, "-");
 
+/// The TCP metrics of one label set.
+#[derive(Debug, Clone)]
+struct TcpHandles {
+    opened: IntCounter,
+    closed: IntCounter,
+    received: IntCounter,
+    sent: IntCounter,
+}
+
 /// The request metrics of one label set.
 #[derive(Debug, Clone)]
 struct HttpHandles {
@@ -187,168 +230,6 @@ struct HttpHandles {
     duration: Histogram,
     request_bytes: Histogram,
     response_bytes: Histogram,
-}
-
-/// The label values of one connection, as its reporter sees it.
-#[derive(Debug)]
-pub struct Labels {
-    reporter: &'static str,
-    source_workload: String,
-    source_namespace: String,
-    source_principal: String,
-    destination_workload: String,
-    destination_namespace: String,
-    destination_principal: String,
-    destination_service: String,
-    security: &'static str,
-    /// The request metrics of these labels for [`COMMON_REQUEST`], once one was counted.
-    common_request: OnceLock<HttpHandles>,
-}
-
-impl Clone for Labels {
-    /// The same label values; metrics resolved for them are not carried over, as a clone is
-    /// made to change some.
-    fn clone(&self) -> Self {
-        Self {
-            reporter: self.reporter,
-            source_workload: self.source_workload.clone(),
-            source_namespace: self.source_namespace.clone(),
-            source_principal: self.source_principal.clone(),
-            destination_workload: self.destination_workload.clone(),
-            destination_namespace: self.destination_namespace.clone(),
-            destination_principal: self.destination_principal.clone(),
-            destination_service: self.destination_service.clone(),
-            security: self.security,
-            common_request: OnceLock::new(),
-        }
-    }
-}
-
-/// A Service's host name as Istio labels it, from its `namespace/name`.
-fn service_host(key: &str) -> String {
-    match key.split_once('/') {
-        Some((ns, name)) => format!("{name}.{ns}.svc.cluster.local"),
-        None => "unknown".to_owned(),
-    }
-}
-
-/// `namespace/name` split into (name, namespace), `unknown` when absent.
-fn workload(key: Option<&str>) -> (String, String) {
-    match key.and_then(|k| k.split_once('/')) {
-        Some((namespace, name)) => (name.to_owned(), namespace.to_owned()),
-        None => ("unknown".to_owned(), "unknown".to_owned()),
-    }
-}
-
-impl Labels {
-    /// The labels of a connection from its record. The outbound proxy reports as `source`,
-    /// the inbound one as `destination`.
-    pub fn of(record: &ConnectionRecord) -> Self {
-        let (source_workload, source_namespace) = workload(record.source_workload.as_deref());
-        let (destination_workload, destination_namespace) =
-            workload(record.destination_workload.as_deref());
-        let destination_service = record
-            .destination_service
-            .as_deref()
-            .map_or_else(|| "unknown".to_owned(), service_host);
-        let principal = |id: &Option<String>| id.clone().unwrap_or_else(|| "unknown".to_owned());
-        Self {
-            reporter: if record.direction == "outbound" {
-                "source"
-            } else {
-                "destination"
-            },
-            source_workload,
-            source_namespace,
-            source_principal: principal(&record.source_identity),
-            destination_workload,
-            destination_namespace,
-            destination_principal: principal(&record.destination_identity),
-            destination_service,
-            security: if record.security == "mtls" {
-                "mutual_tls"
-            } else {
-                "none"
-            },
-            common_request: OnceLock::new(),
-        }
-    }
-
-    /// The labels of an outbound request: these (the client's side) with the destination the
-    /// request reached.
-    pub fn with_destination(
-        &self,
-        workload: Option<&str>,
-        principal: Option<String>,
-        service: Option<&str>,
-    ) -> Self {
-        let (destination_workload, destination_namespace) = self::workload(workload);
-        Self {
-            destination_workload,
-            destination_namespace,
-            security: if principal.is_some() {
-                "mutual_tls"
-            } else {
-                "none"
-            },
-            destination_principal: principal.unwrap_or_else(|| "unknown".to_owned()),
-            destination_service: service.map_or_else(|| "unknown".to_owned(), service_host),
-            ..self.clone()
-        }
-    }
-
-    pub fn destination_service(&self) -> &str {
-        &self.destination_service
-    }
-
-    pub fn source_workload(&self) -> &str {
-        &self.source_workload
-    }
-
-    pub fn source_principal(&self) -> &str {
-        &self.source_principal
-    }
-
-    pub fn destination_workload(&self) -> &str {
-        &self.destination_workload
-    }
-
-    pub fn destination_principal(&self) -> &str {
-        &self.destination_principal
-    }
-
-    fn tcp<'a>(&'a self, flags: &'a str) -> [&'a str; 11] {
-        [
-            self.reporter,
-            &self.source_workload,
-            &self.source_namespace,
-            &self.source_principal,
-            &self.destination_workload,
-            &self.destination_namespace,
-            &self.destination_principal,
-            &self.destination_service,
-            "tcp",
-            flags,
-            self.security,
-        ]
-    }
-
-    fn http<'a>(&'a self, protocol: &'a str, code: &'a str, flags: &'a str) -> [&'a str; 12] {
-        [
-            self.reporter,
-            &self.source_workload,
-            &self.source_namespace,
-            &self.source_principal,
-            &self.destination_workload,
-            &self.destination_namespace,
-            &self.destination_principal,
-            &self.destination_service,
-            protocol,
-            code,
-            flags,
-            self.security,
-        ]
-    }
 }
 
 #[cfg(test)]
@@ -413,6 +294,65 @@ mod tests {
         assert!(
             labels.common_request.get().is_some(),
             "the common label set is kept"
+        );
+    }
+
+    /// `istio_tcp_connections_closed_total` and `istio_tcp_received_bytes_total` by response
+    /// flags.
+    fn closed(registry: &Registry) -> Vec<(String, u64, u64)> {
+        let families = registry.gather();
+        let values = |name: &str| -> Vec<(String, u64)> {
+            let mut values: Vec<(String, u64)> = families
+                .iter()
+                .filter(|f| f.name() == name)
+                .flat_map(|f| f.get_metric())
+                .map(|m| {
+                    let flags = m
+                        .get_label()
+                        .iter()
+                        .find(|l| l.name() == "response_flags")
+                        .map(|l| l.value().to_owned())
+                        .unwrap_or_default();
+                    (flags, m.get_counter().get_value() as u64)
+                })
+                .collect();
+            values.sort();
+            values
+        };
+        values("istio_tcp_connections_closed_total")
+            .into_iter()
+            .zip(values("istio_tcp_received_bytes_total"))
+            .map(|((flags, closed), (_, received))| (flags, closed, received))
+            .collect()
+    }
+
+    #[test]
+    fn connections_are_counted_under_labels_shared_by_their_ends() {
+        let registry = Registry::new();
+        let metrics = IstioMetrics::new(&registry);
+        let record = ConnectionRecord {
+            direction: "inbound",
+            workload: "shop/web".into(),
+            destination_workload: Some("shop/web".into()),
+            security: "mtls",
+            ..ConnectionRecord::example()
+        };
+        for received in [10, 20] {
+            let labels = metrics.connection_labels(&record);
+            metrics.tcp_opened(&labels, "-");
+            metrics.tcp_closed(&labels, "-", received, 1);
+        }
+        let labels = metrics.connection_labels(&record);
+        metrics.tcp_opened(&labels, "UF");
+        metrics.tcp_closed(&labels, "UF", 0, 0);
+
+        assert_eq!(
+            closed(&registry),
+            [("-".to_owned(), 2, 30), ("UF".to_owned(), 1, 0)]
+        );
+        assert!(
+            labels.common_tcp.get().is_some(),
+            "the metrics of connections without flags are kept with the shared labels"
         );
     }
 }
