@@ -19,89 +19,36 @@
 use std::{
     collections::{BTreeSet, HashSet},
     fs::File,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::Ipv4Addr,
     os::fd::AsRawFd,
     path::{Path, PathBuf},
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, atomic::AtomicU64},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, SockHash},
+    maps::{HashMap, MapData, SockHash},
     programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps, links::FdLink},
 };
 use nix::sys::statfs::{CGROUP2_SUPER_MAGIC, statfs};
-use nodemesh_ebpf_abi::{ConnTuple, EnrolledPod, Listener, Stat, listener_key, names, pod_flags};
+use nodemesh_ebpf_abi::{ConnTuple, EnrolledPod, Listener, listener_key, names, pod_flags};
 
-use self::pins::{PINNED_MAPS, check_pinned_maps, link_name, pin_in_place, prepare_pin_dir};
-pub use self::{original_dst::OriginalDstTable, pins::uninstall};
+pub use self::{
+    error::DatapathError, original_dst::OriginalDstTable, pins::uninstall, stats::DatapathStats,
+    transparent::TransparentConnects,
+};
+use self::{
+    error::{map_error, refused},
+    pins::{PINNED_MAPS, check_pinned_maps, link_name, pin_in_place, prepare_pin_dir},
+};
 use crate::{config::Config, netns::PodNetns};
 
+mod error;
 mod original_dst;
 mod pins;
+mod stats;
 mod take;
-
-#[derive(Debug, thiserror::Error)]
-pub enum DatapathError {
-    #[error("eBPF object {0} not found; build it with `cargo xtask build` or pass --ebpf-object")]
-    ObjectMissing(PathBuf),
-    #[error(
-        "no cgroup2 hierarchy at /sys/fs/cgroup or /sys/fs/cgroup/unified; mount one \
-         (mount -t cgroup2 none /sys/fs/cgroup/unified) or pass --cgroup-root"
-    )]
-    NoCgroup2,
-    #[error("{0} is not a cgroup2 directory; pass the root of a cgroup2 mount as --cgroup-root")]
-    NotCgroup2(PathBuf),
-    #[error("cannot open cgroup {path}: {source}")]
-    OpenCgroup {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error(
-        "cannot pin the datapath in {path}: {reason}; the pin directory must be on a bpffs \
-         mount (mount -t bpf bpf /sys/fs/bpf, or in a DaemonSet a hostPath volume of /sys/fs/bpf)"
-    )]
-    Pin { path: PathBuf, reason: String },
-    #[error(
-        "cannot load eBPF object {path}: {source}; if the pinned datapath in {pin_dir} is from \
-         an incompatible version, remove it with `nodemesh-agent --uninstall`"
-    )]
-    Load {
-        path: PathBuf,
-        pin_dir: PathBuf,
-        source: Box<aya::EbpfError>,
-    },
-    #[error(
-        "the map {map} pinned in {pin_dir} has {pinned} where this agent's programs need \
-         {expected}: it was made by an incompatible version; remove it with \
-         `nodemesh-agent --uninstall --bpf-pin-dir {pin_dir}` (capture is off until this agent \
-         starts) and start again"
-    )]
-    Incompatible {
-        map: &'static str,
-        pin_dir: PathBuf,
-        pinned: String,
-        expected: String,
-    },
-    #[error("eBPF object has no {kind} named {name}; rebuild it with `cargo xtask build`")]
-    Missing {
-        kind: &'static str,
-        name: &'static str,
-    },
-    #[error(
-        "the kernel refused eBPF program {name}: {reason}; nodemesh needs Linux 5.10 or newer \
-         with CONFIG_BPF_SYSCALL and CONFIG_CGROUP_BPF, and must run as root"
-    )]
-    Program { name: &'static str, reason: String },
-    #[error("eBPF map {name}: {source}")]
-    Map {
-        name: &'static str,
-        source: Box<aya::maps::MapError>,
-    },
-}
+mod transparent;
 
 /// The loaded datapath. Only the workload registry changes it; the proxy reads original
 /// destinations through an [`OriginalDstTable`].
@@ -235,7 +182,7 @@ impl Datapath {
         for key in stale {
             let _ = transparent.remove(&key);
         }
-        let transparent = TransparentConnects(Arc::new(std::sync::Mutex::new(transparent)));
+        let transparent = TransparentConnects::new(transparent);
         let stats = DatapathStats {
             counters: Arc::new(take_map(&mut bpf, names::STATS)?),
             tuples_taken: taken,
@@ -479,13 +426,6 @@ impl CaptureHandle {
     }
 }
 
-fn map_error(name: &'static str, source: aya::maps::MapError) -> DatapathError {
-    DatapathError::Map {
-        name,
-        source: Box::new(source),
-    }
-}
-
 fn program<'a, T>(bpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DatapathError>
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program>,
@@ -511,20 +451,6 @@ where
     })
 }
 
-fn refused(name: &'static str, error: aya::programs::ProgramError) -> DatapathError {
-    let reason = match &error {
-        aya::programs::ProgramError::LoadError {
-            io_error,
-            verifier_log,
-        } => {
-            tracing::debug!(program = name, log = %verifier_log, "verifier log");
-            format!("{io_error} (run with RUST_LOG=debug for the verifier log)")
-        }
-        other => error_chain(other),
-    };
-    DatapathError::Program { name, reason }
-}
-
 /// The cgroup2 root: the configured one, or the first cgroup2 mount of the usual places.
 fn cgroup_root(configured: Option<&Path>) -> Result<PathBuf, DatapathError> {
     let is_cgroup2 =
@@ -538,97 +464,4 @@ fn cgroup_root(configured: Option<&Path>) -> Result<PathBuf, DatapathError> {
             .find(|p| is_cgroup2(p))
             .ok_or(DatapathError::NoCgroup2),
     }
-}
-
-/// The proxy's transparent connects in flight, which sk_lookup lets through to the
-/// application instead of steering them back to the proxy.
-#[derive(Clone)]
-pub struct TransparentConnects(Arc<std::sync::Mutex<HashMap<MapData, ConnTuple, u32>>>);
-
-impl TransparentConnects {
-    /// Lets the connection from `local` (the client's address, already bound) to `dst` reach
-    /// the application until the returned guard is dropped.
-    pub fn allow(
-        &self,
-        local: SocketAddrV4,
-        dst: SocketAddrV4,
-    ) -> Result<TransparentGuard, aya::maps::MapError> {
-        let key = ConnTuple {
-            src_ip4: u32::from_ne_bytes(local.ip().octets()),
-            dst_ip4: u32::from_ne_bytes(dst.ip().octets()),
-            src_port: local.port(),
-            dst_port: dst.port(),
-        };
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key, 1, 0)?;
-        Ok(TransparentGuard {
-            map: self.clone(),
-            key,
-        })
-    }
-}
-
-/// Removes its TRANSPARENT entry when dropped: once connected, or when the connect failed.
-pub struct TransparentGuard {
-    map: TransparentConnects,
-    key: ConnTuple,
-}
-
-impl Drop for TransparentGuard {
-    fn drop(&mut self) {
-        let _ = self
-            .map
-            .0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.key);
-    }
-}
-
-/// The programs' per-CPU counters, summed.
-#[derive(Clone)]
-pub struct DatapathStats {
-    counters: Arc<PerCpuArray<MapData, u64>>,
-    tuples_taken: Arc<AtomicU64>,
-}
-
-impl std::fmt::Debug for DatapathStats {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("DatapathStats")
-    }
-}
-
-impl DatapathStats {
-    pub fn read(&self) -> Vec<(Stat, u64)> {
-        Stat::ALL
-            .iter()
-            .map(|&stat| {
-                let total = self
-                    .counters
-                    .get(&(stat as u32), 0)
-                    .map(|values| values.iter().sum())
-                    .unwrap_or(0);
-                (stat, total)
-            })
-            .collect()
-    }
-
-    /// TUPLE_DST entries the proxy has taken since this agent started.
-    pub fn tuples_taken(&self) -> u64 {
-        self.tuples_taken.load(Ordering::Relaxed)
-    }
-}
-
-/// An error and its sources on one line: aya puts the errno in the source.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

@@ -10,7 +10,7 @@ use aya::programs::links::FdLink;
 use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
 use nodemesh_ebpf_abi::names;
 
-use super::{DatapathError, error_chain};
+use super::{DatapathError, error::error_chain};
 
 /// The maps that are pinned, so that the programs of this run and of the next share them.
 /// `STATS` is not: counters start again with each agent.

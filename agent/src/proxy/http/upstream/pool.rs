@@ -5,32 +5,29 @@
 //! every request at once. A connection is replaced after `maxRequestsPerConnection` requests
 //! or `maxConnectionDuration`, and closed after `connectionIdleTimeout` unused.
 
+mod pooled;
+
 use std::{
     collections::HashMap,
     net::SocketAddrV4,
-    pin::Pin,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU32, Ordering},
     },
-    task::{Context, Poll},
     time::Duration,
 };
 
-use bytes::Bytes;
-use hyper::{
-    body::{Frame, Incoming, SizeHint},
-    client::conn::{http1, http2},
-};
+use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use nodemesh_traffic::{BackendTarget, policy::BudgetSettings};
 // Tokio's clock, which tests can pause and advance.
 use tokio::{sync::Notify, time::Instant};
 
+use self::pooled::{Pooled, Return};
 use super::{ConnectTarget, Connector, UpstreamProtocol, connect_failed, reset};
 use crate::{
     proxy::http::{
-        Body, BoxError, HttpRequest, HttpResponse, boxed,
+        Body, HttpRequest, HttpResponse, boxed,
         breaker::overflow,
         state::{ClientState, Held},
     },
@@ -413,109 +410,6 @@ fn spawn_driver<F>(
         drop(held);
         pool.changed.notify_waiters();
     });
-}
-
-/// An HTTP/1.1 connection going back to its pool when the response it carries has ended.
-struct Return {
-    pool: Arc<EndpointPool>,
-    sender: http1::SendRequest<Body>,
-    info: Arc<ConnInfo>,
-    reuse: Reuse,
-}
-
-/// A response body from a pooled connection: at its end the connection is free again.
-struct Pooled {
-    body: Incoming,
-    back: Option<Return>,
-    /// An HTTP/2 stream's connection, to count it unused at the end.
-    watched: Option<Arc<ConnInfo>>,
-}
-
-impl Pooled {
-    fn new(body: Incoming, back: Option<Return>) -> Self {
-        let mut pooled = Self {
-            body,
-            back,
-            watched: None,
-        };
-        if hyper::body::Body::is_end_stream(&pooled.body) {
-            pooled.done();
-        }
-        pooled
-    }
-
-    fn watching(mut self, info: Arc<ConnInfo>) -> Self {
-        if hyper::body::Body::is_end_stream(&self.body) {
-            info.finish();
-        } else {
-            self.watched = Some(info);
-        }
-        self
-    }
-
-    /// The body ended whole: the connection can carry another request.
-    fn done(&mut self) {
-        if let Some(back) = self.back.take() {
-            back.info.finish();
-            if back.info.reusable(back.reuse, Instant::now()) {
-                back.pool
-                    .idle
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push((back.sender, back.info));
-                back.pool.changed.notify_one();
-            }
-        }
-        if let Some(info) = self.watched.take() {
-            info.finish();
-        }
-    }
-}
-
-impl Drop for Pooled {
-    fn drop(&mut self) {
-        // Dropped before its end: an HTTP/1.1 connection cannot be reused, hyper closes it
-        // when its sender goes.
-        if let Some(back) = self.back.take() {
-            back.info.finish();
-        }
-        if let Some(info) = self.watched.take() {
-            info.finish();
-        }
-    }
-}
-
-impl hyper::body::Body for Pooled {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let polled = Pin::new(&mut self.body).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => self.done(),
-            Poll::Ready(Some(Ok(_))) if hyper::body::Body::is_end_stream(&self.body) => {
-                self.done();
-            }
-            Poll::Ready(Some(Err(_))) => {
-                if let Some(back) = self.back.take() {
-                    back.info.finish();
-                }
-            }
-            _ => {}
-        }
-        polled.map(|frame| frame.map(|f| f.map_err(Into::into)))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        hyper::body::Body::is_end_stream(&self.body)
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        hyper::body::Body::size_hint(&self.body)
-    }
 }
 
 #[cfg(test)]

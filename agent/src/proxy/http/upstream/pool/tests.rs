@@ -5,7 +5,7 @@ use std::{
 
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt as _;
-use hyper::service::service_fn;
+use hyper::{body::Incoming, service::service_fn};
 use hyper_util::server::conn::auto;
 
 use super::*;
