@@ -307,6 +307,23 @@ impl Drop for Load {
 }
 
 /// Whether a connection from `netns` to `dst` fails (refused, reset, or closed unanswered).
+/// The SPIFFE ID of an enrolled pod.
+pub fn identity(sandbox: &Sandbox, pod: &str) -> nodemesh_identity::SpiffeId {
+    sandbox
+        .pod(pod)
+        .identity
+        .as_deref()
+        .expect("an enrolled pod")
+        .parse()
+        .expect("SPIFFE ID")
+}
+
+/// Where the node proxy answers a connection captured from `pod`: the pod's address, port
+/// 15001 (what a server sees as its peer when the connection went through the proxy).
+pub fn proxy_of(sandbox: &Sandbox, pod: &str) -> SocketAddr {
+    SocketAddr::from((sandbox.pod(pod).ip, 15001))
+}
+
 pub fn refused(netns: &str, dst: SocketAddr) -> bool {
     match echo_from(netns, dst, b"x") {
         Ok(echo) => echo.reply.is_empty(),

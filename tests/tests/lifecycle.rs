@@ -1,13 +1,15 @@
-//! The agent's start-up errors, the README's acceptance story (curl and ss), and a clean
-//! `down`.
+//! The agent's start-up errors, the README's acceptance story (curl and ss), capture outliving
+//! the agent (stopped, restarted, upgraded, uninstalled), and a clean `down`.
 
 use std::{process::Command, time::Duration};
 
 use nodemesh_sandbox::{Sandbox, poll_until, run_in_netns};
-use nodemesh_tests::{bin_dir, curl, preflight, sandbox};
+use nodemesh_tests::{bin_dir, curl, echo_from, preflight, proxy_of, refused, sandbox};
 
 /// Where the agents this file starts pin their datapath, apart from any real node's.
 const ERRORS_PIN_DIR: &str = "/sys/fs/bpf/nodemesh/test-agent-errors";
+
+const SOON: Duration = Duration::from_secs(10);
 
 fn agent_error(args: &[&str], wrapper: &[&str]) -> String {
     let agent = bin_dir().join("nodemesh-agent");
@@ -201,4 +203,162 @@ fn down_leaves_no_namespace_process_or_program() {
     let pins = nodemesh_sandbox::pins_of("tdown");
     assert!(!pins.exists(), "pinned datapath left in {}", pins.display());
     drop(sb);
+}
+
+#[test]
+fn a_stopped_agent_leaves_capture_refusing_until_its_successor_takes_over() {
+    let Some(mut sb) = sandbox("trestart") else {
+        return;
+    };
+    let client = sb.pod("n1-p1").netns.clone();
+    let dst = sb.pod("n2-p1").server.echo;
+    let inbound = sb.pod("n1-p1").server.echo;
+    let legacy = sb.pod("n1-legacy").netns.clone();
+    assert_eq!(
+        echo_from(&client, dst, b"a").expect("before").peer,
+        proxy_of(&sb, "n1-p1")
+    );
+
+    sb.stop_agent("n1").expect("SIGTERM agent n1");
+    let pins = nodemesh_sandbox::pins_of("trestart").join("n1");
+    for pin in [
+        "connect4", "connect6", "sock_ops", "ENROLLED", "PODS", "INBOUND",
+    ] {
+        assert!(
+            pins.join(pin).exists(),
+            "{pin} is pinned after the agent stopped"
+        );
+    }
+    assert!(
+        refused(&client, dst),
+        "with no proxy, an enrolled pod's connect is refused, not sent around the mesh"
+    );
+    assert!(
+        refused(&legacy, inbound),
+        "with no proxy, nothing reaches an enrolled pod's application directly"
+    );
+    assert!(
+        refused(&sb.pod("n2-p1").netns, inbound),
+        "mesh clients are refused too"
+    );
+
+    sb.start_agent("n1").expect("agent n1 back");
+    let again = echo_from(&client, dst, b"c").expect("after restart");
+    assert_eq!(
+        again.peer,
+        proxy_of(&sb, "n1-p1"),
+        "captured again by the new agent, with no manual cleanup"
+    );
+    assert_eq!(again.reply, b"c");
+    assert_eq!(
+        echo_from(&legacy, inbound, b"d")
+            .expect("inbound again")
+            .reply,
+        b"d"
+    );
+}
+
+#[test]
+fn uninstall_removes_the_capture_a_stopped_agent_left() {
+    let Some(mut sb) = sandbox("tuninst") else {
+        return;
+    };
+    let client = sb.pod("n1-p1").netns.clone();
+    let dst = sb.pod("n2-p1").server.echo;
+    sb.stop_agent("n1").expect("SIGTERM agent n1");
+    assert!(refused(&client, dst), "capture outlives the agent");
+
+    let pins = nodemesh_sandbox::pins_of("tuninst").join("n1");
+    let out = nodemesh_tests::uninstall("n1", &pins);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("capture is off"),
+        "{out:?}"
+    );
+    assert!(!pins.exists(), "{} removed", pins.display());
+    let direct = echo_from(&client, dst, b"u").expect("the mesh is gone from n1");
+    assert_eq!(direct.peer, dst, "the pod talks directly again");
+
+    sb.start_agent("n1").expect("agent n1 back");
+    assert_eq!(
+        echo_from(&client, dst, b"v").expect("recaptured").peer,
+        proxy_of(&sb, "n1-p1")
+    );
+}
+
+#[test]
+fn an_agent_refuses_pinned_maps_of_another_shape() {
+    let Some(mut sb) = sandbox("tshape") else {
+        return;
+    };
+    sb.stop_agent("n1").expect("SIGTERM agent n1");
+    let pins = nodemesh_sandbox::pins_of("tshape").join("n1");
+    // What an older version with another layout would have left: a map with 4-byte keys
+    // where this one keeps 8-byte ones.
+    let other = aya::maps::MapData::from_pin(pins.join("PODS")).expect("PODS is pinned");
+    std::fs::remove_file(pins.join("ENROLLED")).expect("unpin ENROLLED");
+    other
+        .pin(pins.join("ENROLLED"))
+        .expect("pin another map there");
+
+    let error = sb
+        .start_agent("n1")
+        .expect_err("the agent must not reuse it");
+    let text = format!("{error:#}");
+    assert!(
+        text.contains("ENROLLED") && text.contains("incompatible version"),
+        "{text}"
+    );
+    assert!(text.contains("--uninstall"), "says what to do: {text}");
+
+    nodemesh_tests::uninstall("n1", &pins);
+    sb.start_agent("n1")
+        .expect("a clean start after --uninstall");
+    let dst = sb.pod("n2-p1").server.echo;
+    assert_eq!(
+        echo_from(&sb.pod("n1-p1").netns, dst, b"s")
+            .expect("captured again")
+            .peer,
+        proxy_of(&sb, "n1-p1")
+    );
+}
+
+#[test]
+fn an_upgraded_agent_replaces_a_map_of_connections_in_flight_and_the_proxy_takes_each_entry() {
+    let Some(mut sb) = sandbox("tflight") else {
+        return;
+    };
+    sb.stop_agent("n1").expect("SIGTERM agent n1");
+    let pins = nodemesh_sandbox::pins_of("tflight").join("n1");
+    // An earlier version's TUPLE_DST, of another shape (here COOKIE_DST's 8-byte keys).
+    let other = aya::maps::MapData::from_pin(pins.join("COOKIE_DST")).expect("COOKIE_DST");
+    std::fs::remove_file(pins.join("TUPLE_DST")).expect("unpin TUPLE_DST");
+    other
+        .pin(pins.join("TUPLE_DST"))
+        .expect("pin another map there");
+
+    sb.start_agent("n1")
+        .expect("a map of connections in flight is replaced, not refused");
+    let replaced = aya::maps::MapInfo::from_pin(pins.join("TUPLE_DST")).expect("TUPLE_DST");
+    assert_eq!(replaced.key_size(), 12, "a new map of this version's shape");
+
+    // While a captured connection is open, the proxy has already taken its entry.
+    let dst = sb.pod("n2-p1").server.echo;
+    let left = nodemesh_sandbox::in_netns(&sb.pod("n1-p1").netns, move || {
+        use std::io::{Read as _, Write as _};
+        let mut stream = std::net::TcpStream::connect_timeout(&dst, SOON)?;
+        stream.set_read_timeout(Some(SOON))?;
+        stream.write_all(b"held")?;
+        let mut echoed = [0; 4];
+        stream.read_exact(&mut echoed)?;
+        anyhow::ensure!(&echoed == b"held", "echoed {echoed:?}");
+        let map = aya::maps::MapData::from_pin(pins.join("TUPLE_DST"))?;
+        let tuples: aya::maps::HashMap<_, [u8; 12], [u8; 8]> =
+            aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(map))?;
+        Ok(tuples.keys().count())
+    })
+    .expect("a connection through the proxy, held open");
+    assert_eq!(
+        left, 0,
+        "TUPLE_DST keeps no entry of an accepted connection"
+    );
 }
