@@ -28,6 +28,9 @@ use anyhow::{Context as _, bail};
 use nodemesh_sandbox::{BINARIES, Sandbox, Spec};
 use object::{Object as _, ObjectSegment as _, ObjectSymbol as _, SymbolKind};
 
+mod cold_mount;
+
+use self::cold_mount::ColdMount;
 use super::Plan;
 use crate::{Profile, build, cargo, require_root, root, run_step, setup, target_dir};
 
@@ -361,70 +364,6 @@ impl std::fmt::Display for OrderCoverage {
             write!(f, "; stale, run `cargo xtask layout` to trace it again")?;
         }
         Ok(())
-    }
-}
-
-/// An ext4 file system in an image file, mounted with read-ahead off: what is read from it
-/// after `empty_page_cache` is exactly what faults asked for. Unmounted and removed on drop.
-#[derive(Debug)]
-struct ColdMount {
-    image: PathBuf,
-    dir: PathBuf,
-}
-
-impl ColdMount {
-    fn create(work: &Path) -> anyhow::Result<Self> {
-        fs::create_dir_all(work)?;
-        let image = work.join("trace.ext4");
-        let dir = work.join("mnt");
-        // A mount left by an interrupted trace goes first.
-        let _ = Command::new("umount")
-            .arg(&dir)
-            .stderr(std::process::Stdio::null())
-            .status();
-        fs::create_dir_all(&dir)?;
-        fs::File::create(&image)?.set_len(512 << 20)?;
-        run_step(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&image))?;
-        let mount = Self { image, dir };
-        mount.mount()?;
-        Ok(mount)
-    }
-
-    fn mount(&self) -> anyhow::Result<()> {
-        run_step(
-            Command::new("mount")
-                .args(["-o", "loop"])
-                .arg(&self.image)
-                .arg(&self.dir),
-        )
-    }
-
-    /// Unmounts (which drops the file system's pages from the cache) and mounts again with
-    /// read-ahead off on its loop device.
-    fn empty_page_cache(&self) -> anyhow::Result<()> {
-        run_step(Command::new("umount").arg(&self.dir))?;
-        self.mount()?;
-        let source = Command::new("findmnt")
-            .args(["-n", "-o", "SOURCE"])
-            .arg(&self.dir)
-            .output()?;
-        let device = String::from_utf8_lossy(&source.stdout).trim().to_owned();
-        let name = Path::new(&device)
-            .file_name()
-            .with_context(|| format!("no loop device behind {}", self.dir.display()))?;
-        let knob = Path::new("/sys/block")
-            .join(name)
-            .join("queue/read_ahead_kb");
-        fs::write(&knob, "0").with_context(|| format!("cannot write {}", knob.display()))
-    }
-}
-
-impl Drop for ColdMount {
-    fn drop(&mut self) {
-        if let Err(e) = run_step(Command::new("umount").arg(&self.dir)) {
-            eprintln!("warning: {e:#}; unmount {} by hand", self.dir.display());
-        }
-        let _ = fs::remove_file(&self.image);
     }
 }
 
