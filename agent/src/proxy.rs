@@ -29,6 +29,8 @@ mod outbound;
 mod pool;
 mod read_ahead;
 mod sni;
+#[cfg(test)]
+mod testing;
 mod tracker;
 
 use std::{

@@ -191,33 +191,11 @@ impl OutOfTunnel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::copy::tests::exchange;
+    use crate::proxy::{copy::tests::exchange, testing::hbone_in_memory};
 
     /// A tunnel over HBONE on an in-memory connection, and the server's end of it.
     async fn tunnel_pair() -> (Tunnel, Tunnel) {
-        use nodemesh_hbone::{ClientSettings, ConnectRequest, ServerSettings};
-        // The server hands its end of each tunnel over.
-        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
-        let (ends, mut far_ends) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let handle = move |connect: ConnectRequest| {
-                let ends = ends.clone();
-                async move {
-                    let (response, tunnel) = connect.accept();
-                    tokio::spawn(async move {
-                        if let Some(tunnel) = tunnel.await {
-                            let _ = ends.send(tunnel);
-                        }
-                    });
-                    response
-                }
-            };
-            let settings = ServerSettings::default();
-            nodemesh_hbone::serve(server_io, &settings, std::future::pending(), handle).await
-        });
-        let mut sender = nodemesh_hbone::handshake(client_io, &ClientSettings::default())
-            .await
-            .expect("HTTP/2");
+        let (mut sender, mut far_ends) = hbone_in_memory(|| async {}).await;
         let dst = "10.0.0.2:9000".parse().expect("address");
         let tunnel = nodemesh_hbone::open_tunnel(&mut sender, dst)
             .await

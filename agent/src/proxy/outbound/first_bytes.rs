@@ -78,13 +78,14 @@ impl<'a> FirstBytes<'a> {
 mod tests {
     use std::{sync::Arc, time::Duration};
 
-    use nodemesh_hbone::{ClientSettings, ConnectRequest, HboneSender, ServerSettings};
+    use nodemesh_hbone::HboneSender;
     use tokio::{
         io::{AsyncReadExt as _, AsyncWriteExt as _},
         sync::mpsc,
     };
 
     use super::*;
+    use crate::proxy::testing::hbone_in_memory;
 
     /// An HBONE connection in memory whose server answers each CONNECT only when the test
     /// says so, and hands the test the server's end of each tunnel.
@@ -93,30 +94,15 @@ mod tests {
         mpsc::UnboundedSender<()>,
         mpsc::UnboundedReceiver<Tunnel>,
     ) {
-        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
         let (go, go_rx) = mpsc::unbounded_channel::<()>();
         let go_rx = Arc::new(tokio::sync::Mutex::new(go_rx));
-        let (ends, far_ends) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let handle = move |connect: ConnectRequest| {
-                let (go_rx, ends) = (go_rx.clone(), ends.clone());
-                async move {
-                    let _ = go_rx.lock().await.recv().await;
-                    let (response, tunnel) = connect.accept();
-                    tokio::spawn(async move {
-                        if let Some(tunnel) = tunnel.await {
-                            let _ = ends.send(tunnel);
-                        }
-                    });
-                    response
-                }
-            };
-            let settings = ServerSettings::default();
-            nodemesh_hbone::serve(server_io, &settings, std::future::pending(), handle).await
-        });
-        let sender = nodemesh_hbone::handshake(client_io, &ClientSettings::default())
-            .await
-            .expect("HTTP/2");
+        let (sender, far_ends) = hbone_in_memory(move || {
+            let go_rx = go_rx.clone();
+            async move {
+                let _ = go_rx.lock().await.recv().await;
+            }
+        })
+        .await;
         (sender, go, far_ends)
     }
 

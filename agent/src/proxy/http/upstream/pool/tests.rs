@@ -329,6 +329,23 @@ async fn an_idle_connection_closes_after_the_idle_timeout() {
     assert_eq!(body, "connection 1", "the idle one was closed");
 }
 
+/// Which connection answers each of `backends`' requests, in turn.
+async fn served(
+    pools: &UpstreamPools,
+    client: &Arc<ClientState>,
+    backends: &[&BackendTarget],
+) -> Vec<String> {
+    let mut connections = Vec::new();
+    for backend in backends {
+        connections.push(
+            send(pools, backend, UpstreamProtocol::Http1, client)
+                .await
+                .1,
+        );
+    }
+    connections
+}
+
 #[tokio::test]
 async fn each_backend_has_its_own_connections_and_retain_forgets_the_ones_configuration_dropped() {
     let memory = Arc::new(Memory::default());
@@ -337,42 +354,26 @@ async fn each_backend_has_its_own_connections_and_retain_forgets_the_ones_config
     let mut canary = web.clone();
     canary.state_key = format!("policy|{}", web.state_key);
     let client = client_state();
-    let body = |answer: (StatusCode, String, ResponseFlags)| answer.1;
     // Two backends to the same endpoint (the same Service under two policies): a connection
     // each, each reused.
     assert_eq!(
-        body(send(&pools, &web, UpstreamProtocol::Http1, &client).await),
-        "connection 0"
+        served(&pools, &client, &[&web, &canary, &web, &canary]).await,
+        [
+            "connection 0",
+            "connection 1",
+            "connection 0",
+            "connection 1"
+        ]
     );
-    assert_eq!(
-        body(send(&pools, &canary, UpstreamProtocol::Http1, &client).await),
-        "connection 1"
-    );
-    assert_eq!(
-        body(send(&pools, &web, UpstreamProtocol::Http1, &client).await),
-        "connection 0"
-    );
-    assert_eq!(
-        body(send(&pools, &canary, UpstreamProtocol::Http1, &client).await),
-        "connection 1"
-    );
-
     let keys = |keys: &[&str]| keys.iter().map(|k| (*k).to_owned()).collect();
     pools.retain(&keys(&[&web.state_key]), &keys(&["shop/client"]));
     assert_eq!(
-        body(send(&pools, &web, UpstreamProtocol::Http1, &client).await),
-        "connection 0"
-    );
-    assert_eq!(
-        body(send(&pools, &canary, UpstreamProtocol::Http1, &client).await),
-        "connection 2",
+        served(&pools, &client, &[&web, &canary]).await,
+        ["connection 0", "connection 2"],
         "the dropped backend's pool is gone"
     );
     // A client that left takes its pools with it.
     pools.retain(&keys(&[&web.state_key, &canary.state_key]), &keys(&[]));
-    assert_eq!(
-        body(send(&pools, &web, UpstreamProtocol::Http1, &client).await),
-        "connection 3"
-    );
+    assert_eq!(served(&pools, &client, &[&web]).await, ["connection 3"]);
     assert_eq!(memory.connections.load(Ordering::SeqCst), 4);
 }
