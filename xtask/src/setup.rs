@@ -169,10 +169,17 @@ pub fn bench_tools() -> anyhow::Result<()> {
                 .env_remove("CARGO_TARGET_DIR"),
         )?;
     }
-    let has_inferno = Command::new(inferno_binary("inferno-flamegraph"))
-        .arg("--version")
-        .output()
-        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains(INFERNO_VERSION));
+    // inferno's commands print no version: ask cargo what it installed.
+    let has_inferno = inferno_binary("inferno-flamegraph").is_file()
+        && Command::new("cargo")
+            .args(["install", "--list"])
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .output()
+            .is_ok_and(|out| {
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .any(|l| l.starts_with(&format!("inferno v{INFERNO_VERSION}:")))
+            });
     if !has_inferno {
         eprintln!("setup: installing inferno {INFERNO_VERSION} (flame graphs)");
         run_step(
