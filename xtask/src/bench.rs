@@ -7,6 +7,7 @@ mod figures;
 pub mod layout;
 mod medians;
 mod output;
+pub mod pgo;
 mod profile;
 mod report;
 mod routed;
@@ -103,6 +104,8 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     setup::run()?;
     setup::bench_tools()?;
     let bin_dir = build::run(Profile::Release)?;
+    let pgo = pgo::ProfileUse::current()?;
+    println!("== {pgo}");
     // The idle agent's memory depends on its functions' link order matching its code.
     let link_order = layout::OrderCoverage::of(&bin_dir.join("nodemesh-agent"))?;
     println!("== {link_order}");
@@ -131,7 +134,24 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     if !link_order.is_current() {
         outcome.notes.push(link_order.to_string());
     }
-    output::write_outputs(&outcome, plan, quick, repeat)
+    outcome.raw["pgo"] = json!(pgo);
+    if !pgo.is_applied() {
+        outcome.notes.push(pgo.to_string());
+    }
+    let agent = format!(
+        "the agent's release build{}{}",
+        if pgo.is_applied() {
+            ", optimised with its profile (agent/pgo.profdata)"
+        } else {
+            ", without a profile"
+        },
+        if link_order.is_current() {
+            ", linked in its traced order"
+        } else {
+            ""
+        }
+    );
+    output::write_outputs(&outcome, plan, quick, repeat, &agent)
 }
 
 /// What one run measured, ready to report.

@@ -72,6 +72,11 @@ enum Task {
     /// them in (less code resident per agent). Run again after changing the agent's code or
     /// dependencies; `cargo xtask bench` says when the order has gone stale.
     Layout,
+    /// Profile the agent (an instrumented build in a sandbox of its own, through a short pass
+    /// of the benchmark's loads) into agent/pgo.profdata, which release builds are optimised
+    /// with. Run again after changing the agent's hot paths, its dependencies or the
+    /// toolchain, then `cargo xtask layout`.
+    Pgo,
     /// Regenerate manifests/ (kustomization, CRDs, controller, agent) from code.
     Manifests,
     /// The local sandbox: network namespaces as nodes and pods, one agent per node.
@@ -96,6 +101,7 @@ fn main() -> ExitCode {
         Task::Fuzz { seconds } => fuzz::run(seconds),
         Task::Manifests => manifests::write(),
         Task::Layout => bench::layout::run(),
+        Task::Pgo => bench::pgo::run(),
         Task::Bench {
             quick,
             repeat,

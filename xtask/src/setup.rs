@@ -198,6 +198,39 @@ pub fn bench_tools() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// rustup's `llvm-profdata` for the toolchain that builds (`cargo xtask pgo` merges the
+/// agents' counts with it): the `llvm-tools` component, added when missing.
+pub fn llvm_profdata() -> anyhow::Result<std::path::PathBuf> {
+    let mut command = Command::new("rustc");
+    command
+        .current_dir(crate::root())
+        .args(["--print", "target-libdir"]);
+    let out = command
+        .output()
+        .with_context(|| format!("cannot run `{}`", describe(&command)))?;
+    if !out.status.success() {
+        bail!("`{}` failed ({})", describe(&command), out.status);
+    }
+    // <sysroot>/lib/rustlib/<host>/lib: the tools lie next to it, in bin/.
+    let libdir = std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    let tool = libdir.with_file_name("bin").join("llvm-profdata");
+    if !tool.is_file() {
+        eprintln!("setup: adding llvm-tools to the toolchain (llvm-profdata)");
+        run_step(Command::new("rustup").current_dir(crate::root()).args([
+            "component",
+            "add",
+            "llvm-tools",
+        ]))?;
+        if !tool.is_file() {
+            bail!(
+                "rustup added llvm-tools but {} is still missing",
+                tool.display()
+            );
+        }
+    }
+    Ok(tool)
+}
+
 fn installed(package: &str) -> bool {
     Command::new("dpkg-query")
         .args(["-W", "-f", "${db:Status-Status}", package])

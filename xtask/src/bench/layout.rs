@@ -32,7 +32,7 @@ mod cold_mount;
 
 use self::cold_mount::ColdMount;
 use super::Plan;
-use crate::{Profile, build, cargo, require_root, root, run_step, setup, target_dir};
+use crate::{Profile, build, require_root, root, run_step, setup, target_dir};
 
 /// Set for the aligned build: this program then runs as cargo's rustc wrapper.
 const WRAPPER_ENV: &str = "NODEMESH_LAYOUT_WRAPPER";
@@ -133,7 +133,7 @@ pub fn as_rustc_wrapper() -> Option<ExitCode> {
 /// returns a copy of it; the next release build links the usual agent again.
 fn build_aligned(bin_dir: &Path) -> anyhow::Result<PathBuf> {
     let wrapper = std::env::current_exe().context("cannot find this program for the wrapper")?;
-    let mut build = cargo();
+    let mut build = build::release_cargo()?;
     build
         .args(["build", "--release", "--workspace", "--bins"])
         .env("RUSTC_WRAPPER", wrapper)

@@ -37,6 +37,7 @@ pub(super) fn write_outputs(
     plan: Plan,
     quick: bool,
     repeat: usize,
+    agent: &str,
 ) -> anyhow::Result<()> {
     let Outcome {
         rows,
@@ -51,8 +52,9 @@ pub(super) fn write_outputs(
     let machine = machine();
     let header = format!(
         "nodemesh benchmark ({}, {} s per figure, {repeat} repetition{}{}): sandbox with 2 nodes, \
-         mesh pods vs legacy pods in one run, on {machine}. CPU placement: none pinned; load \
-         tools, test servers, agents and the kernel share the machine. Ratio = mesh / no mesh{}.",
+         mesh pods vs legacy pods in one run, on {machine}; {agent}. CPU placement: none \
+         pinned; load tools, test servers, agents and the kernel share the machine. Ratio = mesh \
+         / no mesh{}.",
         if quick { "--quick" } else { "full" },
         plan.seconds,
         if repeat == 1 { "" } else { "s" },
