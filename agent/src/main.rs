@@ -40,7 +40,7 @@ use crate::{
     identity::IdentityManager,
     mesh::SharedMesh,
     proxy::{
-        HbonePool, ProxyShared,
+        HbonePool, ProxyShared, Spread,
         http::{Sinks, outbound::HttpStacks, state::TrafficState, upstream::MeshConnector},
     },
     state::{AgentState, DatapathView},
@@ -209,6 +209,7 @@ async fn run(config: Arc<Config>, workers: Vec<tokio::runtime::Handle>) -> anyho
         identities,
         mesh: mesh.clone(),
         pool: HbonePool::default(),
+        spread: Spread::new(workers.len()),
         workers,
         admission: proxy::admission::Admission::new(
             config.max_connections,

@@ -29,6 +29,7 @@ mod outbound;
 mod pool;
 mod read_ahead;
 mod sni;
+mod spread;
 #[cfg(test)]
 mod testing;
 mod tracker;
@@ -50,7 +51,13 @@ use tokio::{
 
 use self::authz::ActiveConnections;
 use self::tracker::ConnectionTracker;
-pub use self::{error::ProxyError, listener::serve, local::LocalPods, pool::HbonePool};
+pub use self::{
+    error::ProxyError,
+    listener::{Placement, serve},
+    local::LocalPods,
+    pool::HbonePool,
+    spread::Spread,
+};
 
 /// The handler of each in-pod listener, for [`serve`].
 pub mod handlers {
@@ -89,6 +96,8 @@ pub struct ProxyShared {
     pub pool: HbonePool,
     /// The runtimes of the proxy's workers: each pod has listeners on every one.
     pub workers: Vec<tokio::runtime::Handle>,
+    /// The HBONE connections each worker serves.
+    pub spread: Spread,
     /// Caps on open connections, every listener of every pod together.
     pub admission: Arc<admission::Admission>,
     /// The HTTP stack and the traffic state it keeps.

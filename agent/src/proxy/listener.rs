@@ -15,19 +15,31 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 use super::{
     PodContext, ProxyShared,
     admission::{Admitted, Refusal},
+    spread::{Placed, move_to},
 };
+use crate::workers;
+
+/// Which worker serves a connection a listener accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// The accepting one: the kernel spreads the application's connections.
+    Accepting,
+    /// The one serving the fewest HBONE connections (see `spread`).
+    FewestHbone,
+}
 
 /// Serves one of a pod's listeners on the runtime running it (a worker's) until the pod is
 /// released or the agent drains, running `handle` for each accepted connection in its own task
-/// on the same runtime. Releasing the pod also ends those tasks, closing their sockets;
-/// draining leaves them to finish.
+/// on the worker `placement` gives. Releasing the pod also ends those tasks, closing their
+/// sockets; draining leaves them to finish.
 pub async fn serve<F, Fut>(
     listener: std::net::TcpListener,
     pod: Arc<PodContext>,
     shared: Arc<ProxyShared>,
+    placement: Placement,
     handle: F,
 ) where
-    F: Fn(TcpStream, SocketAddr, Arc<PodContext>, Arc<ProxyShared>) -> Fut,
+    F: Fn(TcpStream, SocketAddr, Arc<PodContext>, Arc<ProxyShared>) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let listener = match TcpListener::from_std(listener) {
@@ -47,8 +59,34 @@ pub async fn serve<F, Fut>(
             }
         };
         let _ = stream.set_nodelay(true);
-        let task = handle(stream, peer, pod.clone(), shared.clone());
-        tokio::spawn(until_released(&pod, task, Some(admitted)));
+        let placed = match placement {
+            Placement::Accepting => None,
+            Placement::FewestHbone => Some(shared.spread.place(workers::current())),
+        };
+        let here = placed
+            .as_ref()
+            .is_none_or(|p| p.worker == workers::current());
+        match placed {
+            Some(placed) if !here => {
+                let to = shared.workers[placed.worker].clone();
+                let (pod, shared, handle) = (pod.clone(), shared.clone(), handle.clone());
+                let moved = move_to(stream, &to, move |stream| {
+                    let task = handle(stream, peer, pod.clone(), shared);
+                    until_released(&pod, task, Some(admitted)).placed(placed)
+                });
+                if let Err(e) = moved {
+                    tracing::warn!(%peer, error = %e, "cannot move a connection to another worker");
+                }
+            }
+            placed => {
+                let task = handle(stream, peer, pod.clone(), shared.clone());
+                let task = until_released(&pod, task, Some(admitted));
+                tokio::spawn(match placed {
+                    Some(placed) => task.placed(placed),
+                    None => task,
+                });
+            }
+        }
     }
 }
 
@@ -63,6 +101,7 @@ pub(super) fn until_released<F>(
         released: pod.cancel.clone().cancelled_owned(),
         task,
         _admitted: admitted,
+        _placed: None,
     }
 }
 
@@ -76,6 +115,15 @@ pin_project_lite::pin_project! {
         #[pin]
         task: F,
         _admitted: Option<Admitted>,
+        _placed: Option<Placed>,
+    }
+}
+
+impl<F> UntilReleased<F> {
+    /// Counted on its worker while it runs.
+    fn placed(mut self, placed: Placed) -> Self {
+        self._placed = Some(placed);
+        self
     }
 }
 

@@ -14,7 +14,7 @@ use crate::{
     datapath::CaptureHandle,
     inpod,
     netns::{NetnsOrigin, PodNetns},
-    proxy::{PodContext, ProxyShared, handlers, serve},
+    proxy::{Placement, PodContext, ProxyShared, handlers, serve},
 };
 
 impl WorkloadRegistry {
@@ -200,15 +200,23 @@ impl WorkloadRegistry {
                 outbound,
                 pod.clone(),
                 shared.clone(),
+                Placement::Accepting,
                 handlers::outbound,
             ));
             worker.spawn(serve(
                 inbound,
                 pod.clone(),
                 shared.clone(),
+                Placement::Accepting,
                 handlers::plaintext_inbound,
             ));
-            worker.spawn(serve(hbone, pod.clone(), shared.clone(), handlers::hbone));
+            worker.spawn(serve(
+                hbone,
+                pod.clone(),
+                shared.clone(),
+                Placement::FewestHbone,
+                handlers::hbone,
+            ));
         }
         shared.local.insert(pod.clone());
         Ok(Enrolled {
