@@ -84,14 +84,14 @@ impl ProfileUse {
     }
 
     /// The rustc flags that apply the profile, when it applies.
-    pub fn flags(&self) -> Option<String> {
+    pub fn flags(&self) -> Option<Vec<String>> {
         self.is_applied().then(|| {
-            // A function changed since the profile was made only loses its profile; LLVM's
-            // warning for each would bury the build's own.
-            format!(
-                "-Cprofile-use={} -Cllvm-args=-no-pgo-warn-mismatch",
-                profile_file().display()
-            )
+            vec![
+                format!("-Cprofile-use={}", profile_file().display()),
+                // A function changed since the profile was made only loses its profile; LLVM's
+                // warning for each would bury the build's own.
+                "-Cllvm-args=-no-pgo-warn-mismatch".to_owned(),
+            ]
         })
     }
 }
@@ -149,17 +149,28 @@ fn toolchain_lines(version: &str) -> String {
         .collect()
 }
 
-/// `flags` added to the rustflags the environment gives cargo (which take them from
-/// `CARGO_ENCODED_RUSTFLAGS` before `RUSTFLAGS`).
-pub fn add_rustflags(command: &mut Command, flags: &str) {
-    if let Ok(encoded) = std::env::var("CARGO_ENCODED_RUSTFLAGS") {
-        let mut all: Vec<&str> = encoded.split('\x1f').filter(|f| !f.is_empty()).collect();
-        all.extend(flags.split_whitespace());
-        command.env("CARGO_ENCODED_RUSTFLAGS", all.join("\x1f"));
-    } else {
-        let given = std::env::var("RUSTFLAGS").unwrap_or_default();
-        command.env("RUSTFLAGS", format!("{given} {flags}").trim());
-    }
+/// `flags` added to the rustflags the environment gives cargo (`CARGO_ENCODED_RUSTFLAGS`, else
+/// `RUSTFLAGS` split at whitespace, as cargo reads them), passed encoded: a path with a space
+/// stays one flag.
+pub fn add_rustflags(command: &mut Command, flags: &[String]) {
+    let encoded = std::env::var("CARGO_ENCODED_RUSTFLAGS").ok();
+    let given = std::env::var("RUSTFLAGS").unwrap_or_default();
+    let all = with_rustflags(encoded.as_deref(), &given, flags);
+    command
+        .env_remove("RUSTFLAGS")
+        .env("CARGO_ENCODED_RUSTFLAGS", all);
+}
+
+fn with_rustflags(encoded: Option<&str>, plain: &str, flags: &[String]) -> String {
+    let given: Vec<&str> = match encoded {
+        Some(encoded) => encoded.split('\x1f').filter(|f| !f.is_empty()).collect(),
+        None => plain.split_whitespace().collect(),
+    };
+    given
+        .into_iter()
+        .chain(flags.iter().map(String::as_str))
+        .collect::<Vec<_>>()
+        .join("\x1f")
 }
 
 pub fn run() -> anyhow::Result<()> {
@@ -176,7 +187,10 @@ pub fn run() -> anyhow::Result<()> {
     build
         .args(["build", "--release", "--workspace", "--bins"])
         .env("CARGO_TARGET_DIR", &dir);
-    add_rustflags(&mut build, &format!("-Cprofile-generate={}", raw.display()));
+    add_rustflags(
+        &mut build,
+        &[format!("-Cprofile-generate={}", raw.display())],
+    );
     run_step(&mut build)?;
     // Build scripts and proc macros are instrumented too and wrote their counts while building.
     remove_dir(&raw)?;
@@ -287,8 +301,10 @@ mod tests {
         let applied = ProfileUse::decide(&this, &this);
         assert!(applied.is_applied());
         let flags = applied.flags().expect("flags");
-        assert!(flags.contains("-Cprofile-use="), "{flags}");
-        assert!(flags.contains("agent/pgo.profdata"), "{flags}");
+        assert!(
+            flags[0].starts_with("-Cprofile-use=") && flags[0].ends_with("agent/pgo.profdata"),
+            "{flags:?}"
+        );
 
         let newer = this.replace("1.95.0", "1.96.0");
         let other = ProfileUse::decide(&this, &newer);
@@ -305,5 +321,23 @@ mod tests {
         let unknown = ProfileUse::decide("", &this);
         assert!(!unknown.is_applied());
         assert!(unknown.to_string().contains("an unknown rustc"));
+    }
+
+    #[test]
+    fn added_rustflags_keep_the_given_ones_and_each_flag_whole() {
+        let ours = ["-Cprofile-use=/a dir/pgo.profdata".to_owned()];
+        assert_eq!(
+            with_rustflags(None, " -Ctarget-cpu=native  -g ", &ours),
+            "-Ctarget-cpu=native\x1f-g\x1f-Cprofile-use=/a dir/pgo.profdata"
+        );
+        // The encoded form wins over the plain one, as with cargo, and keeps its spaces.
+        assert_eq!(
+            with_rustflags(Some("-Clink-arg=a b\x1f-g"), "-Cignored", &ours),
+            "-Clink-arg=a b\x1f-g\x1f-Cprofile-use=/a dir/pgo.profdata"
+        );
+        assert_eq!(
+            with_rustflags(None, "", &ours),
+            "-Cprofile-use=/a dir/pgo.profdata"
+        );
     }
 }
