@@ -294,11 +294,7 @@ fn an_agent_refuses_pinned_maps_of_another_shape() {
     let pins = nodemesh_sandbox::pins_of("tshape").join("n1");
     // What an older version with another layout would have left: a map with 4-byte keys
     // where this one keeps 8-byte ones.
-    let other = aya::maps::MapData::from_pin(pins.join("PODS")).expect("PODS is pinned");
-    std::fs::remove_file(pins.join("ENROLLED")).expect("unpin ENROLLED");
-    other
-        .pin(pins.join("ENROLLED"))
-        .expect("pin another map there");
+    pin_in_place_of(&pins, "ENROLLED", "PODS");
 
     let error = sb
         .start_agent("n1")
@@ -330,11 +326,7 @@ fn an_upgraded_agent_replaces_a_map_of_connections_in_flight_and_the_proxy_takes
     sb.stop_agent("n1").expect("SIGTERM agent n1");
     let pins = nodemesh_sandbox::pins_of("tflight").join("n1");
     // An earlier version's TUPLE_DST, of another shape (here COOKIE_DST's 8-byte keys).
-    let other = aya::maps::MapData::from_pin(pins.join("COOKIE_DST")).expect("COOKIE_DST");
-    std::fs::remove_file(pins.join("TUPLE_DST")).expect("unpin TUPLE_DST");
-    other
-        .pin(pins.join("TUPLE_DST"))
-        .expect("pin another map there");
+    pin_in_place_of(&pins, "TUPLE_DST", "COOKIE_DST");
 
     sb.start_agent("n1")
         .expect("a map of connections in flight is replaced, not refused");
@@ -361,4 +353,14 @@ fn an_upgraded_agent_replaces_a_map_of_connections_in_flight_and_the_proxy_takes
         left, 0,
         "TUPLE_DST keeps no entry of an accepted connection"
     );
+}
+
+/// Pins the map pinned as `other` under the name `map` too, in place of the one there: what a
+/// version with another layout of `map` would have left.
+fn pin_in_place_of(pins: &std::path::Path, map: &str, other: &str) {
+    let data = aya::maps::MapData::from_pin(pins.join(other))
+        .unwrap_or_else(|e| panic!("{other} is not pinned: {e}"));
+    std::fs::remove_file(pins.join(map)).unwrap_or_else(|e| panic!("unpin {map}: {e}"));
+    data.pin(pins.join(map))
+        .unwrap_or_else(|e| panic!("pin another map as {map}: {e}"));
 }

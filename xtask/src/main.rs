@@ -198,6 +198,20 @@ pub fn run_step(command: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What the building rustc (`RUSTC`, else the toolchain's) prints for `args`, run from the
+/// workspace so that the same toolchain answers as builds it.
+pub fn rustc_output(args: &[&str]) -> anyhow::Result<String> {
+    let mut command = Command::new(std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into()));
+    command.current_dir(root()).args(args);
+    let out = command
+        .output()
+        .with_context(|| format!("cannot run `{}`", describe(&command)))?;
+    if !out.status.success() {
+        bail!("`{}` failed ({})", describe(&command), out.status);
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 pub fn describe(command: &Command) -> String {
     std::iter::once(command.get_program())
         .chain(command.get_args())

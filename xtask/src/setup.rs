@@ -201,18 +201,9 @@ pub fn bench_tools() -> anyhow::Result<()> {
 /// rustup's `llvm-profdata` for the toolchain that builds (`cargo xtask pgo` merges the
 /// agents' counts with it): the `llvm-tools` component, added when missing.
 pub fn llvm_profdata() -> anyhow::Result<std::path::PathBuf> {
-    let mut command = Command::new("rustc");
-    command
-        .current_dir(crate::root())
-        .args(["--print", "target-libdir"]);
-    let out = command
-        .output()
-        .with_context(|| format!("cannot run `{}`", describe(&command)))?;
-    if !out.status.success() {
-        bail!("`{}` failed ({})", describe(&command), out.status);
-    }
     // <sysroot>/lib/rustlib/<host>/lib: the tools lie next to it, in bin/.
-    let libdir = std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    let libdir = crate::rustc_output(&["--print", "target-libdir"])?;
+    let libdir = std::path::PathBuf::from(libdir.trim());
     let tool = libdir.with_file_name("bin").join("llvm-profdata");
     if !tool.is_file() {
         eprintln!("setup: adding llvm-tools to the toolchain (llvm-profdata)");

@@ -63,16 +63,13 @@ pub async fn serve<F, Fut>(
             Placement::Accepting => None,
             Placement::FewestHbone => Some(shared.spread.place(workers::current())),
         };
-        let here = placed
-            .as_ref()
-            .is_none_or(|p| p.worker == workers::current());
         match placed {
-            Some(placed) if !here => {
+            Some(placed) if placed.worker != workers::current() => {
                 let to = shared.workers[placed.worker].clone();
                 let (pod, shared, handle) = (pod.clone(), shared.clone(), handle.clone());
                 let moved = move_to(stream, &to, move |stream| {
                     let task = handle(stream, peer, pod.clone(), shared);
-                    until_released(&pod, task, Some(admitted)).placed(placed)
+                    until_released(&pod, task, Some(admitted)).placed(Some(placed))
                 });
                 if let Err(e) = moved {
                     tracing::warn!(%peer, error = %e, "cannot move a connection to another worker");
@@ -80,11 +77,7 @@ pub async fn serve<F, Fut>(
             }
             placed => {
                 let task = handle(stream, peer, pod.clone(), shared.clone());
-                let task = until_released(&pod, task, Some(admitted));
-                tokio::spawn(match placed {
-                    Some(placed) => task.placed(placed),
-                    None => task,
-                });
+                tokio::spawn(until_released(&pod, task, Some(admitted)).placed(placed));
             }
         }
     }
@@ -120,9 +113,9 @@ pin_project_lite::pin_project! {
 }
 
 impl<F> UntilReleased<F> {
-    /// Counted on its worker while it runs.
-    fn placed(mut self, placed: Placed) -> Self {
-        self._placed = Some(placed);
+    /// Counted on its worker while it runs, when `placed`.
+    fn placed(mut self, placed: Option<Placed>) -> Self {
+        self._placed = placed;
         self
     }
 }

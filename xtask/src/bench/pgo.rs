@@ -27,7 +27,7 @@ use anyhow::{Context as _, bail};
 use nodemesh_sandbox::{BINARIES, Sandbox, Spec};
 
 use super::Plan;
-use crate::{Profile, build, cargo, describe, require_root, root, run_step, setup, target_dir};
+use crate::{Profile, build, cargo, require_root, root, run_step, setup, target_dir};
 
 /// Set to `0` to build without the profile.
 const SWITCH_ENV: &str = "NODEMESH_PGO";
@@ -130,15 +130,7 @@ fn one_line(toolchain: &str) -> String {
 
 /// The lines of `rustc -vV` that decide whether a profile applies: the release and LLVM.
 fn rustc_toolchain() -> anyhow::Result<String> {
-    let mut command = Command::new(std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into()));
-    command.current_dir(root()).arg("-vV");
-    let out = command
-        .output()
-        .with_context(|| format!("cannot run `{}`", describe(&command)))?;
-    if !out.status.success() {
-        bail!("`{}` failed ({})", describe(&command), out.status);
-    }
-    Ok(toolchain_lines(&String::from_utf8_lossy(&out.stdout)))
+    Ok(toolchain_lines(&crate::rustc_output(&["-vV"])?))
 }
 
 fn toolchain_lines(version: &str) -> String {
