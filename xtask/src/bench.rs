@@ -106,6 +106,11 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     let bin_dir = build::run(Profile::Release)?;
     let pgo = pgo::ProfileUse::current()?;
     println!("== {pgo}");
+    // A function changed since the profile was made has none: say when the code moved on.
+    let pgo_age = pgo::ProfileAge::current()?;
+    if pgo.is_applied() {
+        println!("== {pgo_age}");
+    }
     // The idle agent's memory depends on its functions' link order matching its code.
     let link_order = layout::OrderCoverage::of(&bin_dir.join("nodemesh-agent"))?;
     println!("== {link_order}");
@@ -135,13 +140,18 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         outcome.notes.push(link_order.to_string());
     }
     outcome.raw["pgo"] = json!(pgo);
+    outcome.raw["pgo_age"] = json!(pgo_age);
     if !pgo.is_applied() {
         outcome.notes.push(pgo.to_string());
+    } else if !pgo_age.is_current() {
+        outcome.notes.push(pgo_age.to_string());
     }
     let agent = format!(
         "the agent's release build{}{}",
-        if pgo.is_applied() {
+        if pgo.is_applied() && pgo_age.is_current() {
             ", optimised with its profile (agent/pgo.profdata)"
+        } else if pgo.is_applied() {
+            ", optimised with a profile older than its code (agent/pgo.profdata)"
         } else {
             ", without a profile"
         },

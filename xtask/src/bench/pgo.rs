@@ -10,7 +10,9 @@
 //! path and with request metrics. The agents write their counts when they exit; rustup's
 //! `llvm-profdata` merges them. The profile is tied to the rustc that made it (its LLVM reads
 //! the file, its code generation decides the functions' shapes): `agent/pgo.toolchain` names
-//! it, and another rustc builds without the profile, saying so.
+//! it, and another rustc builds without the profile, saying so. `agent/pgo.source` names the
+//! commit it was made from, so that the benchmark can say when the agent's code has changed
+//! since.
 //!
 //! Make it again after changing the agent's hot paths, its dependencies or the toolchain: a
 //! function whose code changed since gets no profile (the build stays correct, it only loses
@@ -26,6 +28,9 @@ use std::{
 use anyhow::{Context as _, bail};
 use nodemesh_sandbox::{BINARIES, Sandbox, Spec};
 
+mod age;
+
+pub use self::age::ProfileAge;
 use super::Plan;
 use crate::{Profile, build, cargo, require_root, root, run_step, setup, target_dir};
 
@@ -226,6 +231,7 @@ pub fn run() -> anyhow::Result<()> {
     )?;
     fs::write(toolchain_file(), rustc_toolchain()?)
         .with_context(|| format!("cannot write {}", toolchain_file().display()))?;
+    age::record()?;
     remove_dir(&dir)?;
     println!(
         "== {}: {} KB from {} agent run(s)",
