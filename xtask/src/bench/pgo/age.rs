@@ -23,22 +23,25 @@ pub struct ProfileAge {
     /// The commit the profile was made from; `None` when no file says.
     pub made_from: Option<String>,
     /// The agent's source files (its crate, the workspace crates it builds with, the lock
-    /// file) that differ from that commit in the work tree; `None` when git cannot compare
-    /// (no git, or the commit is not in this checkout's history).
+    /// file) that differ from that commit in the work tree; `None` when they cannot be
+    /// compared (no git, or the commit is not in this checkout's history).
     pub changed: Option<Vec<String>>,
 }
 
 impl ProfileAge {
-    /// The profile's age here and now.
-    pub fn current() -> anyhow::Result<Self> {
+    /// The profile's age here and now. A comparison that fails (git or cargo missing, say)
+    /// leaves it unknown rather than stopping the caller.
+    pub fn current() -> Self {
         let made_from = fs::read_to_string(source_file())
             .ok()
             .and_then(|text| commit_of(&text));
-        let changed = match &made_from {
-            Some(commit) => changed_since(commit)?,
-            None => None,
-        };
-        Ok(Self { made_from, changed })
+        let changed = made_from.as_deref().and_then(|commit| {
+            changed_since(commit).unwrap_or_else(|e| {
+                println!("== note: cannot compare the agent's sources with the profile's: {e:#}");
+                None
+            })
+        });
+        Self { made_from, changed }
     }
 
     /// Whether the agent's sources are those the profile was made from.
@@ -59,7 +62,7 @@ impl std::fmt::Display for ProfileAge {
         match &self.changed {
             None => write!(
                 f,
-                "the profile was made from commit {short}, which git cannot compare with this \
+                "the profile was made from commit {short}, which cannot be compared with this \
                  checkout: whether the agent's code changed since is unknown"
             ),
             Some(changed) if changed.is_empty() => write!(
@@ -321,7 +324,7 @@ mod tests {
 
         let unknown = age(None);
         assert!(!unknown.is_current());
-        assert!(unknown.to_string().contains("git cannot compare"));
+        assert!(unknown.to_string().contains("cannot be compared"));
         let unrecorded = ProfileAge {
             made_from: None,
             changed: None,
