@@ -203,11 +203,21 @@ pub fn run_step(command: &mut Command) -> anyhow::Result<()> {
 pub fn rustc_output(args: &[&str]) -> anyhow::Result<String> {
     let mut command = Command::new(std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into()));
     command.current_dir(root()).args(args);
+    stdout_of(&mut command)
+}
+
+/// What `command` prints when it succeeds; its error output in the error when it fails.
+pub fn stdout_of(command: &mut Command) -> anyhow::Result<String> {
     let out = command
         .output()
-        .with_context(|| format!("cannot run `{}`", describe(&command)))?;
+        .with_context(|| format!("cannot run `{}`", describe(command)))?;
     if !out.status.success() {
-        bail!("`{}` failed ({})", describe(&command), out.status);
+        bail!(
+            "`{}` failed ({}): {}",
+            describe(command),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

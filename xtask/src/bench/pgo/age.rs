@@ -5,9 +5,9 @@
 
 use std::{collections::BTreeSet, fs, path::PathBuf, process::Command};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 
-use crate::{cargo, root};
+use crate::{cargo, root, stdout_of};
 
 /// The file naming the commit the profile was made from.
 fn source_file() -> PathBuf {
@@ -154,24 +154,15 @@ fn is_source(path: &str) -> bool {
 /// directory, those of the workspace crates it depends on (not for its tests), and the lock
 /// file.
 fn agent_sources() -> anyhow::Result<Vec<String>> {
-    let out = cargo()
-        .args([
-            "metadata",
-            "--format-version",
-            "1",
-            "--no-deps",
-            "--offline",
-        ])
-        .output()
-        .context("cannot run `cargo metadata`")?;
-    if !out.status.success() {
-        bail!(
-            "`cargo metadata` failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
+    let out = stdout_of(cargo().args([
+        "metadata",
+        "--format-version",
+        "1",
+        "--no-deps",
+        "--offline",
+    ]))?;
     let metadata: serde_json::Value =
-        serde_json::from_slice(&out.stdout).context("`cargo metadata` printed no JSON")?;
+        serde_json::from_str(&out).context("`cargo metadata` printed no JSON")?;
     let root = root().to_string_lossy().into_owned();
     let mut paths: Vec<String> = crate_dirs(&metadata, "nodemesh-agent")
         .into_iter()
@@ -224,19 +215,7 @@ fn crate_dirs(metadata: &serde_json::Value, package: &str) -> BTreeSet<String> {
 }
 
 fn git(args: &[&str]) -> anyhow::Result<String> {
-    let mut command = Command::new("git");
-    command.current_dir(root()).args(args);
-    let out = command
-        .output()
-        .with_context(|| format!("cannot run `{}`", crate::describe(&command)))?;
-    if !out.status.success() {
-        bail!(
-            "`{}` failed: {}",
-            crate::describe(&command),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    stdout_of(Command::new("git").current_dir(root()).args(args))
 }
 
 #[cfg(test)]
