@@ -148,12 +148,14 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     }
     let agent = format!(
         "the agent's release build{}{}",
-        if pgo.is_applied() && pgo_age.is_current() {
-            ", optimised with its profile (agent/pgo.profdata)"
-        } else if pgo.is_applied() {
-            ", optimised with a profile older than its code (agent/pgo.profdata)"
-        } else {
+        if !pgo.is_applied() {
             ", without a profile"
+        } else if pgo_age.is_stale() {
+            ", optimised with a profile older than its code (agent/pgo.profdata)"
+        } else if pgo_age.is_current() {
+            ", optimised with its profile (agent/pgo.profdata)"
+        } else {
+            ", optimised with a profile of unknown age (agent/pgo.profdata)"
         },
         if link_order.is_current() {
             ", linked in its traced order"

@@ -48,6 +48,13 @@ impl ProfileAge {
     pub fn is_current(&self) -> bool {
         self.changed.as_ref().is_some_and(Vec::is_empty)
     }
+
+    /// Whether some of the agent's sources are known to have changed since.
+    pub fn is_stale(&self) -> bool {
+        self.changed
+            .as_ref()
+            .is_some_and(|changed| !changed.is_empty())
+    }
 }
 
 impl std::fmt::Display for ProfileAge {
@@ -101,13 +108,25 @@ fn commit_of(text: &str) -> Option<String> {
 }
 
 /// Records that the profile is made from the checkout's HEAD; warns when the agent's sources
-/// hold changes not committed (they will count as changed since).
+/// hold changes not committed (they will count as changed since). Without git the record of an
+/// older profile is removed, so that the new one's age reads as unknown rather than wrong.
 pub fn record() -> anyhow::Result<()> {
-    let head = git(&["rev-parse", "HEAD"])
-        .context("the profile's commit is read with git")?
-        .trim()
-        .to_owned();
-    if let Some(changed) = changed_since(&head)?
+    let head = match git(&["rev-parse", "HEAD"]) {
+        Ok(head) => head.trim().to_owned(),
+        Err(e) => {
+            println!(
+                "== note: cannot tell which commit the profile was made from ({e:#}): the bench \
+                 will call its age unknown"
+            );
+            return match fs::remove_file(source_file()) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(e).with_context(|| format!("cannot remove {}", source_file().display()))
+                }
+                _ => Ok(()),
+            };
+        }
+    };
+    if let Ok(Some(changed)) = changed_since(&head)
         && !changed.is_empty()
     {
         println!(
@@ -284,7 +303,7 @@ mod tests {
             changed: changed.map(|c| c.into_iter().map(str::to_owned).collect()),
         };
         let same = age(Some(vec![]));
-        assert!(same.is_current());
+        assert!(same.is_current() && !same.is_stale());
         assert!(
             same.to_string()
                 .contains("e569781a0b; the agent's sources are the same")
@@ -292,7 +311,7 @@ mod tests {
 
         let files = vec!["a.rs", "b.rs", "c.rs", "d.rs", "e.rs", "f.rs", "g.rs"];
         let stale = age(Some(files));
-        assert!(!stale.is_current());
+        assert!(!stale.is_current() && stale.is_stale());
         let said = stale.to_string();
         assert!(
             said.contains("7 of the agent's source files changed since")
@@ -302,7 +321,7 @@ mod tests {
         );
 
         let unknown = age(None);
-        assert!(!unknown.is_current());
+        assert!(!unknown.is_current() && !unknown.is_stale());
         assert!(unknown.to_string().contains("cannot be compared"));
         let unrecorded = ProfileAge {
             made_from: None,
