@@ -143,11 +143,7 @@ pub fn record() -> anyhow::Result<()> {
 /// The agent's source files that differ between `commit` and the work tree; `None` when git
 /// is missing or does not hold the commit.
 fn changed_since(commit: &str) -> anyhow::Result<Option<Vec<String>>> {
-    let known = Command::new("git")
-        .current_dir(root())
-        .args(["cat-file", "-e", &format!("{commit}^{{commit}}")])
-        .output();
-    if !known.is_ok_and(|out| out.status.success()) {
+    if git(&["cat-file", "-e", &format!("{commit}^{{commit}}")]).is_err() {
         return Ok(None);
     }
     let sources = agent_sources()?;
@@ -200,27 +196,19 @@ fn crate_dirs(metadata: &serde_json::Value, package: &str) -> BTreeSet<String> {
     let packages = metadata["packages"]
         .as_array()
         .map_or(&[][..], Vec::as_slice);
-    let dir_of = |name: &str| {
-        packages.iter().find(|p| p["name"] == name).and_then(|p| {
-            let manifest = p["manifest_path"].as_str()?;
-            Some(
-                manifest
-                    .strip_suffix("/Cargo.toml")
-                    .unwrap_or(manifest)
-                    .to_owned(),
-            )
-        })
-    };
     let mut dirs = BTreeSet::new();
     let mut todo = vec![package.to_owned()];
     while let Some(name) = todo.pop() {
-        let Some(dir) = dir_of(&name) else { continue };
-        if !dirs.insert(dir) {
-            continue;
-        }
         let Some(package) = packages.iter().find(|p| p["name"] == name.as_str()) else {
             continue;
         };
+        let Some(manifest) = package["manifest_path"].as_str() else {
+            continue;
+        };
+        let dir = manifest.strip_suffix("/Cargo.toml").unwrap_or(manifest);
+        if !dirs.insert(dir.to_owned()) {
+            continue;
+        }
         for dependency in package["dependencies"].as_array().into_iter().flatten() {
             if dependency["kind"] == "dev" || dependency["path"].is_null() {
                 continue;
